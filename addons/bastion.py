@@ -1,0 +1,55 @@
+"""The mcp-bastion addon chain: `mitmdump -s addons/bastion.py`.
+
+Order matters (shared/DESIGN.md): route, verify, parse, decide, hold, rewrite responses,
+record, and only then point the request at its upstream with the service credential.
+Every addon is wrapped so that an exception refuses the flow (fail closed).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+# mitmproxy loads this file as a script; make the package importable from a checkout.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from addons.failclosed import FailClosed  # noqa: E402
+
+log = logging.getLogger("bastion")
+
+# (module, class) in chain order; a module that does not exist yet is skipped, but the
+# Injector refuses to forward anything a missing stage should have checked.
+CHAIN = (
+    ("addons.connections", "Router"),
+    ("addons.identity", "Identity"),
+    ("addons.mcpflow", "McpParser"),
+    ("addons.policy", "Policy"),
+    ("addons.approval", "Approval"),
+    ("addons.masking", "Masking"),
+    ("addons.responses", "ResponseRewriter"),
+    ("addons.recorder", "Recorder"),
+    ("addons.connections", "Injector"),
+)
+
+
+def build_chain(skip: frozenset[str] = frozenset()) -> list:
+    out = []
+    for modname, cls in CHAIN:
+        if cls.lower() in skip:
+            continue
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:
+                continue
+            raise
+        out.append(FailClosed(getattr(mod, cls)()))
+    return out
+
+
+# BASTION_SKIP=masking,recorder switches stages off (benchmarks only; identity and policy
+# cannot be skipped: the Injector refuses what they did not check).
+addons = build_chain(frozenset(s.strip().lower() for s in os.environ.get("BASTION_SKIP", "").split(",") if s.strip()))

@@ -1,0 +1,405 @@
+"""Connections: route /mcp/<name>/… to the registered upstream, and inject its credential.
+
+Two addons, first and last in the chain:
+- Router (first): resolves the connection from the path, refuses unknown names and path
+  tricks, records the target on the bastion record. Leaves headers alone so identity can
+  read the caller's token.
+- Injector (last): once every check passed, points the request at the upstream, removes
+  every client credential header and adds the connection's service credential.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import urllib.parse
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.httputil import refuse_http
+from addons.record import get_record
+from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, rules_files
+
+log = logging.getLogger("bastion.connections")
+
+MCP_PREFIX = "/mcp/"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+# Headers a client could use to carry a credential or spoof its origin upstream.
+CLIENT_CREDENTIAL_HEADERS = (
+    "authorization", "proxy-authorization", "cookie", "x-api-key", "api-key",
+    "x-auth-token", "x-amz-security-token", "forwarded", "x-forwarded-for",
+    "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+)
+HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade")
+# Ask the upstream for identity encoding: responses are inspected (and SSE masked while
+# streaming), which a compressed stream would defeat.
+NEGOTIATION = ("accept-encoding",)
+MAX_ANNOUNCED = 1024
+
+
+@dataclass(frozen=True)
+class Credential:
+    source: str                  # "env:NAME" or "file:PATH" — never the secret itself
+    header: str = "Authorization"
+    scheme: str | None = "Bearer"
+
+    def resolve(self, base: Path) -> str:
+        kind, _, ref = self.source.partition(":")
+        if kind == "env":
+            value = os.environ.get(ref)
+            if not value:
+                raise RulesError(base, None, f"credential {self.source}: environment variable is not set")
+        else:
+            p = Path(ref)
+            if not p.is_absolute():
+                p = (base / p) if (base / p).exists() else Path.cwd() / p
+            try:
+                value = p.read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise RulesError(base, None, f"credential {self.source}: cannot read ({e.strerror})") from None
+            if not value:
+                raise RulesError(base, None, f"credential {self.source}: file is empty")
+        return f"{self.scheme} {value}" if self.scheme else value
+
+
+@dataclass
+class Connection:
+    name: str
+    scheme: str
+    host: str
+    port: int
+    path: str                    # upstream MCP endpoint path, e.g. /mcp or /sse
+    credential: Credential | None
+    transport: str = "streamable"   # or "sse" (legacy HTTP+SSE, 2024-11-05)
+    audience: str | None = None
+    roles: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    secret: str | None = field(default=None, repr=False)
+    # legacy SSE: upstream paths announced by `endpoint` events (bounded)
+    announced: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    def announce(self, path: str) -> None:
+        self.announced[path] = True
+        self.announced.move_to_end(path)
+        while len(self.announced) > MAX_ANNOUNCED:
+            self.announced.popitem(last=False)
+
+
+_ALLOWED_KEYS = {"upstream", "credential", "transport", "audience", "roles", "description", "options"}
+
+
+def parse_connections(path: Path, data: Any) -> dict[str, Connection]:
+    """Validate the connections document. Pure apart from reading credentials."""
+    loc = Located(str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or "connections" not in data:
+        raise loc.error(data, "top level must be a mapping with a 'connections' key")
+    conns = data["connections"]
+    if not isinstance(conns, dict):
+        raise loc.error(data, "'connections' must be a mapping of name -> connection", "connections")
+    out: dict[str, Connection] = {}
+    for name, spec in conns.items():
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise loc.error(conns, f"connection name {name!r} must match {NAME_RE.pattern}", name)
+        if not isinstance(spec, dict):
+            raise loc.error(conns, f"connection {name}: must be a mapping", name)
+        unknown = set(map(str, spec)) - _ALLOWED_KEYS
+        if unknown:
+            raise loc.error(spec, f"connection {name}: unknown key(s) {', '.join(sorted(unknown))}", sorted(unknown)[0])
+        url = spec.get("upstream")
+        u = urllib.parse.urlsplit(str(url or ""))
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise loc.error(spec, f"connection {name}: upstream must be an http(s) URL", "upstream")
+        if u.query or u.fragment or u.username or u.password:
+            raise loc.error(spec, f"connection {name}: upstream must not carry query, fragment or userinfo "
+                            "(put credentials in 'credential')", "upstream")
+        transport = str(spec.get("transport", "streamable"))
+        if transport not in ("streamable", "sse"):
+            raise loc.error(spec, f"connection {name}: transport must be 'streamable' or 'sse'", "transport")
+        cred = None
+        c = spec.get("credential")
+        if c is not None:
+            if isinstance(c, str):
+                c = {"from": c}
+            if not isinstance(c, dict) or not isinstance(c.get("from"), str):
+                raise loc.error(spec, f"connection {name}: credential needs 'from: env:NAME' or 'from: file:PATH'", "credential")
+            src = c["from"]
+            if not re.match(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$", src):
+                raise loc.error(c, f"connection {name}: credential 'from' must be env:NAME or file:PATH "
+                                "(secrets are never written inline)", "from")
+            header = str(c.get("header", "Authorization"))
+            if not re.match(r"^[A-Za-z0-9-]+$", header):
+                raise loc.error(c, f"connection {name}: invalid header name", "header")
+            scheme = c.get("scheme", "Bearer" if header.lower() == "authorization" else None)
+            cred = Credential(src, header, str(scheme) if scheme else None)
+        roles = spec.get("roles") or ()
+        if isinstance(roles, str):
+            roles = (roles,)
+        conn = Connection(
+            name=name, scheme=u.scheme, host=u.hostname, port=u.port or (443 if u.scheme == "https" else 80),
+            path=u.path or "/", credential=cred, transport=transport,
+            audience=str(spec["audience"]) if spec.get("audience") else None,
+            roles=tuple(str(r) for r in roles), options=dict(spec.get("options") or {}),
+        )
+        if cred is not None:
+            try:
+                conn.secret = cred.resolve(path.parent)
+            except RulesError as e:
+                raise loc.error(spec, f"connection {name}: {e.message}", "credential") from None
+        out[name] = conn
+    return out
+
+
+def load_connections(rules_dir: str | os.PathLike) -> dict[str, Connection]:
+    out: dict[str, Connection] = {}
+    for f in rules_files(rules_dir, "connections"):
+        if not f.exists():
+            continue
+        for name, c in parse_connections(f, load_yaml(f)).items():
+            if name in out:
+                raise RulesError(f, None, f"connection {name} is defined twice")
+            out[name] = c
+    return out
+
+
+def validate_dir(rules_dir: str) -> list[str]:
+    try:
+        load_connections(rules_dir)
+        return []
+    except RulesError as e:
+        return [str(e)]
+
+
+_BAD_PATH = re.compile(r"(%|\\|//|/\.\.?(/|$)|[\x00-\x20\x7f])")
+
+
+def split_path(raw_path: str) -> tuple[str | None, str, str] | None:
+    """'/mcp/<name>/<rest>?q' -> (name, '/<rest>' or '', query). None if not a gateway path.
+
+    Percent escapes, backslashes, dot segments and empty segments are refused outright
+    rather than normalised: MCP endpoints have no use for them, and any normalisation
+    would be a second interpretation an attacker could play against the upstream's.
+    """
+    path, _, query = raw_path.partition("?")
+    if not path.startswith(MCP_PREFIX) and path != "/mcp":
+        return None
+    rest = path[len(MCP_PREFIX):]
+    name, slash, sub = rest.partition("/")
+    if _BAD_PATH.search(path):
+        return (None, "", query)
+    return (name, slash + sub, query)
+
+
+class Router:
+    """First in the chain: which connection is this request for?"""
+
+    name = "connections"
+
+    def __init__(self) -> None:
+        self.connections: dict[str, Connection] = {}
+        self._watcher: ChangeWatcher | None = None
+        self._task = None
+
+    def load(self, loader):
+        loader.add_option("bastion_rules", str, "rules", "Directory with connections.yaml, policy.yaml, masking.yaml, ...")
+        loader.add_option("bastion_max_body", int, 4 * 1024 * 1024, "Largest request body the gateway inspects (bytes); larger -> 413.")
+        loader.add_option("bastion_allowed_origins", str, "", "Comma-separated Origin values browsers may use; any other present Origin -> 403.")
+
+    def configure(self, updated):
+        if "bastion_rules" in updated:
+            rules = Path(ctx.options.bastion_rules)
+            if not rules.is_dir():
+                raise exceptions.OptionsError(f"bastion_rules: {rules} is not a directory")
+            try:
+                self.connections = load_connections(rules)
+            except RulesError as e:
+                raise exceptions.OptionsError(f"connections: {e}") from None
+            self._watcher = ChangeWatcher(lambda: rules_files(rules, "connections"))
+            log.info("loaded %d connection(s): %s", len(self.connections), ", ".join(self.connections) or "-")
+        if "bastion_max_body" in updated and ctx.options.bastion_max_body <= 0:
+            raise exceptions.OptionsError("bastion_max_body must be positive")
+
+    def running(self):
+        import asyncio
+        self._task = asyncio.get_running_loop().create_task(self._reload_loop())
+
+    def done(self):
+        if self._task:
+            self._task.cancel()
+
+    async def _reload_loop(self):
+        import asyncio
+        while True:
+            await asyncio.sleep(0.5)
+            if self._watcher and self._watcher.changed():
+                try:
+                    new = load_connections(ctx.options.bastion_rules)
+                except RulesError as e:
+                    log.error("connections reload rejected, keeping the last good set: %s", e)
+                    continue
+                for name, c in new.items():  # keep legacy endpoint announcements
+                    if name in self.connections:
+                        c.announced = self.connections[name].announced
+                self.connections = new
+                log.info("connections reloaded: %s", ", ".join(new) or "-")
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        rec = get_record(flow.metadata)
+        req = flow.request
+        if req.path.startswith("/.well-known/"):
+            return  # served by the identity addon
+        parts = split_path(req.path)
+        if parts is None:
+            refuse_http(flow, 404, "not_found", "MCP endpoints live under /mcp/<connection>")
+            return
+        name, sub, query = parts
+        if name is None:
+            refuse_http(flow, 400, "invalid_path", "path contains escapes, dot segments or empty segments")
+            return
+        conn = self.connections.get(name)
+        if conn is None:
+            refuse_http(flow, 404, "unknown_connection", "no connection with that name")
+            return
+        rec.connection = conn.name
+        origin = req.headers.get("origin")
+        if origin is not None and not self._origin_ok(origin, req):
+            refuse_http(flow, 403, "forbidden_origin", "Origin is not allowed")
+            return
+        # Which upstream path? Only the registered endpoint, or (legacy SSE) a path the
+        # upstream itself announced in an `endpoint` event.
+        if sub in ("", "/"):
+            upstream_path = conn.path
+            if query:
+                refuse_http(flow, 400, "invalid_request", "query strings are not accepted on the MCP endpoint")
+                return
+        elif conn.transport == "sse" and sub in conn.announced:
+            upstream_path = sub + (f"?{query}" if query else "")
+        else:
+            refuse_http(flow, 404, "not_found", "no such endpoint on this connection")
+            return
+        if req.method not in ("POST", "GET", "DELETE"):
+            refuse_http(flow, 405, "method_not_allowed", "MCP endpoints accept POST, GET and DELETE",
+                        {"allow": "POST, GET, DELETE"})
+            return
+        rec.upstream_path = upstream_path
+        cl = req.headers.get("content-length")
+        if cl is not None and (not cl.isdigit() or int(cl) > ctx.options.bastion_max_body):
+            refuse_http(flow, 413, "body_too_large", f"request body exceeds {ctx.options.bastion_max_body} bytes")
+            return
+
+    def _origin_ok(self, origin: str, req: http.Request) -> bool:
+        allowed = {o.strip() for o in ctx.options.bastion_allowed_origins.split(",") if o.strip()}
+        if origin in allowed:
+            return True
+        # same-origin requests (e.g. a page served by the gateway host) are fine
+        host = req.headers.get("host", "")
+        return bool(host) and origin in (f"http://{host}", f"https://{host}")
+
+
+class Injector:
+    """Last in the chain: send the checked request to its upstream with the service credential."""
+
+    name = "injector"
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        rec = get_record(flow.metadata)
+        router = ctx.master.addons.get("connections")
+        conn = router.wrapped.connections.get(rec.connection or "") if router else None
+        if conn is None or rec.upstream_path is None:
+            refuse_http(flow, 502, "gateway_error", "request was not routed")
+            return
+        problem = unchecked_reason(rec, flow.request.method,
+                                   identity_required=ctx.master.addons.get("identity") is not None)
+        if problem:
+            log.error("refusing to forward %s: %s", flow.request.path, problem)
+            refuse_http(flow, 502, "gateway_error", "the gateway could not check this request")
+            return
+        req = flow.request
+        for h in CLIENT_CREDENTIAL_HEADERS + HOP_BY_HOP + NEGOTIATION:
+            req.headers.pop(h, None)
+        if conn.credential is not None and conn.secret:
+            req.headers.pop(conn.credential.header, None)
+            req.headers[conn.credential.header] = conn.secret
+            rec.notes["injected_header"] = conn.credential.header
+        req.scheme, req.host, req.port = conn.scheme, conn.host, conn.port
+        req.path = rec.upstream_path
+        req.headers["host"] = conn.host if conn.port in (80, 443) else f"{conn.host}:{conn.port}"
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        redact_injected(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        redact_injected(flow)
+
+
+def redact_injected(flow: http.HTTPFlow) -> None:
+    """The credential has been sent; drop it from the stored flow (UI, flow files)."""
+    header = get_record(flow.metadata).notes.get("injected_header")
+    if header and header in flow.request.headers:
+        flow.request.headers[header] = "[injected credential]"
+
+
+def unchecked_reason(rec, http_method: str, identity_required: bool = True) -> str | None:
+    """Defence in depth: every message must carry a decision that lets it through."""
+    if identity_required and rec.identity is None:
+        return "caller not verified"
+    if http_method != "POST":
+        return None if rec.notes.get("stream_checked") else "stream request not checked"
+    if not rec.messages:
+        return "body not parsed"
+    if len(rec.decisions) != len(rec.messages):
+        return "not every message has a policy decision"
+    for d in rec.decisions:
+        if d.action == "allow":
+            continue
+        if d.action == "approve" and (rec.approval or {}).get("outcome") == "approved":
+            continue
+        return f"decision {d.action} does not allow forwarding"
+    return None
+
+
+def rewrite_endpoint(conn_name: str, data: str, connections: dict[str, Connection]) -> str:
+    """Legacy `endpoint` event: keep the client on the gateway.
+
+    '/messages/?session_id=x' (or an absolute URL on the upstream) becomes
+    '/mcp/<conn>/messages/?session_id=x', and the upstream path is remembered as
+    the only extra path that connection accepts.
+    """
+    conn = connections[conn_name]
+    u = urllib.parse.urlsplit(data.strip())
+    if u.scheme or u.netloc:
+        if (u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80)) != (conn.scheme, conn.host, conn.port):
+            raise ValueError("endpoint event names another origin")
+    path = u.path if u.path.startswith("/") else "/" + u.path
+    if _BAD_PATH.search(path) or path in ("", "/"):
+        raise ValueError("endpoint event path is not acceptable")
+    conn.announce(path)
+    return f"{MCP_PREFIX}{conn_name}{path}" + (f"?{u.query}" if u.query else "")
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("connections", help="list the registered connections (no secrets)")
+    p.set_defaults(func=_cli_list)
+
+
+def _cli_list(args) -> int:
+    try:
+        conns = load_connections(args.rules)
+    except RulesError as e:
+        print(e)
+        return 1
+    for c in conns.values():
+        cred = f"{c.credential.source} -> {c.credential.header}" if c.credential else "none"
+        print(f"{c.name:16} {c.transport:10} {c.origin}{c.path}  credential: {cred}")
+    return 0

@@ -1,0 +1,73 @@
+"""Fail closed: an exception in any bastion addon refuses the flow instead of letting
+mitmproxy log it and carry on (its default), which would forward the request unchecked."""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+from mitmproxy import http
+
+from addons.httputil import json_response
+from addons.record import get_record
+
+log = logging.getLogger("bastion.failclosed")
+
+FLOW_HOOKS = frozenset({"requestheaders", "request", "responseheaders", "response"})
+
+
+def _fail(flow: Any, addon_name: str, hook: str) -> None:
+    log.exception("internal error in %s.%s; flow refused (fail closed)", addon_name, hook)
+    if not isinstance(flow, http.HTTPFlow):
+        return
+    get_record(flow.metadata).refuse(f"internal error in {addon_name}", None)
+    body = json_response(502, {"error": "gateway_error", "error_description": "the gateway could not check this request"})
+    if flow.response is not None and hook in ("responseheaders", "response") and flow.response.stream:
+        # bytes may already be on the wire: cut the stream rather than send unchecked data
+        flow.response.stream = lambda data: b""
+        if flow.killable:
+            flow.kill()
+        return
+    flow.response = body
+
+
+def guard(addon_name: str, hook: str, fn: Callable) -> Callable:
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def async_wrapper(flow, *a, **kw):
+            try:
+                return await fn(flow, *a, **kw)
+            except Exception:
+                _fail(flow, addon_name, hook)
+        return async_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(flow, *a, **kw):
+        try:
+            return fn(flow, *a, **kw)
+        except Exception:
+            _fail(flow, addon_name, hook)
+    return wrapper
+
+
+class FailClosed:
+    """Wraps an addon so its flow hooks refuse on exception. Other hooks pass through."""
+
+    def __init__(self, addon: Any):
+        self._addon = addon
+        self.name = getattr(addon, "name", type(addon).__name__.lower())
+
+    def __getattr__(self, item: str) -> Any:
+        attr = getattr(self._addon, item)
+        if item in FLOW_HOOKS and callable(attr):
+            return guard(self.name, item, attr)
+        return attr
+
+    def __dir__(self) -> list[str]:
+        # mitmproxy collects @command.command methods via dir()
+        return sorted(set(dir(self._addon)) | {"name", "wrapped"})
+
+    @property
+    def wrapped(self) -> Any:
+        return self._addon

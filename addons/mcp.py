@@ -1,0 +1,527 @@
+"""JSON-RPC / MCP message model and parsing. Pure: no mitmproxy import.
+
+Strict on purpose: the gateway decides on exactly the bytes it forwards, so
+anything two JSON parsers could read differently (duplicate keys, BOM, lone
+surrogates, NaN) is refused instead of interpreted.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal
+
+# JSON-RPC 2.0 / MCP error codes (mcp_types.jsonrpc agrees).
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+HEADER_MISMATCH = -32020          # 2026-07-28: routing header disagrees with body
+UNSUPPORTED_PROTOCOL_VERSION = -32022
+
+MAX_DEPTH = 64
+
+PROTOCOL_VERSION_META_KEY = "io.modelcontextprotocol/protocolVersion"
+HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+MODERN_VERSIONS = ("2026-07-28",)
+KNOWN_VERSIONS = HANDSHAKE_VERSIONS + MODERN_VERSIONS
+
+# Method -> params key mirrored in the Mcp-Name header (and the policy "target").
+NAME_BEARING_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+Kind = Literal["request", "notification", "response", "error"]
+
+
+class McpParseError(Exception):
+    """Body cannot be accepted. `code` is the JSON-RPC error code to answer with."""
+
+    def __init__(self, code: int, message: str, msg_id: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.msg_id = msg_id
+
+
+@dataclass(frozen=True)
+class Message:
+    """One JSON-RPC message as the gateway understood it."""
+
+    kind: Kind
+    raw: dict = field(repr=False, compare=False)
+    id: Any = None
+    method: str | None = None
+
+    @property
+    def params(self) -> dict:
+        p = self.raw.get("params")
+        return p if isinstance(p, dict) else {}
+
+    @property
+    def result(self) -> Any:
+        return self.raw.get("result")
+
+    @property
+    def error(self) -> dict | None:
+        e = self.raw.get("error")
+        return e if isinstance(e, dict) else None
+
+    @property
+    def target(self) -> str | None:
+        """Tool name (tools/call), prompt name (prompts/get) or resource URI (resources/read)."""
+        key = NAME_BEARING_METHODS.get(self.method or "")
+        if key is None:
+            return None
+        v = self.params.get(key)
+        return v if isinstance(v, str) else None
+
+    @property
+    def tool_name(self) -> str | None:
+        return self.target if self.method == "tools/call" else None
+
+    @property
+    def arguments(self) -> dict:
+        a = self.params.get("arguments")
+        return a if isinstance(a, dict) else {}
+
+    @property
+    def meta(self) -> dict:
+        m = self.params.get("_meta")
+        return m if isinstance(m, dict) else {}
+
+    @property
+    def protocol_version(self) -> str | None:
+        v = self.meta.get(PROTOCOL_VERSION_META_KEY)
+        if isinstance(v, str):
+            return v
+        if self.method == "initialize":
+            v = self.params.get("protocolVersion")
+            return v if isinstance(v, str) else None
+        return None
+
+
+# Methods a client may send (requests and notifications), per the MCP schema of every
+# supported revision. Anything else is refused before policy: an unknown method cannot
+# be reasoned about, so it never reaches an upstream (fail closed).
+CLIENT_REQUEST_METHODS = frozenset({
+    "initialize", "ping", "server/discover",
+    "tools/list", "tools/call",
+    "resources/list", "resources/templates/list", "resources/read",
+    "resources/subscribe", "resources/unsubscribe",
+    "prompts/list", "prompts/get",
+    "completion/complete", "logging/setLevel", "subscriptions/listen",
+    "tasks/get", "tasks/list", "tasks/cancel", "tasks/result",
+})
+CLIENT_NOTIFICATION_METHODS = frozenset({
+    "notifications/initialized", "notifications/cancelled", "notifications/progress",
+    "notifications/roots/list_changed", "notifications/elicitation/complete",
+})
+# Requests a server may send to the client (on SSE); governed by policy where configured.
+SERVER_REQUEST_METHODS = frozenset({"sampling/createMessage", "elicitation/create", "roots/list", "ping"})
+LIST_METHODS = {"tools/list": "tools", "resources/list": "resources",
+                "resources/templates/list": "resourceTemplates", "prompts/list": "prompts"}
+
+
+def jsonrpc_error(msg_id: Any, code: int, message: str, data: Any = None) -> dict:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    return {"jsonrpc": "2.0", "id": msg_id, "error": err}
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise McpParseError(PARSE_ERROR, f"duplicate JSON object key {k!r}")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise McpParseError(PARSE_ERROR, f"non-standard JSON constant {name}")
+
+
+def _check_tree(obj: Any) -> None:
+    """Depth limit and lone-surrogate check, iteratively (no recursion limit games)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise McpParseError(PARSE_ERROR, f"JSON nested deeper than {MAX_DEPTH}")
+        if isinstance(node, str):
+            _check_str(node)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                _check_str(k)
+                stack.append((v, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _check_str(s: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise McpParseError(PARSE_ERROR, "JSON string holds a lone surrogate") from None
+
+
+def strict_loads(data: bytes | str) -> Any:
+    """json.loads that refuses what other parsers could read differently."""
+    if isinstance(data, bytes):
+        if data.startswith(b"\xef\xbb\xbf"):
+            raise McpParseError(PARSE_ERROR, "UTF-8 byte order mark is not allowed")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise McpParseError(PARSE_ERROR, "body is not valid UTF-8") from None
+    else:
+        text = data
+        if text.startswith("\ufeff"):
+            raise McpParseError(PARSE_ERROR, "byte order mark is not allowed")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except McpParseError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise McpParseError(PARSE_ERROR, f"invalid JSON: {str(e)[:120]}") from None
+    _check_tree(obj)
+    return obj
+
+
+def _valid_id(v: Any) -> bool:
+    return (isinstance(v, str) or isinstance(v, int)) and not isinstance(v, bool)
+
+
+def parse_message(obj: Any, *, direction: str = "c2s") -> Message:
+    """Validate one decoded JSON-RPC message. direction c2s = client->server."""
+    if not isinstance(obj, dict):
+        raise McpParseError(INVALID_REQUEST, "JSON-RPC message must be an object")
+    msg_id = obj.get("id") if _valid_id(obj.get("id")) else None
+    if obj.get("jsonrpc") != "2.0":
+        raise McpParseError(INVALID_REQUEST, 'jsonrpc must be "2.0"', msg_id)
+    if "method" in obj:
+        method = obj["method"]
+        if not isinstance(method, str) or not method:
+            raise McpParseError(INVALID_REQUEST, "method must be a non-empty string", msg_id)
+        if "result" in obj or "error" in obj:
+            raise McpParseError(INVALID_REQUEST, "a request cannot carry result or error", msg_id)
+        if "params" in obj and not isinstance(obj["params"], dict):
+            raise McpParseError(INVALID_PARAMS, "params must be an object", msg_id)
+        if "id" in obj:
+            if not _valid_id(obj["id"]):
+                raise McpParseError(INVALID_REQUEST, "id must be a string or an integer", None)
+            kind: Kind = "request"
+        else:
+            kind = "notification"
+        msg = Message(kind=kind, raw=obj, id=obj.get("id"), method=method)
+        if direction == "c2s":
+            _check_client_method(msg)
+        return msg
+    if "id" not in obj or ("result" in obj) == ("error" in obj):
+        raise McpParseError(INVALID_REQUEST, "not a JSON-RPC request, notification or response", msg_id)
+    if "error" in obj:
+        err = obj["error"]
+        if not isinstance(err, dict) or not isinstance(err.get("code"), int) or not isinstance(err.get("message"), str):
+            raise McpParseError(INVALID_REQUEST, "error must have an integer code and a string message", msg_id)
+        return Message(kind="error", raw=obj, id=obj["id"])
+    return Message(kind="response", raw=obj, id=obj["id"])
+
+
+def _check_client_method(msg: Message) -> None:
+    known = CLIENT_REQUEST_METHODS if msg.kind == "request" else CLIENT_NOTIFICATION_METHODS
+    if msg.method not in known:
+        raise McpParseError(METHOD_NOT_FOUND, f"method {msg.method[:80]!r} is not an MCP {msg.kind} method", msg.id)
+    params = msg.params
+    key = NAME_BEARING_METHODS.get(msg.method or "")
+    if key is not None and not isinstance(params.get(key), str):
+        raise McpParseError(INVALID_PARAMS, f"params.{key} must be a string", msg.id)
+    if msg.method in ("tools/call", "prompts/get") and "arguments" in params and not isinstance(params["arguments"], dict):
+        raise McpParseError(INVALID_PARAMS, "params.arguments must be an object", msg.id)
+    if "_meta" in params and not isinstance(params["_meta"], dict):
+        raise McpParseError(INVALID_PARAMS, "params._meta must be an object", msg.id)
+
+
+@dataclass
+class ParsedBody:
+    messages: list[Message]
+    batch: bool
+
+
+def parse_body(data: bytes, *, direction: str = "c2s") -> ParsedBody:
+    """Parse a POSTed body: one JSON-RPC message or (older revisions) a batch."""
+    obj = strict_loads(data)
+    if isinstance(obj, list):
+        if not obj:
+            raise McpParseError(INVALID_REQUEST, "empty batch")
+        return ParsedBody([parse_message(o, direction=direction) for o in obj], batch=True)
+    return ParsedBody([parse_message(obj, direction=direction)], batch=False)
+
+
+# --- 2026-07-28 routing headers -------------------------------------------------
+
+MCP_METHOD_HEADER = "mcp-method"
+MCP_NAME_HEADER = "mcp-name"
+MCP_PROTOCOL_VERSION_HEADER = "mcp-protocol-version"
+MCP_PARAM_PREFIX = "mcp-param-"
+_ROUTING = (MCP_METHOD_HEADER, MCP_NAME_HEADER, MCP_PROTOCOL_VERSION_HEADER)
+
+
+def check_routing_headers(fields: list[tuple[str, str]], parsed: ParsedBody) -> McpParseError | None:
+    """The upstream may route on these headers, so they must say exactly what the body says.
+
+    `fields` are the raw header lines (a folded mapping would hide duplicates).
+    Mcp-Param-* values are verified separately against the tool schema
+    (see `check_param_headers`), here only for duplicates.
+    """
+    seen: dict[str, str] = {}
+    for name, value in fields:
+        key = name.lower()
+        if key in _ROUTING or key.startswith(MCP_PARAM_PREFIX):
+            if key in seen:
+                return McpParseError(HEADER_MISMATCH, f"header {name} appears more than once")
+            seen[key] = value
+    routing_present = any(k in seen for k in (MCP_METHOD_HEADER, MCP_NAME_HEADER)) or any(
+        k.startswith(MCP_PARAM_PREFIX) for k in seen)
+    if not routing_present:
+        return None
+    if parsed.batch:
+        return McpParseError(HEADER_MISMATCH, "routing headers cannot describe a batch")
+    msg = parsed.messages[0]
+    if seen.get(MCP_METHOD_HEADER) != msg.method:
+        return McpParseError(HEADER_MISMATCH, "Mcp-Method header does not match the body's method", msg.id)
+    key = NAME_BEARING_METHODS.get(msg.method or "")
+    if key is not None:
+        if decode_header_value(seen.get(MCP_NAME_HEADER)) != msg.params.get(key):
+            return McpParseError(HEADER_MISMATCH, "Mcp-Name header does not match the body", msg.id)
+    elif MCP_NAME_HEADER in seen:
+        return McpParseError(HEADER_MISMATCH, "Mcp-Name header on a method that names nothing", msg.id)
+    if msg.method != "tools/call" and any(k.startswith(MCP_PARAM_PREFIX) for k in seen):
+        return McpParseError(HEADER_MISMATCH, "Mcp-Param-* headers are only valid on tools/call", msg.id)
+    version = msg.meta.get(PROTOCOL_VERSION_META_KEY)
+    if version is not None and seen.get(MCP_PROTOCOL_VERSION_HEADER) != version:
+        return McpParseError(HEADER_MISMATCH, "MCP-Protocol-Version header does not match params._meta", msg.id)
+    return None
+
+
+_B64_SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
+
+
+def decode_header_value(value: str | None) -> str | None:
+    """The 2026-07-28 `=?base64?…?=` header encoding (same rules as the SDK's codec)."""
+    import base64
+    import binascii
+
+    if value is None:
+        return None
+    m = _B64_SENTINEL.fullmatch(value)
+    if m is None:
+        return value
+    payload = m.group("payload")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+        if base64.b64encode(raw).decode("ascii") != payload:
+            return None
+        return raw.decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def param_header_map(input_schema: Any) -> dict[str, tuple[str, ...]]:
+    """Lower-cased `mcp-param-<token>` -> argument path, from a tool's inputSchema.
+
+    Only the pure `properties` chain counts, as in the SDK (`x-mcp-header`).
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    stack: list[tuple[tuple[str, ...], Any]] = [((), input_schema)]
+    while stack:
+        path, node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        token = node.get("x-mcp-header")
+        if path and isinstance(token, str):
+            out[MCP_PARAM_PREFIX + token.lower()] = path
+        props = node.get("properties")
+        if isinstance(props, dict) and len(path) < 16:
+            stack.extend(((*path, k), v) for k, v in props.items())
+    return out
+
+
+def _render_scalar(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, str)):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return None
+
+
+def check_param_headers(fields: list[tuple[str, str]], msg: Message,
+                        header_map: dict[str, tuple[str, ...]] | None) -> McpParseError | None:
+    """Every Mcp-Param-* header must mirror its argument; unknown schema + headers = refuse."""
+    present = {n.lower(): v for n, v in fields if n.lower().startswith(MCP_PARAM_PREFIX)}
+    if header_map is None:
+        if present:
+            return McpParseError(HEADER_MISMATCH, "Mcp-Param-* headers for a tool whose schema the gateway "
+                                 "has not seen; list tools first", msg.id)
+        return None
+    for key in present:
+        if key not in header_map:
+            return McpParseError(HEADER_MISMATCH, f"{key} is not declared by the tool's schema", msg.id)
+    for key, path in header_map.items():
+        node: Any = msg.arguments
+        for p in path:
+            node = node.get(p) if isinstance(node, dict) else None
+        rendered = _render_scalar(node) if node is not None else None
+        raw = present.get(key)
+        if rendered is None:
+            if raw is not None:
+                return McpParseError(HEADER_MISMATCH, f"{key} header without a matching argument", msg.id)
+            continue
+        if raw is None:
+            # The client omitted a header its argument requires; the upstream will refuse it.
+            continue
+        if decode_header_value(raw) != rendered:
+            return McpParseError(HEADER_MISMATCH, f"{key} header does not match the body", msg.id)
+    return None
+
+
+# --- Server-Sent Events --------------------------------------------------------
+
+MAX_SSE_EVENT = 8 * 1024 * 1024
+
+
+@dataclass
+class SSEEvent:
+    """One dispatched SSE event. `raw` holds its exact bytes (incl. the blank line)
+    so an unchanged event is forwarded byte for byte."""
+
+    raw: bytes = b""
+    event: str | None = None
+    data: str | None = None          # None when the block had no data field
+    id: str | None = None
+    retry: str | None = None
+
+    @property
+    def type(self) -> str:
+        return self.event or "message"
+
+    def encode(self) -> bytes:
+        """Serialise with LF line endings (used only when the event was changed)."""
+        out: list[str] = []
+        if self.event is not None:
+            out.append(f"event: {self.event}")
+        if self.id is not None:
+            out.append(f"id: {self.id}")
+        if self.retry is not None:
+            out.append(f"retry: {self.retry}")
+        if self.data is not None:
+            out.extend(f"data: {line}" for line in self.data.split("\n"))
+        return ("\n".join(out) + "\n\n").encode("utf-8")
+
+
+class SSEParser:
+    """Incremental text/event-stream parser that survives any chunk boundary.
+
+    feed() returns the events completed by this chunk; feed(b"", final=True) at the
+    end returns a trailing unterminated block, if any (kept raw so nothing is lost).
+    """
+
+    def __init__(self, max_event: int = MAX_SSE_EVENT):
+        self._buf = bytearray()
+        self._pos = 0             # scan position in _buf for the current event
+        self._cur = SSEEvent()
+        self._data: list[str] = []
+        self._start = 0           # start of the current event in _buf
+        self._max = max_event
+        self._first_line = True   # a BOM may start the stream (WHATWG), nowhere else
+
+    def feed(self, chunk: bytes, final: bool = False) -> list[SSEEvent]:
+        self._buf += chunk
+        events: list[SSEEvent] = []
+        while True:
+            line_end, next_pos = self._find_eol(final)
+            if line_end < 0:
+                break
+            line = bytes(self._buf[self._pos:line_end])
+            self._pos = next_pos
+            if not line:
+                ev = self._dispatch()
+                if ev is not None:
+                    events.append(ev)
+                continue
+            self._field(line)
+        if self._pos - self._start > self._max or len(self._buf) - self._start > self._max:
+            raise McpParseError(PARSE_ERROR, f"SSE event larger than {self._max} bytes")
+        if final and self._start < len(self._buf):
+            # unterminated last block: dispatch what it had
+            if self._pos < len(self._buf):
+                self._field(bytes(self._buf[self._pos:]))
+                self._pos = len(self._buf)
+            ev = self._dispatch()
+            if ev is not None:
+                events.append(ev)
+        return events
+
+    def _find_eol(self, final: bool) -> tuple[int, int]:
+        buf, i = self._buf, self._pos
+        n_idx = buf.find(b"\n", i)
+        r_idx = buf.find(b"\r", i)
+        if r_idx >= 0 and (n_idx < 0 or r_idx < n_idx):
+            if r_idx + 1 < len(buf):
+                return r_idx, r_idx + (2 if buf[r_idx + 1] == 0x0A else 1)
+            if final:
+                return r_idx, r_idx + 1
+            return -1, -1  # "\r" at the end: wait, "\n" may follow
+        if n_idx >= 0:
+            return n_idx, n_idx + 1
+        return -1, -1
+
+    def _field(self, line: bytes) -> None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise McpParseError(PARSE_ERROR, "SSE stream is not valid UTF-8") from None
+        if self._first_line:
+            self._first_line = False
+            text = text.removeprefix("\ufeff")
+        if text.startswith(":"):
+            return
+        name, sep, value = text.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._cur.event = value
+        elif name == "id":
+            if "\x00" not in value:
+                self._cur.id = value
+        elif name == "retry":
+            self._cur.retry = value
+
+    def _dispatch(self) -> SSEEvent | None:
+        ev = self._cur
+        ev.raw = bytes(self._buf[self._start:self._pos])
+        if self._data:
+            ev.data = "\n".join(self._data)
+        self._cur, self._data = SSEEvent(), []
+        # drop consumed bytes so the buffer stays bounded by one event
+        del self._buf[:self._pos]
+        self._pos = self._start = 0
+        if not ev.raw.strip(b"\r\n"):
+            return None if not ev.raw else SSEEvent(raw=ev.raw)  # keep blank keep-alive bytes
+        return ev
+
+
+def iter_sse_messages(ev: SSEEvent) -> Iterator[Any]:
+    """JSON-RPC payload(s) of a `message` event (data may hold one message or a batch)."""
+    if ev.data is None or ev.type != "message" or not ev.data.strip():
+        return
+    obj = strict_loads(ev.data)
+    if isinstance(obj, list):
+        yield from obj
+    else:
+        yield obj

@@ -1,0 +1,102 @@
+"""The `mcp` addon: parse every client->server body into JSON-RPC messages before policy.
+
+Refuses (never forwards) what cannot be parsed, with the JSON-RPC error and the HTTP
+status the MCP transport assigns (2026-07-28: an intermediary answers validation
+failures with an HTTP error status; the SDK's ERROR_CODE_HTTP_STATUS table).
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+from mitmproxy import http
+
+from addons import mcp
+from addons.httputil import refuse_http, refuse_message
+from addons.record import get_record
+from addons.responses import readonly
+
+log = logging.getLogger("bastion.mcp")
+
+ERROR_STATUS = {
+    mcp.PARSE_ERROR: 400, mcp.INVALID_REQUEST: 400, mcp.INVALID_PARAMS: 400,
+    mcp.HEADER_MISMATCH: 400, mcp.UNSUPPORTED_PROTOCOL_VERSION: 400, mcp.METHOD_NOT_FOUND: 404,
+}
+MAX_SCHEMAS = 4096
+
+
+class McpParser:
+    name = "mcp"
+
+    def __init__(self) -> None:
+        # (connection, tool) -> Mcp-Param-* map learned from tools/list results (bounded)
+        self.param_maps: OrderedDict[tuple[str, str], dict] = OrderedDict()
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        rec = get_record(flow.metadata)
+        if flow.response is not None or rec.connection is None:
+            return
+        req = flow.request
+        rec.session_id = req.headers.get("mcp-session-id")
+        if req.method != "POST":
+            if req.content:
+                refuse_http(flow, 400, "invalid_request", f"{req.method} requests carry no body")
+                return
+            rec.notes["stream_checked"] = True
+            return
+        ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            refuse_http(flow, 415, "unsupported_media_type", "MCP messages are POSTed as application/json")
+            return
+        try:
+            body = req.get_content(strict=True)
+        except ValueError:
+            refuse_message(flow, None, mcp.PARSE_ERROR, "request body has a Content-Encoding the gateway cannot decode",
+                           status=400)
+            return
+        if body is None or len(body) > _max_body():
+            refuse_http(flow, 413, "body_too_large", f"request body exceeds {_max_body()} bytes")
+            return
+        try:
+            parsed = mcp.parse_body(body)
+            err = mcp.check_routing_headers(_fields(req), parsed)
+            if err is None and not parsed.batch and parsed.messages[0].method == "tools/call":
+                msg = parsed.messages[0]
+                err = mcp.check_param_headers(_fields(req), msg,
+                                              self.param_maps.get((rec.connection, msg.tool_name or "")))
+            if err is not None:
+                raise err
+        except mcp.McpParseError as e:
+            log.info("refused %s: %s", req.path, e.message)
+            refuse_message(flow, e.msg_id, e.code, e.message, status=ERROR_STATUS.get(e.code, 400))
+            return
+        rec.messages = parsed.messages
+        rec.batch = parsed.batch
+        rec.protocol_version = req.headers.get("mcp-protocol-version") or next(
+            (m.protocol_version for m in parsed.messages if m.protocol_version), None)
+        if req.headers.get("content-encoding"):
+            req.decode()  # upstream gets exactly the bytes that were inspected
+        if any(m.method == "tools/list" for m in parsed.messages):
+            conn = rec.connection
+            rec.response_transforms.append(readonly(lambda m: self._learn(conn, m)))
+
+    def _learn(self, conn: str, message: dict) -> dict:
+        tools = (message.get("result") or {}).get("tools") if isinstance(message.get("result"), dict) else None
+        if isinstance(tools, list):
+            for t in tools:
+                if isinstance(t, dict) and isinstance(t.get("name"), str):
+                    key = (conn, t["name"])
+                    self.param_maps[key] = mcp.param_header_map(t.get("inputSchema"))
+                    self.param_maps.move_to_end(key)
+            while len(self.param_maps) > MAX_SCHEMAS:
+                self.param_maps.popitem(last=False)
+        return message
+
+
+def _fields(req: http.Request) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers.fields]
+
+
+def _max_body() -> int:
+    from mitmproxy import ctx
+    return ctx.options.bastion_max_body
