@@ -27,6 +27,7 @@ from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, rules_fi
 log = logging.getLogger("bastion.connections")
 
 MCP_PREFIX = "/mcp/"
+LOCAL_PREFIXES = ("/.well-known/", "/_bastion/")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 # Headers a client could use to carry a credential or spoof its origin upstream.
 CLIENT_CREDENTIAL_HEADERS = (
@@ -255,8 +256,8 @@ class Router:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
         req = flow.request
-        if req.path.startswith("/.well-known/"):
-            return  # served by the identity addon
+        if req.path.startswith(LOCAL_PREFIXES):
+            return  # served by the gateway itself (identity metadata, approval admin API)
         parts = split_path(req.path)
         if parts is None:
             refuse_http(flow, 404, "not_found", "MCP endpoints live under /mcp/<connection>")
@@ -316,6 +317,9 @@ class Injector:
         rec = get_record(flow.metadata)
         router = ctx.master.addons.get("connections")
         conn = router.wrapped.connections.get(rec.connection or "") if router else None
+        if rec.connection is None:
+            refuse_http(flow, 404, "not_found", "no such endpoint")
+            return
         if conn is None or rec.upstream_path is None:
             refuse_http(flow, 502, "gateway_error", "request was not routed")
             return
