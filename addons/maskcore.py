@@ -1,0 +1,1063 @@
+"""Masking core: detectors, field/JSONPath rules, mask styles, profiles. Pure: no mitmproxy.
+
+`mask_message(profile, msg)` returns the JSON-RPC message as the caller may see it plus
+what was masked (path, type, count; never the value). It is copy-on-write: the input is
+never mutated, and when nothing was masked the very same object comes back, so the
+response pipeline can forward the original bytes untouched.
+
+Performance notes (a 256 KiB result must be cheap): every regex is compiled once per
+profile load; free text is scanned with one combined alternation per profile; field-name
+lookups are memoised per key; JSONPath rules run as a small automaton advanced while the
+document is walked once (jsonpath-ng is used to parse and validate them, and to evaluate
+the rare expressions the automaton does not cover, e.g. filters).
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from jsonpath_ng import jsonpath as jp
+from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
+from jsonpath_ng.ext import parse as jsonpath_parse
+
+from addons.mcp import McpParseError, strict_loads
+from addons.record import MaskEvent
+from addons.rules import Located, RulesError, line_of, load_yaml, rules_files
+
+MAX_DEPTH = 64             # deeper documents are refused (fail closed), like the parser
+MAX_NODES = 2_000_000      # per message; bounds the work a hostile upstream can cause
+MAX_EVENT_PATHS = 1024     # distinct (path, type) pairs kept per message
+MIN_DETECT_LEN = 6         # shortest string any detector can match ("a@b.cc")
+
+STYLES = ("redact", "partial", "hash", "keep")
+DETECTOR_STYLES = ("redact", "partial", "hash", "off")
+
+
+class MaskError(Exception):
+    """The message cannot be masked safely; the pipeline must refuse it (fail closed)."""
+
+
+# --- detectors ---------------------------------------------------------------------------
+
+def luhn_ok(digits: str) -> bool:
+    total, alt = 0, False
+    for ch in reversed(digits):
+        d = ord(ch) - 48
+        if alt:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+        alt = not alt
+    return total % 10 == 0
+
+
+# Issuer prefixes of the major card networks: a Luhn-valid 16-digit order number that
+# starts with e.g. 1 or 9 is not a card (Luhn alone passes one random number in ten).
+_CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2[2-7]|3[47]|3[068]|35|6[05]|62|64|65)")
+
+
+def _card_ok(text: str) -> bool:
+    digits = re.sub(r"[ -]", "", text)
+    if not 13 <= len(digits) <= 19:
+        return False
+    seps = set(re.findall(r"[ -]", text))
+    return len(seps) <= 1 and bool(_CARD_PREFIX.match(digits)) and luhn_ok(digits)
+
+
+def iban_ok(text: str) -> bool:
+    s = text.replace(" ", "").upper()
+    if not 15 <= len(s) <= 34 or not s[:2].isalpha() or not s[2:4].isdigit():
+        return False
+    rearranged = s[4:] + s[:4]
+    num = "".join(str(int(c, 36)) for c in rearranged)
+    return int(num) % 97 == 1
+
+
+def _ssn_ok(text: str) -> bool:
+    d = re.sub(r"[ -]", "", text)
+    area, group, serial = d[:3], d[3:5], d[5:]
+    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+def _phone_ok(text: str) -> bool:
+    n = sum(c.isdigit() for c in text)
+    return 10 <= n <= 15
+
+
+@dataclass(frozen=True)
+class Detector:
+    name: str
+    pattern: str                      # may contain a named group `v` = the part to mask
+    validate: Callable[[str], bool] | None = None
+    flags: str = ""                   # inline flags for this alternative, e.g. "i"
+
+
+_KEYCH = r"A-Za-z0-9_.\-"
+_VALUE = r"""(?:"(?:[^"\\\n]|\\.){1,512}"|'[^'\n]{1,512}'|[^\s,;&"'<>{}\[\]()]{1,512})"""
+_SECRET_WORDS = (r"password|passwd|passphrase|pwd|secret|api[_-]?key|apikey|access[_-]?key|"
+                 r"access[_-]?token|auth[_-]?token|refresh[_-]?token|id[_-]?token|private[_-]?key|"
+                 r"client[_-]?secret|credentials?")
+
+# Order matters: at one position the first alternative that matches wins.
+DETECTORS: dict[str, Detector] = {d.name: d for d in (
+    Detector("private_key",
+             r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|[\s\S]*)"),
+    Detector("jwt", r"(?<![\w-])eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),
+    Detector("aws_access_key", r"(?<![A-Za-z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
+    Detector("aws_secret_key",
+             r"aws.{0,24}?(?:secret|key)[\w\"']{0,24}\s*[:=]\s*[\"']?(?P<v>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])",
+             flags="i"),
+    Detector("gcp_api_key", r"(?<![\w-])AIza[0-9A-Za-z_-]{35}(?![\w-])"),
+    Detector("github_token", r"(?<![\w])(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})(?![\w])"),
+    Detector("slack_token", r"(?<![\w-])xox[abprs]-[A-Za-z0-9-]{10,250}"),
+    Detector("stripe_key", r"(?<![\w])(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,247}(?![\w])"),
+    Detector("bearer_token", r"(?<![\w-])(?:bearer|basic)\s+(?P<v>[A-Za-z0-9._~+/-]{12,}=*)", flags="i"),
+    Detector("secret_assignment",
+             rf"(?<![{_KEYCH}])[{_KEYCH}]*(?:{_SECRET_WORDS})[{_KEYCH}]*[\"']?\s*[:=]\s*(?P<v>{_VALUE})",
+             flags="i"),
+    Detector("email", r"(?<![\w.%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}(?![\w-])"),
+    Detector("iban", r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![A-Za-z0-9])",
+             validate=iban_ok),
+    Detector("payment_card", r"(?<![\d.-])\d(?:[ -]?\d){12,18}(?![\d-])", validate=_card_ok),
+    Detector("ssn", r"(?<![\d-])\d{3}(?P<ssn_sep>[- ])\d{2}(?P=ssn_sep)\d{4}(?![\d-])", validate=_ssn_ok),
+    Detector("phone",
+             r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
+             r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?![\w-])",
+             validate=_phone_ok),
+)}
+
+# A text hit whose value is already a mask must not be masked again (idempotence).
+_ALREADY = re.compile(r"^[\"']?(?:\[MASKED:[\w.-]*\]|\[HASH:[0-9a-f]{12}\]|\**)[\"']?$")
+
+
+# --- styles ------------------------------------------------------------------------------
+
+_EMAIL = re.compile(r"^([^@\s]+)@([^@\s]+)$")
+
+
+def apply_style(style: str, type_: str, value: str, key: bytes) -> str:
+    if style == "redact":
+        return f"[MASKED:{type_}]"
+    if style == "hash":
+        digest = hmac.new(key, value.strip().encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+        return f"[HASH:{digest[:12]}]"
+    if style == "partial":
+        return _partial(type_, value)
+    raise ValueError(f"unknown mask style {style!r}")
+
+
+def _partial(type_: str, value: str) -> str:
+    m = _EMAIL.match(value.strip())
+    if m and (type_ == "email" or "email" in type_ or "." in m.group(2)):
+        return f"{m.group(1)[0]}***@{m.group(2)}"
+    if type_ in ("private_key", "jwt"):
+        return f"[MASKED:{type_}]"
+    n_alnum = sum(c.isalnum() for c in value)
+    if n_alnum < 8:  # keeping 4 of a short value would show too much of it
+        return f"[MASKED:{type_}]"
+    keep_from = n_alnum - 4
+    out, seen = [], 0
+    for c in value:
+        if c.isalnum():
+            out.append(c if seen >= keep_from else "*")
+            seen += 1
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+# --- JSONPath automaton ------------------------------------------------------------------
+
+_DESC = ("desc",)
+_ANY = ("any",)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _steps(node: Any) -> list[tuple]:
+    """jsonpath-ng AST -> list of steps the walk automaton understands."""
+    if isinstance(node, (jp.Root, jp.This)):
+        return []
+    if isinstance(node, jp.Child):
+        return _steps(node.left) + _steps(node.right)
+    if isinstance(node, jp.Descendants):
+        return _steps(node.left) + [_DESC] + _steps(node.right)
+    if isinstance(node, jp.Wildcard):
+        return [_ANY]
+    if isinstance(node, jp.Fields):
+        if "*" in node.fields:
+            return [_ANY]
+        return [("field", frozenset(node.fields))]
+    if isinstance(node, jp.Index):
+        return [("index", tuple(node.indices))]
+    if isinstance(node, jp.Slice):
+        return [("slice", node.start, node.end, node.step)]
+    raise _Unsupported(type(node).__name__)
+
+
+def _step_matches(step: tuple, key: Any, length: int) -> bool:
+    kind = step[0]
+    if kind == "any":
+        return True
+    if kind == "field":
+        return isinstance(key, str) and key in step[1]
+    if not isinstance(key, int):
+        return False
+    if kind == "index":
+        return any(key == (i if i >= 0 else length + i) for i in step[1])
+    _, start, end, stp = step
+    return key in range(length)[slice(start, end, stp)]
+
+
+@dataclass
+class _PathRule:
+    rule: int                                   # index into Profile.rules
+    expr: str
+    steps: list[tuple] | None                   # None -> evaluated with jsonpath-ng
+    compiled: Any = None
+
+
+# --- profiles ----------------------------------------------------------------------------
+
+@dataclass
+class Rule:
+    name: str
+    style: str
+    type: str | None = None                     # tag in [MASKED:type]; default: the key
+    fields: tuple[str, ...] = ()                # case-insensitive globs on key names
+    regex: tuple[str, ...] = ()                 # case-insensitive regexes on key names
+    paths: tuple[str, ...] = ()                 # JSONPath expressions
+    line: int | None = None
+    key_re: re.Pattern | None = field(default=None, repr=False)
+
+    def tag(self, key: Any) -> str:
+        if self.type:
+            return self.type
+        return str(key).lower() if isinstance(key, str) and key else "field"
+
+
+@dataclass
+class Profile:
+    name: str
+    rules: list[Rule] = field(default_factory=list)
+    detectors: dict[str, str] = field(default_factory=dict)    # detector -> style (never "off")
+    hash_key: bytes = b""
+    line: int | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.compile()
+
+    # compiled state -----------------------------------------------------------------
+    def compile(self) -> None:
+        self._key_cache: dict[str, int] = {}
+        self._path_rules: list[_PathRule] = []
+        text_keys: list[str] = []
+        for i, r in enumerate(self.rules):
+            parts = [fnmatch.translate(g).replace(r"\Z", "") for g in r.fields] + list(r.regex)
+            r.key_re = re.compile("|".join(f"(?:{p})" for p in parts), re.I) if parts else None
+            last_fields: list[str] = []
+            for expr in r.paths:
+                tree = jsonpath_parse(expr)
+                try:
+                    steps = _steps(tree)
+                    self._path_rules.append(_PathRule(i, expr, steps))
+                    if steps and steps[-1][0] == "field":
+                        last_fields += sorted(steps[-1][1])
+                except _Unsupported:
+                    self._path_rules.append(_PathRule(i, expr, None, tree))
+            if r.style == "keep":
+                continue
+            # the same names are looked for as `key: value` / `"key": "value"` in free text
+            # (and, for JSONPath rules, the last field name: `$..api_token` -> api_token)
+            text_keys += [_glob_to_key_regex(g) for g in r.fields]
+            text_keys += [_strip_anchors(x) for x in r.regex]
+            text_keys += [re.escape(n) for n in last_fields]
+        self._has_fallback = any(p.steps is None for p in self._path_rules)
+        alts = []
+        for name, style in self.detectors.items():
+            d = DETECTORS[name]
+            pat = d.pattern.replace("(?P<v>", f"(?P<v_{name}>")
+            alts.append(f"(?P<d_{name}>{'(?' + d.flags + ':' if d.flags else '(?:'}{pat}))")
+        if text_keys:
+            keyalt = "|".join(dict.fromkeys(text_keys))
+            alts.append(rf"(?P<d__kv>(?<![{_KEYCH}])(?P<k__kv>(?i:{keyalt}))[\"']?\s*[:=]\s*(?P<v__kv>{_VALUE}))")
+        self._text_re = re.compile("|".join(alts)) if alts else None
+
+        # masks nothing at all (e.g. an explicit pass-through profile)
+        self.empty = self._text_re is None and not any(r.style != "keep" for r in self.rules)
+
+    def rule_for_key(self, key: str) -> int:
+        """Index of the first rule whose field patterns match `key`, or -1."""
+        hit = self._key_cache.get(key)
+        if hit is None:
+            hit = -1
+            for i, r in enumerate(self.rules):
+                if r.key_re is not None and r.key_re.fullmatch(key):
+                    hit = i
+                    break
+            if len(self._key_cache) > 8192:
+                self._key_cache.clear()
+            self._key_cache[key] = hit
+        return hit
+
+
+def _glob_to_key_regex(glob: str) -> str:
+    out = []
+    for ch in glob:
+        if ch == "*":
+            out.append(f"[{_KEYCH}]*")
+        elif ch == "?":
+            out.append(f"[{_KEYCH}]")
+        else:
+            out.append(re.escape(ch))
+    return "".join(out)
+
+
+def _strip_anchors(rx: str) -> str:
+    rx = rx[1:] if rx.startswith("^") else rx
+    rx = rx[:-1] if rx.endswith("$") and not rx.endswith(r"\$") else rx
+    return f"(?:{rx})"
+
+
+# --- the walk ----------------------------------------------------------------------------
+
+class _Ctx:
+    __slots__ = ("p", "events", "nodes", "fallback")
+
+    def __init__(self, profile: Profile):
+        self.p = profile
+        self.events: dict[tuple[str, str], int] = {}
+        self.nodes = 0
+        self.fallback: set[tuple] | None = None
+
+    def hit(self, path: tuple, type_: str, n: int = 1) -> None:
+        k = (_render(path), type_)
+        if k in self.events or len(self.events) < MAX_EVENT_PATHS:
+            self.events[k] = self.events.get(k, 0) + n
+        else:
+            self.events[("$", "other")] = self.events.get(("$", "other"), 0) + n
+
+
+def _render(path: tuple) -> str:
+    """Linked path (parent, segment) -> '$.a.b[*].c'. Built only when something is masked."""
+    segs = []
+    while path:
+        path, seg = path
+        segs.append(seg)
+    out = []
+    for s in reversed(segs):
+        out.append(s if s.startswith(("[", "$", "(")) else "." + s)
+    return "".join(out)
+
+
+def _seg(key: Any) -> str:
+    if isinstance(key, int):
+        return "[*]"
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
+        return key
+    return "[" + json.dumps(key, ensure_ascii=False) + "]"
+
+
+def _advance(p: Profile, states: tuple, key: Any, length: int) -> tuple[tuple, int]:
+    """Advance JSONPath automaton states by one child key; returns (states, matched rule or -1)."""
+    out: list[tuple[int, int]] = []
+    matched = -1
+    prs = p._path_rules
+    for pi, si in states:
+        steps = prs[pi].steps
+        if steps[si] is _DESC:
+            out.append((pi, si))          # descendant: stay alive at any depth
+            si += 1
+            if si == len(steps):
+                continue
+        if _step_matches(steps[si], key, length):
+            nxt = si + 1
+            if nxt == len(steps):
+                r = prs[pi].rule
+                matched = r if matched < 0 else min(matched, r)
+            else:
+                out.append((pi, nxt))
+    return (tuple(dict.fromkeys(out)) if out else ()), matched
+
+
+def _root_states(p: Profile) -> tuple:
+    return tuple((i, 0) for i, pr in enumerate(p._path_rules) if pr.steps)
+
+
+def _fallback_paths(p: Profile, doc: Any) -> set[tuple] | None:
+    """Concrete paths (tuples of keys) matched by rules the automaton cannot run."""
+    if not p._has_fallback:
+        return None
+    out: set[tuple] = set()
+    for pr in p._path_rules:
+        if pr.steps is not None:
+            continue
+        try:
+            found = pr.compiled.find(doc)
+        except Exception as e:  # noqa: BLE001 - a rule that cannot run must not pass data
+            raise MaskError(f"JSONPath {pr.expr!r} failed: {type(e).__name__}") from None
+        for datum in found:
+            out.add((pr.rule, tuple(_flatten(datum.full_path))))
+    return out
+
+
+def _flatten(path: Any) -> list[Any]:
+    if isinstance(path, jp.Child):
+        return _flatten(path.left) + _flatten(path.right)
+    if isinstance(path, jp.Fields):
+        return [path.fields[0]]
+    if isinstance(path, jp.Index):
+        return [path.indices[0]]
+    return []
+
+
+def _fallback_rule(ctx: _Ctx, keys: tuple) -> int:
+    best = -1
+    for rule, k in ctx.fallback or ():
+        if k == keys and (best < 0 or rule < best):
+            best = rule
+    return best
+
+
+def _mask_doc(ctx: _Ctx, doc: Any, path: tuple) -> tuple[Any, bool]:
+    """Structural masking of one document (structuredContent, JSON text, error.data, ...)."""
+    ctx.fallback = _fallback_paths(ctx.p, doc)
+    return _walk(ctx, doc, path, _root_states(ctx.p), (), 1, -1, None)
+
+
+def _walk(ctx: _Ctx, value: Any, path: tuple, states: tuple, keys: tuple, depth: int,
+          forced: int, key: Any) -> tuple[Any, bool]:
+    ctx.nodes += 1
+    if ctx.nodes > MAX_NODES:
+        raise MaskError(f"response has more than {MAX_NODES} JSON values")
+    if depth > MAX_DEPTH:
+        raise MaskError(f"response nested deeper than {MAX_DEPTH}")
+    p = ctx.p
+    if forced >= 0:
+        rule = p.rules[forced]
+        if rule.style == "keep":
+            return value, False
+        if isinstance(value, (dict, list)):
+            return _children(ctx, value, path, (), keys, depth, forced)
+        if value is None or value == "":
+            return value, False
+        text = value if isinstance(value, str) else json.dumps(value)
+        if _ALREADY.match(text):
+            return value, False
+        ctx.hit(path, rule.tag(key))
+        return apply_style(rule.style, rule.tag(key), text, p.hash_key), True
+    if isinstance(value, (dict, list)):
+        return _children(ctx, value, path, states, keys, depth, -1)
+    if isinstance(value, str) and len(value) >= MIN_DETECT_LEN and p._text_re is not None:
+        new = _scan_text(ctx, value, path)
+        return new, new is not value
+    return value, False
+
+
+def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: tuple, depth: int,
+              forced: int) -> tuple[Any, bool]:
+    p = ctx.p
+    changed: dict[Any, Any] | None = None
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    length = len(value)
+    track_keys = ctx.fallback is not None
+    for k, v in items:
+        child_forced = forced
+        child_states: tuple = ()
+        child_keys = keys + (k,) if track_keys else ()
+        if forced < 0:
+            best = p.rule_for_key(k) if isinstance(k, str) else -1
+            if states:
+                child_states, pm = _advance(p, states, k, length)
+                if pm >= 0 and (best < 0 or pm < best):
+                    best = pm
+            if track_keys:
+                fb = _fallback_rule(ctx, child_keys)
+                if fb >= 0 and (best < 0 or fb < best):
+                    best = fb
+            child_forced = best
+        new, ch = _walk(ctx, v, (path, _seg(k)), child_states, child_keys, depth + 1, child_forced, k)
+        if ch:
+            if changed is None:
+                changed = {}
+            changed[k] = new
+    if changed is None:
+        return value, False
+    if isinstance(value, dict):
+        return {k: (changed[k] if k in changed else v) for k, v in value.items()}, True
+    return [changed.get(i, v) for i, v in enumerate(value)], True
+
+
+def _scan_text(ctx: _Ctx, text: str, path: tuple) -> str:
+    """Detectors (and `key: value` of masked field names) over free text; same object if clean."""
+    p = ctx.p
+    rx = p._text_re
+    out: list[str] = []
+    pos = 0
+    for m in rx.finditer(text):
+        name = m.lastgroup[2:]
+        if name == "_kv":
+            ri = p.rule_for_key(m.group("k__kv"))
+            if ri < 0:
+                # matched through a JSONPath-derived key: use the first path rule naming it
+                ri = next((pr.rule for pr in p._path_rules if pr.steps and pr.steps[-1][0] == "field"
+                           and m.group("k__kv").lower() in {f.lower() for f in pr.steps[-1][1]}), -1)
+            if ri < 0 or p.rules[ri].style == "keep":
+                continue
+            rule = p.rules[ri]
+            style, type_ = rule.style, rule.tag(m.group("k__kv"))
+            vs, ve = m.span("v__kv")
+        else:
+            det = DETECTORS[name]
+            if det.validate is not None and not det.validate(m.group(0)):
+                continue
+            style, type_ = p.detectors[name], name
+            g = f"v_{name}"
+            vs, ve = m.span(g) if g in rx.groupindex and m.start(g) >= 0 else m.span()
+        val = text[vs:ve]
+        if len(val) >= 2 and val[0] == val[-1] and val[0] in "\"'":
+            vs, ve, val = vs + 1, ve - 1, val[1:-1]
+        if not val or _ALREADY.match(val):
+            continue
+        out.append(text[pos:vs])
+        out.append(apply_style(style, type_, val, p.hash_key))
+        pos = ve
+        ctx.hit(path, type_)
+    if not out:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
+
+
+# --- text blocks: JSON, delimited tables, free text -------------------------------------
+
+def _mask_text_block(ctx: _Ctx, text: str, path: tuple) -> str:
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "["):
+        try:
+            doc = strict_loads(text)
+        except McpParseError:
+            doc = None
+        if isinstance(doc, (dict, list)):
+            new, changed = _mask_doc(ctx, doc, (path, "(json)"))
+            return _dumps_like(new, text) if changed else text
+    if "\n" in text and ctx.p.rules:
+        text = _mask_table(ctx, text, path)
+    if ctx.p._text_re is not None and len(text) >= MIN_DETECT_LEN:
+        return _scan_text(ctx, text, path)
+    return text
+
+
+def _dumps_like(obj: Any, original: str) -> str:
+    """Re-serialise JSON text in roughly the layout it came in."""
+    ascii_ = "\\u" in original and original.isascii()
+    nl = original.find("\n")
+    if nl >= 0:
+        rest = original[nl + 1:]
+        indent = len(rest) - len(rest.lstrip(" ")) or 2
+        return json.dumps(obj, ensure_ascii=ascii_, indent=indent)
+    if '": ' in original or '", ' in original:
+        return json.dumps(obj, ensure_ascii=ascii_)
+    return json.dumps(obj, ensure_ascii=ascii_, separators=(",", ":"))
+
+
+_TABLE_SEPS = (",", "\t", "|", ";")
+
+
+def _mask_table(ctx: _Ctx, text: str, path: tuple) -> str:
+    """CSV / TSV / markdown tables: mask whole columns whose header names a masked field."""
+    lines = text.split("\n")
+    header = lines[0]
+    sep = max(_TABLE_SEPS, key=header.count)
+    if header.count(sep) < 1:
+        return text
+    cells = [c.strip().strip("\"'`").strip() for c in header.split(sep)]
+    p = ctx.p
+    cols = {}
+    for i, c in enumerate(cells):
+        if c:
+            ri = p.rule_for_key(c)
+            if ri >= 0 and p.rules[ri].style != "keep":
+                cols[i] = (p.rules[ri], c)
+    if not cols:
+        return text
+    width = len(cells)
+    changed = False
+    tpath = (path, "(table)")
+    for li in range(1, len(lines)):
+        parts = lines[li].split(sep)
+        if len(parts) != width:
+            continue          # quoted separators or prose: left to the detectors
+        for ci, (rule, colname) in cols.items():
+            cell = parts[ci]
+            val = cell.strip()
+            q = val[:1] if len(val) >= 2 and val[0] == val[-1] and val[0] in "\"'" else ""
+            inner = val[1:-1] if q else val
+            if not inner or set(inner) <= set("-: ") or _ALREADY.match(inner):
+                continue
+            masked = apply_style(rule.style, rule.tag(colname), inner, p.hash_key)
+            lead = cell[: len(cell) - len(cell.lstrip())]
+            trail = cell[len(cell.rstrip()):]
+            parts[ci] = f"{lead}{q}{masked}{q}{trail}"
+            ctx.hit((tpath, _seg(colname)), rule.tag(colname))
+            changed = True
+        lines[li] = sep.join(parts)
+    return "\n".join(lines) if changed else text
+
+
+# --- JSON-RPC message --------------------------------------------------------------------
+
+def _content_block(ctx: _Ctx, block: Any, path: tuple) -> tuple[Any, bool]:
+    if not isinstance(block, dict):
+        return block, False
+    t = block.get("type")
+    if t == "text" and isinstance(block.get("text"), str):
+        new = _mask_text_block(ctx, block["text"], (path, "text"))
+        return ({**block, "text": new}, True) if new is not block["text"] else (block, False)
+    if t == "resource" and isinstance(block.get("resource"), dict):
+        res, ch = _resource(ctx, block["resource"], (path, "resource"))
+        return ({**block, "resource": res}, True) if ch else (block, False)
+    return block, False
+
+
+def _resource(ctx: _Ctx, res: dict, path: tuple) -> tuple[dict, bool]:
+    if isinstance(res.get("text"), str):
+        new = _mask_text_block(ctx, res["text"], (path, "text"))
+        if new is not res["text"]:
+            return {**res, "text": new}, True
+    return res, False
+
+
+def _list_of(ctx: _Ctx, items: Any, path: tuple, fn) -> tuple[Any, bool]:
+    if not isinstance(items, list):
+        return items, False
+    out, changed = items, False
+    for i, it in enumerate(items):
+        new, ch = fn(ctx, it, (path, "[*]"))
+        if ch:
+            if not changed:
+                out, changed = list(items), True
+            out[i] = new
+    return out, changed
+
+
+def _result(ctx: _Ctx, result: dict, path: tuple) -> tuple[dict, bool]:
+    """Tool results, resource contents, prompt messages (by shape, so tasks/result,
+    legacy-SSE stream responses and batches are covered without knowing the method)."""
+    upd: dict[str, Any] = {}
+    if "structuredContent" in result:
+        new, ch = _mask_doc(ctx, result["structuredContent"], (path, "structuredContent"))
+        if ch:
+            upd["structuredContent"] = new
+    if isinstance(result.get("content"), list):
+        new, ch = _list_of(ctx, result["content"], (path, "content"), _content_block)
+        if ch:
+            upd["content"] = new
+    if isinstance(result.get("contents"), list):
+        new, ch = _list_of(ctx, result["contents"], (path, "contents"),
+                           lambda c, r, pth: _resource(c, r, pth) if isinstance(r, dict) else (r, False))
+        if ch:
+            upd["contents"] = new
+    if isinstance(result.get("messages"), list):
+        new, ch = _list_of(ctx, result["messages"], (path, "messages"), _prompt_message)
+        if ch:
+            upd["messages"] = new
+    if isinstance(result.get("content"), dict):            # sampling result: one block
+        new, ch = _content_block(ctx, result["content"], (path, "content"))
+        if ch:
+            upd["content"] = new
+    return ({**result, **upd}, True) if upd else (result, False)
+
+
+def _prompt_message(ctx: _Ctx, m: Any, path: tuple) -> tuple[Any, bool]:
+    if not isinstance(m, dict):
+        return m, False
+    c = m.get("content")
+    if isinstance(c, list):
+        new, ch = _list_of(ctx, c, (path, "content"), _content_block)
+    else:
+        new, ch = _content_block(ctx, c, (path, "content"))
+    return ({**m, "content": new}, True) if ch else (m, False)
+
+
+def _error(ctx: _Ctx, err: dict, path: tuple) -> tuple[dict, bool]:
+    upd: dict[str, Any] = {}
+    if isinstance(err.get("message"), str):
+        new = _mask_text_block(ctx, err["message"], (path, "message"))
+        if new is not err["message"]:
+            upd["message"] = new
+    if "data" in err:
+        d = err["data"]
+        if isinstance(d, str):
+            new = _mask_text_block(ctx, d, (path, "data"))
+            ch = new is not d
+        else:
+            new, ch = _mask_doc(ctx, d, (path, "data"))
+        if ch:
+            upd["data"] = new
+    return ({**err, **upd}, True) if upd else (err, False)
+
+
+_PARAMS_SKIP = frozenset({"_meta", "progressToken", "requestedSchema"})
+
+
+def _params(ctx: _Ctx, method: str, params: dict, path: tuple) -> tuple[dict, bool]:
+    """Server->client notifications (logging, progress) and requests (sampling, elicitation)."""
+    upd: dict[str, Any] = {}
+    for k, v in params.items():
+        if k in _PARAMS_SKIP:
+            continue
+        if k == "messages" and isinstance(v, list):
+            new, ch = _list_of(ctx, v, (path, "messages"), _prompt_message)
+        elif isinstance(v, str):
+            new = _mask_text_block(ctx, v, (path, _seg(k)))
+            ch = new is not v
+        else:
+            # rules apply relative to each param value (e.g. logging `data`)
+            new, ch = _mask_doc(ctx, v, (path, _seg(k)))
+        if ch:
+            upd[k] = new
+    return ({**params, **upd}, True) if upd else (params, False)
+
+
+def mask_message(profile: Profile, msg: dict) -> tuple[dict, list[MaskEvent]]:
+    """Mask one JSON-RPC message. Copy-on-write: returns `msg` itself when nothing changed.
+
+    Raises MaskError when the message cannot be masked safely (too deep / too large).
+    """
+    if profile.empty or not isinstance(msg, dict):
+        return msg, []
+    ctx = _Ctx(profile)
+    upd: dict[str, Any] = {}
+    root = ((), "$")
+    if isinstance(msg.get("result"), dict):
+        new, ch = _result(ctx, msg["result"], (root, "result"))
+        if ch:
+            upd["result"] = new
+    if isinstance(msg.get("error"), dict):
+        new, ch = _error(ctx, msg["error"], (root, "error"))
+        if ch:
+            upd["error"] = new
+    if isinstance(msg.get("method"), str) and isinstance(msg.get("params"), dict):
+        new, ch = _params(ctx, msg["method"], msg["params"], (root, "params"))
+        if ch:
+            upd["params"] = new
+    events = [MaskEvent(path=p, type=t, count=n) for (p, t), n in ctx.events.items()]
+    return ({**msg, **upd} if upd else msg), events
+
+
+def mask_value(profile: Profile, value: Any, root: str = "$") -> tuple[Any, list[MaskEvent]]:
+    """Mask an arbitrary JSON value (e.g. tool arguments shown to an approver)."""
+    if profile.empty:
+        return value, []
+    ctx = _Ctx(profile)
+    if isinstance(value, str):
+        new = _mask_text_block(ctx, value, ((), root))
+    else:
+        new, _ = _mask_doc(ctx, value, ((), root))
+    return new, [MaskEvent(path=p, type=t, count=n) for (p, t), n in ctx.events.items()]
+
+
+# --- configuration -----------------------------------------------------------------------
+
+@dataclass
+class Selector:
+    profile: str
+    name: str = ""
+    connections: tuple[str, ...] = ()     # globs; empty = any
+    tools: tuple[str, ...] = ()           # globs; empty = any
+    roles: tuple[str, ...] = ()           # any of; empty = any
+    subjects: tuple[str, ...] = ()        # globs; empty = any
+    clients: tuple[str, ...] = ()         # globs; empty = any
+    line: int | None = None
+
+    def matches(self, connection: str | None, tool: str | None, roles: Iterable[str],
+                sub: str | None, client: str | None, *, any_tool: bool = False) -> bool:
+        if self.connections and not _glob_any(connection, self.connections):
+            return False
+        if self.tools and not any_tool and not _glob_any(tool, self.tools):
+            return False
+        if self.roles and not set(self.roles) & set(roles):
+            return False
+        if self.subjects and not _glob_any(sub, self.subjects):
+            return False
+        if self.clients and not _glob_any(client, self.clients):
+            return False
+        return True
+
+
+def _glob_any(value: str | None, globs: tuple[str, ...]) -> bool:
+    return value is not None and any(fnmatch.fnmatchcase(value, g) for g in globs)
+
+
+@dataclass
+class MaskConfig:
+    profiles: dict[str, Profile]
+    selectors: list[Selector]
+    default: str
+    files: tuple[str, ...] = ()
+
+    def select(self, connection: str | None, tool: str | None, roles: Iterable[str] = (),
+               sub: str | None = None, client: str | None = None) -> list[Profile]:
+        """Profiles to apply, in order. A known tool: the first matching selector (or the
+        default). An unknown tool (e.g. responses on a legacy SSE stream): every profile a
+        selector for this caller could pick, applied one after the other (never less
+        masking than any of them)."""
+        roles = tuple(roles)
+        if tool is not None:
+            for s in self.selectors:
+                if s.matches(connection, tool, roles, sub, client):
+                    return [self.profiles[s.profile]]
+            return [self.profiles[self.default]]
+        names: list[str] = []
+        for s in self.selectors:
+            if s.matches(connection, None, roles, sub, client, any_tool=True):
+                names.append(s.profile)
+                if not s.tools:
+                    break        # later selectors can never be reached for this caller
+        else:
+            names.append(self.default)
+        return [self.profiles[n] for n in dict.fromkeys(names)]
+
+
+BUILTIN_DEFAULT = "default"
+
+
+def builtin_config(hash_key: bytes = b"") -> MaskConfig:
+    """Used when no masking.yaml exists: every detector redacts (safe default)."""
+    prof = Profile(BUILTIN_DEFAULT, [], {d: "redact" for d in DETECTORS}, hash_key,
+                   description="built-in: all detectors redact")
+    return MaskConfig({BUILTIN_DEFAULT: prof}, [], BUILTIN_DEFAULT)
+
+
+_TOP_KEYS = {"version", "default_profile", "profiles", "select", "description"}
+_PROFILE_KEYS = {"description", "extends", "rules", "detectors"}
+_RULE_KEYS = {"name", "fields", "regex", "path", "paths", "style", "type"}
+_SELECT_KEYS = {"name", "connection", "connections", "tool", "tools", "role", "roles", "subject",
+                "subjects", "client", "clients", "profile"}
+
+
+def _strs(loc: Located, node: Any, key: str, v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        return (v,)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    raise loc.error(node, f"{key}: expected a string or a list of strings", key)
+
+
+def parse_masking(path: str | Path, data: Any, hash_key: bytes = b"") -> MaskConfig:
+    """Validate one masking.yaml document (ruamel round-trip nodes) -> MaskConfig."""
+    loc = Located(str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RulesError(path, line_of(data), "masking rules must be a mapping")
+    for k in data:
+        if k not in _TOP_KEYS:
+            raise loc.error(data, f"unknown key {k!r} (expected one of {', '.join(sorted(_TOP_KEYS))})", k)
+    raw_profiles = data.get("profiles") or {}
+    if not isinstance(raw_profiles, dict):
+        raise loc.error(data, "profiles: expected a mapping of profile name -> profile", "profiles")
+    parsed: dict[str, tuple[list[Rule], dict[str, str], str | None, int | None, str]] = {}
+    for pname, pnode in raw_profiles.items():
+        if not isinstance(pname, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", pname):
+            raise loc.error(raw_profiles, f"bad profile name {pname!r}", pname)
+        if pnode is None:
+            pnode = {}
+        if not isinstance(pnode, dict):
+            raise loc.error(raw_profiles, f"profile {pname}: expected a mapping", pname)
+        for k in pnode:
+            if k not in _PROFILE_KEYS:
+                raise loc.error(pnode, f"profile {pname}: unknown key {k!r} "
+                                       f"(expected one of {', '.join(sorted(_PROFILE_KEYS))})", k)
+        rules = [_parse_rule(loc, pname, i, r, pnode.get("rules"))
+                 for i, r in enumerate(_seq(loc, pnode, "rules", pname))]
+        dets = _parse_detectors(loc, pname, pnode)
+        ext = pnode.get("extends")
+        if ext is not None and not isinstance(ext, str):
+            raise loc.error(pnode, f"profile {pname}: extends must name a profile", "extends")
+        parsed[pname] = (rules, dets, ext, line_of(raw_profiles, pname), str(pnode.get("description") or ""))
+
+    profiles: dict[str, Profile] = {}
+
+    def build(name: str, chain: tuple[str, ...]) -> Profile:
+        if name in profiles:
+            return profiles[name]
+        rules, dets, ext, line, desc = parsed[name]
+        all_rules, all_dets = list(rules), {}
+        if ext is not None:
+            if ext not in parsed:
+                raise RulesError(path, line, f"profile {name}: extends unknown profile {ext!r}")
+            if ext in chain:
+                raise RulesError(path, line, f"profile {name}: extends cycle {' -> '.join(chain + (ext,))}")
+            parent = build(ext, chain + (ext,))
+            all_rules += parent.rules           # own rules first: first match wins
+            all_dets.update(parent.detectors)
+        all_dets.update(dets)
+        all_dets = {k: v for k, v in all_dets.items() if v != "off"}
+        all_dets = {k: all_dets[k] for k in DETECTORS if k in all_dets}  # detector priority order
+        try:
+            prof = Profile(name, all_rules, all_dets, hash_key, line, desc)
+        except re.error as e:
+            raise RulesError(path, line, f"profile {name}: invalid regular expression: {e}") from None
+        profiles[name] = prof
+        return prof
+
+    for pname in parsed:
+        build(pname, (pname,))
+    if not profiles:
+        profiles[BUILTIN_DEFAULT] = builtin_config(hash_key).profiles[BUILTIN_DEFAULT]
+
+    default = data.get("default_profile", BUILTIN_DEFAULT if BUILTIN_DEFAULT in profiles else None)
+    if not isinstance(default, str) or default not in profiles:
+        raise loc.error(data, f"default_profile must name a profile (have: {', '.join(profiles)})",
+                        "default_profile" if "default_profile" in data else None)
+    selectors = [_parse_selector(loc, i, s, data.get("select"), profiles)
+                 for i, s in enumerate(_seq(loc, data, "select", None))]
+    return MaskConfig(profiles, selectors, default, (str(path),))
+
+
+def _seq(loc: Located, node: dict, key: str, owner: str | None) -> list:
+    v = node.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise loc.error(node, f"{owner + ': ' if owner else ''}{key}: expected a list", key)
+    return v
+
+
+def _parse_rule(loc: Located, pname: str, i: int, r: Any, seq: Any) -> Rule:
+    where = f"profile {pname}, rule {i + 1}"
+    if not isinstance(r, dict):
+        raise RulesError(loc.file, line_of(seq, i), f"{where}: expected a mapping")
+    for k in r:
+        if k not in _RULE_KEYS:
+            raise loc.error(r, f"{where}: unknown key {k!r} (expected one of {', '.join(sorted(_RULE_KEYS))})", k)
+    style = r.get("style", "redact")
+    if style not in STYLES:
+        raise loc.error(r, f"{where}: style must be one of {', '.join(STYLES)}", "style" if "style" in r else None)
+    fields_ = _strs(loc, r, "fields", r["fields"]) if "fields" in r else ()
+    regex = _strs(loc, r, "regex", r["regex"]) if "regex" in r else ()
+    paths: tuple[str, ...] = ()
+    for key in ("path", "paths"):
+        if key in r:
+            paths += _strs(loc, r, key, r[key])
+    if not (fields_ or regex or paths):
+        raise RulesError(loc.file, line_of(seq, i), f"{where}: needs fields, regex or path")
+    for rx in regex:
+        try:
+            re.compile(rx)
+        except re.error as e:
+            raise loc.error(r, f"{where}: invalid regex {rx!r}: {e}", "regex") from None
+    for expr in paths:
+        try:
+            jsonpath_parse(expr)
+        except (JsonPathLexerError, JsonPathParserError, Exception) as e:  # noqa: BLE001
+            raise loc.error(r, f"{where}: invalid JSONPath {expr!r}: {e}", "path" if "path" in r else "paths") from None
+    type_ = r.get("type")
+    if type_ is not None and (not isinstance(type_, str) or not re.fullmatch(r"[\w.-]{1,40}", type_)):
+        raise loc.error(r, f"{where}: type must be a short word (letters, digits, _ . -)", "type")
+    name = str(r.get("name") or f"{pname}#{i + 1}")
+    return Rule(name, style, type_, fields_, regex, paths, line_of(seq, i))
+
+
+def _parse_detectors(loc: Located, pname: str, pnode: dict) -> dict[str, str]:
+    if "detectors" not in pnode:
+        return {}
+    v = pnode["detectors"]
+    if v is None or v is False or v == "off":
+        return {d: "off" for d in DETECTORS}
+    if isinstance(v, str):
+        if v == "all" or v in DETECTOR_STYLES:
+            style = "redact" if v == "all" else v
+            return {d: style for d in DETECTORS}
+        raise loc.error(pnode, f"profile {pname}: detectors: expected all, off, a style, a list or a mapping", "detectors")
+    if isinstance(v, list):
+        out = {}
+        for name in v:
+            if name not in DETECTORS:
+                raise loc.error(pnode, f"profile {pname}: unknown detector {name!r} "
+                                       f"(known: {', '.join(DETECTORS)})", "detectors")
+            out[name] = "redact"
+        return out
+    if isinstance(v, dict):
+        out = {}
+        if "default" in v:
+            if v["default"] not in DETECTOR_STYLES:
+                raise loc.error(v, f"profile {pname}: detector style must be one of {', '.join(DETECTOR_STYLES)}", "default")
+            out = {d: v["default"] for d in DETECTORS}
+        for name, style in v.items():
+            if name == "default":
+                continue
+            if name not in DETECTORS:
+                raise loc.error(v, f"profile {pname}: unknown detector {name!r} (known: {', '.join(DETECTORS)})", name)
+            if style not in DETECTOR_STYLES:
+                raise loc.error(v, f"profile {pname}: detector style must be one of {', '.join(DETECTOR_STYLES)}", name)
+            out[name] = style
+        return out
+    raise loc.error(pnode, f"profile {pname}: detectors: expected all, off, a style, a list or a mapping", "detectors")
+
+
+def _parse_selector(loc: Located, i: int, s: Any, seq: Any, profiles: dict[str, Profile]) -> Selector:
+    where = f"select rule {i + 1}"
+    if not isinstance(s, dict):
+        raise RulesError(loc.file, line_of(seq, i), f"{where}: expected a mapping")
+    for k in s:
+        if k not in _SELECT_KEYS:
+            raise loc.error(s, f"{where}: unknown key {k!r} (expected one of {', '.join(sorted(_SELECT_KEYS))})", k)
+    prof = s.get("profile")
+    if not isinstance(prof, str) or prof not in profiles:
+        raise loc.error(s, f"{where}: profile must name a defined profile (have: {', '.join(profiles)})",
+                        "profile" if "profile" in s else None)
+
+    def get(*keys: str) -> tuple[str, ...]:
+        out: tuple[str, ...] = ()
+        for k in keys:
+            if k in s:
+                out += _strs(loc, s, k, s[k])
+        return out
+
+    return Selector(prof, str(s.get("name") or f"select#{i + 1}"), get("connection", "connections"),
+                    get("tool", "tools"), get("role", "roles"), get("subject", "subjects"),
+                    get("client", "clients"), line_of(seq, i))
+
+
+def load_masking(rules_dir: str | Path, hash_key: bytes = b"") -> MaskConfig:
+    """rules/masking.yaml (+ masking.d/*.yaml merged: later files add profiles/selectors).
+
+    No masking.yaml at all -> the built-in default (every detector redacts)."""
+    files = [f for f in rules_files(rules_dir, "masking") if f.exists()]
+    if not files:
+        return builtin_config(hash_key)
+    merged: MaskConfig | None = None
+    for f in files:
+        cfg = parse_masking(f, load_yaml(f), hash_key)
+        if merged is None:
+            merged = cfg
+            continue
+        for name in cfg.profiles:
+            if name in merged.profiles and name != BUILTIN_DEFAULT:
+                raise RulesError(f, cfg.profiles[name].line, f"profile {name} is already defined in {merged.files[0]}")
+        merged = MaskConfig({**merged.profiles, **cfg.profiles}, merged.selectors + cfg.selectors,
+                            merged.default, merged.files + cfg.files)
+    assert merged is not None
+    return merged
+
+
+def validate_dir(rules_dir: str | Path) -> list[str]:
+    """Errors as `file:line: message` (for `mcp-bastion check`)."""
+    try:
+        load_masking(rules_dir)
+    except RulesError as e:
+        return [str(e)]
+    return []
