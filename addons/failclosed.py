@@ -57,12 +57,15 @@ class FailClosed:
     def __init__(self, addon: Any):
         self._addon = addon
         self.name = getattr(addon, "name", type(addon).__name__.lower())
+        # wrap once: mitmproxy looks hooks up on every event
+        for hook in FLOW_HOOKS:
+            fn = getattr(addon, hook, None)
+            if callable(fn):
+                setattr(self, hook, guard(self.name, hook, fn))
 
     def __getattr__(self, item: str) -> Any:
-        attr = getattr(self._addon, item)
-        if item in FLOW_HOOKS and callable(attr):
-            return guard(self.name, item, attr)
-        return attr
+        # only reached for attributes not set above (other hooks, options, commands)
+        return getattr(self._addon, item)
 
     def __dir__(self) -> list[str]:
         # mitmproxy collects @command.command methods via dir()

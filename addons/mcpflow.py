@@ -23,6 +23,20 @@ ERROR_STATUS = {
     mcp.HEADER_MISMATCH: 400, mcp.UNSUPPORTED_PROTOCOL_VERSION: 400, mcp.METHOD_NOT_FOUND: 404,
 }
 MAX_SCHEMAS = 4096
+MAX_PENDING = 10_000
+
+
+def stream_key(rec, req: http.Request) -> str | None:
+    """Which client stream a request belongs to: Mcp-Session-Id, or the legacy
+    transport's session_id query parameter."""
+    if rec.session_id:
+        return rec.session_id
+    q = req.path.partition("?")[2]
+    for part in q.split("&"):
+        k, _, v = part.partition("=")
+        if k in ("session_id", "sessionId") and v:
+            return v
+    return None
 
 
 class McpParser:
@@ -31,6 +45,10 @@ class McpParser:
     def __init__(self) -> None:
         # (connection, tool) -> Mcp-Param-* map learned from tools/list results (bounded)
         self.param_maps: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        # (connection, stream, id) -> transforms of the request, for responses that arrive
+        # on another flow (legacy SSE stream, or a resumed GET stream): the transforms of a
+        # request follow its response wherever it travels. Bounded.
+        self.pending: OrderedDict[tuple[str, str, str], list] = OrderedDict()
 
     def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
@@ -43,6 +61,10 @@ class McpParser:
                 refuse_http(flow, 400, "invalid_request", f"{req.method} requests carry no body")
                 return
             rec.notes["stream_checked"] = True
+            key = stream_key(rec, req)
+            if req.method == "GET" and key is not None:
+                conn = rec.connection
+                rec.notes["pending_lookup"] = lambda msg_id: self.pending.get((conn, key, _idkey(msg_id)))
             return
         ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
@@ -76,6 +98,13 @@ class McpParser:
             (m.protocol_version for m in parsed.messages if m.protocol_version), None)
         if req.headers.get("content-encoding"):
             req.decode()  # upstream gets exactly the bytes that were inspected
+        key = stream_key(rec, req)
+        if key is not None:
+            for m in parsed.messages:
+                if m.kind == "request":
+                    self.pending[(rec.connection, key, _idkey(m.id))] = rec.response_transforms
+            while len(self.pending) > MAX_PENDING:
+                self.pending.popitem(last=False)
         if any(m.method == "tools/list" for m in parsed.messages):
             conn = rec.connection
             rec.response_transforms.append(readonly(lambda m: self._learn(conn, m)))
@@ -91,6 +120,10 @@ class McpParser:
             while len(self.param_maps) > MAX_SCHEMAS:
                 self.param_maps.popitem(last=False)
         return message
+
+
+def _idkey(msg_id) -> str:
+    return f"{type(msg_id).__name__}:{msg_id}"
 
 
 def _fields(req: http.Request) -> list[tuple[str, str]]:

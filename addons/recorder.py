@@ -49,6 +49,7 @@ REDACT_HEADERS = frozenset({
 SECRETISH_HEADER = re.compile(r"auth|token|secret|passw|api[-_]?key|cookie|credential|signature", re.I)
 REDACTED = "[redacted]"
 COMMIT_TIMEOUT = 10.0          # seconds a hook waits for the writer before failing closed
+STREAM_COMMIT_TIMEOUT = 2.0    # the SSE tap blocks the event loop while it waits: keep it short
 NOTES_KEY = "recorder"
 FINAL_KINDS = ("response", "error")
 
@@ -127,11 +128,16 @@ class FlowEvents:
         ev.update({k: v for k, v in kw.items() if v is not None})
         return ev
 
+    def expect(self, msg: mcp.Message) -> None:
+        """Remember a request so its response rows carry its method / tool."""
+        rid = _id_text(msg.id)
+        if msg.kind == "request" and rid is not None:
+            self.requests[rid] = (msg.method, msg.target, msg.tool_name)
+
     def c2s(self, msg: mcp.Message, ts: float) -> dict[str, Any]:
         rid = _id_text(msg.id)
         tool = msg.tool_name
-        if msg.kind == "request" and rid is not None:
-            self.requests[rid] = (msg.method, msg.target, tool)
+        self.expect(msg)
         raw = msg.raw
         extra: dict[str, Any] = {}
         if msg.kind in FINAL_KINDS:             # client answering a server->client request
@@ -288,6 +294,8 @@ class Recorder:
             return
         events = []
         now = time.time()
+        for m in rec.messages:
+            st.events.expect(m)
         if not self._defer_c2s(flow, rec):
             events += self._c2s_events(st, rec, now)
         if rec.approval is not None:
@@ -295,12 +303,13 @@ class Recorder:
             events.append(st.events.approval(rec.approval, now))
         if not events:
             return
-        fut = self._submit(events, wait=not refused)
-        if fut is not None:
-            try:
-                await asyncio.wait_for(asyncio.wrap_future(fut), COMMIT_TIMEOUT)
-            except (StoreUnavailable, asyncio.TimeoutError) as e:
-                self._refuse_unavailable(flow, rec, str(e) or "commit timed out")
+        if refused:
+            self._submit(events, wait=False)
+            return
+        try:
+            await self._commit(events)
+        except (StoreUnavailable, asyncio.TimeoutError) as e:
+            self._refuse_unavailable(flow, rec, str(e) or "commit timed out")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
@@ -324,9 +333,8 @@ class Recorder:
         st.done = True
         self._update_session(flow, st)
         events = self._final_events(flow, rec, st, time.time())
-        fut = self._submit(events, wait=True)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(fut), COMMIT_TIMEOUT)
+            await self._commit(events)
         except (StoreUnavailable, asyncio.TimeoutError) as e:
             log.error("response not recorded (%s); not releasing it", e or "commit timed out")
             rec.refuse("audit store unavailable", None)
@@ -370,10 +378,20 @@ class Recorder:
         flow.response = _unavailable_response()
         rec.refuse("audit store unavailable", None)
 
-    def _submit(self, events: list[dict], wait: bool):
+    async def _commit(self, events: list[dict]) -> None:
+        """Queue events and wait until they are fsynced (raises StoreUnavailable / TimeoutError)."""
+        lines = self._encode(events)
+        if self.writer is None:
+            raise StoreUnavailable("recorder not configured")
+        await asyncio.wait_for(self.writer.submit_async(lines), COMMIT_TIMEOUT)
+
+    def _encode(self, events: list[dict]) -> list[bytes]:
         for ev in events:
             ev["seq"] = next(self._seq)
-        lines = [encode_event(ev) for ev in events]
+        return [encode_event(ev) for ev in events]
+
+    def _submit(self, events: list[dict], wait: bool):
+        lines = self._encode(events)
         if self.writer is None:
             if wait:
                 import concurrent.futures
@@ -505,7 +523,7 @@ class StreamTap:
         if fut is None:
             return out
         try:
-            fut.result(timeout=COMMIT_TIMEOUT)   # the caller must not see what is not durable
+            fut.result(timeout=STREAM_COMMIT_TIMEOUT)   # the caller must not see what is not durable
             return out
         except Exception as e:  # noqa: BLE001 - StoreUnavailable, timeout: fail closed
             log.error("SSE response not recorded (%s); stream cut", e)
@@ -606,8 +624,21 @@ def add_cli(sub) -> None:
     p = sub.add_parser("replay", help="print a readable timeline of a recorded session")
     p.add_argument("session", help="session id (or a unique prefix)")
     p.add_argument("--width", type=int, default=160, help="truncate payloads to this many characters")
+    p.add_argument("--web", action="store_true", help="open the session's (redacted) flows in mitmweb instead")
     _store_arg(p)
     p.set_defaults(func=cli_replay)
+
+    p = sub.add_parser("resend", help="re-send a recorded session's requests through a gateway to a TEST connection",
+                       description="Opt-in client replay. Only connections marked `options: {test: true}` in "
+                                   "connections.yaml are accepted as targets; requests go through the gateway, so "
+                                   "identity, policy, masking and recording apply again.")
+    p.add_argument("session", help="session id (or a unique prefix)")
+    p.add_argument("--connection", required=True, help="target connection (must have options: {test: true})")
+    p.add_argument("--gateway", default=os.environ.get("BASTION_GATEWAY", "http://127.0.0.1:8080"),
+                   help="gateway base URL (default: $BASTION_GATEWAY or http://127.0.0.1:8080)")
+    p.add_argument("--token", default=os.environ.get("BASTION_TOKEN"), help="bearer token (default: $BASTION_TOKEN)")
+    _store_arg(p)
+    p.set_defaults(func=cli_resend)
 
     p = sub.add_parser("export", help="write a session as a (redacted) mitmproxy flow file for mitmweb -r")
     p.add_argument("session", help="session id (or a unique prefix)")
@@ -805,6 +836,16 @@ def cli_replay(args) -> int:
     if sid is None:
         return 1
     _report(st)
+    if args.web:
+        import shutil
+        import tempfile
+        fd, path = tempfile.mkstemp(prefix="bastion-replay-", suffix=".mitm")
+        os.close(fd)
+        n = write_flow_file(build_flows(session_events(st, sid)), path)
+        st.close()
+        web = shutil.which("mitmweb") or str(Path(sys.executable).parent / "mitmweb")
+        print(f"opening {n} flow(s) of session {sid} in mitmweb ({path})", file=sys.stderr)
+        os.execv(web, [web, "-r", path, "--set", "web_host=127.0.0.1", "--mode", "regular@0"])
     sys.stdout.write(format_timeline(session_events(st, sid), args.width))
     return 0
 
@@ -904,8 +945,16 @@ def _sse_body(evs: list[dict]) -> bytes:
                     for e in evs if e["kind"] in ("request", "notification", "response", "error"))
 
 
-def cli_export(args) -> int:
+def write_flow_file(flows: list[http.HTTPFlow], path: str) -> int:
     from mitmproxy import io as mio
+    with open(path, "wb") as fh:
+        w = mio.FlowWriter(fh)
+        for f in flows:
+            w.add(f)
+    return len(flows)
+
+
+def cli_export(args) -> int:
     st = _open(args)
     if st is None:
         return 2
@@ -913,10 +962,99 @@ def cli_export(args) -> int:
     if sid is None:
         return 1
     _report(st)
-    flows = build_flows(session_events(st, sid))
-    with open(args.output, "wb") as fh:
-        w = mio.FlowWriter(fh)
-        for f in flows:
-            w.add(f)
-    print(f"wrote {len(flows)} flow(s) of session {sid} to {args.output} (open with: mitmweb -r {args.output})")
+    n = write_flow_file(build_flows(session_events(st, sid)), args.output)
+    print(f"wrote {n} flow(s) of session {sid} to {args.output} (open with: mitmweb -r {args.output})")
     return 0
+
+
+def test_connection_problem(rules_dir: str, name: str) -> str | None:
+    """Why `name` may not be a resend target (None = it may). Reads only names and options,
+    never credentials."""
+    from addons.rules import RulesError, load_yaml, rules_files, to_plain
+    try:
+        for f in rules_files(rules_dir, "connections"):
+            if not f.exists():
+                continue
+            conns = (to_plain(load_yaml(f)) or {}).get("connections") or {}
+            if name in conns:
+                opts = (conns[name] or {}).get("options") or {}
+                if opts.get("test") is True:
+                    return None
+                return f"connection {name!r} is not marked as a test connection (options: {{test: true}} in {f})"
+    except RulesError as e:
+        return str(e)
+    return f"no connection {name!r} in {rules_dir}"
+
+
+def resend_messages(events: list[dict]) -> list[dict]:
+    """The client->server messages of a session, in order, as they were sent."""
+    out = []
+    for e in events:
+        if e.get("direction") != "c2s" or e["kind"] not in ("request", "notification"):
+            continue
+        if e.get("params") is None and e.get("method") not in ("ping", "notifications/initialized"):
+            raise ValueError("this session was recorded without bodies (bastion_record_bodies=false)")
+        out.append(_message(e))
+    return out
+
+
+def resend(messages: list[dict], url: str, token: str | None, transport=None, out=sys.stdout) -> int:
+    """POST each message; a new Mcp-Session-Id from initialize is used for the rest."""
+    import httpx
+    headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    failures = 0
+    with httpx.Client(timeout=60, transport=transport) as client:
+        for m in messages:
+            r = client.post(url, json=m, headers=headers)
+            if r.headers.get("mcp-session-id"):
+                headers["mcp-session-id"] = r.headers["mcp-session-id"]
+            if m.get("method") == "initialize" and r.status_code == 200:
+                version = ((_first_response(r) or {}).get("result") or {}).get("protocolVersion")
+                if version:
+                    headers["mcp-protocol-version"] = version
+            resp = _first_response(r)
+            status = "error" if r.status_code >= 400 or (resp and "error" in resp) else "ok"
+            failures += status == "error"
+            detail = _clip((resp or {}).get("error") or (resp or {}).get("result") or r.text, 120)
+            out.write(f"{m.get('method')} {m.get('params', {}).get('name', '') if isinstance(m.get('params'), dict) else ''}"
+                      f" -> HTTP {r.status_code} {status} {detail}\n")
+    return 1 if failures else 0
+
+
+def _first_response(r) -> dict | None:
+    ctype = r.headers.get("content-type", "")
+    try:
+        if ctype.startswith("text/event-stream"):
+            for ev in mcp.SSEParser().feed(r.content, final=True):
+                if ev.data and ev.type == "message":
+                    obj = json.loads(ev.data)
+                    if isinstance(obj, dict) and ("result" in obj or "error" in obj):
+                        return obj
+            return None
+        obj = r.json()
+        return obj if isinstance(obj, dict) else None
+    except ValueError:
+        return None
+
+
+def cli_resend(args) -> int:
+    problem = test_connection_problem(args.rules, args.connection)
+    if problem:
+        print(f"error: refusing to resend: {problem}", file=sys.stderr)
+        return 2
+    st = _open(args)
+    if st is None:
+        return 2
+    sid = resolve_session(st, args.session)
+    if sid is None:
+        return 1
+    try:
+        messages = resend_messages(session_events(st, sid))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    url = f"{args.gateway.rstrip('/')}/mcp/{args.connection}"
+    print(f"re-sending {len(messages)} message(s) of session {sid} to {url}", file=sys.stderr)
+    return resend(messages, url, args.token)

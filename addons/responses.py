@@ -37,6 +37,16 @@ def readonly(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
     return fn
 
 
+def _transforms_for(rec: BastionRecord, obj: dict) -> list:
+    """On a GET stream, a response also gets the transforms of the request it answers."""
+    lookup = rec.notes.get("pending_lookup")
+    if lookup is not None and "id" in obj and ("result" in obj or "error" in obj):
+        origin = lookup(obj["id"])
+        if origin:
+            return [*origin, *rec.response_transforms]
+    return rec.response_transforms
+
+
 def transform_message(rec: BastionRecord, obj: Any) -> tuple[Any, bool]:
     """Run every registered transform over one decoded JSON-RPC message.
 
@@ -48,7 +58,7 @@ def transform_message(rec: BastionRecord, obj: Any) -> tuple[Any, bool]:
             raise TransformError("response is not a JSON-RPC message")
         return obj, False
     changed = False
-    for t in rec.response_transforms:
+    for t in _transforms_for(rec, obj):
         obj = t(obj)
         changed = changed or not getattr(t, "readonly", False)
     return obj, changed

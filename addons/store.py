@@ -267,7 +267,39 @@ def enforce_retention(d: Path, days: float, mb: float, now: float | None = None)
 @dataclass
 class _Item:
     lines: list[bytes]
-    future: concurrent.futures.Future | None
+    future: concurrent.futures.Future | None = None
+    afuture: Any = None             # asyncio.Future, settled on its own loop
+
+    @property
+    def waits(self) -> bool:
+        return self.future is not None or self.afuture is not None
+
+
+def _settle(futs: list, exc: BaseException | None) -> None:
+    """Runs on the event loop: one wake-up settles every waiter of a batch."""
+    for f in futs:
+        if not f.done():
+            if exc is None:
+                f.set_result(None)
+            else:
+                f.set_exception(exc)
+
+
+def _resolve(items: list[_Item], exc: BaseException | None = None) -> None:
+    by_loop: dict[Any, list] = {}
+    for it in items:
+        if it.future is not None and not it.future.done():
+            if exc is None:
+                it.future.set_result(None)
+            else:
+                it.future.set_exception(exc)
+        if it.afuture is not None:
+            by_loop.setdefault(it.afuture.get_loop(), []).append(it.afuture)
+    for loop, futs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, futs, exc)
+        except RuntimeError:        # loop closed: nobody is waiting any more
+            pass
 
 
 @dataclass
@@ -341,6 +373,17 @@ class StoreWriter:
                 fut.set_exception(StoreUnavailable("audit store closed"))
             return fut
         self._q.put(_Item(lines, fut))
+        return fut
+
+    def submit_async(self, lines: list[bytes]):
+        """Like submit(wait=True) for coroutines: an asyncio.Future of the running loop.
+        Waiters of one batch are woken with a single call_soon_threadsafe."""
+        import asyncio
+        fut = asyncio.get_running_loop().create_future()
+        if self._closed:
+            fut.set_exception(StoreUnavailable("audit store closed"))
+        else:
+            self._q.put(_Item(lines, None, fut))
         return fut
 
     def close(self, timeout: float = 30.0) -> None:
@@ -444,7 +487,7 @@ class StoreWriter:
                     continue
                 pending.extend(batch)
             now = time.monotonic()
-            must_sync = stop or any(it.future is not None for it in pending) \
+            must_sync = stop or any(it.waits for it in pending) \
                 or now - last_sync >= self.sync_interval or len(pending) >= self.max_batch
             if pending and must_sync:
                 try:
@@ -456,9 +499,7 @@ class StoreWriter:
                     pending = []
                     continue
                 last_sync = now
-                for it in pending:
-                    if it.future is not None and not it.future.done():
-                        it.future.set_result(None)
+                _resolve(pending)
                 pending = []
             if not stop and (self._journal_events >= self.roll_events or self._journal_bytes >= self.roll_bytes):
                 self._rotate()
@@ -474,10 +515,7 @@ class StoreWriter:
         self._roll_q.put(None)
 
     def _fail_items(self, items: list[_Item]) -> None:
-        exc = StoreUnavailable(self._failure or "audit store unavailable")
-        for it in items:
-            if it.future is not None and not it.future.done():
-                it.future.set_exception(exc)
+        _resolve(items, StoreUnavailable(self._failure or "audit store unavailable"))
 
     def _drain_fail(self) -> None:
         while True:

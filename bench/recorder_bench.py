@@ -148,7 +148,7 @@ async def _load(url: str, calls: int, concurrency: int) -> dict:
             "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 2)}
 
 
-def bench_gateway(base: Path, calls: int, concurrency: int) -> tuple[dict, dict]:
+def bench_gateway(base: Path, calls: int, concurrency: int, rounds: int = 2) -> tuple[dict, dict]:
     """Real mitmdump + upstream, same chain with and without the recorder, same run.
     Half the upstream answers are SSE (2 events), half JSON."""
     import subprocess
@@ -169,7 +169,7 @@ def bench_gateway(base: Path, calls: int, concurrency: int) -> tuple[dict, dict]
         asyncio.run(_load(on.url, 200, 8))            # warm up both
         asyncio.run(_load(off.url, 200, 8))
         res_off, res_on = [], []
-        for _ in range(2):                            # interleave to share machine noise
+        for _ in range(rounds):                       # interleave to share machine noise
             res_off.append(asyncio.run(_load(off.url, calls // 2, concurrency)))
             res_on.append(asyncio.run(_load(on.url, calls // 2, concurrency)))
         pick = lambda rs: min(rs, key=lambda r: r["p50_ms"])  # noqa: E731
@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--gateway", action="store_true", help="also measure through real mitmdump processes")
     ap.add_argument("--gateway-calls", type=int, default=4000)
-    ap.add_argument("--gateway-concurrency", type=int, default=16)
+    ap.add_argument("--gateway-concurrency", default="1,16", help="comma-separated client concurrencies")
     ap.add_argument("--dir", default=None, help="store directory (default: a temp dir on the same disk as the repo)")
     a = ap.parse_args()
     base = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="recbench-", dir=Path(__file__).resolve().parent))
@@ -199,12 +199,13 @@ def main() -> None:
         print("hooks, recording off:  ", json.dumps(off))
         print("hooks, recording on:   ", json.dumps(on))
         print(f"hooks: added per call (p50): {on['p50_ms'] - off['p50_ms']:.3f} ms at concurrency {a.concurrency}")
-        if a.gateway:
-            off, on = bench_gateway(base / "gw", a.gateway_calls, a.gateway_concurrency)
-            print("gateway, recorder off: ", json.dumps(off))
-            print("gateway, recorder on:  ", json.dumps(on))
-            print(f"gateway: added per call p50 {on['p50_ms'] - off['p50_ms']:.2f} ms, "
-                  f"p99 {on['p99_ms'] - off['p99_ms']:.2f} ms at concurrency {a.gateway_concurrency}")
+        for c in (int(x) for x in a.gateway_concurrency.split(",")) if a.gateway else ():
+            calls = a.gateway_calls if c > 1 else max(200, a.gateway_calls // 8)
+            off, on = bench_gateway(base / f"gw{c}", calls, c)
+            print(f"gateway c={c}, recorder off: ", json.dumps(off))
+            print(f"gateway c={c}, recorder on:  ", json.dumps(on))
+            print(f"gateway c={c}: added per call p50 {on['p50_ms'] - off['p50_ms']:.2f} ms, "
+                  f"throughput {on['calls_per_s']} vs {off['calls_per_s']} calls/s")
     finally:
         if not a.dir:
             shutil.rmtree(base, ignore_errors=True)

@@ -93,7 +93,7 @@ GATEWAY_SCRIPT = textwrap.dedent('''
                 return
             rec.identity = Identity(flow.request.headers.get("x-test-sub", "anon"), ("tester",), "e2e-client")
             for m in rec.messages:
-                if m.tool_name == "forbidden":
+                if m.tool_name in ("forbidden", "drop_table"):
                     rec.decisions.append(Decision("deny", rule="no-forbidden", reason="tool is forbidden",
                                                   message_id=m.id))
                     refuse_jsonrpc(flow, [jsonrpc_error(m.id, -32001, "denied by rule no-forbidden")], False,
@@ -102,7 +102,9 @@ GATEWAY_SCRIPT = textwrap.dedent('''
                 rec.decisions.append(Decision("allow", rule="allow-all", message_id=m.id))
 
 
-    skip = {{"identity", "policy", "approval", "masking"}}
+    skip = {{"identity", "policy", "approval"}}
+    if not os.environ.get("E2E_MASKING"):
+        skip.add("masking")
     if os.environ.get("E2E_NO_RECORDER"):      # benchmarks: same chain without recording
         skip.add("recorder")
     chain = build_chain(frozenset(skip))
@@ -154,7 +156,7 @@ def upstream(tmp_path):
 
 
 class Gateway:
-    def __init__(self, tmp: Path, upstream_port: int):
+    def __init__(self, tmp: Path, upstream_port: int, masking: bool = False):
         self.tmp = tmp
         self.upstream_port = upstream_port
         self.store = tmp / "recordings"
@@ -163,6 +165,9 @@ class Gateway:
         (self.rules / "connections.yaml").write_text(
             f"connections:\n  demo:\n    upstream: http://127.0.0.1:{upstream_port}/mcp\n"
             f"    credential:\n      from: env:E2E_UPSTREAM_TOKEN\n")
+        if masking:
+            (self.rules / "masking.yaml").write_text((ROOT / "rules" / "masking.yaml").read_text())
+        self.masking = masking
         self.script = tmp / "gateway.py"
         self.script.write_text(GATEWAY_SCRIPT.format(root=str(ROOT)))
         self.proc: subprocess.Popen | None = None
@@ -176,7 +181,8 @@ class Gateway:
                "--set", f"bastion_recordings={self.store}", "--set", f"bastion_instance={instance}",
                "--set", "connection_strategy=lazy", *extra]
         self.log = open(self.tmp / f"mitmdump-{instance}.log", "ab")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "E2E_UPSTREAM_TOKEN": UPSTREAM_TOKEN, **(env or {})},
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "E2E_UPSTREAM_TOKEN": UPSTREAM_TOKEN,
+                                          **({"E2E_MASKING": "1"} if self.masking else {}), **(env or {})},
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.tmp)
         wait_port(self.port, self.proc)
         return self
@@ -332,7 +338,7 @@ async def test_refusal_redaction_and_session_recorded(gateway):
         assert r.status_code == 404
     rows = sql(gw.store, "SELECT kind, direction, via, method, tool, sub, rpc_id FROM events "
                          "WHERE session_id = 'e2e-session' AND kind IN ('request','response','notification','error') "
-                         "ORDER BY ts, seq")
+                         "ORDER BY time, seq")
     assert [(x["kind"], x["direction"], x["method"], x["rpc_id"]) for x in rows] == [
         ("request", "c2s", "initialize", "init-1"), ("response", "s2c", "initialize", "init-1"),
         ("request", "c2s", "tools/call", "2"), ("notification", "s2c", "notifications/progress", None),
@@ -348,3 +354,132 @@ async def test_refusal_redaction_and_session_recorded(gateway):
         if p.is_file():
             data = p.read_bytes()
             assert UPSTREAM_TOKEN.encode() not in data and CLIENT_TOKEN.encode() not in data, p
+
+    # replay and export of the recorded session; the export opens in mitmweb itself
+    p = subprocess.run([str(BIN / "mcp-bastion"), "replay", "e2e-sess", "--store", str(gw.store)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "identity   loadtester  roles=tester  client=e2e-client" in p.stdout
+    assert "DENY tools/call forbidden  rule=no-forbidden  reason: tool is forbidden" in p.stdout
+    assert "⇠ server notification notifications/progress" in p.stdout
+    out = gw.tmp / "session.mitm"
+    p = subprocess.run([str(BIN / "mcp-bastion"), "export", "e2e-session", "-o", str(out), "--store", str(gw.store)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert UPSTREAM_TOKEN.encode() not in out.read_bytes() and CLIENT_TOKEN.encode() not in out.read_bytes()
+    web_port = free_port()
+    mw = subprocess.Popen([str(BIN / "mitmweb"), "-r", str(out), "--mode", "regular@0", "--set", f"web_port={web_port}",
+                           "--set", "web_host=127.0.0.1", "--set", "web_open_browser=false", "--set", "web_password=e2e"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_port(web_port, mw)
+        flows = []
+        for _ in range(50):
+            flows = httpx.get(f"http://127.0.0.1:{web_port}/flows", headers={"authorization": "Bearer e2e"}).json()
+            if len(flows) >= 4:
+                break
+            time.sleep(0.1)
+        assert len(flows) == 4          # initialize, call, denied call, unknown connection
+        assert any(f.get("marked") for f in flows)          # the refused call is marked
+    finally:
+        stop(mw)
+
+
+SDK_UPSTREAM = textwrap.dedent('''
+    import sys, uvicorn
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer("e2e-sdk")
+
+    @server.tool()
+    def get_customer(id: int) -> dict:
+        """Customer record (contains personal data)."""
+        return {"id": id, "name": "Ann Example", "email": "ann.example@corp.test", "ssn": "123-45-6789"}
+
+    @server.tool()
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        return a + b
+
+    @server.tool()
+    def drop_table(name: str) -> str:
+        """Dangerous."""
+        return "dropped " + name
+
+    uvicorn.run(server.streamable_http_app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+''')
+
+
+@pytest.fixture
+def sdk_gateway(tmp_path):
+    port = free_port()
+    script = tmp_path / "sdk_upstream.py"
+    script.write_text(SDK_UPSTREAM)
+    up = subprocess.Popen([sys.executable, str(script), str(port)], start_new_session=True)
+    gw = None
+    try:
+        wait_port(port, up)
+        gw = Gateway(tmp_path, port, masking=True).start("gw-sdk")
+        yield gw
+    finally:
+        if gw is not None:
+            gw.stop()
+        stop(up)
+
+
+async def test_scripted_sdk_session_is_recorded_with_identity_decisions_and_masked_values(sdk_gateway):
+    """initialize, list, several calls incl. one denied and one masked, through the official SDK."""
+    import httpx2
+    from mcp.client.client import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    gw = sdk_gateway
+    http_client = httpx2.AsyncClient(headers={"authorization": f"Bearer {CLIENT_TOKEN}", "x-test-sub": "alice"},
+                                     timeout=30)
+    async with http_client:
+        async with Client(streamable_http_client(gw.url, http_client=http_client), mode="legacy") as client:
+            tools = await client.list_tools()
+            assert {t.name for t in tools.tools} >= {"get_customer", "add", "drop_table"}
+            r = await client.call_tool("add", {"a": 2, "b": 3})
+            assert not r.is_error
+            cust = await client.call_tool("get_customer", {"id": 42})
+            text = cust.content[0].text
+            assert "123-45-6789" not in text and "ann.example@corp.test" not in text   # masked for the caller
+            from mcp.shared.exceptions import MCPError
+            with pytest.raises(MCPError, match="denied by rule"):
+                await client.call_tool("drop_table", {"name": "users"})
+
+    sessions = sql(gw.store, "SELECT * FROM sessions")
+    assert len(sessions) == 1
+    s = sessions[0]
+    assert s["subs"] == "alice" and not s["synthetic"] and s["tool_calls"] == 3 and s["refusals"] == 1
+    assert s["masked"] >= 2
+    sid = s["session_id"]
+    msgs = sql(gw.store, f"SELECT direction, kind, method, tool, CAST(arguments AS VARCHAR) AS args, "
+                         f"CAST(result AS VARCHAR) AS result, sub FROM messages WHERE session_id = '{sid}' "
+                         "ORDER BY time, seq")
+    methods = [(m["direction"], m["kind"], m["method"]) for m in msgs]
+    assert methods[:3] == [("c2s", "request", "initialize"), ("s2c", "response", "initialize"),
+                           ("c2s", "notification", "notifications/initialized")]
+    assert ("c2s", "request", "tools/list") in methods and ("s2c", "response", "tools/list") in methods
+    calls = {m["tool"]: m for m in msgs if m["direction"] == "s2c" and m["method"] == "tools/call"}
+    assert set(calls) == {"add", "get_customer", "drop_table"}
+    got = calls["get_customer"]["result"]
+    assert "[MASKED:ssn]" in got and "123-45-6789" not in got and "ann.example@corp.test" not in got
+    assert {m["sub"] for m in msgs} == {"alice"}
+    decisions = sql(gw.store, "SELECT tool, action, rule FROM decisions WHERE method = 'tools/call' ORDER BY seq")
+    assert [(d["tool"], d["action"]) for d in decisions] == [("add", "allow"), ("get_customer", "allow"),
+                                                             ("drop_table", "deny")]
+    masks = sql(gw.store, "SELECT type, sum(count) AS n FROM masks WHERE tool = 'get_customer' GROUP BY ALL")
+    assert {m["type"] for m in masks} >= {"ssn"}
+    gw.stop()
+    for p in gw.store.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            for secret in (UPSTREAM_TOKEN, CLIENT_TOKEN, "123-45-6789", "ann.example@corp.test"):
+                assert secret.encode() not in data, (p, secret)
+    p = subprocess.run([str(BIN / "mcp-bastion"), "replay", sid, "--store", str(gw.store)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "identity   alice" in p.stdout and "DENY tools/call drop_table" in p.stdout
+    assert "[MASKED:ssn]" in p.stdout and "123-45-6789" not in p.stdout

@@ -192,7 +192,6 @@ async def test_stateless_calls_get_a_synthetic_session(rec_ctx):
 
 async def test_secrets_appear_in_no_file_of_the_store(rec_ctx, tmp_path):
     r, tctx, root = rec_ctx
-    router = type("R", (), {})()
     f, rec = mcp_flow(call(1), headers={"x-service-auth": SERVICE_SECRET, "proxy-authorization": f"Basic {SECRET}"})
     rec.notes["injected_header"] = "X-Service-Auth"
     await r.request(f)
@@ -454,3 +453,69 @@ def test_build_flows_from_events_roundtrip(tmp_path):
         (f,) = list(mio.FlowReader(fh).stream())
     assert json.loads(f.request.content) == {"jsonrpc": "2.0", "id": "abc", "method": "tools/list", "params": {}}
     assert f.response.content.startswith(b"event: message\ndata: ")
+
+
+# --- opt-in resend to a test connection ----------------------------------------------------
+
+def _rules(tmp_path, test: bool) -> Path:
+    d = tmp_path / "rules"
+    d.mkdir(exist_ok=True)
+    opts = "    options: {test: true}\n" if test else ""
+    (d / "connections.yaml").write_text(
+        "connections:\n  prod:\n    upstream: http://127.0.0.1:1/mcp\n"
+        f"  sandbox:\n    upstream: http://127.0.0.1:2/mcp\n{opts}")
+    return d
+
+
+def test_resend_refuses_anything_but_a_test_connection(tmp_path, capsys):
+    from addons.cli import main
+    rules = _rules(tmp_path, test=True)
+    assert recmod.test_connection_problem(str(rules), "sandbox") is None
+    assert "not marked as a test connection" in recmod.test_connection_problem(str(rules), "prod")
+    assert "no connection" in recmod.test_connection_problem(str(rules), "nope")
+    assert main(["--rules", str(rules), "resend", "x", "--connection", "prod", "--store", str(tmp_path)]) == 2
+    assert "refusing to resend" in capsys.readouterr().err
+    rules = _rules(tmp_path, test=False)
+    assert recmod.test_connection_problem(str(rules), "sandbox") is not None
+
+
+async def test_resend_replays_requests_with_a_fresh_session(rec_ctx, tmp_path):
+    import httpx
+    r, tctx, root = rec_ctx
+    await _scripted_session(r, root)
+    s = Store(root)
+    msgs = recmod.resend_messages(recmod.session_events(s, "sess-replay"))
+    s.close()
+    assert [m["method"] for m in msgs] == ["initialize", "tools/call", "tools/call"]
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append((body["method"], request.headers.get("mcp-session-id"), request.headers.get("authorization")))
+        hdrs = {"mcp-session-id": "fresh"} if body["method"] == "initialize" else {}
+        return httpx.Response(200, json={"jsonrpc": "2.0", "id": body["id"], "result": {"protocolVersion": "2025-11-25"}},
+                              headers=hdrs)
+    import io as _io
+    out = _io.StringIO()
+    assert recmod.resend(msgs, "http://gw/mcp/sandbox", "tok", transport=httpx.MockTransport(handler), out=out) == 0
+    assert seen == [("initialize", None, "Bearer tok"), ("tools/call", "fresh", "Bearer tok"),
+                    ("tools/call", "fresh", "Bearer tok")]
+    assert "tools/call lookup_customer -> HTTP 200 ok" in out.getvalue()
+
+
+async def test_initialize_answered_on_sse_carries_method_and_server_session(rec_ctx):
+    r, tctx, root = rec_ctx
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    f, rec = mcp_flow(init, session=None)
+    await r.request(f)
+    f.response = tresp(status_code=200, content=b"", headers=((b"content-type", b"text/event-stream"),
+                                                             (b"mcp-session-id", b"srv-sse")))
+    f.response.stream = True
+    r.responseheaders(f)
+    f.response.stream(sse({"jsonrpc": "2.0", "id": 0, "result": {"protocolVersion": "2025-11-25"}}))
+    f.response.stream(b"")
+    await r.response(f)
+    rows = q(root, "SELECT direction, method, session_id FROM messages ORDER BY time, seq")
+    assert rows == [{"direction": "c2s", "method": "initialize", "session_id": "srv-sse"},
+                    {"direction": "s2c", "method": "initialize", "session_id": "srv-sse"}]

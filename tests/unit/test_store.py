@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -276,3 +275,16 @@ def test_retention_by_size_and_age(tmp_path):
 def test_invalid_instance_name_rejected(tmp_path):
     with pytest.raises(ValueError):
         StoreWriter(tmp_path, "../escape")
+
+
+def test_query_survives_a_journal_rolled_after_the_views_were_built(tmp_path):
+    d = tmp_path / "gw1"
+    d.mkdir()
+    j = d / "journal-00000001.jsonl"
+    j.write_bytes(b"".join(encode_event(ev(i)) for i in range(4)))
+    s = Store(tmp_path)                       # views name the journal
+    journal_to_segment(j, d / "seg-00000001.parquet")
+    assert not j.exists()
+    assert s.query("SELECT count(*) FROM events").fetchone()[0] == 4
+    assert s.problems == []
+    s.close()

@@ -1,0 +1,128 @@
+"""Benchmark entry script: `mitmdump -s bench/chain.py` = the real chain of addons/bastion.py.
+
+It is `addons.bastion.build_chain` with `BASTION_SKIP` honoured, plus two things only a
+benchmark needs:
+- stand-ins for stages whose module does not exist yet in this checkout (identity: verify
+  the bench JWT with pyjwt; policy: allow the bench tools and filter tools/list), so the
+  harness runs whatever has landed. The report says which stages were stand-ins
+  (BENCH_STANDINS is printed to the log at load).
+- BENCH_PROFILE=<file>: cProfile the whole mitmdump process, written at shutdown.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from addons.bastion import build_chain  # noqa: E402
+from addons.failclosed import FailClosed  # noqa: E402
+from addons.httputil import refuse_http, refuse_jsonrpc  # noqa: E402
+from addons.mcp import jsonrpc_error  # noqa: E402
+from addons.record import Decision, Identity, get_record  # noqa: E402
+
+log = logging.getLogger("bench.chain")
+ALLOWED_TOOLS = ("get_customer", "query_sql", "stream_report", "tool_00*")
+
+
+class StandInIdentity:
+    """Verifies the bench JWT (ES256, local key) the way an identity addon would."""
+
+    name = "identity"
+
+    def __init__(self) -> None:
+        import jwt
+        self._jwt = jwt
+        with open(os.environ["BENCH_JWT_PUBLIC"], "rb") as f:
+            self._key = f.read()
+
+    def request(self, flow) -> None:
+        rec = get_record(flow.metadata)
+        if flow.response is not None or rec.connection is None:
+            return
+        auth = flow.request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        try:
+            if scheme.lower() != "bearer":
+                raise ValueError("no bearer")
+            claims = self._jwt.decode(token, self._key, algorithms=["ES256"], audience="mcp-bastion",
+                                      options={"require": ["exp", "sub"]})
+        except Exception:
+            refuse_http(flow, 401, "invalid_token", "bearer token missing or invalid",
+                        {"www-authenticate": 'Bearer error="invalid_token"'})
+            return
+        rec.identity = Identity(claims["sub"], tuple(claims.get("roles", ())), claims.get("azp"))
+
+
+def _filter_list(message: dict) -> dict:
+    result = message.get("result")
+    if isinstance(result, dict) and isinstance(result.get("tools"), list):
+        result["tools"] = [t for t in result["tools"]
+                           if isinstance(t, dict) and any(fnmatch.fnmatchcase(str(t.get("name")), p) for p in ALLOWED_TOOLS)]
+    return message
+
+
+class StandInPolicy:
+    """Allow the bench tools, deny the rest, filter tools/list (until addons/policy.py exists)."""
+
+    name = "policy"
+
+    def request(self, flow) -> None:
+        rec = get_record(flow.metadata)
+        if flow.response is not None or rec.connection is None or flow.request.method != "POST":
+            return
+        for m in rec.messages:
+            if m.method == "tools/call" and not any(fnmatch.fnmatchcase(m.tool_name or "", p) for p in ALLOWED_TOOLS):
+                rec.decisions.append(Decision("deny", rule="bench-standin", reason="tool not allowed", message_id=m.id))
+                refuse_jsonrpc(flow, [jsonrpc_error(m.id, -32001, "denied by rule bench-standin")], False,
+                               reason="tool not allowed", rule="bench-standin")
+                return
+            rec.decisions.append(Decision("allow", rule="bench-standin", message_id=m.id))
+            if m.method == "tools/list":
+                rec.response_transforms.append(_filter_list)
+
+
+class Profiler:
+    """cProfile around the whole process (hooks and mitmproxy's own work alike)."""
+
+    name = "bench_profiler"
+
+    def __init__(self, path: str) -> None:
+        import cProfile
+        self.path = path
+        self.prof = cProfile.Profile()
+        self.prof.enable()
+
+    def done(self) -> None:
+        self.prof.disable()
+        self.prof.dump_stats(self.path)
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def bench_chain() -> list:
+    skip = frozenset(s.strip().lower() for s in os.environ.get("BASTION_SKIP", "").split(",") if s.strip())
+    chain = build_chain(skip)
+    names = [a.name for a in chain]
+    standins = []
+    if not _module_exists("addons.identity") and "identity" not in skip:
+        chain.insert(names.index("connections") + 1, FailClosed(StandInIdentity()))
+        standins.append("identity")
+    names = [a.name for a in chain]
+    if not _module_exists("addons.policy"):
+        chain.insert(names.index("mcp") + 1, FailClosed(StandInPolicy()))
+        standins.append("policy")
+    log.warning("BENCH_STANDINS=%s BENCH_CHAIN=%s", ",".join(standins) or "-", ",".join(a.name for a in chain))
+    if os.environ.get("BENCH_PROFILE"):
+        chain.insert(0, Profiler(os.environ["BENCH_PROFILE"]))
+    return chain
+
+
+addons = bench_chain()
