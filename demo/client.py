@@ -1,0 +1,76 @@
+"""A tiny MCP client (official SDK) for trying the gateway by hand and for tests.
+
+    python -m demo.client URL --token TOKEN list
+    python -m demo.client URL --token TOKEN call TOOL '{"arg": 1}'
+    python -m demo.client URL --legacy ...     # 2024-11-05 HTTP+SSE transport (URL ends in the SSE endpoint)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import httpx2
+from mcp import Client
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+
+
+@asynccontextmanager
+async def connect(url: str, token: str | None = None, *, legacy: bool = False, mode: str = "auto",
+                  headers: dict[str, str] | None = None, timeout: float = 30.0, **client_kw: Any) -> AsyncIterator[Client]:
+    """An initialised SDK Client talking to `url` with `Authorization: Bearer token`."""
+    hdrs = dict(headers or {})
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    if legacy:
+        transport = sse_client(url, headers=hdrs, timeout=timeout)
+        client_mode = "legacy"
+        async with Client(transport, mode=client_mode, **client_kw) as c:
+            yield c
+        return
+    async with httpx2.AsyncClient(headers=hdrs, timeout=httpx2.Timeout(timeout, read=timeout * 2)) as http:
+        async with Client(streamable_http_client(url, http_client=http), mode=mode, **client_kw) as c:
+            yield c
+
+
+def result_json(result: Any) -> Any:
+    return result.model_dump(mode="json", exclude_none=True, by_alias=True)
+
+
+async def _run(args) -> int:
+    async with connect(args.url, args.token, legacy=args.legacy, mode=args.mode) as c:
+        if args.action == "list":
+            res = await c.list_tools()
+            for t in res.tools:
+                print(f"{t.name:20} {t.description or ''}")
+            return 0
+        res = await c.call_tool(args.tool, json.loads(args.arguments or "{}"))
+        print(json.dumps(result_json(res), indent=2, ensure_ascii=False))
+        return 1 if getattr(res, "is_error", False) or getattr(res, "isError", False) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="demo.client")
+    ap.add_argument("url")
+    ap.add_argument("--token")
+    ap.add_argument("--legacy", action="store_true")
+    ap.add_argument("--mode", default="auto", help="auto | legacy | 2026-07-28")
+    sub = ap.add_subparsers(dest="action", required=True)
+    sub.add_parser("list")
+    c = sub.add_parser("call")
+    c.add_argument("tool")
+    c.add_argument("arguments", nargs="?")
+    args = ap.parse_args(argv)
+    try:
+        return asyncio.run(_run(args))
+    except Exception as e:  # noqa: BLE001 - a CLI: say what failed
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

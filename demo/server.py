@@ -1,0 +1,226 @@
+"""Demo MCP server on the official `mcp` SDK, with deliberately risky tools.
+
+It stands for the kind of internal server mcp-bastion protects: it runs SQL, shell
+commands and container launches for whoever holds its service token — and only the
+gateway holds that token.
+
+    python -m demo.server --port 8931 --transport json|sse|stateless|legacy \
+        --token-file .secrets/demo-service-token --data-dir DIR [--received-log FILE]
+
+Transports: `json` / `sse` = Streamable HTTP at /mcp answering application/json or
+text/event-stream; `stateless` = Streamable HTTP without sessions; `legacy` = the
+2024-11-05 HTTP+SSE transport (GET /sse, POST /messages/). The SDK (2.x) serves both
+protocol eras on Streamable HTTP: the handshake era (initialize, 2024-11-05 … 2025-11-25)
+and the stateless 2026-07-28 revision (server/discover + per-request _meta).
+
+Every HTTP request it receives is appended to --received-log (Authorization replaced by
+a sha256 fingerprint) *before* the token check, so tests can prove what reached it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import uvicorn
+from mcp.server.mcpserver import Context, MCPServer
+
+from demo.data import ensure_db
+
+
+def fingerprint(value: str) -> str:
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+class ReceivedLog:
+    """Append-only JSON lines of every request, flushed at once."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.lock = threading.Lock()
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, entry: dict) -> None:
+        if not self.path:
+            return
+        line = json.dumps(entry, ensure_ascii=False) + "\n"
+        with self.lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+
+
+class TokenGate:
+    """ASGI middleware: log the request, then refuse it without the service token."""
+
+    def __init__(self, app, token: str, log: ReceivedLog):
+        self.app, self.expected, self.log = app, f"Bearer {token}", log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body = b""
+        more = True
+        messages = []
+        while more:
+            m = await receive()
+            messages.append(m)
+            body += m.get("body", b"")
+            more = m.get("more_body", False) and m["type"] == "http.request"
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        logged = [(k, fingerprint(v) if k.lower() == "authorization" else v) for k, v in headers]
+        self.log.write({"time": time.time(), "method": scope["method"], "path": scope["path"],
+                        "query": scope.get("query_string", b"").decode("latin-1"),
+                        "headers": logged, "body": body.decode("utf-8", "replace")})
+        auth = [v for k, v in headers if k.lower() == "authorization"]
+        if auth != [self.expected]:
+            payload = json.dumps({"error": "unauthorized", "error_description": "service token required"}).encode()
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+
+        replay = iter(messages)
+
+        async def replay_receive():
+            try:
+                return next(replay)
+            except StopIteration:
+                return await receive()
+        await self.app(scope, replay_receive, send)
+
+
+def build_server(data_dir: Path, many_tools: int = 0) -> MCPServer:
+    db_path = ensure_db(data_dir)
+    scratch = data_dir / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "hello.txt").write_text("hello from the demo server\n")
+    launches = data_dir / "launches.jsonl"
+    db_lock = threading.Lock()
+    mcp = MCPServer("bastion-demo", instructions="Demo server behind mcp-bastion")
+
+    @mcp.tool(description="Run SQL on the demo database (customers, api_keys). Returns rows.")
+    def query_sql(sql: str) -> dict[str, Any]:
+        with db_lock:
+            con = duckdb.connect(str(db_path))
+            try:
+                cur = con.execute(sql)
+                if cur.description is None:
+                    return {"columns": [], "rows": [], "rowcount": 0}
+                cols = [d[0] for d in cur.description]
+                rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+            finally:
+                con.close()
+        return {"columns": cols, "rows": json.loads(json.dumps(rows, default=str)), "rowcount": len(rows)}
+
+    @mcp.tool(description="One customer record, including billing details.")
+    def get_customer(id: int) -> dict[str, Any]:
+        with db_lock:
+            con = duckdb.connect(str(db_path), read_only=False)
+            try:
+                row = con.execute("SELECT id, name, email, ssn, card_number, notes FROM customers WHERE id = ?",
+                                  [id]).fetchone()
+            finally:
+                con.close()
+        if row is None:
+            raise ValueError(f"no customer {id}")
+        cid, name, email, ssn, card, notes = row
+        return {"id": cid, "name": name, "email": email, "ssn": ssn, "card_number": card, "notes": notes,
+                "billing": {"plan": "pro", "api_token": f"tok_live_{hashlib.sha1(str(cid).encode()).hexdigest()}"}}
+
+    @mcp.tool(description="Run a shell command in a scratch directory (5 s timeout).")
+    def run_command(command: str) -> dict[str, Any]:
+        try:
+            p = subprocess.run(["/bin/sh", "-c", command], cwd=scratch, capture_output=True, text=True, timeout=5)
+            return {"exit_code": p.returncode, "output": (p.stdout + p.stderr)[-20000:]}
+        except subprocess.TimeoutExpired:
+            return {"exit_code": -1, "output": "timed out after 5 s"}
+
+    @mcp.tool(description="Launch a container (simulated: recorded, not run).")
+    def launch_container(image: str, privileged: bool = False) -> dict[str, Any]:
+        cid = uuid.uuid4().hex[:12]
+        with open(launches, "a") as f:
+            f.write(json.dumps({"id": cid, "image": image, "privileged": privileged, "time": time.time()}) + "\n")
+        return {"id": cid, "image": image, "privileged": privileged, "status": "started"}
+
+    @mcp.tool(description="Read a file under the scratch directory.")
+    def read_file(path: str) -> str:
+        p = (scratch / path).resolve()
+        if not p.is_relative_to(scratch.resolve()):
+            raise ValueError("path escapes the scratch directory")
+        return p.read_text(encoding="utf-8", errors="replace")
+
+    @mcp.tool(description="Build a report slowly, reporting progress; the result mentions a customer.")
+    async def stream_report(ctx: Context, steps: int = 5, delay: float = 0.3) -> str:
+        steps = max(1, min(int(steps), 50))
+        for i in range(steps):
+            await ctx.report_progress(i + 1, steps, f"step {i + 1}/{steps} at {time.time():.3f}")
+            await ctx.info(f"working on step {i + 1}: contact alice.nguyen@example.com")
+            await asyncio.sleep(max(0.0, min(float(delay), 5.0)))
+        return (f"report done at {time.time():.3f}: top customer alice.nguyen@example.com, "
+                f"ssn 107-11-1037, card 4111111111111111")
+
+    for i in range(many_tools):
+        def make(n: int):
+            def tool(x: int = 0) -> str:
+                return f"tool {n}: {x}"
+            return tool
+        mcp.tool(name=f"tool_{i:03d}", description=f"Trivial tool {i}")(make(i))
+    return mcp
+
+
+def build_app(args) -> Any:
+    mcp = build_server(Path(args.data_dir), args.many_tools)
+    if args.transport == "legacy":
+        app = mcp.sse_app(host="127.0.0.1")
+    else:
+        app = mcp.streamable_http_app(json_response=args.transport == "json",
+                                      stateless_http=args.transport == "stateless", host="127.0.0.1")
+    token = os.environ.get(args.token_env, "") if args.token_env else ""
+    if not token:
+        token = Path(args.token_file).read_text().strip()
+    return TokenGate(app, token, ReceivedLog(Path(args.received_log) if args.received_log else None))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="demo.server")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8931)
+    ap.add_argument("--transport", choices=["json", "sse", "stateless", "legacy"], default="json")
+    ap.add_argument("--token-file", default=".secrets/demo-service-token")
+    ap.add_argument("--token-env", default=None, help="read the service token from this env var instead")
+    ap.add_argument("--data-dir", default="recordings/demo-data")
+    ap.add_argument("--received-log", default=None)
+    ap.add_argument("--many-tools", type=int, default=0)
+    ap.add_argument("--init-token", metavar="FILE", help="create a service token file and exit")
+    args = ap.parse_args(argv)
+    if args.init_token:
+        from demo.tokens import ensure_token
+        print(ensure_token(args.init_token))
+        return 0
+    app = build_app(args)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    path = "/sse" if args.transport == "legacy" else "/mcp"
+    print(f"READY http://{args.host}:{port}{path}", flush=True)
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
