@@ -1,0 +1,147 @@
+"""Blocklist matching over normalised strings (pure).
+
+Attackers hide commands from naive matching with quoting (`n''c`), escapes (`\\n\\c`,
+`$'\\x6e\\x63'`), `$IFS`, encodings (percent, base64, \\u escapes) and case. Every string is
+expanded into a bounded set of *views* (raw, decoded, de-obfuscated, folded) and a pattern
+matches if it matches any view. This is a heuristic layer on top of allow-lists: it catches
+the well-known shapes of dangerous commands, it is not a shell parser and never a reason to
+allow something.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import json
+import re
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+MAX_VIEWS = 64
+MAX_DEPTH = 3
+MAX_LEN = 256 * 1024
+
+_B64_BLOB = re.compile(r"(?<![A-Za-z0-9+/=_-])([A-Za-z0-9+/_-]{16,}={0,2})(?![A-Za-z0-9+/=_-])")
+_ANSI_C = re.compile(r"\$'((?:[^'\\]|\\.)*)'")
+_IFS = re.compile(r"\$\{IFS(?:[^}]*)\}|\$IFS\b|\$\{?9\}?|\$@|\$\*")
+_EMPTY_SUBST = re.compile(r"\$\(\s*\)|`\s*`|\$\{[A-Za-z_][A-Za-z0-9_]*:0:0\}")
+_VAR_ASSIGN = re.compile(r"(?:^|[;&|\s])([A-Za-z_][A-Za-z0-9_]*)=(\"[^\"]*\"|'[^']*'|[^\s;&|]+)")
+_WS = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    name: str
+    regex: re.Pattern
+    category: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Hit:
+    pattern: str
+    category: str
+    path: str            # where in the arguments (JSON-ish path), never the value
+
+
+def _unescape_ansi_c(m: re.Match) -> str:
+    try:
+        return codecs.decode(m.group(1).encode("latin-1", "backslashreplace"), "unicode_escape")
+    except (UnicodeDecodeError, ValueError):
+        return m.group(1)
+
+
+def _expand_vars(s: str) -> str:
+    """a=/dev/tcp; b=nc; $b -e … -> substitute simple assignments (bounded)."""
+    assigns = dict((k, v.strip("'\"")) for k, v in _VAR_ASSIGN.findall(s)[:32])
+    if not assigns:
+        return s
+    def sub(m: re.Match) -> str:
+        return assigns.get(m.group(1) or m.group(2), m.group(0))
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, s)
+
+
+def deobfuscate(s: str) -> str:
+    """What a shell would most likely execute, for matching purposes."""
+    s = _ANSI_C.sub(_unescape_ansi_c, s)
+    s = _EMPTY_SUBST.sub("", s)
+    s = _expand_vars(s)
+    s = _IFS.sub(" ", s)
+    s = s.replace("\\\n", "")
+    s = re.sub(r"\\(.)", r"\1", s)           # backslash escapes: \n\c -> nc
+    s = s.replace("'", "").replace('"', "")   # quotes split words: n''c -> nc
+    s = _WS.sub(" ", s)
+    return s.strip()
+
+
+def _decodings(s: str) -> Iterator[str]:
+    if "%" in s:
+        d = urllib.parse.unquote(s)
+        if d != s:
+            yield d
+    if "\\u" in s or "\\x" in s:
+        try:
+            yield json.loads('"' + s.replace('"', '\\"') + '"') if "\\u" in s else s
+        except ValueError:
+            pass
+        try:
+            yield codecs.decode(s.encode("latin-1", "backslashreplace"), "unicode_escape")
+        except (UnicodeDecodeError, ValueError):
+            pass
+    for m in _B64_BLOB.finditer(s):
+        blob = m.group(1)
+        for dec in (base64.b64decode, base64.urlsafe_b64decode):
+            try:
+                raw = dec(blob + "=" * (-len(blob) % 4))
+                text = raw.decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                continue
+            if text.isprintable() or "\n" in text:
+                yield text
+                break
+
+
+def views(s: str) -> list[str]:
+    """Bounded set of normalised views of one string."""
+    s = s[:MAX_LEN]
+    seen: list[str] = []
+    frontier = [s]
+    for _ in range(MAX_DEPTH):
+        nxt: list[str] = []
+        for v in frontier:
+            for cand in (v, deobfuscate(v), *_decodings(v)):
+                for c in (cand, cand.lower()):
+                    if c not in seen and len(seen) < MAX_VIEWS:
+                        seen.append(c)
+                        nxt.append(c)
+        frontier = nxt
+        if not frontier:
+            break
+    return seen
+
+
+def iter_strings(obj: Any, path: str = "$") -> Iterator[tuple[str, str]]:
+    """Every string (keys too) in a JSON value, with its path."""
+    stack = [(obj, path)]
+    while stack:
+        node, p = stack.pop()
+        if isinstance(node, str):
+            yield p, node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                yield f"{p}.{k}(key)", str(k)
+                stack.append((v, f"{p}.{k}"))
+        elif isinstance(node, list):
+            stack.extend((v, f"{p}[{i}]") for i, v in enumerate(node))
+
+
+def scan(arguments: Any, patterns: Iterable[Pattern]) -> Hit | None:
+    """First blocklist hit in any string of `arguments`, or None."""
+    pats = list(patterns)
+    for path, s in iter_strings(arguments):
+        for v in views(s):
+            for p in pats:
+                if p.regex.search(v):
+                    return Hit(p.name, p.category, path)
+    return None
