@@ -549,12 +549,16 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
     items = value.items() if isinstance(value, dict) else enumerate(value)
     length = len(value)
     track_keys = ctx.fallback is not None
+    key_cache = p._key_cache
+    scans = p._scans
+    if depth + 1 > MAX_DEPTH and length:
+        raise MaskError(f"response nested deeper than {MAX_DEPTH}")
     for k, v in items:
         child_forced = forced
         child_states: tuple = ()
         child_keys = keys + (k,) if track_keys else ()
         if forced < 0:
-            best = p.rule_for_key(k) if isinstance(k, str) else -1
+            best = (key_cache[k] if k in key_cache else p.rule_for_key(k)) if isinstance(k, str) else -1
             if states:
                 child_states, pm = _advance(p, states, k, length)
                 if pm >= 0 and (best < 0 or pm < best):
@@ -564,6 +568,18 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
                 if fb >= 0 and (best < 0 or fb < best):
                     best = fb
             child_forced = best
+            if best < 0 and not isinstance(v, (dict, list)):
+                # fast path for the common case: an unmatched scalar
+                ctx.nodes += 1
+                if ctx.nodes > MAX_NODES:
+                    raise MaskError(f"response has more than {MAX_NODES} JSON values")
+                if scans and isinstance(v, str) and len(v) >= MIN_DETECT_LEN:
+                    new = _scan_text(ctx, v, (path, k))
+                    if new is not v:
+                        if changed is None:
+                            changed = {}
+                        changed[k] = new
+                continue
         new, ch = _walk(ctx, v, (path, k), child_states, child_keys, depth + 1, child_forced,
                         tagkey if forced >= 0 else k)
         if ch:

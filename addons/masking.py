@@ -129,9 +129,7 @@ class Masking:
                 self.key = load_or_create_key(ctx.options.bastion_mask_key_file)
             except (OSError, ValueError) as e:
                 raise exceptions.OptionsError(f"bastion_mask_key_file: {e}") from None
-            if self.config is not None:
-                self._load(ctx.options.bastion_rules)  # hashes follow the new key
-        if "bastion_rules" in updated or ("bastion_mask_key_file" in updated and self.config is None):
+        if "bastion_rules" in updated or "bastion_mask_key_file" in updated:  # hashes follow the key
             rules = ctx.options.bastion_rules
             try:
                 self._load(rules)

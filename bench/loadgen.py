@@ -32,13 +32,14 @@ class Workload:
     arguments: dict | None = None
     sse: bool = False
     description: str = ""
+    meta: tuple = ()          # extra params._meta entries, e.g. (("progressToken", 1),)
 
     def body_parts(self) -> tuple[bytes, bytes]:
         """JSON-RPC body split around the id, so each request gets its own id cheaply."""
         params: dict = {}
         if self.tool is not None:
             params = {"name": self.tool, "arguments": self.arguments or {}}
-        params["_meta"] = META
+        params["_meta"] = {**META, **dict(self.meta)}
         tail = json.dumps({"method": self.method, "params": params}, separators=(",", ":"))
         return b'{"jsonrpc":"2.0","id":', b"," + tail[1:].encode()
 
@@ -54,10 +55,20 @@ WORKLOADS = {
                       description="tools/call get_customer: small structured JSON result"),
     "masked": Workload("masked", "tools/call", "query_sql", {"sql": "SELECT * FROM customers"},
                        description="tools/call query_sql: ~256 KiB of customer rows, masked by the gateway"),
-    "sse": Workload("sse", "tools/call", "stream_report", {"events": 100}, sse=True,
+    "sse": Workload("sse", "tools/call", "stream_report", {"events": 100}, sse=True, meta=(("progressToken", 1),),
                     description="tools/call stream_report: SSE, 100 progress events then the result"),
     "list": Workload("list", "tools/list",
                      description="tools/list: 206 tools upstream, filtered by policy"),
+}
+
+
+# The same workloads against demo.server (--upstream demo): its query_sql needs a query that
+# returns ~256 KiB, and its stream_report sends one progress event per step (50 at most).
+DEMO_WORKLOADS = {
+    "masked": dict(arguments={"sql": "SELECT c.* FROM customers c CROSS JOIN range(30) r"}),
+    "sse": dict(arguments={"steps": 50, "delay": 0.001},
+                description="tools/call stream_report: SSE, 50 progress events (the demo's cap) then the result"),
+    "list": dict(description="tools/list: the demo's tools + 200 trivial ones, filtered by policy"),
 }
 
 
@@ -80,6 +91,7 @@ class CellResult:
     statuses: dict = field(default_factory=dict)
     sample_error: str | None = None
     body_bytes: int = 0
+    in_window: int = 0      # completed inside the measured window (what req/s counts)
 
 
 def build_head(ep: Endpoint, wl: Workload) -> bytes:
@@ -176,7 +188,7 @@ class _Conn(asyncio.Protocol):
                     return self._done()
                 return
             elif self.state == 2:
-                if self.remaining < 0:      # expecting a chunk-size line
+                if self.remaining == -1:    # expecting a chunk-size line
                     nl = buf.find(b"\r\n")
                     if nl < 0:
                         return
@@ -226,8 +238,16 @@ async def _open(ep: Endpoint) -> _Conn:
 
 async def run_cell(ep: Endpoint, wl: Workload, concurrency: int, duration: float,
                    warmup: float = 0.2, max_requests: int | None = None, client: str = "raw",
-                   check: Callable[[int, bytes | None], str | None] | None = None) -> CellResult:
-    """Run one closed-loop cell; latencies recorded only after `warmup` seconds."""
+                   min_samples: int | None = None, max_extend: float = 4.0) -> CellResult:
+    """Run one closed-loop cell.
+
+    A call counts (throughput and latency) when it completes inside the measured window,
+    which opens after `warmup` and closes after `duration` - or later, up to
+    `max_extend` x duration, until `min_samples` calls (default: one per worker) have
+    completed, so a cell whose calls take longer than the window still gets figures.
+    Calls still in flight when the window closes are drained but not counted.
+    With `max_requests`, the cell instead ends after that many calls (no warm-up rule).
+    """
     if client == "httpx":
         return await _run_cell_httpx(ep, wl, concurrency, duration, warmup, max_requests)
     head = build_head(ep, wl)
@@ -235,16 +255,28 @@ async def run_cell(ep: Endpoint, wl: Workload, concurrency: int, duration: float
     res = CellResult()
     counter = [0]
     t_start = time.perf_counter()
-    t_measure = t_start + warmup
+    t_measure = t_start + warmup if max_requests is None else t_start
     t_end = t_measure + duration
+    t_hard = t_measure + duration * max_extend
+    need = concurrency if min_samples is None else min_samples
+    closed: list[float] = []      # [time the window closed]
+
+    def stop(now: float) -> bool:
+        if closed:
+            return True
+        if max_requests is not None:
+            if res.n >= max_requests:
+                closed.append(now)
+            return bool(closed)
+        if now >= t_end and (res.n >= need or now >= t_hard):
+            closed.append(now)
+            return True
+        return False
 
     async def worker(k: int) -> None:
         conn = await _open(ep)
         try:
-            while True:
-                now = time.perf_counter()
-                if now >= t_end or (max_requests is not None and res.n >= max_requests):
-                    return
+            while not stop(time.perf_counter()):
                 counter[0] += 1
                 body = pre + str(counter[0]).encode() + post
                 t0 = time.perf_counter()
@@ -253,7 +285,7 @@ async def run_cell(ep: Endpoint, wl: Workload, concurrency: int, duration: float
                         conn = await _open(ep)
                     await conn.request(head + str(len(body)).encode() + b"\r\n\r\n" + body)
                 except (ConnectionError, OSError) as e:
-                    if t0 >= t_measure:
+                    if t0 >= t_measure and not closed:
                         res.errors += 1
                         res.sample_error = res.sample_error or f"{type(e).__name__}: {e}"
                     conn.transport.close() if conn.transport else None
@@ -263,7 +295,7 @@ async def run_cell(ep: Endpoint, wl: Workload, concurrency: int, duration: float
                 if not conn.keep_alive:
                     conn.transport.close()
                     conn = await _open(ep)
-                if t0 < t_measure:
+                if t1 < t_measure or (closed and t1 > closed[0]):
                     continue
                 res.statuses[conn.status] = res.statuses.get(conn.status, 0) + 1
                 if conn.status != 200:
@@ -282,7 +314,8 @@ async def run_cell(ep: Endpoint, wl: Workload, concurrency: int, duration: float
     cpu0 = time.process_time()
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     res.cpu = time.process_time() - cpu0
-    res.wall = max(time.perf_counter(), t_end) - t_measure if max_requests is None else time.perf_counter() - t_measure
+    res.wall = (closed[0] if closed else time.perf_counter()) - t_measure
+    res.in_window = res.n
     return res
 
 
@@ -319,6 +352,8 @@ async def _run_cell_httpx(ep: Endpoint, wl: Workload, concurrency: int, duration
                     res.errors += 1
                     continue
                 res.n += 1
+                if t1 <= t_end:
+                    res.in_window += 1
                 res.body_bytes += n
                 res.lat.append(t1 - t0)
                 if wl.sse:
@@ -327,7 +362,9 @@ async def _run_cell_httpx(ep: Endpoint, wl: Workload, concurrency: int, duration
         cpu0 = time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         res.cpu = time.process_time() - cpu0
-    res.wall = time.perf_counter() - t_measure
+    res.wall = duration
+    if max_requests is not None:
+        res.wall, res.in_window = time.perf_counter() - t_measure, res.n
     return res
 
 

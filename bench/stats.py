@@ -16,6 +16,7 @@ def pct(sorted_vals: list[float], p: float) -> float | None:
 class Agg:
     """Everything measured for one (target, workload, concurrency), all rounds merged."""
     n: int = 0
+    in_window: int = 0
     errors: int = 0
     wall: float = 0.0
     cpu: float = 0.0
@@ -26,12 +27,13 @@ class Agg:
 
     def add(self, r) -> None:
         self.n += r.n
+        self.in_window += r.in_window
         self.errors += r.errors
         self.wall += r.wall
         self.cpu += r.cpu
         self.lat.extend(r.lat)
         self.first.extend(r.first)
-        self.round_rps.append(r.n / r.wall if r.wall else 0.0)
+        self.round_rps.append(r.in_window / r.wall if r.wall else 0.0)
         self.sample_error = self.sample_error or r.sample_error
 
     def summary(self) -> dict:
@@ -40,7 +42,7 @@ class Agg:
         ms = lambda v: None if v is None else v * 1000  # noqa: E731
         return {
             "n": self.n, "errors": self.errors,
-            "rps": self.n / self.wall if self.wall else 0.0,
+            "rps": self.in_window / self.wall if self.wall else 0.0,
             "rps_min": min(self.round_rps) if self.round_rps else 0.0,
             "rps_max": max(self.round_rps) if self.round_rps else 0.0,
             "p50": ms(pct(lat, 50)), "p95": ms(pct(lat, 95)), "p99": ms(pct(lat, 99)),

@@ -5,7 +5,6 @@ Every process gets its own session (process group) and a log file in the work di
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import os
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.loadgen import Endpoint
+from bench.stages import stage_available
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -172,25 +172,24 @@ class Stack:
         self.key_dir.mkdir(exist_ok=True, mode=0o700)
         self.bastion_sets = ["--set", f"bastion_rules={rules}",
                              "--set", f"bastion_recordings={self.work / 'recordings'}",
-                             "--set", f"bastion_mask_key_file={self.work / 'mask-key'}",
-                             "--set", "bastion_instance=bench"]
+                             "--set", f"bastion_mask_key_file={self.work / 'mask-key'}"]
         self.bastion_env: dict[str, str] = {}
-        if _has("addons.identity"):
+        if stage_available("addons.identity", "Identity") and stage_available("addons.identity", "mint_token"):
             self.bastion_sets += ["--set", f"bastion_key_dir={self.key_dir}"]
             self.jwt = _mint_with_identity(self.key_dir, self.work)
         else:
             self.jwt, pub = _mint_standin(self.key_dir)
             self.bastion_env["BENCH_JWT_PUBLIC"] = str(pub)
-        if _has("addons.policy"):
+        if stage_available("addons.policy", "Policy"):
             write_bench_policy(rules)
 
-    def add_bastion(self, name: str, label: str, skip: list[str], profile: Path | None = None,
+    def add_bastion(self, name: str, label: str, skip: list[str], env_extra: dict | None = None,
                     extra: list[str] | None = None) -> Target:
         port = free_port()
-        env = {**self.bastion_env, "BASTION_SKIP": ",".join(skip)}
-        if profile:
-            env["BENCH_PROFILE"] = str(profile)
-        cmd = self._mitmdump(port, ["-s", str(ROOT / "bench" / "chain.py"), *self.bastion_sets, *(extra or [])])
+        env = {**self.bastion_env, "BASTION_SKIP": ",".join(skip), **(env_extra or {})}
+        # each gateway instance needs its own bastion_instance (the recorder locks its journal)
+        cmd = self._mitmdump(port, ["-s", str(ROOT / "bench" / "chain.py"), *self.bastion_sets,
+                                    "--set", f"bastion_instance=bench-{name}", *(extra or [])])
         p, log = self._spawn(name, cmd, env)
         t = Target(name, label, Endpoint("127.0.0.1", port, "/mcp/bench", [("Authorization", f"Bearer {self.jwt}")]),
                    p, log)
@@ -228,6 +227,11 @@ class Stack:
             if not wait_port(t.endpoint.port, t.proc):
                 failed.append(f"{name}: did not start ({t.log}):\n{_tail(t.log)}")
                 del self.targets[name]
+        time.sleep(1.0)   # mitmdump opens its port before a script's startup error makes it exit
+        for name, t in list(self.targets.items()):
+            if t.proc is not None and t.proc.poll() is not None:
+                failed.append(f"{name}: exited at startup ({t.log}):\n{_tail(t.log)}")
+                del self.targets[name]
         return failed
 
     def chain_info(self) -> dict:
@@ -245,10 +249,6 @@ def _tail(path: Path | None, n: int = 30) -> str:
     if not path or not path.exists():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-
-
-def _has(mod: str) -> bool:
-    return importlib.util.find_spec(mod) is not None
 
 
 def _mint_standin(key_dir: Path) -> tuple[str, Path]:

@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import stat
-from pathlib import Path
 
 import pytest
 from mitmproxy import exceptions
@@ -437,3 +436,15 @@ def test_unexpected_content_type_is_replaced_when_masking_required(masking):
     f, _ = respond(masking, json.dumps(CUSTOMER).encode(), {"content-type": "text/plain"})
     assert_no_secret(f.response.content)
     assert json.loads(f.response.content)["error"]["code"] == mcp.INTERNAL_ERROR
+
+
+def test_new_key_file_changes_hashes(masking, tmp_path):
+    m, tctx = masking
+    f, rec = call_flow(roles=("dev",))
+    m.request(f)
+    h1 = rec.response_transforms[-1](result_msg())["result"]["structuredContent"]["email"]
+    tctx.configure(m, bastion_mask_key_file=str(tmp_path / "other-key"))
+    f, rec = call_flow(roles=("dev",))
+    m.request(f)
+    h2 = rec.response_transforms[-1](result_msg())["result"]["structuredContent"]["email"]
+    assert h1.startswith("[HASH:") and h2.startswith("[HASH:") and h1 != h2

@@ -1,0 +1,259 @@
+"""The `policy` addon: one decision per JSON-RPC message, from rules/policy.yaml.
+
+Denials are answered here (JSON-RPC error, HTTP 200, the request's id, the rule's name);
+`approve` decisions are left to the approval addon. List results are filtered to what the
+caller may use, and server->client requests on the response stream are governed too.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+from addons.httputil import refuse_jsonrpc
+from addons.mcp import LIST_METHODS, SERVER_REQUEST_METHODS, Message, jsonrpc_error
+from addons.policy_rules import Policy as RulesPolicy, evaluate, explain, filter_list_result, load_policy, policy_files
+from addons.record import Decision, Identity, get_record
+from addons.rules import ChangeWatcher, RulesError
+
+log = logging.getLogger("bastion.policy")
+
+# JSON-RPC error codes of policy refusals. The JSON-RPC "server error" range
+# (-32000..-32099) is implementation-defined; MCP uses -32000..-32002 and -32020..-32042,
+# so the gateway takes -32030.. to stay clear of both.
+DENIED = -32030
+APPROVAL_UNAVAILABLE = -32031
+RATE_LIMITED = -32032
+MAX_BUCKETS = 10_000
+
+
+class RateLimiter:
+    """Token buckets per (rule, sub, tool); bounded, least-recently-used evicted."""
+
+    def __init__(self, max_buckets: int = MAX_BUCKETS):
+        self.buckets: OrderedDict[tuple, tuple[float, float]] = OrderedDict()
+        self.max = max_buckets
+
+    def take(self, key: tuple, calls: int, per: float, now: float | None = None) -> float:
+        """0 when allowed, else seconds until the next call would be."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self.buckets.get(key, (float(calls), now))
+        tokens = min(float(calls), tokens + (now - last) * calls / per)
+        if tokens >= 1:
+            self.buckets[key] = (tokens - 1, now)
+            wait = 0.0
+        else:
+            self.buckets[key] = (tokens, now)
+            wait = (1 - tokens) * per / calls
+        self.buckets.move_to_end(key)
+        while len(self.buckets) > self.max:
+            self.buckets.popitem(last=False)
+        return wait
+
+
+def refusal_error(d: Decision) -> dict:
+    if d.action == "approve":
+        return jsonrpc_error(d.message_id, APPROVAL_UNAVAILABLE,
+                             f"call requires approval (rule {d.rule}) but no approval addon is loaded")
+    rule = d.rule or "default-deny"
+    return jsonrpc_error(d.message_id, DENIED, f"denied by mcp-bastion policy rule {rule}: {d.reason or 'not allowed'}",
+                         {"rule": rule})
+
+
+class Policy:
+    name = "policy"
+
+    def __init__(self) -> None:
+        self.policy: RulesPolicy | None = None
+        self.limiter = RateLimiter()
+        self._watcher: ChangeWatcher | None = None
+        self._task: asyncio.Task | None = None
+
+    def configure(self, updated):
+        if "bastion_rules" in updated:
+            rules = Path(ctx.options.bastion_rules)
+            try:
+                self.policy = load_policy(rules)
+            except RulesError as e:
+                raise exceptions.OptionsError(f"policy: {e}") from None
+            self._watcher = ChangeWatcher(lambda: policy_files(rules))
+            log.info("policy loaded: %d rule(s), %d blocklist pattern(s)", len(self.policy.rules),
+                     len(self.policy.blocklist))
+
+    def running(self):
+        self._task = asyncio.get_running_loop().create_task(self._reload_loop())
+
+    def done(self):
+        if self._task:
+            self._task.cancel()
+
+    async def _reload_loop(self):
+        while True:
+            await asyncio.sleep(0.5)
+            if self._watcher is not None and self._watcher.changed():
+                self.reload()
+
+    def reload(self) -> bool:
+        try:
+            new = load_policy(ctx.options.bastion_rules)
+        except RulesError as e:
+            log.error("policy reload rejected, keeping the last good rules: %s", e)
+            return False
+        self.policy = new
+        log.info("policy reloaded: %d rule(s)", len(new.rules))
+        return True
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        rec = get_record(flow.metadata)
+        if flow.response is not None or rec.connection is None or self.policy is None:
+            return
+        policy, conn, ident = self.policy, rec.connection, rec.identity
+        # server->client requests travelling back on this flow's response stream
+        rec.response_transforms.append(lambda m: govern_server_request(policy, ident, conn, m))
+        if flow.request.method != "POST":
+            return
+        decisions = [self._decide(policy, ident, conn, m) for m in rec.messages]
+        rec.decisions = decisions
+        for d in decisions:
+            log.info("%s %s %s -> %s (%s)", ident.sub if ident else "-", conn,
+                     _what(rec.messages, d), d.action, d.rule or "default-deny")
+        refused = [d for d in decisions if d.action == "deny"
+                   or (d.action == "approve" and ctx.master.addons.get("approval") is None)]
+        if refused:
+            errors = []
+            for d, m in zip(decisions, rec.messages):
+                if m.kind != "request":
+                    continue
+                if d.action in ("deny", "approve") and d in refused:
+                    errors.append(refusal_error(d))
+                else:
+                    errors.append(jsonrpc_error(m.id, DENIED, "batch refused: another call in it was denied"))
+            first = refused[0]
+            if not errors:  # only notifications were denied: nothing to answer
+                flow.response = http.Response.make(202, b"")
+                rec.refuse(f"denied notification by {first.rule or 'default-deny'}", first.rule)
+                return
+            refuse_jsonrpc(flow, errors, rec.batch, 200,
+                           reason=f"denied by {first.rule or 'default-deny'}: {first.reason}", rule=first.rule)
+            return
+        for m in rec.messages:
+            if m.method in LIST_METHODS:
+                method = m.method
+                rec.response_transforms.append(
+                    lambda msg, method=method: _filter(policy, ident, conn, method, msg))
+
+    def _decide(self, policy: RulesPolicy, ident: Identity | None, conn: str, m: Message) -> Decision:
+        d = evaluate(policy, ident, conn, m)
+        if d.action == "deny" or d.rule is None:
+            return d
+        rule = next((r for r in policy.rules if r.name == d.rule), None)
+        if rule is not None and rule.rate_limit is not None:
+            calls, per = rule.rate_limit
+            wait = self.limiter.take((rule.name, ident.sub if ident else "", m.target or m.method), calls, per)
+            if wait > 0:
+                return Decision("deny", rule.name, f"rate limit of {calls} calls per {per:g}s exceeded; "
+                                f"retry after {wait:.1f}s", message_id=m.id)
+        return d
+
+
+def _what(messages: list[Message], d: Decision) -> str:
+    m = next((m for m in messages if m.id == d.message_id), None)
+    if m is None:
+        return "?"
+    return f"{m.method}:{m.target}" if m.target else str(m.method)
+
+
+def _filter(policy, ident, conn, method: str, msg: dict) -> dict:
+    if "result" in msg and "id" in msg:
+        msg = {**msg, "result": filter_list_result(policy, ident, conn, method, msg["result"])}
+    return msg
+
+
+def govern_server_request(policy, ident, conn, msg: dict) -> dict:
+    """A server->client request (sampling, elicitation, roots) on the stream: forward it only
+    when a `direction: server_to_client` rule allows it; otherwise the client sees a log
+    notification saying it was blocked (a JSON-RPC request cannot be answered by the gateway
+    towards the upstream from inside a response stream)."""
+    method = msg.get("method")
+    if not isinstance(method, str) or "id" not in msg or method not in SERVER_REQUEST_METHODS or method == "ping":
+        return msg
+    m = Message(kind="request", raw=msg, id=msg.get("id"), method=method)
+    d = evaluate(policy, ident, conn, m, direction="server_to_client")
+    if d.action == "allow":
+        return msg
+    log.warning("blocked server->client %s on %s (%s)", method, conn, d.rule or "default-deny")
+    return {"jsonrpc": "2.0", "method": "notifications/message",
+            "params": {"level": "warning", "logger": "mcp-bastion",
+                       "data": f"mcp-bastion blocked a server request ({method}) by policy {d.rule or 'default-deny'}"}}
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("check", help="validate rules/ (exit 1 with file:line on errors)")
+    p.add_argument("dir", nargs="?", help="rules directory (default: --rules)")
+    p.set_defaults(func=_cli_check)
+    e = sub.add_parser("explain", help="show which rule decides a call")
+    e.add_argument("--sub", required=True)
+    e.add_argument("--roles", default="")
+    e.add_argument("--client-id")
+    e.add_argument("--connection", required=True)
+    e.add_argument("--method", default="tools/call")
+    e.add_argument("--tool", help="tool name (or resource URI / prompt name for other methods)")
+    e.add_argument("--args", default="{}", help="JSON object of arguments")
+    e.set_defaults(func=_cli_explain)
+
+
+def _cli_check(args) -> int:
+    d = args.dir or args.rules
+    errors: list[str] = []
+    from addons import connections
+    errors += connections.validate_dir(d)
+    try:
+        pol = load_policy(d)
+    except RulesError as e:
+        errors.append(str(e))
+        pol = None
+    try:
+        from addons import maskcore
+        validate = getattr(maskcore, "validate_dir", None)
+        if validate is not None:
+            errors += list(validate(d))
+    except ModuleNotFoundError:
+        pass
+    for e in errors:
+        print(e)
+    if errors:
+        return 1
+    print(f"{d}: OK ({len(pol.rules)} policy rules, {len(pol.blocklist)} blocklist patterns)")
+    return 0
+
+
+def _cli_explain(args) -> int:
+    try:
+        pol = load_policy(args.rules)
+        arguments = json.loads(args.args)
+    except RulesError as e:
+        print(e)
+        return 1
+    except json.JSONDecodeError as e:
+        print(f"--args is not JSON: {e}")
+        return 2
+    ident = Identity(sub=args.sub, roles=tuple(r for r in args.roles.split(",") if r), client_id=args.client_id)
+    params: dict[str, Any] = {}
+    if args.method == "tools/call":
+        params = {"name": args.tool, "arguments": arguments}
+    elif args.method == "resources/read":
+        params = {"uri": args.tool}
+    elif args.method == "prompts/get":
+        params = {"name": args.tool, "arguments": arguments}
+    msg = Message(kind="request", raw={"jsonrpc": "2.0", "id": 1, "method": args.method, "params": params},
+                  id=1, method=args.method)
+    print(f"{args.sub} [{args.roles}] -> {args.connection} {args.method} {args.tool or ''} {args.args}")
+    for line in explain(pol, ident, args.connection, msg):
+        print(line)
+    return 0

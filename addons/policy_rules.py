@@ -1,0 +1,443 @@
+"""Policy language: parsing, validation (file:line) and evaluation. Pure.
+
+A policy is `baseline` (protocol plumbing any authenticated identity may use) plus an
+ordered list of `rules`. Evaluation of one JSON-RPC message:
+  1. blocklist hit in any string argument of tools/call  -> deny  (rule = pattern name)
+  2. any matching rule with `deny`                        -> deny
+  3. any matching rule with `approve`                     -> approve
+  4. any matching rule with `allow`, or the baseline      -> allow
+  5. nothing matched                                      -> deny (default deny)
+i.e. deny overrides approve overrides allow; among rules of the same action the first in
+file order names the decision.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
+from jsonpath_ng.ext import parse as jsonpath_parse
+
+from addons import sqlclass
+from addons.mcp import LIST_METHODS, Message
+from addons.record import Decision, Identity
+from addons.rules import Located, RulesError, load_yaml, rules_files
+from addons.shellguard import Pattern, scan
+
+DEFAULT_METHOD = "tools/call"
+DEFAULT_APPROVAL_TIMEOUT = 120.0
+DEFAULT_BASELINE = (
+    "initialize", "ping", "server/discover", "notifications/*", "tools/list", "resources/list",
+    "resources/templates/list", "prompts/list", "completion/complete", "logging/setLevel",
+    "subscriptions/listen",
+)
+# requests whose parameters carry caller-chosen strings that reach a server's logic
+SCANNED_METHODS = frozenset({"tools/call", "prompts/get", "resources/read", "completion/complete"})
+SQL_CLASSES = {"read", "write", "ddl", "dcl", "unknown", "multiple", "unparsable"}
+_RULE_KEYS = {"name", "when", "allow", "deny", "approve", "mask_profile", "rate_limit", "description", "direction"}
+_WHEN_KEYS = {"sub", "roles", "client_id", "connection", "method", "tool", "resource", "prompt", "args", "sql", "shell"}
+_ARG_OPS = {"equals", "regex", "one_of", "min", "max", "present", "absent"}
+
+
+@dataclass(frozen=True)
+class ArgPredicate:
+    path: str
+    expr: Any
+    op: str
+    value: Any
+
+    def test(self, arguments: dict) -> bool:
+        matches = [m.value for m in self.expr.find(arguments)]
+        if self.op == "present":
+            return bool(matches) == bool(self.value)
+        if self.op == "absent":
+            return (not matches) == bool(self.value)
+        if not matches:
+            return False
+        # every addressed value must satisfy the predicate (a list cannot smuggle one bad item)
+        return all(self._one(v) for v in matches)
+
+    def _one(self, v: Any) -> bool:
+        if self.op == "equals":
+            return v == self.value and type(v) is type(self.value)
+        if self.op == "one_of":
+            return any(v == x and type(v) is type(x) for x in self.value)
+        if self.op == "regex":
+            return isinstance(v, str) and self.value.fullmatch(v) is not None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        return v >= self.value if self.op == "min" else v <= self.value
+
+
+@dataclass(frozen=True)
+class SqlPredicate:
+    arg: str
+    classes: frozenset[str] | None       # every class of the SQL must be in here
+    any_classes: frozenset[str]          # at least one class of the SQL is in here
+    not_classes: frozenset[str]          # no class of the SQL is in here
+    tables: frozenset[str] | None
+    dialect: str
+
+    def test(self, arguments: dict) -> bool:
+        sql = arguments.get(self.arg)
+        if not isinstance(sql, str):
+            return False
+        info = sqlclass.classify(sql, self.dialect)
+        if self.classes is not None and not info.classes <= self.classes:
+            return False
+        if self.any_classes and not info.classes & self.any_classes:
+            return False
+        if info.classes & self.not_classes:
+            return False
+        if self.tables is not None and not (info.tables & self.tables):
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    action: str                       # allow / deny / approve
+    file: str
+    line: int | None
+    direction: str = "client_to_server"
+    reason: str = ""
+    subs: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    client_ids: tuple[str, ...] = ()
+    connections: tuple[str, ...] = ()
+    methods: tuple[str, ...] = (DEFAULT_METHOD,)
+    targets: tuple[str, ...] = ()     # tool / resource / prompt globs
+    args: tuple[ArgPredicate, ...] = ()
+    sql: SqlPredicate | None = None
+    approvers: tuple[str, ...] = ()
+    timeout: float = DEFAULT_APPROVAL_TIMEOUT
+    mask_profile: str | None = None
+    rate_limit: tuple[int, float] | None = None
+
+    def matches_subject(self, identity: Identity | None, connection: str) -> bool:
+        if self.connections and not _any_glob(connection, self.connections):
+            return False
+        if identity is None:
+            return not (self.subs or self.roles or self.client_ids)
+        if self.subs and not _any_glob(identity.sub, self.subs):
+            return False
+        if self.roles and not set(identity.roles) & set(self.roles):
+            return False
+        if self.client_ids and (identity.client_id is None or not _any_glob(identity.client_id, self.client_ids)):
+            return False
+        return True
+
+    def matches_target(self, method: str | None, target: str | None) -> bool:
+        if not _any_glob(method or "", self.methods):
+            return False
+        if self.targets:
+            return target is not None and _any_glob(target, self.targets)
+        return True
+
+    def matches(self, identity: Identity | None, connection: str, msg: Message) -> bool:
+        if not self.matches_subject(identity, connection) or not self.matches_target(msg.method, msg.target):
+            return False
+        arguments = msg.arguments
+        if not all(p.test(arguments) for p in self.args):
+            return False
+        return self.sql is None or self.sql.test(arguments)
+
+
+@dataclass
+class Policy:
+    rules: list[Rule] = field(default_factory=list)
+    baseline: tuple[str, ...] = DEFAULT_BASELINE
+    blocklist: tuple[Pattern, ...] = ()
+    sql_dialect: str = "duckdb"
+    files: tuple[str, ...] = ()
+
+
+def _any_glob(value: str, globs: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(value, g) for g in globs)
+
+
+def _strs(loc: Located, node: Any, key: str) -> tuple[str, ...]:
+    v = node.get(key)
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return (v,)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    raise loc.error(node, f"'{key}' must be a string or a list of strings", key)
+
+
+def _parse_args(loc: Located, when: Any) -> tuple[ArgPredicate, ...]:
+    items = when.get("args") or []
+    if not isinstance(items, list):
+        raise loc.error(when, "'args' must be a list of predicates", "args")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            raise loc.error(items, "each args predicate needs 'path: $.jsonpath'", i)
+        ops = set(map(str, item)) - {"path"}
+        if len(ops) != 1 or not ops <= _ARG_OPS:
+            raise loc.error(item, f"args predicate needs exactly one of {', '.join(sorted(_ARG_OPS))}")
+        op = ops.pop()
+        try:
+            expr = jsonpath_parse(item["path"])
+        except (JsonPathLexerError, JsonPathParserError, Exception) as e:  # noqa: BLE001 - library raises plain Exception too
+            raise loc.error(item, f"invalid JSONPath {item['path']!r}: {e}", "path") from None
+        value: Any = item[op]
+        if op == "regex":
+            try:
+                value = re.compile(str(value))
+            except re.error as e:
+                raise loc.error(item, f"invalid regex: {e}", op) from None
+        elif op == "one_of" and not isinstance(value, list):
+            raise loc.error(item, "'one_of' takes a list", op)
+        elif op in ("min", "max") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise loc.error(item, f"'{op}' takes a number", op)
+        elif op in ("present", "absent") and not isinstance(value, bool):
+            raise loc.error(item, f"'{op}' takes true or false", op)
+        from addons.rules import to_plain
+        out.append(ArgPredicate(item["path"], expr, op, to_plain(value) if op in ("equals", "one_of") else value))
+    return tuple(out)
+
+
+def _parse_sql(loc: Located, when: Any, dialect: str) -> SqlPredicate | None:
+    s = when.get("sql")
+    if s is None:
+        return None
+    if not isinstance(s, dict):
+        raise loc.error(when, "'sql' must be a mapping (arg, class, not_class, tables)", "sql")
+    unknown = set(map(str, s)) - {"arg", "class", "any_class", "not_class", "tables", "dialect"}
+    if unknown:
+        raise loc.error(s, f"unknown sql key(s): {', '.join(sorted(unknown))}")
+    classes = _strs(loc, s, "class")
+    not_classes = _strs(loc, s, "not_class")
+    any_classes = _strs(loc, s, "any_class")
+    bad = (set(classes) | set(not_classes) | set(any_classes)) - SQL_CLASSES
+    if bad:
+        raise loc.error(s, f"unknown SQL class(es) {', '.join(sorted(bad))}; use {', '.join(sorted(SQL_CLASSES))}")
+    tables = _strs(loc, s, "tables")
+    return SqlPredicate(str(s.get("arg", "sql")), frozenset(classes) if classes else None,
+                        frozenset(any_classes), frozenset(not_classes),
+                        frozenset(t.lower() for t in tables) if tables else None, str(s.get("dialect", dialect)))
+
+
+def parse_rule(loc: Located, node: Any, index: int, dialect: str) -> Rule:
+    if not isinstance(node, dict):
+        raise loc.error(node, "a rule must be a mapping")
+    unknown = set(map(str, node)) - _RULE_KEYS
+    if unknown:
+        raise loc.error(node, f"unknown rule key(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    name = node.get("name")
+    if not isinstance(name, str) or not name:
+        raise loc.error(node, "every rule needs a 'name'")
+    actions = [a for a in ("allow", "deny", "approve") if a in node]
+    if len(actions) != 1:
+        raise loc.error(node, f"rule {name}: needs exactly one of allow / deny / approve")
+    action = actions[0]
+    reason, approvers, timeout = "", (), DEFAULT_APPROVAL_TIMEOUT
+    if action == "allow" and node["allow"] is not True:
+        raise loc.error(node, f"rule {name}: 'allow' must be true", "allow")
+    if action == "deny":
+        reason = node["deny"] if isinstance(node["deny"], str) else ""
+        if node["deny"] is not True and not reason:
+            raise loc.error(node, f"rule {name}: 'deny' takes true or a reason", "deny")
+    if action == "approve":
+        a = node["approve"]
+        if a is True:
+            a = {}
+        if not isinstance(a, dict):
+            raise loc.error(node, f"rule {name}: 'approve' takes true or {{approvers, timeout}}", "approve")
+        approvers = _strs(loc, a, "approvers")
+        t = a.get("timeout", DEFAULT_APPROVAL_TIMEOUT)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise loc.error(a, f"rule {name}: approval timeout must be a positive number of seconds", "timeout")
+        timeout = float(t)
+    when = node.get("when") or {}
+    if not isinstance(when, dict):
+        raise loc.error(node, f"rule {name}: 'when' must be a mapping", "when")
+    unknown = set(map(str, when)) - _WHEN_KEYS
+    if unknown:
+        raise loc.error(when, f"rule {name}: unknown 'when' key(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    methods = _strs(loc, when, "method") or (DEFAULT_METHOD,)
+    targets = _strs(loc, when, "tool") + _strs(loc, when, "resource") + _strs(loc, when, "prompt")
+    rl = node.get("rate_limit")
+    rate = None
+    if rl is not None:
+        if not isinstance(rl, dict) or not isinstance(rl.get("calls"), int) or rl["calls"] <= 0:
+            raise loc.error(node, f"rule {name}: rate_limit needs calls: N (positive) and per: SECONDS", "rate_limit")
+        per = rl.get("per", 60)
+        if isinstance(per, bool) or not isinstance(per, (int, float)) or per <= 0:
+            raise loc.error(rl, f"rule {name}: rate_limit.per must be positive seconds", "per")
+        rate = (int(rl["calls"]), float(per))
+    direction = str(node.get("direction", "client_to_server"))
+    if direction not in ("client_to_server", "server_to_client"):
+        raise loc.error(node, f"rule {name}: direction must be client_to_server or server_to_client", "direction")
+    if direction == "server_to_client" and "method" not in when:
+        methods = ("sampling/createMessage", "elicitation/create", "roots/list")
+    shell = when.get("shell")
+    if shell is not None and not isinstance(shell, dict):
+        raise loc.error(when, f"rule {name}: 'shell' must be a mapping", "shell")
+    return Rule(
+        name=name, action=action, file=loc.file, line=_line(node), direction=direction, reason=reason,
+        subs=_strs(loc, when, "sub"), roles=_strs(loc, when, "roles"), client_ids=_strs(loc, when, "client_id"),
+        connections=_strs(loc, when, "connection"), methods=methods, targets=targets,
+        args=_parse_args(loc, when), sql=_parse_sql(loc, when, dialect), approvers=approvers, timeout=timeout,
+        mask_profile=str(node["mask_profile"]) if node.get("mask_profile") else None, rate_limit=rate,
+    )
+
+
+def _line(node: Any) -> int | None:
+    from addons.rules import line_of
+    return line_of(node)
+
+
+def parse_blocklist(path: Path) -> tuple[Pattern, ...]:
+    if not path.exists():
+        return ()
+    data = load_yaml(path)
+    loc = Located(str(path))
+    if data is None:
+        return ()
+    if not isinstance(data, dict) or not isinstance(data.get("patterns"), list):
+        raise loc.error(data, "blocklist needs a 'patterns' list")
+    out = []
+    for i, p in enumerate(data["patterns"]):
+        if not isinstance(p, dict) or not all(isinstance(p.get(k), str) for k in ("name", "regex")):
+            raise loc.error(data["patterns"], "each pattern needs name and regex strings", i)
+        try:
+            rx = re.compile(p["regex"], re.IGNORECASE)
+        except re.error as e:
+            raise loc.error(p, f"pattern {p['name']}: invalid regex: {e}", "regex") from None
+        out.append(Pattern(p["name"], rx, str(p.get("category", "blocklist")), str(p.get("description", ""))))
+    return tuple(out)
+
+
+def load_policy(rules_dir: str | Path) -> Policy:
+    """Load policy.yaml (+ policy.d/*.yaml) and blocklist.yaml; raise RulesError on any problem."""
+    rules: list[Rule] = []
+    baseline: list[str] | None = None
+    dialect = "duckdb"
+    files = []
+    names: dict[str, str] = {}
+    for f in rules_files(rules_dir, "policy"):
+        if not f.exists():
+            continue
+        files.append(str(f))
+        data = load_yaml(f)
+        loc = Located(str(f))
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise loc.error(data, "top level must be a mapping with 'rules' (and optional 'baseline')")
+        unknown = set(map(str, data)) - {"rules", "baseline", "sql_dialect"}
+        if unknown:
+            raise loc.error(data, f"unknown top-level key(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+        if "sql_dialect" in data:
+            dialect = str(data["sql_dialect"])
+        if "baseline" in data:
+            b = data["baseline"]
+            if isinstance(b, dict):
+                b = b.get("methods", [])
+            if not isinstance(b, list) or not all(isinstance(x, str) for x in b):
+                raise loc.error(data, "'baseline' must be a list of method globs", "baseline")
+            baseline = (baseline or []) + list(b)
+        items = data.get("rules") or []
+        if not isinstance(items, list):
+            raise loc.error(data, "'rules' must be a list", "rules")
+        for i, node in enumerate(items):
+            r = parse_rule(loc, node, i, dialect)
+            if r.name in names:
+                raise loc.error(node, f"rule name {r.name!r} already used in {names[r.name]}")
+            names[r.name] = f"{f}:{r.line}"
+            rules.append(r)
+    blocklist = parse_blocklist(Path(rules_dir) / "blocklist.yaml")
+    return Policy(rules, tuple(baseline) if baseline is not None else DEFAULT_BASELINE, blocklist, dialect,
+                  tuple(files))
+
+
+def policy_files(rules_dir: str | Path) -> list[Path]:
+    return rules_files(rules_dir, "policy") + [Path(rules_dir) / "blocklist.yaml"]
+
+
+# --- evaluation -------------------------------------------------------------------
+
+def _decision(rule: Rule, msg: Message) -> Decision:
+    return Decision(rule.action, rule.name, rule.reason, rule.mask_profile, rule.approvers,
+                    rule.timeout if rule.action == "approve" else None, msg.id)
+
+
+def matching_rules(policy: Policy, identity: Identity | None, connection: str, msg: Message,
+                   direction: str = "client_to_server") -> list[Rule]:
+    return [r for r in policy.rules if r.direction == direction and r.matches(identity, connection, msg)]
+
+
+def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Message,
+             direction: str = "client_to_server") -> Decision:
+    """The decision for one message. See the module docstring for precedence."""
+    if msg.kind in ("response", "error"):
+        # a client answering a server request (sampling, elicitation): the request itself
+        # was governed when it travelled server->client
+        return Decision("allow", "baseline", "", message_id=msg.id)
+    if direction == "client_to_server" and msg.method in SCANNED_METHODS and policy.blocklist:
+        hit = scan({k: v for k, v in msg.params.items() if k != "_meta"}, policy.blocklist)
+        if hit is not None:
+            return Decision("deny", f"blocklist:{hit.pattern}", f"blocked {hit.category} pattern in {hit.path}",
+                            message_id=msg.id)
+    matched = matching_rules(policy, identity, connection, msg, direction)
+    for action in ("deny", "approve", "allow"):
+        for r in matched:
+            if r.action == action:
+                return _decision(r, msg)
+    if direction == "client_to_server" and identity is not None and _any_glob(msg.method or "", policy.baseline):
+        return Decision("allow", "baseline", "", message_id=msg.id)
+    return Decision("deny", None, "no rule allows this call (default deny)", message_id=msg.id)
+
+
+def visible(policy: Policy, identity: Identity | None, connection: str, method: str, name: str) -> bool:
+    """May the caller use this tool/resource/prompt at all (allowed or approvable for some
+    arguments)? Rules with argument or SQL predicates count as 'some arguments'; a deny
+    rule hides the item only when it has no argument predicates."""
+    call_method = {"tools/list": "tools/call", "resources/list": "resources/read",
+                   "resources/templates/list": "resources/read", "prompts/list": "prompts/get"}[method]
+    probe = Message(kind="request", raw={"jsonrpc": "2.0", "id": 0, "method": call_method,
+                                         "params": {"name": name, "uri": name}}, id=0, method=call_method)
+    any_ok = False
+    for r in policy.rules:
+        if r.direction != "client_to_server" or not r.matches_subject(identity, connection):
+            continue
+        if not r.matches_target(call_method, probe.target):
+            continue
+        if r.action == "deny" and not r.args and r.sql is None:
+            return False
+        if r.action in ("allow", "approve"):
+            any_ok = True
+    return any_ok
+
+
+def filter_list_result(policy: Policy, identity: Identity | None, connection: str, method: str,
+                       result: Any) -> Any:
+    """Drop list items the caller may not use. Returns a new result dict."""
+    key = LIST_METHODS.get(method)
+    if key is None or not isinstance(result, dict) or not isinstance(result.get(key), list):
+        return result
+    name_key = "uri" if key == "resources" else ("uriTemplate" if key == "resourceTemplates" else "name")
+    kept = [item for item in result[key]
+            if isinstance(item, dict) and isinstance(item.get(name_key), str)
+            and visible(policy, identity, connection, method, item[name_key])]
+    return {**result, key: kept}
+
+
+def explain(policy: Policy, identity: Identity | None, connection: str, msg: Message) -> list[str]:
+    """Human-readable trace: every rule that matched and the final decision."""
+    lines = []
+    for r in matching_rules(policy, identity, connection, msg):
+        lines.append(f"  matched {r.action:7} {r.name}  ({r.file}:{r.line})")
+    d = evaluate(policy, identity, connection, msg)
+    lines.append(f"decision: {d.action.upper()}  rule: {d.rule or '(default deny)'}"
+                 + (f"  reason: {d.reason}" if d.reason else "")
+                 + (f"  approvers: {', '.join(d.approvers)}  timeout: {d.timeout:g}s" if d.action == "approve" else ""))
+    return lines
