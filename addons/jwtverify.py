@@ -185,6 +185,13 @@ class JwksKeySource:
                 return _vkey(k)
         return None
 
+    def warm(self) -> None:
+        """Fetch the set now (start-up), so the first caller does not wait."""
+        try:
+            self.client.get_jwk_set()
+        except (jwt.PyJWKClientError, jwt.PyJWKSetError, jwt.PyJWKError) as e:
+            raise KeyUnavailable(f"{self.describe()}: {e}") from None
+
     def fetch(self, kid: str | None) -> VerifyKey:
         if kid is None:
             raise TokenError("token header has no kid (required with a JWKS)")
@@ -258,6 +265,9 @@ class OidcKeySource:
 
     def fetch(self, kid: str | None) -> VerifyKey:
         return self._discover().fetch(kid)
+
+    def warm(self) -> None:
+        self._discover().warm()
 
 
 # ---------------------------------------------------------------- verification
@@ -416,12 +426,7 @@ def load_revocations(path: str | os.PathLike) -> Revocations:
     not YAML-shaped is read as plain lines of the same strings. `#` starts a comment.
     RulesError (file:line) on anything else."""
     p = Path(path)
-    try:
-        data = load_yaml(p)
-    except RulesError as e:
-        if e.message == "file not found":
-            raise
-        data = None if not p.read_text(encoding="utf-8", errors="replace").strip() else _plain_lines(p)
+    data = load_yaml(p)   # a syntax error is an error: never guess at a half-edited list
     if isinstance(data, str):
         data = _plain_lines(p)
     if isinstance(data, dict) and set(map(str, data)) <= {"revoked"}:
@@ -461,12 +466,18 @@ def _line(seq: Any, i: int) -> int | None:
         return None
 
 
+_PLAIN = re.compile(r"^((jti|sub):\s*)?[A-Za-z0-9._~+/=@:-]+$")
+
+
 def _plain_lines(p: Path) -> list[str]:
     out = []
-    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.split("#", 1)[0].strip().lstrip("- ").strip()
-        if line:
-            out.append(line)
+    for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not _PLAIN.match(line):
+            raise RulesError(p, n, "expected 'jti:<id>', 'sub:<subject>' or a bare token id")
+        out.append(line)
     return out
 
 

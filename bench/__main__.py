@@ -269,6 +269,8 @@ def run_memory(a) -> int:
                 done += r.n
                 if r.errors:
                     print(f"\nbench: {r.errors} errors ({r.sample_error})", file=sys.stderr)
+                if r.errors > r.n:
+                    raise RuntimeError(f"the gateway is failing calls: {r.sample_error}")
                 samples.append({"calls": done, "rss_mib": targets.rss_kib(t.pid) / 1024,
                                 "t": round(time.monotonic() - t0, 1), "rps": r.n / r.wall if r.wall else 0})
                 print(f"{PROGRESS_CR}  {done}/{a.calls} calls  RSS {samples[-1]['rss_mib']:.1f} MiB  "

@@ -22,7 +22,9 @@ import re
 import sys
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The harness runs a copy of this file from its work directory (mitmproxy reloads a script
+# whose file changes; editing the checkout must not swap the chain mid-run): BENCH_ROOT.
+_ROOT = os.environ.get("BENCH_ROOT") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 

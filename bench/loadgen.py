@@ -94,6 +94,11 @@ class CellResult:
     in_window: int = 0      # completed inside the measured window (what req/s counts)
 
 
+def _rpc_error(head: bytes) -> bool:
+    """A JSON-RPC error answered with HTTP 200 (a policy refusal) is not a successful call."""
+    return b'"error"' in head and b'"result"' not in head
+
+
 def build_head(ep: Endpoint, wl: Workload) -> bytes:
     lines = [f"POST {ep.path} HTTP/1.1", f"Host: {ep.host}:{ep.port}",
              "Content-Type: application/json", "Accept: application/json, text/event-stream"]
@@ -120,6 +125,7 @@ class _Conn(asyncio.Protocol):
         self.first_event: float | None = None
         self.sse = False
         self.tail = b""         # last bytes of the body, to spot an event boundary across chunks
+        self.head = b""         # first bytes of the body: a JSON-RPC error shows there
         self.keep_alive = True
 
     def connection_made(self, transport) -> None:
@@ -139,6 +145,8 @@ class _Conn(asyncio.Protocol):
         return self.waiter
 
     def _body(self, chunk: bytes) -> None:
+        if len(self.head) < 96:
+            self.head += chunk[:96]
         self.body_len += len(chunk)
         if self.collect is not None:
             self.collect += chunk
@@ -265,7 +273,7 @@ async def run_cell(ep: Endpoint, wl: Workload, concurrency: int, duration: float
         if closed:
             return True
         if max_requests is not None:
-            if res.n >= max_requests:
+            if res.n + res.errors >= max_requests:
                 closed.append(now)
             return bool(closed)
         if now >= t_end and (res.n >= need or now >= t_hard):
@@ -298,9 +306,9 @@ async def run_cell(ep: Endpoint, wl: Workload, concurrency: int, duration: float
                 if t1 < t_measure or (closed and t1 > closed[0]):
                     continue
                 res.statuses[conn.status] = res.statuses.get(conn.status, 0) + 1
-                if conn.status != 200:
+                if conn.status != 200 or (not conn.sse and _rpc_error(conn.head)):
                     res.errors += 1
-                    res.sample_error = res.sample_error or f"HTTP {conn.status}"
+                    res.sample_error = res.sample_error or f"HTTP {conn.status}: {conn.head[:96]!r}"
                     continue
                 res.n += 1
                 res.body_bytes += conn.body_len

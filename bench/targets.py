@@ -173,7 +173,9 @@ class Stack:
         self.bastion_sets = ["--set", f"bastion_rules={rules}",
                              "--set", f"bastion_recordings={self.work / 'recordings'}",
                              "--set", f"bastion_mask_key_file={self.work / 'mask-key'}"]
-        self.bastion_env: dict[str, str] = {}
+        self.bastion_env: dict[str, str] = {"BENCH_ROOT": str(ROOT)}
+        self.chain_script = self.work / "bench_chain.py"
+        shutil.copy(ROOT / "bench" / "chain.py", self.chain_script)
         if stage_available("addons.identity", "Identity") and stage_available("addons.identity", "mint_token"):
             self.bastion_sets += ["--set", f"bastion_key_dir={self.key_dir}"]
             self.jwt = _mint_with_identity(self.key_dir, self.work)
@@ -188,7 +190,7 @@ class Stack:
         port = free_port()
         env = {**self.bastion_env, "BASTION_SKIP": ",".join(skip), **(env_extra or {})}
         # each gateway instance needs its own bastion_instance (the recorder locks its journal)
-        cmd = self._mitmdump(port, ["-s", str(ROOT / "bench" / "chain.py"), *self.bastion_sets,
+        cmd = self._mitmdump(port, ["-s", str(self.chain_script), *self.bastion_sets,
                                     "--set", f"bastion_instance=bench-{name}", *(extra or [])])
         p, log = self._spawn(name, cmd, env)
         t = Target(name, label, Endpoint("127.0.0.1", port, "/mcp/bench", [("Authorization", f"Bearer {self.jwt}")]),

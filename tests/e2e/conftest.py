@@ -209,12 +209,14 @@ def rules_dir(tmp_path):
 @pytest.fixture
 def gateway(tmp_path, procs):
     def start(rules: Path, extra_args: tuple[str, ...] = (), web: bool = False, env: dict | None = None,
-              key_dir: Path | None = None, recordings: Path | None = None, port: int | None = None) -> Gateway:
+              key_dir: Path | None = None, recordings: Path | None = None, port: int | None = None,
+              pre_scripts: tuple[str, ...] = ()) -> Gateway:
         port = port or free_port()
         key_dir = key_dir or tmp_path / "keys"
         recordings = recordings or tmp_path / "recordings"
         tool = "mitmweb" if web else "mitmdump"
         cmd = [str(BIN / tool), "--listen-host", "127.0.0.1", "--mode", f"reverse:http://127.0.0.1:1@{port}",
+               *[a for sc in pre_scripts for a in ("-s", sc)],
                "-s", str(ROOT / "addons" / "bastion.py"), "--set", f"bastion_rules={rules}",
                "--set", "connection_strategy=lazy", "--set", "termlog_verbosity=info"]
         if has_module("addons.identity"):
