@@ -4,6 +4,7 @@
 #   ./run.sh web        the same under mitmweb (approval console)
 #   ./run.sh test       the whole test suite (extra args go to pytest)
 #   ./run.sh bench      benchmarks (see bench/README.md)
+#   ./run.sh replay ID  open a recorded session in mitmweb
 #   ./run.sh <other>    passed to the mcp-bastion CLI (token, check, explain, sql, ...)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -61,6 +62,11 @@ case "$cmd" in
     [ -n "$cmd" ] && shift
     ensure_venv 0
     exec "$VENV/bin/python" -m addons.launcher ${cmd:+--web} "$@"
+    ;;
+  replay)
+    shift
+    ensure_venv 0
+    exec "$VENV/bin/mcp-bastion" replay "$@" --web
     ;;
   bench)
     shift

@@ -97,6 +97,14 @@ class Connection:
 _ALLOWED_KEYS = {"upstream", "credential", "transport", "audience", "roles", "description", "options"}
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str) -> str:
+    """`${VAR}` / `${VAR:-default}` in upstream URLs (ports differ per deployment)."""
+    return _ENV_REF.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+
+
 def parse_connections(path: Path, data: Any) -> dict[str, Connection]:
     """Validate the connections document. Pure apart from reading credentials."""
     loc = Located(str(path))
@@ -116,8 +124,8 @@ def parse_connections(path: Path, data: Any) -> dict[str, Connection]:
         unknown = set(map(str, spec)) - _ALLOWED_KEYS
         if unknown:
             raise loc.error(spec, f"connection {name}: unknown key(s) {', '.join(sorted(unknown))}", sorted(unknown)[0])
-        url = spec.get("upstream")
-        u = urllib.parse.urlsplit(str(url or ""))
+        url = expand_env(str(spec.get("upstream") or ""))
+        u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise loc.error(spec, f"connection {name}: upstream must be an http(s) URL", "upstream")
         if u.query or u.fragment or u.username or u.password:

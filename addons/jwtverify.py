@@ -46,7 +46,7 @@ EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512", "se
 ASYMMETRIC_ALGS = RSA_ALGS | frozenset(EC_ALGS.values()) | {"EdDSA"}
 
 # token68 (RFC 7235) — a JWT is three base64url parts joined by dots
-_TOKEN68 = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 # ---------------------------------------------------------------- errors
@@ -296,7 +296,7 @@ def parse_algorithms(spec: str) -> frozenset[str]:
 def check_shape(token: str) -> None:
     if len(token) > MAX_TOKEN_BYTES:
         raise TokenError(f"token too large ({len(token)} bytes > {MAX_TOKEN_BYTES})")
-    if not _TOKEN68.match(token) or token.count(".") != 2:
+    if not _TOKEN68.fullmatch(token) or token.count(".") != 2:
         raise TokenError("token is not a compact JWS")
 
 

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rules", default=os.environ.get("BASTION_RULES", "rules"))
     args, extra = ap.parse_known_args(argv)
     os.chdir(ROOT)
+    os.environ["DEMO_PORT"] = str(args.demo_port)  # rules/connections.yaml: ${DEMO_PORT:-8931}
     secrets = ROOT / ".secrets"
     secrets.mkdir(mode=0o700, exist_ok=True)
     from demo.tokens import ensure_token
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         gw = subprocess.Popen(cmd + extra, start_new_session=True)
         procs.append(gw)
-        if not _wait_port(args.port, gw):
+        if not _wait_port(args.port, gw) or gw.poll() is not None:
             print(f"run.sh: gateway did not start on port {args.port}", file=sys.stderr)
             return 1
         url = f"http://127.0.0.1:{args.port}/mcp/demo"

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(_run(args))
     except Exception as e:  # noqa: BLE001 - a CLI: say what failed
+        while isinstance(e, BaseExceptionGroup) and e.exceptions:
+            e = e.exceptions[0]
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
