@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import jwtverify as jv
 from addons.httputil import json_response, refuse_http
@@ -296,10 +297,16 @@ class Identity:
         base = ctx.options.bastion_resource_url
         if base:
             return base.rstrip("/")
-        host = flow.request.headers.get("host", "")
+        scheme = "https" if flow.client_conn.tls_established else "http"
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode) and not ctx.options.keep_host_header:
+            # reverse mode has already replaced Host with the upstream's; the address the
+            # client connected to is the best we know (set bastion_resource_url behind a LB)
+            ip, port = flow.client_conn.sockname[:2]
+            host = f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+        else:
+            host = flow.request.headers.get("host", "")
         if not _HOST_RE.match(host):
             host = "localhost"
-        scheme = "https" if flow.client_conn.tls_established else "http"
         return f"{scheme}://{host}"
 
     def resource(self, flow: http.HTTPFlow, connection: str | None) -> str:

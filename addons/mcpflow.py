@@ -49,6 +49,27 @@ class McpParser:
         # on another flow (legacy SSE stream, or a resumed GET stream): the transforms of a
         # request follow its response wherever it travels. Bounded.
         self.pending: OrderedDict[tuple[str, str, str], list] = OrderedDict()
+        # (connection, session) -> sub of the identity that opened it (bounded)
+        self.owners: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def _bind(self, conn: str, session: str, rec) -> None:
+        if rec.identity is None or not session:
+            return
+        self.owners.setdefault((conn, session), rec.identity.sub)
+        self.owners.move_to_end((conn, session))
+        while len(self.owners) > MAX_PENDING:
+            self.owners.popitem(last=False)
+
+    def _session_owner_ok(self, rec, key: str) -> bool:
+        owner = self.owners.get((rec.connection, key))
+        return owner is None or (rec.identity is not None and rec.identity.sub == owner)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Streamable HTTP: the server names the session in the initialize response."""
+        rec = get_record(flow.metadata)
+        sid = flow.response.headers.get("mcp-session-id") if flow.response else None
+        if sid and rec.connection and rec.refusal is None:
+            self._bind(rec.connection, sid, rec)
 
     def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
@@ -56,12 +77,18 @@ class McpParser:
             return
         req = flow.request
         rec.session_id = req.headers.get("mcp-session-id")
+        key = stream_key(rec, req)
+        if key is not None and not self._session_owner_ok(rec, key):
+            # a session belongs to the identity that opened it: another caller who learnt
+            # the id gets what an unknown session gets (404), and nothing is forwarded
+            refuse_http(flow, 404, "unknown_session", "no such session for this caller")
+            return
         if req.method != "POST":
             if req.content:
                 refuse_http(flow, 400, "invalid_request", f"{req.method} requests carry no body")
                 return
             rec.notes["stream_checked"] = True
-            key = stream_key(rec, req)
+            rec.notes["bind_session"] = lambda sid, conn=rec.connection, rec=rec: self._bind(conn, sid, rec)
             if req.method == "GET" and key is not None:
                 conn = rec.connection
                 rec.notes["pending_lookup"] = lambda msg_id: self.pending.get((conn, key, _idkey(msg_id)))
@@ -98,7 +125,6 @@ class McpParser:
             (m.protocol_version for m in parsed.messages if m.protocol_version), None)
         if req.headers.get("content-encoding"):
             req.decode()  # upstream gets exactly the bytes that were inspected
-        key = stream_key(rec, req)
         if key is not None:
             for m in parsed.messages:
                 if m.kind == "request":

@@ -118,6 +118,10 @@ class SSERewriter:
             if self.rewrite_endpoint is None:
                 raise TransformError("endpoint event on a non-legacy connection")
             ev.data = self.rewrite_endpoint(ev.data)
+            bind = self.rec.notes.get("bind_session")
+            sid = _query_session(ev.data)
+            if bind is not None and sid:
+                bind(sid)
             return ev.encode()
         if ev.type != "message":
             if self.rec.mask_required:
@@ -142,6 +146,15 @@ class SSERewriter:
             return ev.raw
         ev.data = json.dumps(out if isinstance(obj, list) else out[0], ensure_ascii=False, separators=(",", ":"))
         return ev.encode()
+
+
+def _query_session(url: str) -> str | None:
+    import urllib.parse
+    q = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    for k in ("session_id", "sessionId"):
+        if q.get(k):
+            return q[k][0]
+    return None
 
 
 def _error_id(rec: BastionRecord) -> Any:

@@ -192,3 +192,25 @@ def test_exception_in_an_addon_fails_closed(demo_server, rules_dir, gateway):
     assert r.json() == {"error": "gateway_error", "error_description": "the gateway could not check this request"}
     assert "injected fault" in gw.log_text()
     assert demo.received() == []
+
+
+async def test_session_belongs_to_its_identity(stack):
+    """A second identity that learns a session id cannot ride on it."""
+    demo, gw = stack("json")
+    alice, mallory = gw.token("alice", ["e2e-all"]), gw.token("mallory", ["e2e-all"])
+    async with httpx.AsyncClient(timeout=10) as http:
+        hdr = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+        r = await http.post(gw.mcp_url(), json=INIT, headers={**hdr, "authorization": f"Bearer {alice}"})
+        sid = r.headers["mcp-session-id"]
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+        before = len(demo.received())
+        r2 = await http.post(gw.mcp_url(), json=call,
+                             headers={**hdr, "authorization": f"Bearer {mallory}", "mcp-session-id": sid})
+        assert r2.status_code == 404 and r2.json()["error"] == "unknown_session"
+        assert len(demo.received()) == before
+        # the owner keeps using it
+        await http.post(gw.mcp_url(), json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                        headers={**hdr, "authorization": f"Bearer {alice}", "mcp-session-id": sid})
+        r3 = await http.post(gw.mcp_url(), json=call,
+                             headers={**hdr, "authorization": f"Bearer {alice}", "mcp-session-id": sid})
+        assert r3.status_code == 200 and "tools" in r3.json()["result"]
