@@ -49,6 +49,19 @@ def _http_url(value: str, what: str) -> str:
     return value
 
 
+def scrub_query_token(req: http.Request) -> bool:
+    """RFC 6750 query tokens are never accepted; blank the value in place. True if found."""
+    path, sep, query = req.path.partition("?")
+    if "access_token" not in query:
+        return False
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if not any(k == "access_token" for k, _ in pairs):
+        return False
+    req.path = path + "?" + urllib.parse.urlencode(
+        [(k, "[redacted]" if k == "access_token" else v) for k, v in pairs], safe="[]")
+    return True
+
+
 class Identity:
     name = "identity"
 
@@ -140,6 +153,10 @@ class Identity:
                 raise exceptions.OptionsError(f"bastion_key_dir: cannot create or read the issuer key in "
                                               f"{o.bastion_key_dir}: {e}") from None
             issuer = issuer or jv.LOCAL_ISSUER
+            keyfile = Path(o.bastion_key_dir) / jv.LOCAL_KEY_FILE
+            if keyfile.stat().st_mode & 0o077:
+                log.warning("%s is readable by other users; whoever reads it can mint any identity "
+                            "(chmod 600)", keyfile)
         if not issuer:
             raise exceptions.OptionsError("bastion_issuer is required with bastion_jwks_url / bastion_public_key")
         if any(c in issuer for c in '"\\\r\n'):
@@ -197,6 +214,9 @@ class Identity:
     # ------------------------------------------------------------ hooks
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        # even when an earlier addon already refused it: the token must not survive in
+        # the flow (mitmdump's log line, recordings, flow files)
+        scrub_query_token(flow.request)
         if flow.response is not None:
             return
         rec = get_record(flow.metadata)
@@ -216,8 +236,7 @@ class Identity:
         req = flow.request
         conn = self._connection(connection) if connection else None
         meta_url = self.metadata_url(flow, connection)
-        query = req.path.partition("?")[2]
-        if query and any(k == "access_token" for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)):
+        if scrub_query_token(req):
             self._refuse(flow, 400, "invalid_request", "access tokens are not accepted in the query string",
                          "token in query string", meta_url)
             return
@@ -298,7 +317,7 @@ class Identity:
         if base:
             return base.rstrip("/")
         scheme = "https" if flow.client_conn.tls_established else "http"
-        if isinstance(flow.client_conn.proxy_mode, ReverseMode) and not ctx.options.keep_host_header:
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode) and not getattr(ctx.options, "keep_host_header", False):
             # reverse mode has already replaced Host with the upstream's; the address the
             # client connected to is the best we know (set bastion_resource_url behind a LB)
             ip, port = flow.client_conn.sockname[:2]

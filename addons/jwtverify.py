@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
@@ -91,9 +91,12 @@ class VerifyKey:
 
 def jwk_thumbprint(public_key: Any) -> str:
     """RFC 7638 thumbprint, used as the local key's `kid`."""
-    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(public_key)) if isinstance(public_key, ec.EllipticCurvePublicKey) \
-        else json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public_key)) if isinstance(public_key, rsa.RSAPublicKey) \
-        else json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(public_key))
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(public_key))
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public_key))
+    else:
+        jwk = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(public_key))
     members = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}[jwk["kty"]]
     canon = json.dumps({k: jwk[k] for k in members}, separators=(",", ":"), sort_keys=True)
     return base64.urlsafe_b64encode(hashlib.sha256(canon.encode()).digest()).rstrip(b"=").decode()

@@ -78,6 +78,7 @@ async def test_without_token_401_and_metadata(stack):
         good = gw.token("alice", ["e2e-all"])
         r = await h.post(gw.mcp_url() + f"?access_token={good}", json=INIT, headers=HDRS)
         assert r.status_code == 400
+        assert good not in gw.log_text()
     # the SDK client without a token fails
     with pytest.raises(Exception):
         async with connect(gw.mcp_url(), None, timeout=5) as c:

@@ -334,10 +334,16 @@ async def test_token_in_query_refused(ident, key_dir):
     f = flow(path=f"/mcp/demo/messages/?session_id=1&access_token={tok}")
     await a.request(f)
     assert_refused(f, 400, error="invalid_request")
+    assert tok not in f.request.path and f.request.path.endswith("access_token=[redacted]")
     # even together with a valid header: a token in the URL ends up in logs, refuse it
     f = flow(f"Bearer {tok}", path=f"/mcp/demo?access_token={tok}")
     await a.request(f)
     assert_refused(f, 400, error="invalid_request")
+    # scrubbed even when an earlier addon (the Router) already refused the request
+    f = flow(f"Bearer {tok}", path=f"/mcp/demo?x=1&access_token={tok}")
+    f.response = tutils.tresp(status_code=400)
+    await a.request(f)
+    assert tok not in f.request.path and f.response.status_code == 400
     # a query without a token is fine (legacy SSE message endpoint)
     f = flow(f"Bearer {tok}", path="/mcp/demo/messages/?session_id=1")
     await a.request(f)
@@ -575,3 +581,16 @@ async def test_admin_path_identified_when_token_present(ident, key_dir):
     f = flow("Bearer garbage", path="/_bastion/approvals", connection=None, method="GET")
     await a.request(f)
     assert f.response.status_code == 401
+
+
+async def test_reverse_mode_uses_listen_address(ident):
+    """Reverse mode rewrites Host to the upstream's: the metadata URL must name the gateway."""
+    from mitmproxy.proxy.mode_specs import ProxyMode
+    a, _ = ident
+    f = flow(None)
+    f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:9000@8080")
+    f.client_conn.sockname = ("127.0.0.1", 8080)
+    f.request.headers["host"] = "127.0.0.1:9000"
+    await a.request(f)
+    assert ('resource_metadata="http://127.0.0.1:8080/.well-known/oauth-protected-resource/mcp/demo"'
+            in f.response.headers["www-authenticate"])

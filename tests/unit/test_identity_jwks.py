@@ -15,7 +15,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import jwtverify as jv
 from addons.identity import Identity
 from addons.record import get_record
 

@@ -2,7 +2,6 @@
 and tokens, algorithm allow-lists, and the `mcp-bastion token` CLI."""
 from __future__ import annotations
 
-import os
 import stat
 import threading
 import time
@@ -132,3 +131,34 @@ def test_cli_token(tmp_path, capsys):
 def test_cli_token_rejects_bad_ttl(tmp_path, capsys):
     assert cli_main(["token", "--sub", "x", "--ttl", "0", "--key-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().out == ""
+
+
+def test_public_key_sources(tmp_path):
+    """PEM public key, certificate or private key; Ed25519 -> EdDSA only; garbage refused."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.x509.oid import NameOID
+
+    ed = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "ed.pub").write_bytes(ed.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    src = jv.LocalKeySource.from_pem(tmp_path / "ed.pub")
+    assert src.cached(None).algorithms == {"EdDSA"}
+    now = int(time.time())
+    tok = jwt.encode({"iss": "i", "sub": "s", "aud": "a", "iat": now, "exp": now + 60}, ed, "EdDSA")
+    cfg = jv.VerifyConfig(issuer="i", audience="a")
+    assert jv.decode(tok, src.cached(jv.peek_header(tok, cfg)), cfg)["sub"] == "s"
+
+    k = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "idp")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(k.public_key())
+            .serial_number(1).not_valid_before(datetime.datetime(2020, 1, 1))
+            .not_valid_after(datetime.datetime(2040, 1, 1)).sign(k, hashes.SHA384()))
+    (tmp_path / "idp.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    assert jv.LocalKeySource.from_pem(tmp_path / "idp.crt").cached(None).algorithms == {"ES384"}
+
+    (tmp_path / "junk.pem").write_text("-----BEGIN PUBLIC KEY-----\nc2VjcmV0\n-----END PUBLIC KEY-----\n")
+    with pytest.raises(ValueError):
+        jv.LocalKeySource.from_pem(tmp_path / "junk.pem")

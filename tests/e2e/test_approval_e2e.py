@@ -1,0 +1,125 @@
+"""Issue 6: held calls, decided through the admin API / CLI, by identified approvers."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from demo.client import connect
+
+POLICY = """\
+rules:
+  - name: dev-container-needs-approval
+    when: {roles: [dev], tool: launch_container}
+    approve: {approvers: [approver], timeout: %(timeout)s}
+  - name: dev-shell
+    when: {roles: [dev], tool: run_command}
+    allow: true
+"""
+
+
+def cli(gw, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "addons.cli", *args, "--gateway", gw.url],
+                          capture_output=True, text=True, timeout=30)
+
+
+async def pending(gw, token: str, want: int = 1, timeout: float = 10) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=5) as http:
+        while time.monotonic() < deadline:
+            r = await http.get(f"{gw.url}/_bastion/approvals", headers={"authorization": f"Bearer {token}"})
+            assert r.status_code == 200, r.text
+            if len(r.json()["pending"]) >= want:
+                return r.json()["pending"]
+            await asyncio.sleep(0.1)
+    raise AssertionError("no pending approval appeared")
+
+
+def launches(demo) -> list[dict]:
+    f = demo.data_dir / "launches.jsonl"
+    return [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
+
+
+async def test_approved_by_approver_via_cli(stack):
+    demo, gw = stack("json", policy=POLICY % {"timeout": 30})
+    dev, approver = gw.token("dan", ["dev"]), gw.token("alice", ["approver"])
+    async with connect(gw.mcp_url(), dev) as c:
+        call = asyncio.create_task(c.call_tool("launch_container", {"image": "postgres:17"}))
+        items = await pending(gw, approver)
+        assert items[0]["requester"] == "dan" and items[0]["rule"] == "dev-container-needs-approval"
+        assert not call.done() and launches(demo) == []
+        # the requester can never approve their own request
+        own = cli(gw, "approve", items[0]["id"], "--token", gw.token("dan", ["dev", "approver"]))
+        assert own.returncode == 1 and "own request" in own.stdout
+        # a caller without an approver role cannot either
+        other = cli(gw, "approve", items[0]["id"], "--token", gw.token("bob", ["analyst"]))
+        assert other.returncode == 1
+        listed = cli(gw, "approvals", "--token", approver)
+        assert items[0]["id"] in listed.stdout and "dan" in listed.stdout
+        ok = cli(gw, "approve", items[0]["id"], "--token", approver)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        result = await asyncio.wait_for(call, 20)
+    assert not result.is_error and result.structured_content["image"] == "postgres:17"
+    assert [l["image"] for l in launches(demo)] == ["postgres:17"]
+
+
+async def test_denied_gets_jsonrpc_error_and_upstream_sees_nothing(stack):
+    demo, gw = stack("json", policy=POLICY % {"timeout": 30})
+    dev, approver = gw.token("dan", ["dev"]), gw.token("alice", ["approver"])
+    async with connect(gw.mcp_url(), dev) as c:
+        call = asyncio.create_task(c.call_tool("launch_container", {"image": "evil:latest"}))
+        items = await pending(gw, approver)
+        r = cli(gw, "deny", items[0]["id"], "--reason", "not in a change window", "--token", approver)
+        assert r.returncode == 0, r.stdout
+        with pytest.raises(Exception) as e:
+            await asyncio.wait_for(call, 20)
+    assert "approval denied" in str(e.value) and "change window" in str(e.value)
+    assert launches(demo) == []
+    assert all("evil:latest" not in r["body"] for r in demo.received())
+
+
+async def test_timeout_refuses(stack):
+    demo, gw = stack("json", policy=POLICY % {"timeout": 1})
+    async with connect(gw.mcp_url(), gw.token("dan", ["dev"])) as c:
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as e:
+            await c.call_tool("launch_container", {"image": "x"})
+        waited = time.monotonic() - t0
+    assert "approval timed out" in str(e.value)
+    assert 0.9 <= waited < 10
+    assert launches(demo) == []
+
+
+async def test_waiting_calls_do_not_slow_other_traffic(stack):
+    demo, gw = stack("json", policy=POLICY % {"timeout": 60})
+    dev = gw.token("dan", ["dev"])
+    body = lambda i, tool, args: {"jsonrpc": "2.0", "id": i, "method": "tools/call",  # noqa: E731
+                                  "params": {"name": tool, "arguments": args}}
+    hdr = {"authorization": f"Bearer {dev}", "content-type": "application/json",
+           "accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient(timeout=90) as http:
+        async def timed_ls(n: int) -> float:
+            t0 = time.perf_counter()
+            for i in range(n):
+                r = await http.post(gw.mcp_url(), json=body(i, "run_command", {"command": "true"}), headers=hdr)
+                assert r.status_code == 200 and "result" in r.json(), r.text
+            return (time.perf_counter() - t0) / n
+        # stateless raw calls: the demo in json mode wants a session, so initialize first
+        init = await http.post(gw.mcp_url(), json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
+            headers=hdr)
+        hdr["mcp-session-id"] = init.headers["mcp-session-id"]
+        baseline = await timed_ls(10)
+        held = [asyncio.create_task(http.post(gw.mcp_url(), json=body(100 + i, "launch_container", {"image": f"i{i}"}),
+                                              headers=hdr)) for i in range(20)]
+        await pending(gw, gw.token("alice", ["approver"]), want=20)
+        loaded = await timed_ls(10)
+        for t in held:
+            t.cancel()
+    print(f"\nunrelated call latency: {baseline*1000:.1f} ms idle, {loaded*1000:.1f} ms with 20 held calls")
+    assert loaded < baseline * 5 + 0.05
