@@ -49,6 +49,14 @@ def _http_url(value: str, what: str) -> str:
     return value
 
 
+def redact_authorization(req: http.Request) -> None:
+    """The caller's token is consumed here: nothing later (mitmweb while a call is held,
+    flow files, recordings, the upstream) may see it."""
+    values = req.headers.get_all("authorization")
+    if values:
+        req.headers.set_all("authorization", [v.split(" ", 1)[0] + " [redacted]" for v in values])
+
+
 def scrub_query_token(req: http.Request) -> bool:
     """RFC 6750 query tokens are never accepted; blank the value in place. True if found."""
     path, sep, query = req.path.partition("?")
@@ -227,9 +235,15 @@ class Identity:
             elif path.startswith(ADMIN_PREFIX) and "authorization" in flow.request.headers:
                 # admin API (approvals): identify the caller if it presents a token; the
                 # addon serving the path decides whether one is required
-                await self.authenticate(flow, None)
+                try:
+                    await self.authenticate(flow, None)
+                finally:
+                    redact_authorization(flow.request)
             return
-        await self.authenticate(flow, rec.connection)
+        try:
+            await self.authenticate(flow, rec.connection)
+        finally:
+            redact_authorization(flow.request)
 
     async def authenticate(self, flow: http.HTTPFlow, connection: str | None) -> None:
         rec = get_record(flow.metadata)

@@ -7,6 +7,7 @@ surrogates, NaN) is refused instead of interpreted.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
@@ -142,6 +143,14 @@ def _reject_constant(name: str) -> Any:
     raise McpParseError(PARSE_ERROR, f"non-standard JSON constant {name}")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 parses to inf, which json.dumps would re-serialise as the invalid `Infinity`
+    v = float(text)
+    if not math.isfinite(v):
+        raise McpParseError(PARSE_ERROR, "number out of range")
+    return v
+
+
 def _check_tree(obj: Any) -> None:
     """Depth limit and lone-surrogate check, iteratively (no recursion limit games)."""
     stack: list[tuple[Any, int]] = [(obj, 1)]
@@ -181,7 +190,8 @@ def strict_loads(data: bytes | str) -> Any:
         if text.startswith("\ufeff"):
             raise McpParseError(PARSE_ERROR, "byte order mark is not allowed")
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                         parse_float=_finite_float)
     except McpParseError:
         raise
     except (ValueError, RecursionError) as e:
@@ -358,6 +368,21 @@ def _render_scalar(value: Any) -> str | None:
     return None
 
 
+_CANONICAL_DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
+
+
+def _header_matches(value: Any, rendered: str, decoded: str | None) -> bool:
+    """As the SDK server compares: an integral number also matches its canonical decimal
+    spellings ("10" and "10.0" both mirror 10 or 10.0; the SDK client renders 10.0 as "10.0")."""
+    if decoded is None:
+        return False
+    if (isinstance(value, int) or (isinstance(value, float) and value.is_integer())) \
+            and not isinstance(value, bool) and _CANONICAL_DECIMAL.fullmatch(decoded):
+        whole, _, fraction = decoded.partition(".")
+        return not fraction.strip("0") and int(whole) == int(value)
+    return decoded == rendered
+
+
 def check_param_headers(fields: list[tuple[str, str]], msg: Message,
                         header_map: dict[str, tuple[str, ...]] | None) -> McpParseError | None:
     """Every Mcp-Param-* header must mirror its argument; unknown schema + headers = refuse."""
@@ -383,7 +408,7 @@ def check_param_headers(fields: list[tuple[str, str]], msg: Message,
         if raw is None:
             # The client omitted a header its argument requires; the upstream will refuse it.
             continue
-        if decode_header_value(raw) != rendered:
+        if not _header_matches(node, rendered, decode_header_value(raw)):
             return McpParseError(HEADER_MISMATCH, f"{key} header does not match the body", msg.id)
     return None
 

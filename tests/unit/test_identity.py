@@ -88,8 +88,9 @@ async def test_valid_token_sets_identity(ident, key_dir):
     i = get_record(f.metadata).identity
     assert i.sub == "alice" and i.roles == ("analyst", "ops") and i.client_id == "ci-job-7"
     assert i.issuer == jv.LOCAL_ISSUER and i.token_id and len(i.token_id) == 32
-    # the caller's header is left for the Injector to strip (it must not be consumed here)
-    assert f.request.headers["authorization"] == f"Bearer {tok}"
+    # the token is consumed: nothing after identity (mitmweb, flow files, upstream) sees it
+    assert f.request.headers["authorization"] == "Bearer [redacted]"
+    assert tok not in str(f.get_state())
 
 
 @pytest.mark.parametrize("scheme", ["bearer", "BEARER", "BeArEr"])
