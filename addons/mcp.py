@@ -379,7 +379,7 @@ def _header_matches(value: Any, rendered: str, decoded: str | None) -> bool:
     if (isinstance(value, int) or (isinstance(value, float) and value.is_integer())) \
             and not isinstance(value, bool) and _CANONICAL_DECIMAL.fullmatch(decoded):
         whole, _, fraction = decoded.partition(".")
-        return not fraction.strip("0") and int(whole) == int(value)
+        return not fraction.strip("0") and len(whole) < 4000 and int(whole) == int(value)
     return decoded == rendered
 
 

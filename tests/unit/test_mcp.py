@@ -411,11 +411,16 @@ SCHEMA = {"type": "object", "properties": {
     "dry": {"type": "boolean", "x-mcp-header": "Dry-Run"},
     "target": {"type": "object", "properties": {"env": {"type": "string", "x-mcp-header": "Env"}}},
     "sql": {"type": "string"},
-    "alt": {"anyOf": [{"type": "string", "x-mcp-header": "Alt"}]},   # not a pure properties chain
 }}
+# an annotation off the pure `properties` chain: the SDK treats the whole schema as invalid
+BAD_SCHEMA = {"type": "object", "properties": {
+    **SCHEMA["properties"], "alt": {"anyOf": [{"type": "string", "x-mcp-header": "Alt"}]}}}
 
 
 def test_param_header_map_matches_sdk():
+    assert sdk.find_invalid_x_mcp_header(SCHEMA) is None
+    assert sdk.find_invalid_x_mcp_header(BAD_SCHEMA) is not None
+    assert param_header_map(BAD_SCHEMA) == param_header_map(SCHEMA)
     m = param_header_map(SCHEMA)
     assert m == {"mcp-param-region": ("region",), "mcp-param-limit": ("limit",),
                  "mcp-param-dry-run": ("dry",), "mcp-param-env": ("target", "env")}
@@ -473,7 +478,8 @@ def test_undeclared_param_header_refused():
     h = {**legit_headers(), "Mcp-Param-Sql": "select 1"}
     assert gw_params(ARGS, h).code == HEADER_MISMATCH
     h = {**legit_headers(), "Mcp-Param-Alt": "x"}        # annotation off the properties chain
-    assert gw_params({**ARGS, "alt": "x"}, h).code == HEADER_MISMATCH
+    assert gw_params({**ARGS, "alt": "x"}, h, schema=BAD_SCHEMA).code == HEADER_MISMATCH
+    assert gw_params(ARGS, legit_headers(), schema=BAD_SCHEMA) is None
 
 
 def test_unknown_schema_with_param_headers_refused_without_headers_passes():
@@ -502,4 +508,12 @@ def test_integral_float_argument_matches_the_sdk_client_rendering():
     assert sdk_params(args, h) is None
     assert gw_params(args, h) is None
     assert gw_params(args, {**h, "Mcp-Param-Limit": "10"}) is None
+    assert gw_params(args, {**h, "Mcp-Param-Limit": "10.5"}).code == HEADER_MISMATCH
     assert gw_params(args, {**h, "Mcp-Param-Limit": "11"}).code == HEADER_MISMATCH
+    assert gw_params(args, {**h, "Mcp-Param-Limit": "1e1"}).code == HEADER_MISMATCH
+    assert gw_params(args, {**h, "Mcp-Param-Limit": "9" * 5000}).code == HEADER_MISMATCH
+    assert gw_params(ARGS, {**legit_headers(), "Mcp-Param-Limit": "10.00"}) is None     # int body, SDK agrees
+    assert sdk_params(ARGS, {**legit_headers(), "Mcp-Param-Limit": "10.00"}) is None
+    # a string argument compares as a string: "10.0" does not mirror "10"
+    assert gw_params({**ARGS, "region": "10"}, {**legit_headers({**ARGS, "region": "10"}),
+                                                 "Mcp-Param-Region": "10.0"}).code == HEADER_MISMATCH
