@@ -473,6 +473,7 @@ class SSEParser:
             line = bytes(self._buf[self._pos:line_end])
             self._pos = next_pos
             if not line:
+                self._first_line = False
                 ev = self._dispatch()
                 if ev is not None:
                     events.append(ev)
@@ -493,8 +494,9 @@ class SSEParser:
     def _find_eol(self, final: bool) -> tuple[int, int]:
         buf, i = self._buf, self._pos
         n_idx = buf.find(b"\n", i)
-        r_idx = buf.find(b"\r", i)
-        if r_idx >= 0 and (n_idx < 0 or r_idx < n_idx):
+        # look for CR only before the next LF: a full-buffer scan per line is quadratic
+        r_idx = buf.find(b"\r", i, n_idx if n_idx >= 0 else len(buf))
+        if r_idx >= 0:
             if r_idx + 1 < len(buf):
                 return r_idx, r_idx + (2 if buf[r_idx + 1] == 0x0A else 1)
             if final:
@@ -530,6 +532,9 @@ class SSEParser:
     def _dispatch(self) -> SSEEvent | None:
         ev = self._cur
         ev.raw = bytes(self._buf[self._start:self._pos])
+        if len(ev.raw) > self._max:
+            # also when the whole event arrived in one read: the limit must not depend on chunking
+            raise McpParseError(PARSE_ERROR, f"SSE event larger than {self._max} bytes")
         if self._data:
             ev.data = "\n".join(self._data)
         self._cur, self._data = SSEEvent(), []
