@@ -83,15 +83,25 @@ GATEWAY_SCRIPT = textwrap.dedent('''
     from addons.record import Decision, Identity, get_record
 
 
-    class StandInPolicy:
-        """identity from X-Test-Sub; allow all but the tool 'forbidden' (tests only)."""
-        name = "standin"
+    class StandInIdentity:
+        """identity from X-Test-Sub (tests only); sits where the identity addon would."""
+        name = "standin-identity"
 
         def request(self, flow):
             rec = get_record(flow.metadata)
             if flow.response is not None or rec.connection is None:
                 return
             rec.identity = Identity(flow.request.headers.get("x-test-sub", "anon"), ("tester",), "e2e-client")
+
+
+    class StandInPolicy:
+        """allow all but the tool 'forbidden' (tests only)."""
+        name = "standin"
+
+        def request(self, flow):
+            rec = get_record(flow.metadata)
+            if flow.response is not None or rec.connection is None:
+                return
             for m in rec.messages:
                 if m.tool_name in ("forbidden", "drop_table"):
                     rec.decisions.append(Decision("deny", rule="no-forbidden", reason="tool is forbidden",
@@ -110,6 +120,7 @@ GATEWAY_SCRIPT = textwrap.dedent('''
     chain = build_chain(frozenset(skip))
     pos = next(i for i, a in enumerate(chain) if a.name in ("recorder", "injector"))
     chain.insert(pos, FailClosed(StandInPolicy()))
+    chain.insert(1, FailClosed(StandInIdentity()))
     addons = chain
 ''')
 
