@@ -15,6 +15,7 @@ from addons.record import get_record
 log = logging.getLogger("bastion.failclosed")
 
 FLOW_HOOKS = frozenset({"requestheaders", "request", "responseheaders", "response"})
+FAILED_KEY = "bastion_failclosed_body"
 
 
 def _fail(flow: Any, addon_name: str, hook: str) -> None:
@@ -29,13 +30,37 @@ def _fail(flow: Any, addon_name: str, hook: str) -> None:
         if flow.killable:
             flow.kill()
         return
+    if hook == "responseheaders":
+        # mitmproxy still reads the upstream body after this hook and writes it into
+        # whatever flow.response is then: discard it and send the 502 body instead.
+        payload = body.content or b""
+        sent: list[bool] = []
+
+        def discard(data: bytes) -> bytes:
+            if sent:
+                return b""
+            sent.append(True)
+            return payload
+        body.stream = discard
+        flow.metadata[FAILED_KEY] = payload
     flow.response = body
+
+
+def _restore(flow: Any) -> None:
+    """An upstream response without a body skips streaming and overwrites the 502 body
+    set in responseheaders with b"": put it back before the response is sent."""
+    payload = flow.metadata.get(FAILED_KEY) if isinstance(flow, http.HTTPFlow) else None
+    if payload is not None and flow.response is not None and flow.response.raw_content != payload:
+        flow.response = json_response(502, {"error": "gateway_error",
+                                            "error_description": "the gateway could not check this request"})
 
 
 def guard(addon_name: str, hook: str, fn: Callable) -> Callable:
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def async_wrapper(flow, *a, **kw):
+            if hook == "response":
+                _restore(flow)
             try:
                 return await fn(flow, *a, **kw)
             except Exception:
@@ -44,6 +69,8 @@ def guard(addon_name: str, hook: str, fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(flow, *a, **kw):
+        if hook == "response":
+            _restore(flow)
         try:
             return fn(flow, *a, **kw)
         except Exception:
