@@ -34,6 +34,9 @@ CLIENT_CREDENTIAL_HEADERS = (
     "authorization", "proxy-authorization", "cookie", "x-api-key", "api-key",
     "x-auth-token", "x-amz-security-token", "forwarded", "x-forwarded-for",
     "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+    # more forwarding / override headers some upstream frameworks trust for routing
+    "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server", "x-original-url",
+    "x-rewrite-url", "x-http-method-override", "x-client-ip", "true-client-ip",
 )
 HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade")
 # Ask the upstream for identity encoding: responses are inspected (and SSE masked while
@@ -126,8 +129,13 @@ def parse_connections(path: Path, data: Any) -> dict[str, Connection]:
             raise loc.error(spec, f"connection {name}: unknown key(s) {', '.join(sorted(unknown))}", sorted(unknown)[0])
         url = expand_env(str(spec.get("upstream") or ""))
         u = urllib.parse.urlsplit(url)
+        try:
+            port = u.port
+        except ValueError:
+            raise loc.error(spec, f"connection {name}: upstream has an invalid port", "upstream") from None
         if u.scheme not in ("http", "https") or not u.hostname:
-            raise loc.error(spec, f"connection {name}: upstream must be an http(s) URL", "upstream")
+            raise loc.error(spec, f"connection {name}: upstream must be an http(s) URL",
+                            "upstream" if "upstream" in spec else None)
         if u.query or u.fragment or u.username or u.password:
             raise loc.error(spec, f"connection {name}: upstream must not carry query, fragment or userinfo "
                             "(put credentials in 'credential')", "upstream")
@@ -137,14 +145,16 @@ def parse_connections(path: Path, data: Any) -> dict[str, Connection]:
         cred = None
         c = spec.get("credential")
         if c is not None:
+            # where to point errors: the `from` key, or the credential line for the short form
+            where: tuple[Any, Any] = (c, "from")
             if isinstance(c, str):
-                c = {"from": c}
+                c, where = {"from": c}, (spec, "credential")
             if not isinstance(c, dict) or not isinstance(c.get("from"), str):
                 raise loc.error(spec, f"connection {name}: credential needs 'from: env:NAME' or 'from: file:PATH'", "credential")
             src = c["from"]
             if not re.match(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$", src):
-                raise loc.error(c, f"connection {name}: credential 'from' must be env:NAME or file:PATH "
-                                "(secrets are never written inline)", "from")
+                raise loc.error(where[0], f"connection {name}: credential 'from' must be env:NAME or file:PATH "
+                                "(secrets are never written inline)", where[1])
             header = str(c.get("header", "Authorization"))
             if not re.match(r"^[A-Za-z0-9-]+$", header):
                 raise loc.error(c, f"connection {name}: invalid header name", "header")
@@ -153,8 +163,12 @@ def parse_connections(path: Path, data: Any) -> dict[str, Connection]:
         roles = spec.get("roles") or ()
         if isinstance(roles, str):
             roles = (roles,)
+        if not isinstance(roles, (list, tuple)):
+            raise loc.error(spec, f"connection {name}: roles must be a list", "roles")
+        if not isinstance(spec.get("options") or {}, dict):
+            raise loc.error(spec, f"connection {name}: options must be a mapping", "options")
         conn = Connection(
-            name=name, scheme=u.scheme, host=u.hostname, port=u.port or (443 if u.scheme == "https" else 80),
+            name=name, scheme=u.scheme, host=u.hostname, port=port or (443 if u.scheme == "https" else 80),
             path=u.path or "/", credential=cred, transport=transport,
             audience=str(spec["audience"]) if spec.get("audience") else None,
             roles=tuple(str(r) for r in roles), options=dict(spec.get("options") or {}),
@@ -189,6 +203,21 @@ def validate_dir(rules_dir: str) -> list[str]:
 
 
 _BAD_PATH = re.compile(r"(%|\\|//|/\.\.?(/|$)|[\x00-\x20\x7f])")
+_PLAIN_QUERY = re.compile(r"^[A-Za-z0-9._~-]+=[A-Za-z0-9._~-]*(&[A-Za-z0-9._~-]+=[A-Za-z0-9._~-]*)*$")
+SESSION_QUERY_KEYS = ("session_id", "sessionId")
+
+
+def plain_query(query: str) -> bool:
+    """A query the gateway and the upstream cannot read differently: unreserved characters
+    only (no percent escapes, no '+'), every key once, at most one session key.
+    (`session_id=mine&session_id=victim`: the gateway would check the first, Starlette
+    routes on the last.)"""
+    if not query:
+        return True
+    if not _PLAIN_QUERY.match(query):
+        return False
+    keys = [p.partition("=")[0] for p in query.split("&")]
+    return len(keys) == len(set(keys)) and sum(k in SESSION_QUERY_KEYS for k in keys) <= 1
 
 
 def split_path(raw_path: str) -> tuple[str | None, str, str] | None:
@@ -291,6 +320,9 @@ class Router:
                 refuse_http(flow, 400, "invalid_request", "query strings are not accepted on the MCP endpoint")
                 return
         elif conn.transport == "sse" and sub in conn.announced:
+            if not plain_query(query):
+                refuse_http(flow, 400, "invalid_request", "query must be plain key=value pairs, each key once")
+                return
             upstream_path = sub + (f"?{query}" if query else "")
         else:
             refuse_http(flow, 404, "not_found", "no such endpoint on this connection")
@@ -324,7 +356,7 @@ class Injector:
             return
         rec = get_record(flow.metadata)
         router = ctx.master.addons.get("connections")
-        conn = router.wrapped.connections.get(rec.connection or "") if router else None
+        conn = getattr(router, "wrapped", router).connections.get(rec.connection or "") if router else None
         if rec.connection is None:
             refuse_http(flow, 404, "not_found", "no such endpoint")
             return

@@ -76,6 +76,10 @@ class McpParser:
         if flow.response is not None or rec.connection is None:
             return
         req = flow.request
+        if len(req.headers.get_all("mcp-session-id")) > 1:
+            # mitmproxy would join them ("a, b": nobody's session), Starlette routes on the first
+            refuse_http(flow, 400, "invalid_request", "Mcp-Session-Id header appears more than once")
+            return
         rec.session_id = req.headers.get("mcp-session-id")
         key = stream_key(rec, req)
         if key is not None and not self._session_owner_ok(rec, key):

@@ -169,7 +169,7 @@ class ResponseRewriter:
         if rec.connection is None or rec.refusal is not None or flow.response is None:
             return
         ctype = flow.response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "text/event-stream":
+        if not ctype.startswith("text/event-stream"):  # the SDK client matches by prefix too
             return
         enc = flow.response.headers.get("content-encoding", "identity").lower()
         if enc not in ("", "identity"):
@@ -199,10 +199,12 @@ class ResponseRewriter:
         except ValueError:
             raw = None
         if not raw:
-            if raw is None and rec.mask_required:
+            # an encoding mitmproxy cannot decode may still be one the client decodes
+            # ("gzip, gzip"): with transforms to apply, it must not pass unchecked
+            if raw is None and (rec.mask_required or rec.response_transforms):
                 self._replace(flow, rec, "undecodable response body")
             return
-        if ctype != "application/json":
+        if not ctype.startswith("application/json"):  # the SDK client parses any application/json*
             if rec.mask_required:
                 self._replace(flow, rec, f"unexpected response content type {ctype or '(none)'}")
             return
