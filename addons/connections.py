@@ -22,7 +22,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.httputil import refuse_http
 from addons.record import get_record
-from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, rules_files
+from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever, rules_files
 
 log = logging.getLogger("bastion.connections")
 
@@ -268,27 +268,25 @@ class Router:
 
     def running(self):
         import asyncio
-        self._task = asyncio.get_running_loop().create_task(self._reload_loop())
+        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_reload))
 
     def done(self):
         if self._task:
             self._task.cancel()
 
-    async def _reload_loop(self):
-        import asyncio
-        while True:
-            await asyncio.sleep(0.5)
-            if self._watcher and self._watcher.changed():
-                try:
-                    new = load_connections(ctx.options.bastion_rules)
-                except RulesError as e:
-                    log.error("connections reload rejected, keeping the last good set: %s", e)
-                    continue
-                for name, c in new.items():  # keep legacy endpoint announcements
-                    if name in self.connections:
-                        c.announced = self.connections[name].announced
-                self.connections = new
-                log.info("connections reloaded: %s", ", ".join(new) or "-")
+    def check_reload(self) -> None:
+        if not (self._watcher and self._watcher.changed()):
+            return
+        try:
+            new = load_connections(ctx.options.bastion_rules)
+        except RulesError as e:
+            log.error("connections reload rejected, keeping the last good set: %s", e)
+            return
+        for name, c in new.items():  # keep legacy endpoint announcements
+            if name in self.connections:
+                c.announced = self.connections[name].announced
+        self.connections = new
+        log.info("connections reloaded: %s", ", ".join(new) or "-")
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)

@@ -27,7 +27,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from addons import jwtverify as jv
 from addons.httputil import json_response, refuse_http
 from addons.record import get_record
-from addons.rules import ChangeWatcher, RulesError
+from addons.rules import ChangeWatcher, RulesError, poll_forever
 
 log = logging.getLogger("bastion.identity")
 
@@ -192,18 +192,13 @@ class Identity:
 
     def running(self):
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._watch_revoked()))
+        self._tasks.append(loop.create_task(poll_forever(self.poll_revoked)))
         if not isinstance(self.source, jv.LocalKeySource):
             self._tasks.append(loop.create_task(self._prefetch()))
 
     def done(self):
         for t in self._tasks:
             t.cancel()
-
-    async def _watch_revoked(self):
-        while True:
-            await asyncio.sleep(0.5)
-            self.poll_revoked()
 
     def poll_revoked(self) -> None:
         w = self._revoked_watcher

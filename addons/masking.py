@@ -20,7 +20,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.maskcore import MaskConfig, MaskError, Profile, load_masking, mask_message, mask_value, validate_dir
 from addons.record import BastionRecord, MaskEvent, get_record
-from addons.rules import ChangeWatcher, RulesError, rules_files
+from addons.rules import ChangeWatcher, RulesError, poll_forever, rules_files
 
 log = logging.getLogger("bastion.masking")
 
@@ -144,16 +144,11 @@ class Masking:
                  self.config.default)
 
     def running(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._reload_loop())
+        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_reload))
 
     def done(self) -> None:
         if self._task is not None:
             self._task.cancel()
-
-    async def _reload_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            self.check_reload()
 
     def check_reload(self) -> bool:
         """Reload rules/masking.yaml if it changed; a broken file keeps the last good rules."""

@@ -20,7 +20,7 @@ from addons.httputil import refuse_jsonrpc
 from addons.mcp import LIST_METHODS, SERVER_REQUEST_METHODS, Message, jsonrpc_error
 from addons.policy_rules import Policy as RulesPolicy, evaluate, explain, filter_list_result, load_policy, policy_files
 from addons.record import Decision, Identity, get_record
-from addons.rules import ChangeWatcher, RulesError
+from addons.rules import ChangeWatcher, RulesError, poll_forever
 
 log = logging.getLogger("bastion.policy")
 
@@ -87,17 +87,15 @@ class Policy:
                      len(self.policy.blocklist))
 
     def running(self):
-        self._task = asyncio.get_running_loop().create_task(self._reload_loop())
+        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_reload))
 
     def done(self):
         if self._task:
             self._task.cancel()
 
-    async def _reload_loop(self):
-        while True:
-            await asyncio.sleep(0.5)
-            if self._watcher is not None and self._watcher.changed():
-                self.reload()
+    def check_reload(self) -> None:
+        if self._watcher is not None and self._watcher.changed():
+            self.reload()
 
     def reload(self) -> bool:
         try:

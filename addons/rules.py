@@ -5,6 +5,8 @@ loads through `load_yaml` so errors always read `rules/x.yaml:12: message`.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,3 +122,17 @@ def rules_files(rules_dir: str | os.PathLike, name: str) -> list[Path]:
     if extra.is_dir():
         out += sorted(extra.glob("*.yaml"))
     return out
+
+
+RELOAD_INTERVAL = 0.5  # seconds; edits take effect well inside the promised 2 s
+
+
+async def poll_forever(check: Callable[[], object], interval: float = RELOAD_INTERVAL) -> None:
+    """Hot-reload loop shared by every addon: call `check` every `interval`. An exception
+    is logged and the loop goes on (the last good rules stay in force)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            check()
+        except Exception:  # noqa: BLE001 - a reload bug must not end reloading
+            logging.getLogger("bastion.rules").exception("reload check failed")

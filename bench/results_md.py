@@ -17,6 +17,13 @@ def _load(p: Path):
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def _slope(xs: list[float], ys: list[float]) -> float:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+
+
 def write_results_md(out: Path) -> Path:
     res = _load(out / "results.json")
     mem = _load(out / "memory.json")
@@ -73,12 +80,17 @@ def write_results_md(out: Path) -> Path:
             L += ["", "Targets that did not start:", "", "```", *res["failed"], "```"]
         L.append("")
     if mem:
+        after = [s for s in mem["samples"][1:]]
+        rss = [s["rss_mib"] for s in after]
+        slope = _slope([s["calls"] for s in after], rss) * 10_000 if len(after) > 2 else None
         L += ["## Memory: gateway RSS over recorded calls (`./run.sh bench --memory`)", "",
               f"{mem['date']}: full chain, small tools/call at concurrency 16, {mem['calls']} calls, every one "
               f"recorded ({mem['recordings_mib']:.1f} MiB of recordings written). RSS idle "
-              f"{mem['rss_start_mib']:.1f} MiB, end {mem['rss_end_mib']:.1f} MiB; growth after the first sample "
-              f"**{mem['growth_mib_after_first_sample']:+.1f} MiB** "
-              f"(**{mem['growth_mib_per_10k']:+.2f} MiB per 10k calls**; target ≤ 50 MB over 200k).", "",
+              f"{mem['rss_start_mib']:.1f} MiB; after the first sample it ranges "
+              f"{min(rss):.1f}–{max(rss):.1f} MiB and ends at {mem['rss_end_mib']:.1f} MiB: first-to-last "
+              f"**{mem['growth_mib_after_first_sample']:+.1f} MiB** ({mem['growth_mib_per_10k']:+.2f} MiB per 10k calls)"
+              + (f", least-squares trend **{slope:+.2f} MiB per 10k calls**" if slope is not None else "")
+              + " (target: ≤ 50 MB growth over 200k calls).", "",
               "| calls | RSS MiB | req/s in step |", "|---|---|---|"]
         for s in mem["samples"]:
             L.append(f"| {s['calls']} | {s['rss_mib']:.1f} | {s.get('rps', 0):.0f} |")

@@ -1,0 +1,366 @@
+"""addons/mcpflow.py McpParser: every client->server body is parsed before policy; what cannot
+be parsed is refused with the right JSON-RPC error and HTTP status and never forwarded."""
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+
+import brotli
+import pytest
+from mitmproxy import http
+from mitmproxy.net import encoding
+from mitmproxy.test import taddons, tflow, tutils
+
+from addons import mcp
+from addons.failclosed import FailClosed
+from addons.mcpflow import McpParser, stream_key
+from addons.record import Identity, get_record
+
+META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {}}
+CALL = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "query_sql", "arguments": {"sql": "select 1", "region": "eu"}}}
+
+
+class Opts:
+    """Stands in for the connections addon, which declares the shared options."""
+
+    def load(self, loader):
+        loader.add_option("bastion_rules", str, "rules", "")
+        loader.add_option("bastion_max_body", int, 4 * 1024 * 1024, "")
+
+
+@pytest.fixture
+def parser():
+    p = McpParser()
+    with taddons.context(Opts(), p) as tctx:
+        yield p, tctx
+
+
+def mkflow(content: bytes | None = None, obj=CALL, method="POST", path="/mcp/demo",
+           ctype="application/json", headers=(), conn="demo", sub="alice"):
+    hdrs = [(b"host", b"gw")]
+    if ctype is not None:
+        hdrs.append((b"content-type", ctype.encode()))
+    hdrs += [(k.encode(), v.encode()) for k, v in headers]
+    body = content if content is not None else (json.dumps(obj).encode() if obj is not None else b"")
+    f = tflow.tflow(req=tutils.treq(method=method.encode(), path=path.encode(), headers=http.Headers(hdrs),
+                                    content=body))
+    rec = get_record(f.metadata)
+    rec.connection = conn
+    rec.identity = Identity(sub=sub) if sub else None
+    return f, rec
+
+
+def rpc_error(f) -> dict:
+    assert f.response.headers["content-type"] == "application/json"
+    return json.loads(f.response.content)["error"]
+
+
+def test_plain_post_parsed(parser):
+    p, _ = parser
+    f, rec = mkflow(headers=[("MCP-Protocol-Version", "2025-06-18")])
+    p.request(f)
+    assert f.response is None
+    assert [m.method for m in rec.messages] == ["tools/call"] and not rec.batch
+    assert rec.messages[0].tool_name == "query_sql" and rec.protocol_version == "2025-06-18"
+    f, rec = mkflow(obj={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": META}})
+    p.request(f)
+    assert rec.protocol_version == "2026-07-28"
+
+
+@pytest.mark.parametrize("enc", ["gzip", "deflate", "br", "zstd"])
+def test_compressed_bodies_decoded_and_forwarded_decoded(parser, enc):
+    p, _ = parser
+    plain = json.dumps(CALL).encode()
+    f, rec = mkflow(content=encoding.encode(plain, enc), headers=[("content-encoding", enc)])
+    assert f.request.raw_content != plain
+    p.request(f)
+    assert f.response is None and rec.messages[0].tool_name == "query_sql"
+    # the upstream gets exactly the bytes that were inspected
+    assert "content-encoding" not in f.request.headers
+    assert f.request.raw_content == plain
+
+
+def test_compressed_with_independent_codecs(parser):
+    p, _ = parser
+    plain = json.dumps(CALL).encode()
+    for enc, data in (("gzip", gzip.compress(plain)), ("deflate", zlib.compress(plain)), ("br", brotli.compress(plain))):
+        f, rec = mkflow(content=data, headers=[("content-encoding", enc)])
+        p.request(f)
+        assert f.response is None and f.request.raw_content == plain, enc
+
+
+def test_compressed_attack_is_parsed_after_decoding(parser):
+    # the decoded body is what gets checked: a bad method hidden in gzip is still refused
+    p, _ = parser
+    bad = json.dumps({**CALL, "method": "Tools/call"}).encode()
+    f, rec = mkflow(content=gzip.compress(bad), headers=[("content-encoding", "gzip")])
+    p.request(f)
+    assert f.response.status_code == 404 and rpc_error(f)["code"] == mcp.METHOD_NOT_FOUND
+
+
+@pytest.mark.parametrize("enc,data", [
+    ("gzip", b"not gzip at all"), ("br", b"\x00\x01garbage"), ("zstd", b"nope"), ("deflate", b"\xff\xff"),
+    ("compress", b"x"), ("x-custom", b"{}"), ("gzip, gzip", gzip.compress(gzip.compress(b"{}"))),
+])
+def test_undecodable_encoding_refused(parser, enc, data):
+    p, _ = parser
+    f, rec = mkflow(content=data, headers=[("content-encoding", enc)])
+    p.request(f)
+    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcp.PARSE_ERROR
+    assert rec.refusal and not rec.messages
+
+
+@pytest.mark.parametrize("ctype", [None, "", "text/plain", "application/x-www-form-urlencoded", "text/json",
+                                   "application/jsonx", "application/json-seq", "multipart/form-data",
+                                   "text/event-stream"])
+def test_wrong_or_missing_content_type_415(parser, ctype):
+    p, _ = parser
+    f, rec = mkflow(ctype=ctype)
+    p.request(f)
+    assert f.response.status_code == 415 and json.loads(f.response.content)["error"] == "unsupported_media_type"
+    assert not rec.messages
+
+
+@pytest.mark.parametrize("ctype", ["application/json", "Application/JSON", "application/json; charset=utf-8",
+                                   " application/json ;charset=UTF-8"])
+def test_json_content_type_variants_accepted(parser, ctype):
+    p, _ = parser
+    f, _ = mkflow(ctype=ctype)
+    p.request(f)
+    assert f.response is None
+
+
+def test_oversized_body_413_also_after_decoding(parser):
+    p, tctx = parser
+    tctx.options.bastion_max_body = 1000
+    f, rec = mkflow(content=b'{"a":"' + b"x" * 2000 + b'"}')
+    p.request(f)
+    assert f.response.status_code == 413 and not rec.messages
+    bomb = gzip.compress(json.dumps({**CALL, "pad": "x" * 5000}).encode())
+    assert len(bomb) < 1000
+    f, rec = mkflow(content=bomb, headers=[("content-encoding", "gzip")])
+    p.request(f)
+    assert f.response.status_code == 413
+    f, rec = mkflow()
+    p.request(f)
+    assert f.response is None
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_get_or_delete_with_body_refused(parser, method):
+    p, _ = parser
+    f, rec = mkflow(method=method, content=b'{"jsonrpc":"2.0","id":1,"method":"tools/call"}')
+    p.request(f)
+    assert f.response.status_code == 400 and "stream_checked" not in rec.notes
+
+
+def test_get_without_body_is_a_checked_stream(parser):
+    p, _ = parser
+    f, rec = mkflow(method="GET", content=b"", ctype=None, headers=[("mcp-session-id", "s1")])
+    p.request(f)
+    assert f.response is None and rec.notes["stream_checked"] and rec.session_id == "s1"
+    assert callable(rec.notes["pending_lookup"]) and callable(rec.notes["bind_session"])
+
+
+@pytest.mark.parametrize("content,code,status", [
+    (b"{not json", mcp.PARSE_ERROR, 400),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"ping"}', mcp.PARSE_ERROR, 400),
+    (b'\xef\xbb\xbf{"jsonrpc":"2.0","id":1,"method":"ping"}', mcp.PARSE_ERROR, 400),
+    (b'{"jsonrpc":"2.0","id":1,"method":"ping","x":"\xff"}', mcp.PARSE_ERROR, 400),
+    (b'{"hello":"world"}', mcp.INVALID_REQUEST, 400),
+    (b"[]", mcp.INVALID_REQUEST, 400),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call ","params":{"name":"x"}}', mcp.METHOD_NOT_FOUND, 404),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":"{}"}}',
+     mcp.INVALID_PARAMS, 400),
+])
+def test_bad_bodies_refused_with_jsonrpc_errors(parser, content, code, status):
+    p, _ = parser
+    f, rec = mkflow(content=content)
+    p.request(f)
+    assert f.response.status_code == status and rpc_error(f)["code"] == code
+    assert rec.refusal and not rec.messages
+
+
+def test_error_echoes_request_id(parser):
+    p, _ = parser
+    f, _ = mkflow(obj={**CALL, "id": "req-9", "method": "Tools/call"})
+    p.request(f)
+    assert json.loads(f.response.content)["id"] == "req-9"
+
+
+def test_batch_parsed(parser):
+    p, _ = parser
+    f, rec = mkflow(obj=[{"jsonrpc": "2.0", "id": 1, "method": "ping"}, CALL])
+    p.request(f)
+    assert f.response is None and rec.batch and len(rec.messages) == 2
+
+
+def modern(obj=CALL):
+    o = json.loads(json.dumps(obj))
+    o["params"]["_meta"] = META
+    return o
+
+
+def routing(obj, **extra):
+    h = [("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", obj["method"])]
+    if obj["method"] == "tools/call":
+        h.append(("Mcp-Name", obj["params"]["name"]))
+    return h + list(extra.items())
+
+
+def test_routing_headers_checked(parser):
+    p, _ = parser
+    obj = modern()
+    f, rec = mkflow(obj=obj, headers=routing(obj))
+    p.request(f)
+    assert f.response is None
+    f, rec = mkflow(obj=obj, headers=[("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call"),
+                                      ("Mcp-Name", "read_file")])
+    p.request(f)
+    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcp.HEADER_MISMATCH
+    f, rec = mkflow(obj=obj, headers=routing(obj) + [("mcp-method", "tools/call")])
+    p.request(f)
+    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcp.HEADER_MISMATCH
+
+
+TOOLS_LIST_RESULT = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [
+    {"name": "query_sql", "inputSchema": {"type": "object", "properties": {
+        "sql": {"type": "string"}, "region": {"type": "string", "x-mcp-header": "Region"}}}},
+    {"name": "no_headers", "inputSchema": {"type": "object"}},
+    "junk", {"name": 5},
+]}}
+
+
+def learn_from_tools_list(p):
+    f, rec = mkflow(obj={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    p.request(f)
+    assert f.response is None and rec.response_transforms
+    msg = TOOLS_LIST_RESULT
+    for t in rec.response_transforms:
+        assert getattr(t, "readonly", False)        # learning never changes the response
+        msg = t(msg)
+    assert msg is TOOLS_LIST_RESULT
+
+
+def test_param_headers_refused_before_schema_is_known_then_checked(parser):
+    p, _ = parser
+    obj = modern()
+    f, _ = mkflow(obj=obj, headers=routing(obj) + [("Mcp-Param-Region", "eu")])
+    p.request(f)
+    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcp.HEADER_MISMATCH
+    learn_from_tools_list(p)
+    assert p.param_maps[("demo", "query_sql")] == {"mcp-param-region": ("region",)}
+    f, _ = mkflow(obj=obj, headers=routing(obj) + [("Mcp-Param-Region", "eu")])
+    p.request(f)
+    assert f.response is None
+    f, _ = mkflow(obj=obj, headers=routing(obj) + [("Mcp-Param-Region", "us")])
+    p.request(f)
+    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcp.HEADER_MISMATCH
+    f, _ = mkflow(obj=obj, headers=routing(obj) + [("Mcp-Param-Sql", "select 1")])
+    p.request(f)
+    assert f.response.status_code == 400
+    # the schema was learnt for this connection only
+    f, _ = mkflow(obj=obj, headers=routing(obj) + [("Mcp-Param-Region", "eu")], conn="other")
+    p.request(f)
+    assert f.response.status_code == 400
+
+
+def test_skips_refused_and_unrouted_flows(parser):
+    p, _ = parser
+    f, rec = mkflow(content=b"garbage")
+    f.response = tutils.tresp()
+    p.request(f)
+    assert not rec.messages and rec.refusal is None
+    f, rec = mkflow(content=b"garbage", conn=None)
+    p.request(f)
+    assert f.response is None
+
+
+# --- sessions belong to the identity that opened them ---------------------------------------
+
+def bind(p, sid="s1", sub="alice"):
+    f, rec = mkflow(obj={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}, sub=sub)
+    p.request(f)
+    f.response = tutils.tresp(headers=http.Headers([(b"mcp-session-id", sid.encode())]))
+    p.responseheaders(f)
+
+
+def test_session_owner_enforced(parser):
+    p, _ = parser
+    bind(p, "s1", "alice")
+    f, _ = mkflow(headers=[("mcp-session-id", "s1")], sub="alice")
+    p.request(f)
+    assert f.response is None
+    f, rec = mkflow(headers=[("mcp-session-id", "s1")], sub="mallory")
+    p.request(f)
+    assert f.response.status_code == 404 and not rec.messages
+    f, rec = mkflow(method="GET", content=b"", headers=[("mcp-session-id", "s1")], sub="mallory")
+    p.request(f)
+    assert f.response.status_code == 404
+    f, rec = mkflow(headers=[("mcp-session-id", "s1")], sub=None)
+    p.request(f)
+    assert f.response.status_code == 404
+
+
+def test_duplicate_session_header_refused(parser):
+    p, _ = parser
+    bind(p, "victim", "alice")
+    bind(p, "mine", "mallory")
+    for sids in (("victim", "victim"), ("mine", "victim")):
+        f, rec = mkflow(headers=[("mcp-session-id", sids[0]), ("Mcp-Session-Id", sids[1])], sub="mallory")
+        p.request(f)
+        assert f.response.status_code == 400 and not rec.messages, sids
+
+
+def test_legacy_session_query_owner_enforced(parser):
+    p, _ = parser
+    f, rec = mkflow(method="GET", content=b"", path="/mcp/leg/sse", conn="leg", sub="alice")
+    p.request(f)
+    rec.notes["bind_session"]("abc")            # the endpoint event named session abc
+    f, rec = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="mallory")
+    p.request(f)
+    assert f.response.status_code == 404
+    f, rec = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="alice")
+    p.request(f)
+    assert f.response is None
+
+
+def test_stream_key():
+    class R:
+        session_id = None
+    r = R()
+    req = tutils.treq(path=b"/mcp/leg/messages/?x=1&session_id=abc")
+    assert stream_key(r, req) == "abc"
+    assert stream_key(r, tutils.treq(path=b"/m?sessionId=q")) == "q"
+    assert stream_key(r, tutils.treq(path=b"/m?session_id=")) is None
+    r.session_id = "hdr"
+    assert stream_key(r, req) == "hdr"
+
+
+def test_pending_transforms_follow_the_response_and_are_bounded(parser, monkeypatch):
+    from addons import mcpflow
+    p, _ = parser
+    monkeypatch.setattr(mcpflow, "MAX_PENDING", 5)
+    for i in range(8):
+        f, rec = mkflow(obj={**CALL, "id": i}, headers=[("mcp-session-id", "s")], sub=None)
+        p.request(f)
+        marker = lambda m, i=i: m  # noqa: E731
+        rec.response_transforms.append(marker)
+    assert len(p.pending) == 5
+    g, grec = mkflow(method="GET", content=b"", headers=[("mcp-session-id", "s")], sub=None)
+    p.request(g)
+    assert grec.notes["pending_lookup"](7) and grec.notes["pending_lookup"](0) is None
+    assert grec.notes["pending_lookup"]("7") is None            # ids of another type never collide
+
+
+def test_wrapped_parser_fails_closed(monkeypatch):
+    p = McpParser()
+    wrapped = FailClosed(p)
+    with taddons.context(Opts(), wrapped):
+        monkeypatch.setattr(mcp, "parse_body", lambda *a, **k: 1 / 0)
+        f, rec = mkflow()
+        wrapped.request(f)
+        assert f.response.status_code == 502 and rec.refusal
