@@ -307,7 +307,7 @@ class Router:
             return
         rec.connection = conn.name
         origin = req.headers.get("origin")
-        if origin is not None and not self._origin_ok(origin, req):
+        if origin is not None and not self._origin_ok(origin, flow):
             refuse_http(flow, 403, "forbidden_origin", "Origin is not allowed")
             return
         # Which upstream path? Only the registered endpoint, or (legacy SSE) a path the
@@ -335,13 +335,18 @@ class Router:
             refuse_http(flow, 413, "body_too_large", f"request body exceeds {ctx.options.bastion_max_body} bytes")
             return
 
-    def _origin_ok(self, origin: str, req: http.Request) -> bool:
+    def _origin_ok(self, origin: str, flow: http.HTTPFlow) -> bool:
         allowed = {o.strip() for o in ctx.options.bastion_allowed_origins.split(",") if o.strip()}
         if origin in allowed:
             return True
-        # same-origin requests (e.g. a page served by the gateway host) are fine
-        host = req.headers.get("host", "")
-        return bool(host) and origin in (f"http://{host}", f"https://{host}")
+        # same origin as the gateway's own listener. Not the Host header: reverse mode has
+        # already rewritten it to the upstream's, and a rebinding page controls it anyway.
+        sock = flow.client_conn.sockname
+        if not sock:
+            return False
+        host, port = sock[0], sock[1]
+        names = {host, "localhost"} if host in ("127.0.0.1", "::1") else {host}
+        return origin in {f"{scheme}://{n}:{port}" for n in names for scheme in ("http", "https")}
 
 
 class Injector:

@@ -466,12 +466,17 @@ def test_legacy_announced_path_routed_with_plain_query_only(chain):
 
 def test_origin_checks(chain):
     router, _, tctx = chain
-    for origin in ("http://evil.example", "null", "http://gw.example:8080.evil", "https://gw.example"):
+    # same origin = the listener the client connected to, never the (spoofable, and in
+    # reverse mode rewritten) Host header
+    for origin in ("http://evil.example", "null", "http://gw.example:8080.evil", "https://gw.example",
+                   "http://gw.example:8080", "http://127.0.0.1:8081"):
         f = mkflow(headers=[("origin", origin)])
+        f.client_conn.sockname = ("127.0.0.1", 8080)
         router.requestheaders(f)
         assert f.response.status_code == 403 and error_body(f)["error"] == "forbidden_origin", origin
-    for origin in ("http://gw.example:8080", "https://gw.example:8080"):
+    for origin in ("http://127.0.0.1:8080", "http://localhost:8080", "https://127.0.0.1:8080"):
         f = mkflow(headers=[("origin", origin)])
+        f.client_conn.sockname = ("127.0.0.1", 8080)
         router.requestheaders(f)
         assert f.response is None, origin
     f = mkflow()          # no Origin at all (non-browser clients)
