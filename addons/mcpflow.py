@@ -7,7 +7,14 @@ failures with an HTTP error status; the SDK's ERROR_CODE_HTTP_STATUS table).
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import OrderedDict
+
+import brotli
+try:
+    from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
+except ImportError:
+    from backports import zstd  # type: ignore[import-not-found,no-redef]  # mitmproxy's dependency
 
 from mitmproxy import http
 
@@ -101,8 +108,11 @@ class McpParser:
         if ctype != "application/json":
             refuse_http(flow, 415, "unsupported_media_type", "MCP messages are POSTed as application/json")
             return
+        enc = req.headers.get("content-encoding", "")
         try:
-            body = req.get_content(strict=True)
+            body = decode_bounded(req.raw_content or b"", enc, _max_body())
+        except BodyTooLarge:
+            body = None
         except ValueError:
             refuse_message(flow, None, mcp.PARSE_ERROR, "request body has a Content-Encoding the gateway cannot decode",
                            status=400)
@@ -127,8 +137,9 @@ class McpParser:
         rec.batch = parsed.batch
         rec.protocol_version = req.headers.get("mcp-protocol-version") or next(
             (m.protocol_version for m in parsed.messages if m.protocol_version), None)
-        if req.headers.get("content-encoding"):
-            req.decode()  # upstream gets exactly the bytes that were inspected
+        if "content-encoding" in req.headers:
+            del req.headers["content-encoding"]
+            req.content = body  # upstream gets exactly the bytes that were inspected
         if key is not None:
             for m in parsed.messages:
                 if m.kind == "request":
@@ -150,6 +161,48 @@ class McpParser:
             while len(self.param_maps) > MAX_SCHEMAS:
                 self.param_maps.popitem(last=False)
         return message
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def decode_bounded(raw: bytes, enc: str, limit: int) -> bytes:
+    """Decode a request body, never producing more than `limit` bytes (a 4 MiB gzip body
+    can inflate to 4 GiB; mitmproxy's own decode has no bound). Raises BodyTooLarge, or
+    ValueError for an unknown, corrupt, truncated or multi-member encoding."""
+    enc = enc.strip().lower()
+    if enc in ("", "identity"):
+        return raw
+    out: bytes
+    try:
+        if enc in ("gzip", "deflate"):
+            for wbits in ((16 + zlib.MAX_WBITS,) if enc == "gzip" else (zlib.MAX_WBITS, -zlib.MAX_WBITS)):
+                d = zlib.decompressobj(wbits)
+                try:
+                    out = d.decompress(raw, limit + 1)
+                    break
+                except zlib.error:
+                    if wbits == -zlib.MAX_WBITS or enc == "gzip":
+                        raise
+            complete = d.eof and not d.unused_data
+        elif enc == "br":
+            b = brotli.Decompressor()
+            out = b.process(raw, output_buffer_limit=limit + 1)
+            complete = b.is_finished()
+        elif enc == "zstd":
+            z = zstd.ZstdDecompressor()
+            out = z.decompress(raw, max_length=limit + 1)
+            complete = z.eof and not z.unused_data
+        else:
+            raise ValueError(f"unsupported content-encoding {enc!r}")
+    except (zlib.error, brotli.error, zstd.ZstdError, EOFError) as e:
+        raise ValueError(str(e)) from None
+    if len(out) > limit:
+        raise BodyTooLarge()
+    if not complete:
+        raise ValueError("truncated or trailing compressed data")
+    return out
 
 
 def _idkey(msg_id) -> str:

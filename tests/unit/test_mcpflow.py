@@ -364,3 +364,44 @@ def test_wrapped_parser_fails_closed(monkeypatch):
         f, rec = mkflow()
         wrapped.request(f)
         assert f.response.status_code == 502 and rec.refusal
+
+
+# --- bounded decoding (decompression bombs) ------------------------------------------------
+
+@pytest.mark.parametrize("enc", ["gzip", "deflate", "br", "zstd"])
+def test_decompression_bomb_refused_without_inflating_it(parser, enc):
+    from addons.mcpflow import BodyTooLarge, decode_bounded
+    p, tctx = parser
+    limit = 512 * 1024
+    tctx.options.bastion_max_body = limit
+    bomb = encoding.encode(b'{"jsonrpc":"2.0","id":1,"method":"ping","pad":"' + b"0" * (64 * 1024 * 1024) + b'"}', enc)
+    assert len(bomb) < limit      # passes the Content-Length check, inflates 128x past the limit
+    with pytest.raises(BodyTooLarge):
+        decode_bounded(bomb, enc, limit)
+    f, rec = mkflow(content=bomb, headers=[("content-encoding", enc)])
+    p.request(f)
+    assert f.response.status_code == 413 and not rec.messages
+
+
+@pytest.mark.parametrize("enc", ["gzip", "deflate", "br", "zstd"])
+def test_decode_bounded_exact_and_corrupt(enc):
+    from addons.mcpflow import BodyTooLarge, decode_bounded
+    plain = json.dumps(CALL).encode()
+    data = encoding.encode(plain, enc)
+    assert decode_bounded(data, enc, len(plain)) == plain           # exactly at the limit
+    assert decode_bounded(data, enc.upper(), len(plain)) == plain
+    with pytest.raises(BodyTooLarge):
+        decode_bounded(data, enc, len(plain) - 1)
+    with pytest.raises(ValueError):
+        decode_bounded(data[: len(data) // 2], enc, 10_000)           # truncated
+    if enc in ("gzip", "zstd"):
+        with pytest.raises(ValueError):
+            decode_bounded(data + data, enc, 10_000)                   # second member / frame smuggled after
+
+
+def test_decode_bounded_identity_and_unknown():
+    from addons.mcpflow import decode_bounded
+    assert decode_bounded(b"{}", "", 10) == b"{}" and decode_bounded(b"{}", "identity", 10) == b"{}"
+    for enc in ("compress", "x-gzip", "gzip, br", "br;q=1"):
+        with pytest.raises(ValueError):
+            decode_bounded(b"{}", enc, 10)

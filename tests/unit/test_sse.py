@@ -5,8 +5,6 @@ The MCP SDK client's own SSE decoder (httpx2._sse) is the reference for what a c
 """
 from __future__ import annotations
 
-import itertools
-import json
 
 import pytest
 from httpx2._sse import _SSEParser as ClientSSEParser
