@@ -9,7 +9,8 @@ run only once a decision is made. A held call can be decided by
 - mitmweb (`./run.sh web`): Resume = approve, Kill = deny, or the commands
   `bastion.approve @focus` / `bastion.deny @focus "reason"` in the command bar — mitmweb's
   own authentication (web_password / token) is what identifies that console,
-- the deadline: the call is refused with "approval timed out".
+- the deadline: the call is refused with "approval timed out",
+- the caller going away or the gateway shutting down: the hold is cancelled.
 A denial is always a JSON-RPC error for the caller, never a dropped connection.
 """
 from __future__ import annotations
@@ -23,9 +24,11 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from mitmproxy import command, ctx, exceptions, flow as mflow, hooks, http
+from mitmproxy.connection import ConnectionState
 
 from addons.httputil import json_response, refuse_http, refuse_jsonrpc
 from addons.mcp import jsonrpc_error
@@ -35,9 +38,13 @@ log = logging.getLogger("bastion.approval")
 
 APPROVAL_DENIED = -32033
 APPROVAL_TIMEOUT = -32034
+APPROVAL_CANCELLED = -32035
 ADMIN_PREFIX = "/_bastion/approvals"
 MAX_GRANTS = 10_000
-POLL = 0.1
+MAX_REASON = 500
+POLL = 0.1  # how often a hold looks at mitmweb's resume/kill and the client connection
+OUTCOME_MARKS = {"approved": ":white_check_mark:", "denied": ":no_entry:", "timeout": ":alarm_clock:",
+                 "cancelled": ":heavy_multiplication_x:"}
 
 
 @dataclass
@@ -49,51 +56,93 @@ class Pending:
     summary: dict
     approvers: tuple[str, ...]
     rule: str
-    deadline: float
+    timeout: float
+    deadline: float                   # time.monotonic()
     created: float = field(default_factory=time.time)
-    outcome: str | None = None        # approved / denied / timeout
+    decided: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: str | None = None        # approved / denied / timeout / cancelled
     approver: str | None = None
     reason: str = ""
 
+    @property
+    def deadline_utc(self) -> str:
+        return datetime.fromtimestamp(self.created + self.timeout, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
     def public(self) -> dict:
         return {"id": self.id, "requester": self.requester, "connection": self.connection, "rule": self.rule,
-                "approvers": list(self.approvers), "created": self.created,
+                "approvers": list(self.approvers), "created": self.created, "deadline": self.deadline_utc,
                 "expires_in": round(max(0.0, self.deadline - time.monotonic()), 1), **self.summary}
 
 
-def display_arguments(args: Any) -> Any:
-    """Arguments as an approver may see them: masked with the masking core when present."""
-    try:
-        from addons import maskcore
-        mask_value = getattr(maskcore, "mask_value", None)
-        strict = getattr(maskcore, "STRICT_DISPLAY_PROFILE", None)
-        if mask_value is not None and strict is not None:
-            return mask_value(strict, args)
-    except Exception:  # noqa: BLE001 - display only; fall back to key-based redaction
-        pass
-    return _redact_secret_keys(args)
+# --- what an approver sees (pure) ------------------------------------------------------
+
+_SECRETISH = ("password", "passwd", "secret", "token", "key", "credential", "auth", "cookie", "ssn", "card")
 
 
-_SECRETISH = ("password", "secret", "token", "key", "credential", "ssn", "card")
-
-
-def _redact_secret_keys(obj: Any, depth: int = 0) -> Any:
+def redact_secret_keys(obj: Any, depth: int = 0) -> Any:
+    """Last line of defence for display: values under secret-looking keys are hidden."""
     if depth > 32:
         return "[…]"
     if isinstance(obj, dict):
-        return {k: ("[MASKED]" if any(s in str(k).lower() for s in _SECRETISH) else _redact_secret_keys(v, depth + 1))
+        return {k: ("[MASKED]" if any(s in str(k).lower() for s in _SECRETISH) else redact_secret_keys(v, depth + 1))
                 for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_redact_secret_keys(v, depth + 1) for v in obj]
+        return [redact_secret_keys(v, depth + 1) for v in obj]
     return obj
 
 
+def display_arguments(args: Any, profiles: Sequence[Any] = ()) -> Any:
+    """Arguments as an approver may see them: the masking profiles that apply to the call,
+    then every built-in detector, then key-based redaction. Fails closed (hides all)."""
+    try:
+        from addons import maskcore
+        for prof in [*profiles, maskcore.builtin_config().profiles[maskcore.BUILTIN_DEFAULT]]:
+            args, _ = maskcore.mask_value(prof, args)
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - an unmaskable value is not shown at all
+        log.exception("masking arguments for display failed")
+        return "[arguments hidden: could not be masked]"
+    return redact_secret_keys(args)
+
+
 def fingerprint(rec: BastionRecord) -> str:
-    """identity + connection + normalised calls: what a grant covers."""
+    """identity + connection + normalised calls (method, tool, arguments): what a grant covers."""
     calls = [[m.method, m.target, m.arguments] for m in rec.messages]
     blob = json.dumps([rec.identity.sub if rec.identity else None, rec.connection, calls],
                       sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Grants:
+    """Approved fingerprints reusable until they expire; bounded (oldest dropped first)."""
+
+    def __init__(self, limit: int = MAX_GRANTS) -> None:
+        self.limit = limit
+        self._exp: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, fp: str, ttl: float, now: float | None = None) -> None:
+        self._exp[fp] = (time.monotonic() if now is None else now) + ttl
+        self._exp.move_to_end(fp)
+        while len(self._exp) > self.limit:
+            self._exp.popitem(last=False)
+
+    def valid(self, fp: str, now: float | None = None) -> bool:
+        exp = self._exp.get(fp)
+        if exp is None:
+            return False
+        if exp < (time.monotonic() if now is None else now):
+            del self._exp[fp]
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self._exp)
+
+
+def client_gone(flow: http.HTTPFlow) -> bool:
+    """The caller closed its connection (HTTP/1: nothing more can be read from it)."""
+    return not (flow.client_conn.state & ConnectionState.CAN_READ)
 
 
 class Approval:
@@ -101,7 +150,8 @@ class Approval:
 
     def __init__(self) -> None:
         self.pending: dict[str, Pending] = {}
-        self.grants: OrderedDict[str, float] = OrderedDict()
+        self.grants = Grants()
+        self._background: set[asyncio.Task] = set()
 
     def load(self, loader):
         loader.add_option("bastion_approval_timeout", float, 120.0,
@@ -109,12 +159,25 @@ class Approval:
         loader.add_option("bastion_approval_grant_ttl", float, 0.0,
                           "Seconds an approved call (same identity, connection, tool, arguments) may be "
                           "repeated without a new approval; 0 = off.")
+        loader.add_option("bastion_approval_webhook", str, "",
+                          "URL that receives a JSON summary (masked arguments) when a call starts waiting; "
+                          "empty = off. Failures are logged and approve nothing.")
 
     def configure(self, updated):
         if "bastion_approval_timeout" in updated and ctx.options.bastion_approval_timeout <= 0:
             raise exceptions.OptionsError("bastion_approval_timeout must be positive")
         if "bastion_approval_grant_ttl" in updated and ctx.options.bastion_approval_grant_ttl < 0:
             raise exceptions.OptionsError("bastion_approval_grant_ttl cannot be negative")
+        if "bastion_approval_webhook" in updated:
+            url = ctx.options.bastion_approval_webhook
+            if url and not url.startswith(("http://", "https://")):
+                raise exceptions.OptionsError(f"bastion_approval_webhook must be an http(s) URL, not {url!r}")
+
+    def done(self) -> None:
+        # pending holds live only in this process: nothing may be forwarded after a restart
+        for p in list(self.pending.values()):
+            if p.outcome is None:
+                self.decide(p.id, "cancelled", None, "gateway shutting down")
 
     # --- the hold ----------------------------------------------------------------------
 
@@ -128,47 +191,84 @@ class Approval:
         held = [d for d in rec.decisions if d.action == "approve"]
         if not held:
             return
-        fp = fingerprint(rec)
-        if self._granted(fp):
-            rec.approval = {"outcome": "approved", "approver": "grant", "rule": held[0].rule, "decided_at": time.time()}
-            log.info("approval grant reused for %s on %s", rec.identity.sub if rec.identity else "-", rec.connection)
+        ttl = ctx.options.bastion_approval_grant_ttl
+        if ttl > 0 and self.grants.valid(fingerprint(rec)):
+            rec.approval = {"id": None, "outcome": "approved", "approver": "grant", "reason": "repeat of an approved call",
+                            "rule": held[0].rule, "waited": 0.0, "decided_at": time.time()}
+            log.info("approval grant reused by %s on %s", rec.identity.sub if rec.identity else "-", rec.connection)
             return
-        timeout = min(d.timeout or ctx.options.bastion_approval_timeout for d in held)
-        approvers = tuple(sorted({r for d in held for r in d.approvers}))
-        p = Pending(id=uuid.uuid4().hex[:12], flow=flow, requester=rec.identity.sub if rec.identity else "-",
-                    connection=rec.connection, approvers=approvers, rule=held[0].rule or "-",
-                    deadline=time.monotonic() + timeout,
-                    summary={"calls": [{"method": m.method, "target": m.target,
-                                        "arguments": display_arguments(m.arguments)} for m in rec.messages],
-                             "roles": list(rec.identity.roles) if rec.identity else []})
+        p = self._pending(flow, rec, held)
         self.pending[p.id] = p
         flow.metadata["bastion_approval_id"] = p.id
         flow.intercept()
         flow.marked = ":hourglass_flowing_sand:"
-        flow.comment = self._comment(p, timeout)
+        flow.comment = self._comment(p)
         await self._update(flow)
         log.warning("approval %s: %s asks for %s on %s (rule %s, approvers %s, %gs)", p.id, p.requester,
                     ", ".join(str(c["target"] or c["method"]) for c in p.summary["calls"]), p.connection, p.rule,
-                    ",".join(approvers) or "any mitmweb user", timeout)
+                    ",".join(p.approvers) or "any mitmweb user", p.timeout)
+        self._notify(p)
         try:
             await self._wait(p)
+        except asyncio.CancelledError:
+            p.outcome, p.reason = p.outcome or "cancelled", p.reason or "connection handler stopped"
+            raise
+        except Exception:
+            p.outcome, p.reason = p.outcome or "cancelled", p.reason or "internal error while waiting"
+            raise
         finally:
             self.pending.pop(p.id, None)
-        self._finish(p, rec)
+            self._finish(p, rec)
         await self._update(flow)
+
+    def _pending(self, flow: http.HTTPFlow, rec: BastionRecord, held: list) -> Pending:
+        timeout = min(d.timeout or ctx.options.bastion_approval_timeout for d in held)
+        profiles = self._mask_profiles(rec)
+        calls = [{"method": m.method, "target": m.target, "arguments": display_arguments(m.arguments, profiles)}
+                 for m in rec.messages]
+        ident = rec.identity
+        return Pending(id=uuid.uuid4().hex[:12], flow=flow, requester=ident.sub if ident else "-",
+                       connection=rec.connection or "-", rule=held[0].rule or "-",
+                       approvers=tuple(sorted({r for d in held for r in d.approvers})),
+                       timeout=timeout, deadline=time.monotonic() + timeout,
+                       summary={"calls": calls, "roles": list(ident.roles) if ident else []})
+
+    @staticmethod
+    def _mask_profiles(rec: BastionRecord) -> list:
+        """The masking rules' profiles for this caller and call (masking runs after us)."""
+        masking = ctx.master.addons.get("masking")
+        cfg = getattr(masking, "config", None)
+        if cfg is None:
+            return []
+        ident = rec.identity
+        out: list = []
+        for m in rec.messages:
+            for prof in cfg.select(rec.connection, m.tool_name, ident.roles if ident else (),
+                                   ident.sub if ident else None, ident.client_id if ident else None):
+                if prof not in out:
+                    out.append(prof)
+        return out
 
     async def _wait(self, p: Pending) -> None:
         flow = p.flow
         while p.outcome is None:
+            remaining = p.deadline - time.monotonic()
+            if remaining <= 0:
+                p.outcome = "timeout"
+                break
+            try:
+                # woken at once by decide(); mitmweb's resume/kill and a disconnect set no
+                # event we can wait on, hence the short poll
+                await asyncio.wait_for(p.decided.wait(), min(POLL, remaining))
+                break
+            except TimeoutError:
+                pass
             if not flow.intercepted:
                 killed = flow.error is not None and flow.error.msg == mflow.Error.KILLED_MESSAGE
                 p.outcome, p.approver = ("denied", "mitmweb") if killed else ("approved", "mitmweb")
                 p.reason = "killed in mitmweb" if killed else ""
-                break
-            if time.monotonic() >= p.deadline:
-                p.outcome = "timeout"
-                break
-            await asyncio.sleep(POLL)
+            elif client_gone(flow):
+                p.outcome, p.reason = "cancelled", "client disconnected"
 
     def _finish(self, p: Pending, rec: BastionRecord) -> None:
         flow = p.flow
@@ -176,72 +276,92 @@ class Approval:
             # a kill in the UI is a denial the caller should be told about, not a reset
             flow.error = None
             flow.live = True
-        flow.intercepted = False
-        flow.marked = {"approved": ":white_check_mark:", "denied": ":no_entry:", "timeout": ":alarm_clock:"}[p.outcome]
+        if flow.intercepted:
+            flow.resume()
+        flow.marked = OUTCOME_MARKS[p.outcome or "cancelled"]
         rec.approval = {"id": p.id, "outcome": p.outcome, "approver": p.approver, "reason": p.reason,
                         "rule": p.rule, "waited": round(time.time() - p.created, 3), "decided_at": time.time()}
-        log.warning("approval %s: %s%s", p.id, p.outcome, f" by {p.approver}" if p.approver else "")
+        flow.comment = f"{flow.comment}\nOutcome: {p.outcome}" + (f" by {p.approver}" if p.approver else "") + (
+            f" ({p.reason})" if p.reason else "") + "."
+        log.warning("approval %s: %s%s after %.1fs%s", p.id, p.outcome, f" by {p.approver}" if p.approver else "",
+                    rec.approval["waited"], f" ({p.reason})" if p.reason else "")
         if p.outcome == "approved":
             ttl = ctx.options.bastion_approval_grant_ttl
             if ttl > 0:
-                self.grants[fingerprint(rec)] = time.monotonic() + ttl
-                while len(self.grants) > MAX_GRANTS:
-                    self.grants.popitem(last=False)
+                self.grants.add(fingerprint(rec), ttl)
             return
-        code, msg = ((APPROVAL_TIMEOUT, f"approval timed out (rule {p.rule})") if p.outcome == "timeout" else
-                     (APPROVAL_DENIED, f"approval denied (rule {p.rule})" + (f": {p.reason}" if p.reason else "")))
+        if p.outcome == "timeout":
+            code, msg = APPROVAL_TIMEOUT, f"approval timed out (rule {p.rule})"
+        elif p.outcome == "denied":
+            code, msg = APPROVAL_DENIED, f"approval denied (rule {p.rule})" + (f": {p.reason}" if p.reason else "")
+        else:
+            code, msg = APPROVAL_CANCELLED, f"approval cancelled (rule {p.rule}): {p.reason or 'cancelled'}"
         errors = [jsonrpc_error(m.id, code, msg, {"rule": p.rule, "approval": p.id})
                   for m in rec.messages if m.kind == "request"]
-        refuse_jsonrpc(flow, errors or [jsonrpc_error(None, code, msg)], rec.batch, 200,
-                       reason=msg, rule=p.rule)
-
-    def _granted(self, fp: str) -> bool:
-        exp = self.grants.get(fp)
-        if exp is None:
-            return False
-        if exp < time.monotonic():
-            del self.grants[fp]
-            return False
-        return True
+        refuse_jsonrpc(flow, errors or [jsonrpc_error(None, code, msg)], rec.batch, 200, reason=msg, rule=p.rule)
 
     @staticmethod
-    def _comment(p: Pending, timeout: float) -> str:
-        calls = "\n".join(f"  {c['method']} {c['target'] or ''} {json.dumps(c['arguments'], ensure_ascii=False)[:500]}"
-                          for c in p.summary["calls"])
-        return (f"APPROVAL {p.id} needed (rule {p.rule})\n"
-                f"requester: {p.requester} roles={','.join(p.summary['roles'])}\n"
-                f"connection: {p.connection}\n{calls}\n"
-                f"approvers: {', '.join(p.approvers) or 'mitmweb users'}; deadline in {timeout:g}s\n"
-                f"Resume = approve · Kill or `bastion.deny @focus reason` = deny")
+    def _comment(p: Pending) -> str:
+        # one sentence per line: mitmweb shows the comment as one paragraph, the console keeps lines
+        calls = "\n".join(f"Call: {c['method']} {c['target'] or ''} "
+                          f"{json.dumps(c['arguments'], ensure_ascii=False)[:500]}." for c in p.summary["calls"])
+        return (f"APPROVAL {p.id} needed, rule {p.rule}.\n"
+                f"Requester: {p.requester} (roles {', '.join(p.summary['roles']) or '-'}).\n"
+                f"Connection: {p.connection}.\n{calls}\n"
+                f"Approvers: {', '.join(p.approvers) or 'mitmweb users'}.\n"
+                f"Deadline: {p.deadline_utc} ({p.timeout:g}s).\n"
+                f"Resume = approve; Abort or `bastion.deny @focus \"reason\"` = deny.")
 
     @staticmethod
     async def _update(flow: http.HTTPFlow) -> None:
         await ctx.master.addons.trigger_event(hooks.UpdateHook([flow]))
 
+    def _notify(self, p: Pending) -> None:
+        url = ctx.options.bastion_approval_webhook
+        if not url:
+            return
+        task = asyncio.get_running_loop().create_task(self._post_webhook(url, {"event": "approval.pending", **p.public()}))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _post_webhook(url: str, payload: dict) -> None:
+        import httpx
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                r = await client.post(url, json=payload)
+            if r.status_code >= 300:
+                log.warning("approval webhook answered HTTP %d", r.status_code)
+        except Exception as e:  # noqa: BLE001 - a notification failure decides nothing
+            log.warning("approval webhook failed: %s", type(e).__name__)
+
     # --- decisions -----------------------------------------------------------------------
 
-    def decide(self, approval_id: str, outcome: str, approver: str, reason: str = "") -> Pending:
+    def decide(self, approval_id: str, outcome: str, approver: str | None, reason: str = "") -> Pending:
         p = self.pending.get(approval_id)
         if p is None or p.outcome is not None:
             raise KeyError(approval_id)
-        p.outcome, p.approver, p.reason = outcome, approver, reason[:500]
+        p.outcome, p.approver, p.reason = outcome, approver, reason[:MAX_REASON]
+        p.decided.set()
         return p
+
+    def _decide_flows(self, flows: Sequence[mflow.Flow], outcome: str, reason: str = "") -> None:
+        for f in flows:
+            pid = f.metadata.get("bastion_approval_id")
+            if pid in self.pending and self.pending[pid].outcome is None:
+                self.decide(pid, outcome, "mitmweb", reason)
+            else:
+                log.warning("flow %s is not waiting for approval", f.id)
 
     @command.command("bastion.approve")
     def approve_cmd(self, flows: Sequence[mflow.Flow]) -> None:
         """Approve held MCP calls (mitmweb command bar: bastion.approve @focus)."""
-        for f in flows:
-            pid = f.metadata.get("bastion_approval_id")
-            if pid in self.pending:
-                self.decide(pid, "approved", "mitmweb")
+        self._decide_flows(flows, "approved")
 
     @command.command("bastion.deny")
     def deny_cmd(self, flows: Sequence[mflow.Flow], reason: str = "") -> None:
         """Deny held MCP calls with a reason the caller sees (bastion.deny @focus "why")."""
-        for f in flows:
-            pid = f.metadata.get("bastion_approval_id")
-            if pid in self.pending:
-                self.decide(pid, "denied", "mitmweb", reason)
+        self._decide_flows(flows, "denied", reason)
 
     # --- admin API: /_bastion/approvals[/<id>/approve|deny] ----------------------------------
 
@@ -265,13 +385,14 @@ class Approval:
         pid, action = parts
         p = self.pending.get(pid)
         if p is None or p.outcome is not None:
-            refuse_http(flow, 404, "not_found", "no pending approval with that id")
+            refuse_http(flow, 404, "not_found", "no pending approval with that id (unknown or already decided)")
             return
         if ident.sub == p.requester:
             log.warning("approval %s: %s tried to decide their own request", pid, ident.sub)
             refuse_http(flow, 403, "forbidden", "you cannot decide your own request", rule="approval:self")
             return
         if p.approvers and not set(p.approvers) & set(ident.roles):
+            log.warning("approval %s: %s lacks an approver role (%s)", pid, ident.sub, ",".join(p.approvers))
             refuse_http(flow, 403, "insufficient_scope", f"approving needs one of the roles {', '.join(p.approvers)}",
                         rule="approval:role")
             return
@@ -301,15 +422,18 @@ def add_cli(sub) -> None:
     a.set_defaults(func=lambda args: _cli_decide(args, "approve"))
     d = sub.add_parser("deny", help="deny a held call")
     d.add_argument("id")
-    d.add_argument("--reason", default="")
+    d.add_argument("--reason", default="", help="shown to the caller in the JSON-RPC error")
     common(d)
     d.set_defaults(func=lambda args: _cli_decide(args, "deny"))
 
 
 def _call(args, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
     import httpx
-    r = httpx.request(method, args.gateway.rstrip("/") + path, json=body, timeout=10,
-                      headers={"authorization": f"Bearer {args.token}"})
+    try:
+        r = httpx.request(method, args.gateway.rstrip("/") + path, json=body, timeout=10,
+                          headers={"authorization": f"Bearer {args.token}"})
+    except httpx.HTTPError as e:
+        return 0, {"error": f"gateway unreachable ({type(e).__name__})"}
     try:
         return r.status_code, r.json()
     except ValueError:

@@ -61,6 +61,7 @@ async def test_resume_in_mitmweb_approves(chromium, demo_server, rules_dir, gate
             text = await page.locator("body").inner_text()
             assert "dev-container-needs-approval" in text and "dan" in text and "redis:7" in text
             await page.screenshot(path=str(ARTIFACTS / "approval-held.png"))
+            shutil.copy(ARTIFACTS / "approval-held.png", ROOT / "docs" / "img" / "approval.png")  # README
             await page.get_by_text("Request", exact=True).first.click()
             shown = await page.locator("body").inner_text()
             assert dev_token not in shown and dev_token[-20:] not in shown  # the token was consumed
@@ -72,3 +73,65 @@ async def test_resume_in_mitmweb_approves(chromium, demo_server, rules_dir, gate
             await browser.close()
     assert not result.is_error and result.structured_content["image"] == "redis:7"
     assert [l["image"] for l in launches(demo)] == ["redis:7"]
+
+
+class MitmwebApi:
+    """mitmweb's REST API as the UI uses it: bearer token (web_password) plus tornado's
+    double-submit XSRF check (the same value as cookie and header)."""
+
+    def __init__(self, gw):
+        import httpx
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.web_port}", timeout=10,
+                                      headers={"authorization": f"Bearer {gw.web_password}"})
+
+    async def __aenter__(self):
+        r = await self.http.get("/flows")
+        assert r.status_code == 200, r.status_code
+        xsrf = os.urandom(16).hex()
+        self.http.cookies.set("_mitmproxy_xsrf", xsrf)
+        self.http.headers["x-xsrftoken"] = xsrf
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.http.aclose()
+
+    async def held_flow(self, timeout: float = 10) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            flows = (await self.http.get("/flows")).json()
+            held = [f for f in flows if f.get("intercepted") and "APPROVAL" in f.get("comment", "")]
+            if held:
+                return held[-1]
+            await asyncio.sleep(0.1)
+        raise AssertionError("no held flow in mitmweb")
+
+
+async def test_kill_in_mitmweb_denies_with_a_jsonrpc_error(demo_server, rules_dir, gateway):
+    demo = demo_server("json")
+    gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 60}}), web=True)
+    async with connect(gw.mcp_url(), gw.token("dan", ["dev"])) as c, MitmwebApi(gw) as web:
+        call = asyncio.create_task(c.call_tool("launch_container", {"image": "killed:1"}))
+        held = await web.held_flow()
+        r = await web.http.post(f"/flows/{held['id']}/kill")
+        assert r.status_code == 200, r.text
+        with pytest.raises(Exception) as e:          # an MCP error, not a dropped connection
+            await asyncio.wait_for(call, 20)
+        assert "approval denied" in str(e.value) and "killed in mitmweb" in str(e.value)
+        # the session is still usable afterwards
+        assert (await c.call_tool("run_command", {"command": "true"})).is_error is False
+    assert launches(demo) == []
+
+
+async def test_deny_command_from_the_command_bar(demo_server, rules_dir, gateway):
+    demo = demo_server("json")
+    gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 60}}), web=True)
+    async with connect(gw.mcp_url(), gw.token("dan", ["dev"])) as c, MitmwebApi(gw) as web:
+        call = asyncio.create_task(c.call_tool("launch_container", {"image": "cmd:1"}))
+        held = await web.held_flow()
+        r = await web.http.post("/commands/bastion.deny",
+                                json={"arguments": [f"~comment {held['comment'].split()[1].rstrip(',')}", "ask on Monday"]})
+        assert r.status_code == 200 and "error" not in r.json(), r.text
+        with pytest.raises(Exception) as e:
+            await asyncio.wait_for(call, 20)
+        assert "approval denied" in str(e.value) and "ask on Monday" in str(e.value)
+    assert launches(demo) == []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -103,23 +104,82 @@ async def test_waiting_calls_do_not_slow_other_traffic(stack):
     hdr = {"authorization": f"Bearer {dev}", "content-type": "application/json",
            "accept": "application/json, text/event-stream"}
     async with httpx.AsyncClient(timeout=90) as http:
-        async def timed_ls(n: int) -> float:
-            t0 = time.perf_counter()
+        async def timed_ls(n: int) -> tuple[float, float]:
+            times = []
             for i in range(n):
+                t0 = time.perf_counter()
                 r = await http.post(gw.mcp_url(), json=body(i, "run_command", {"command": "true"}), headers=hdr)
+                times.append(time.perf_counter() - t0)
                 assert r.status_code == 200 and "result" in r.json(), r.text
-            return (time.perf_counter() - t0) / n
+            return statistics.median(times), max(times)
         # stateless raw calls: the demo in json mode wants a session, so initialize first
         init = await http.post(gw.mcp_url(), json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
             "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
             headers=hdr)
         hdr["mcp-session-id"] = init.headers["mcp-session-id"]
-        baseline = await timed_ls(10)
+        await timed_ls(5)                           # warm-up (first connection, imports)
+        baseline, base_max = await timed_ls(30)
         held = [asyncio.create_task(http.post(gw.mcp_url(), json=body(100 + i, "launch_container", {"image": f"i{i}"}),
                                               headers=hdr)) for i in range(20)]
         await pending(gw, gw.token("alice", ["approver"]), want=20)
-        loaded = await timed_ls(10)
+        loaded, loaded_max = await timed_ls(30)
         for t in held:
             t.cancel()
-    print(f"\nunrelated call latency: {baseline*1000:.1f} ms idle, {loaded*1000:.1f} ms with 20 held calls")
+    print(f"\n[approval e2e] unrelated tools/call latency, median (max) of 30: {baseline*1000:.1f} ms "
+          f"({base_max*1000:.1f}) idle, {loaded*1000:.1f} ms ({loaded_max*1000:.1f}) with 20 calls held")
     assert loaded < baseline * 5 + 0.05
+
+
+def sql(gw, query: str) -> list[dict]:
+    p = subprocess.run([sys.executable, "-m", "addons.cli", "sql", query, "--format", "json", "--store",
+                        str(gw.recordings)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+async def test_outcomes_are_in_the_audit_store(stack):
+    demo, gw = stack("json", policy=POLICY % {"timeout": 30})
+    approver = gw.token("alice", ["approver"])
+    async with connect(gw.mcp_url(), gw.token("dan", ["dev"])) as c:
+        call = asyncio.create_task(c.call_tool("launch_container", {"image": "redis:7"}))
+        items = await pending(gw, approver)
+        assert cli(gw, "approve", items[0]["id"], "--token", approver).returncode == 0
+        await asyncio.wait_for(call, 20)
+    rows = []
+    deadline = time.monotonic() + 20
+    while not rows and time.monotonic() < deadline:   # the recorder flushes in the background
+        rows = sql(gw, "SELECT outcome, approver, rule FROM approvals")
+        await asyncio.sleep(0.5)
+    assert {"outcome": "approved", "approver": "alice", "rule": "dev-container-needs-approval"} in rows
+
+
+async def test_client_disconnect_cancels_the_hold(stack):
+    demo, gw = stack("json", policy=POLICY % {"timeout": 30})
+    dev, approver = gw.token("dan", ["dev"]), gw.token("alice", ["approver"])
+    hdr = {"authorization": f"Bearer {dev}", "content-type": "application/json",
+           "accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient(timeout=60) as http:
+        init = await http.post(gw.mcp_url(), json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
+            headers=hdr)
+        hdr["mcp-session-id"] = init.headers["mcp-session-id"]
+    http = httpx.AsyncClient(timeout=60)
+    call = asyncio.create_task(http.post(gw.mcp_url(), headers=hdr, json={
+        "jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "launch_container", "arguments": {"image": "gone:1"}}}))
+    items = await pending(gw, approver)
+    call.cancel()
+    await http.aclose()                               # the caller goes away
+    deadline = time.monotonic() + 10
+    async with httpx.AsyncClient(timeout=5) as admin:
+        while time.monotonic() < deadline:
+            r = await admin.get(f"{gw.url}/_bastion/approvals", headers={"authorization": f"Bearer {approver}"})
+            if not r.json()["pending"]:
+                break
+            await asyncio.sleep(0.1)
+    assert r.json()["pending"] == [], "hold not cancelled after the client left"
+    late = cli(gw, "approve", items[0]["id"], "--token", approver)
+    assert late.returncode == 1 and "already decided" in late.stdout
+    await asyncio.sleep(0.5)
+    assert launches(demo) == [] and all("gone:1" not in r["body"] for r in demo.received())
+    assert "client disconnected" in gw.log_text()
