@@ -20,20 +20,23 @@ from mcp.client.streamable_http import streamable_http_client
 
 
 @asynccontextmanager
-async def connect(url: str, token: str | None = None, *, legacy: bool = False, mode: str = "auto",
+async def connect(url: str, token: str | None = None, *, legacy: bool = False, mode: str | None = None,
                   headers: dict[str, str] | None = None, timeout: float = 30.0, **client_kw: Any) -> AsyncIterator[Client]:
-    """An initialised SDK Client talking to `url` with `Authorization: Bearer token`."""
+    """An initialised SDK Client talking to `url` with `Authorization: Bearer token`.
+
+    mode: the SDK's ConnectMode; default "auto" on Streamable HTTP and "legacy" (initialize
+    handshake) on the legacy HTTP+SSE transport, where clients of that era live. "auto" also
+    works there: the SDK then speaks 2026-07-28 over the SSE stream."""
     hdrs = dict(headers or {})
     if token:
         hdrs["Authorization"] = f"Bearer {token}"
     if legacy:
         transport = sse_client(url, headers=hdrs, timeout=timeout)
-        client_mode = "legacy"
-        async with Client(transport, mode=client_mode, **client_kw) as c:
+        async with Client(transport, mode=mode or "legacy", **client_kw) as c:
             yield c
         return
     async with httpx2.AsyncClient(headers=hdrs, timeout=httpx2.Timeout(timeout, read=timeout * 2)) as http:
-        async with Client(streamable_http_client(url, http_client=http), mode=mode, **client_kw) as c:
+        async with Client(streamable_http_client(url, http_client=http), mode=mode or "auto", **client_kw) as c:
             yield c
 
 
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("url")
     ap.add_argument("--token")
     ap.add_argument("--legacy", action="store_true")
-    ap.add_argument("--mode", default="auto", help="auto | legacy | 2026-07-28")
+    ap.add_argument("--mode", default=None, help="auto | legacy | 2026-07-28 (default: auto; legacy with --legacy)")
     sub = ap.add_subparsers(dest="action", required=True)
     sub.add_parser("list")
     c = sub.add_parser("call")

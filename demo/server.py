@@ -11,7 +11,9 @@ Transports: `json` / `sse` = Streamable HTTP at /mcp answering application/json 
 text/event-stream; `stateless` = Streamable HTTP without sessions; `legacy` = the
 2024-11-05 HTTP+SSE transport (GET /sse, POST /messages/). The SDK (2.x) serves both
 protocol eras on Streamable HTTP: the handshake era (initialize, 2024-11-05 … 2025-11-25)
-and the stateless 2026-07-28 revision (server/discover + per-request _meta).
+and the stateless 2026-07-28 revision (server/discover + per-request _meta). The legacy
+HTTP+SSE app carries both eras as well: an SDK client in `legacy` mode does the initialize
+handshake on it, one in the default `auto` mode probes server/discover and speaks 2026-07-28.
 
 Every HTTP request it receives is appended to --received-log (Authorization replaced by
 a sha256 fingerprint) *before* the token check, so tests can prove what reached it.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import hmac
 import json
 import os
 import socket
@@ -84,7 +87,8 @@ class TokenGate:
                         "query": scope.get("query_string", b"").decode("latin-1"),
                         "headers": logged, "body": body.decode("utf-8", "replace")})
         auth = [v for k, v in headers if k.lower() == "authorization"]
-        if auth != [self.expected]:
+        # exactly one Authorization header, compared in constant time
+        if len(auth) != 1 or not hmac.compare_digest(auth[0].encode("latin-1"), self.expected.encode("latin-1")):
             payload = json.dumps({"error": "unauthorized", "error_description": "service token required"}).encode()
             await send({"type": "http.response.start", "status": 401,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -159,20 +160,35 @@ def pytest_runtest_makereport(item, call):
 def demo_server(tmp_path, procs):
     from demo.tokens import ensure_token
 
-    def start(transport: str = "json", many_tools: int = 0, name: str = "demo") -> DemoServer:
+    def start(transport: str = "json", many_tools: int = 0, name: str = "demo",
+              token_env: str | None = None) -> DemoServer:
+        """token_env: read the service token from this environment variable instead of the file
+        (the file then holds a different token, so a test can tell which one was used)."""
         d = tmp_path / f"demo-{name}-{transport}"
         d.mkdir(parents=True, exist_ok=True)
         token_file = ensure_token(d / "service-token")
+        token, env, extra = token_file.read_text().strip(), None, []
+        if token_env:
+            token = "demo-env-" + secrets.token_urlsafe(24)
+            env, extra = {token_env: token}, ["--token-env", token_env]
         port = free_port()
         p = Proc(f"demo-{transport}", [sys.executable, "-m", "demo.server", "--host", "127.0.0.1", "--port", str(port),
-                                       "--transport", transport, "--token-file", str(token_file),
+                                       "--transport", transport, "--token-file", str(token_file), *extra,
                                        "--data-dir", str(d / "data"), "--received-log", str(d / "received.jsonl"),
-                                       "--many-tools", str(many_tools)], d / "server.log").start()
+                                       "--many-tools", str(many_tools)], d / "server.log", env=env).start()
         procs.append(p)
         p.wait_port(port, marker="READY")
-        return DemoServer(p, port, transport, token_file.read_text().strip(), token_file, d / "data",
-                          d / "received.jsonl")
+        return DemoServer(p, port, transport, token, token_file, d / "data", d / "received.jsonl")
     return start
+
+
+@pytest.fixture
+def mcp_client():
+    """connect(url, token=None, *, legacy=False, mode=None, headers=None, **client_kw) -> async context
+    manager yielding an initialised official-SDK Client (Streamable HTTP, or legacy HTTP+SSE with
+    legacy=True). mode defaults to "auto" (Streamable HTTP) / "legacy" (HTTP+SSE)."""
+    from demo.client import connect
+    return connect
 
 
 ALLOW_ALL_POLICY = """\

@@ -25,7 +25,7 @@ def auth_values(received: list[dict]) -> set[str]:
     return {v for r in received for k, v in r["headers"] if k.lower() == "authorization"}
 
 
-async def exercise(url: str, token: str, legacy: bool = False, mode: str = "auto") -> dict:
+async def exercise(url: str, token: str, legacy: bool = False, mode: str | None = None) -> dict:
     out = {}
     async with connect(url, token, legacy=legacy, mode=mode) as c:
         tools = await c.list_tools()
@@ -71,14 +71,21 @@ async def test_sdk_client_handshake_era_through_gateway(stack, transport):
     assert any('"initialize"' in r["body"] for r in demo.received())
 
 
-async def test_legacy_sse_transport_through_gateway(stack):
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_legacy_sse_transport_through_gateway(stack, mode):
+    """HTTP+SSE (2024-11-05 transport); the SDK speaks the handshake era on it in `legacy`
+    mode and 2026-07-28 in `auto` mode."""
     demo, gw = stack("legacy")
     token = gw.token("carol", ["e2e-all"])
-    check_results(await exercise(gw.mcp_url(), token, legacy=True))
+    check_results(await exercise(gw.mcp_url(), token, legacy=True, mode=mode))
+    assert ("server/discover" in demo.received_bodies()) == (mode == "auto")
     received = demo.received()
     # the GET stream went to /sse and POSTs only to the path the upstream announced
     assert {r["path"] for r in received} <= {"/sse", "/messages/"}
     assert auth_values(received) == {fp(f"Bearer {demo.token}")}
+    assert fp(f"Bearer {token}") not in json.dumps(received)
+    log = gw.log_text()
+    assert demo.token not in log and token not in log
 
 
 async def test_client_never_sees_service_credential(stack):
