@@ -31,6 +31,7 @@ CHAIN = (
     ("addons.masking", "Masking"),
     ("addons.responses", "ResponseRewriter"),
     ("addons.recorder", "Recorder"),
+    ("addons.legacyrefusal", "LegacyRefusals"),
     ("addons.connections", "Injector"),
 )
 

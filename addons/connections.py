@@ -21,6 +21,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addons.httputil import refuse_http
+from addons.legacyrefusal import carrier_ok
 from addons.record import get_record
 from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever, rules_files
 
@@ -322,6 +323,7 @@ class Router:
                 refuse_http(flow, 400, "invalid_request", "query must be plain key=value pairs, each key once")
                 return
             upstream_path = sub + (f"?{query}" if query else "")
+            rec.notes["legacy_messages"] = True  # answers travel on the event stream
         else:
             refuse_http(flow, 404, "not_found", "no such endpoint on this connection")
             return
@@ -368,6 +370,10 @@ class Injector:
             return
         problem = unchecked_reason(rec, flow.request.method,
                                    identity_required=ctx.master.addons.get("identity") is not None)
+        carrier = carrier_ok(rec, flow.request.raw_content)
+        if carrier is not None:
+            # a refusal on its way to a legacy client: only the exact carrier ping may go
+            problem = None if carrier else "refusal carrier was altered"
         if problem:
             log.error("refusing to forward %s: %s", flow.request.path, problem)
             refuse_http(flow, 502, "gateway_error", "the gateway could not check this request")

@@ -67,6 +67,16 @@ class McpParser:
         while len(self.owners) > MAX_PENDING:
             self.owners.popitem(last=False)
 
+    def _follow(self, rec, key: str | None, bind: bool = False) -> None:
+        """A GET stream carries the answers to its session's POSTs: give them the
+        transforms (masking, list filtering, refusals) of the request they answer."""
+        if key is None:
+            return
+        conn = rec.connection
+        if bind:
+            self._bind(conn, key, rec)
+        rec.notes["pending_lookup"] = lambda msg_id: self.pending.get((conn, key, _idkey(msg_id)))
+
     def _session_owner_ok(self, rec, key: str) -> bool:
         owner = self.owners.get((rec.connection, key))
         return owner is None or (rec.identity is not None and rec.identity.sub == owner)
@@ -99,10 +109,10 @@ class McpParser:
                 refuse_http(flow, 400, "invalid_request", f"{req.method} requests carry no body")
                 return
             rec.notes["stream_checked"] = True
-            rec.notes["bind_session"] = lambda sid, conn=rec.connection, rec=rec: self._bind(conn, sid, rec)
-            if req.method == "GET" and key is not None:
-                conn = rec.connection
-                rec.notes["pending_lookup"] = lambda msg_id: self.pending.get((conn, key, _idkey(msg_id)))
+            if req.method == "GET":
+                self._follow(rec, key)
+                # legacy HTTP+SSE: the session is named later, in the stream's endpoint event
+                rec.notes["bind_session"] = lambda sid, rec=rec: self._follow(rec, sid, bind=True)
             return
         ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":

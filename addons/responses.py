@@ -193,6 +193,8 @@ class ResponseRewriter:
             return
         if not rec.messages and not rec.response_transforms:
             return
+        if resp.status_code == 202 and rec.notes.get("legacy_messages"):
+            return  # legacy HTTP+SSE: the answer travels on the event stream (checked there)
         ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             raw = resp.get_content(strict=True)
