@@ -19,14 +19,10 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.procs import free_port  # noqa: F401 - re-exported for tests
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def has_module(name: str) -> bool:
