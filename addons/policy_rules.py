@@ -25,7 +25,7 @@ from addons import sqlclass
 from addons.mcp import LIST_METHODS, Message
 from addons.record import Decision, Identity
 from addons.rules import Located, RulesError, load_yaml, rules_files
-from addons.shellguard import Pattern, scan
+from addons.shellguard import Pattern, scan, shell_info
 
 DEFAULT_METHOD = "tools/call"
 DEFAULT_APPROVAL_TIMEOUT = 120.0
@@ -98,6 +98,29 @@ class SqlPredicate:
 
 
 @dataclass(frozen=True)
+class ShellPredicate:
+    """Checks on a command line as a POSIX shell would split it (addons/shellguard.py)."""
+    arg: str
+    commands: tuple[str, ...] | None     # every program started must match one of these globs
+    any_command: tuple[str, ...]         # at least one program started matches one of these
+    operators: bool | None               # may it chain/redirect/substitute? None = not checked
+
+    def test(self, arguments: dict) -> bool:
+        cmd = arguments.get(self.arg)
+        if not isinstance(cmd, str):
+            return False
+        info = shell_info(cmd)
+        if not info.parsed:
+            # a shell would refuse it too; an allow-list never matches it, a deny list does
+            return self.commands is None and bool(self.any_command)
+        if self.commands is not None and not (info.programs and all(_any_glob(p, self.commands) for p in info.programs)):
+            return False
+        if self.any_command and not any(_any_glob(p, self.any_command) for p in info.programs):
+            return False
+        return self.operators is None or self.operators or not info.operators
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     action: str                       # allow / deny / approve
@@ -113,6 +136,7 @@ class Rule:
     targets: tuple[str, ...] = ()     # tool / resource / prompt globs
     args: tuple[ArgPredicate, ...] = ()
     sql: SqlPredicate | None = None
+    shell: ShellPredicate | None = None
     approvers: tuple[str, ...] = ()
     timeout: float = DEFAULT_APPROVAL_TIMEOUT
     mask_profile: str | None = None
@@ -143,6 +167,8 @@ class Rule:
             return False
         arguments = msg.arguments
         if not all(p.test(arguments) for p in self.args):
+            return False
+        if self.shell is not None and not self.shell.test(arguments):
             return False
         return self.sql is None or self.sql.test(arguments)
 
@@ -225,6 +251,25 @@ def _parse_sql(loc: Located, when: Any, dialect: str) -> SqlPredicate | None:
                         frozenset(t.lower() for t in tables) if tables else None, str(s.get("dialect", dialect)))
 
 
+def _parse_shell(loc: Located, when: Any) -> ShellPredicate | None:
+    s = when.get("shell")
+    if s is None:
+        return None
+    if not isinstance(s, dict):
+        raise loc.error(when, "'shell' must be a mapping (arg, commands, any_command, operators)", "shell")
+    unknown = set(map(str, s)) - {"arg", "commands", "any_command", "operators"}
+    if unknown:
+        raise loc.error(s, f"unknown shell key(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    commands = _strs(loc, s, "commands") if "commands" in s else None
+    any_command = _strs(loc, s, "any_command")
+    if commands is None and not any_command:
+        raise loc.error(s, "'shell' needs 'commands' (allow-list) or 'any_command'")
+    ops = s.get("operators", False if commands is not None else None)
+    if ops is not None and not isinstance(ops, bool):
+        raise loc.error(s, "'operators' takes true or false", "operators")
+    return ShellPredicate(str(s.get("arg", "command")), commands, any_command, ops)
+
+
 def parse_rule(loc: Located, node: Any, index: int, dialect: str) -> Rule:
     if not isinstance(node, dict):
         raise loc.error(node, "a rule must be a mapping")
@@ -278,14 +323,12 @@ def parse_rule(loc: Located, node: Any, index: int, dialect: str) -> Rule:
         raise loc.error(node, f"rule {name}: direction must be client_to_server or server_to_client", "direction")
     if direction == "server_to_client" and "method" not in when:
         methods = ("sampling/createMessage", "elicitation/create", "roots/list")
-    shell = when.get("shell")
-    if shell is not None and not isinstance(shell, dict):
-        raise loc.error(when, f"rule {name}: 'shell' must be a mapping", "shell")
     return Rule(
         name=name, action=action, file=loc.file, line=_line(node), direction=direction, reason=reason,
         subs=_strs(loc, when, "sub"), roles=_strs(loc, when, "roles"), client_ids=_strs(loc, when, "client_id"),
         connections=_strs(loc, when, "connection"), methods=methods, targets=targets,
-        args=_parse_args(loc, when), sql=_parse_sql(loc, when, dialect), approvers=approvers, timeout=timeout,
+        args=_parse_args(loc, when), sql=_parse_sql(loc, when, dialect), shell=_parse_shell(loc, when),
+        approvers=approvers, timeout=timeout,
         mask_profile=str(node["mask_profile"]) if node.get("mask_profile") else None, rate_limit=rate,
     )
 
@@ -411,7 +454,7 @@ def visible(policy: Policy, identity: Identity | None, connection: str, method: 
             continue
         if not r.matches_target(call_method, probe.target):
             continue
-        if r.action == "deny" and not r.args and r.sql is None:
+        if r.action == "deny" and not r.args and r.sql is None and r.shell is None:
             return False
         if r.action in ("allow", "approve"):
             any_ok = True

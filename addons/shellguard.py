@@ -14,6 +14,7 @@ import binascii
 import codecs
 import json
 import re
+import shlex
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -22,7 +23,8 @@ MAX_VIEWS = 64
 MAX_DEPTH = 3
 MAX_LEN = 256 * 1024
 
-_B64_BLOB = re.compile(r"(?<![A-Za-z0-9+/=_-])([A-Za-z0-9+/_-]{16,}={0,2})(?![A-Za-z0-9+/=_-])")
+_B64_BLOB = re.compile(r"(?<![A-Za-z0-9+/=_-])([A-Za-z0-9+/_-]{8,}={0,2})(?![A-Za-z0-9+/=_-])")
+_ESCAPE = re.compile(r"\\u\{?([0-9a-fA-F]{4})\}?|\\U([0-9a-fA-F]{8})|\\x([0-9a-fA-F]{2})")
 _ANSI_C = re.compile(r"\$'((?:[^'\\]|\\.)*)'")
 _IFS = re.compile(r"\$\{IFS(?:[^}]*)\}|\$IFS\b|\$\{?9\}?|\$@|\$\*")
 _EMPTY_SUBST = re.compile(r"\$\(\s*\)|`\s*`|\$\{[A-Za-z_][A-Za-z0-9_]*:0:0\}")
@@ -89,6 +91,9 @@ def _decodings(s: str) -> Iterator[str]:
             yield codecs.decode(s.encode("latin-1", "backslashreplace"), "unicode_escape")
         except (UnicodeDecodeError, ValueError):
             pass
+        # the escapes alone, whatever else is malformed around them (a stray backslash
+        # must not make the whole string undecodable)
+        yield _ESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2) or m.group(3), 16)), s)
     for m in _B64_BLOB.finditer(s):
         blob = m.group(1)
         for dec in (base64.b64decode, base64.urlsafe_b64decode):
@@ -145,3 +150,70 @@ def scan(arguments: Any, patterns: Iterable[Pattern]) -> Hit | None:
                 if p.regex.search(v):
                     return Hit(p.name, p.category, path)
     return None
+
+
+# --- allow-list checks (`shell:` rule predicate) ------------------------------------
+
+_ASSIGN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+# programs that run the command given to them: the wrapped program counts as run too
+WRAPPERS = frozenset({"sudo", "doas", "env", "nohup", "nice", "ionice", "time", "exec", "command", "builtin",
+                      "timeout", "stdbuf", "xargs", "setsid", "chroot", "unbuffer", "watch", "strace"})
+
+
+@dataclass(frozen=True)
+class ShellInfo:
+    programs: tuple[str, ...]   # basenames of every program a shell would start (wrapped ones too)
+    operators: bool             # ; && || | & ( ) redirects, newlines, $( ) ` ` <( ) — anything but one simple command
+    parsed: bool = True         # False: the shell itself would not parse it (unbalanced quotes)
+
+
+def _program(tokens: list[str], i: int) -> tuple[list[str], int]:
+    """Programs started by the simple command at tokens[i:], and the index after it.
+    Redirection targets are skipped; after a wrapper (sudo, env, xargs, ...) every
+    further word counts as a program it may run (its options are not known here)."""
+    progs: list[str] = []
+    wrapped = False
+    while i < len(tokens) and (not _is_op(tokens[i]) or _is_redirect(tokens[i])):
+        t = tokens[i]
+        if _is_redirect(t):
+            i += 2                                   # the operator and its file
+            continue
+        if t.isdigit() and i + 1 < len(tokens) and _is_redirect(tokens[i + 1]):
+            i += 1                                   # file descriptor of a redirection (2>)
+            continue
+        if (not progs or wrapped) and not _ASSIGN.match(t) and not (wrapped and t.startswith("-")):
+            name = t.rsplit("/", 1)[-1]
+            progs.append(name)
+            wrapped = wrapped or name in WRAPPERS
+        i += 1
+    return progs, i
+
+
+def _is_redirect(tok: str) -> bool:
+    return _is_op(tok) and ("<" in tok or ">" in tok)
+
+
+def _is_op(tok: str) -> bool:
+    return bool(tok) and all(c in ";&|<>()" for c in tok)
+
+
+def shell_info(command: str) -> ShellInfo:
+    """Parse a command line the way a POSIX shell splits it (quotes, backslashes)."""
+    substitution = any(x in command for x in ("`", "$(", "<(", ">(", "${"))
+    multiline = "\n" in command or "\r" in command
+    lex = shlex.shlex(command.replace("\r", "\n").replace("\n", " ; "), posix=True, punctuation_chars=True)
+    lex.whitespace_split = True
+    try:
+        tokens = list(lex)
+    except ValueError:
+        return ShellInfo((), True, parsed=False)
+    programs: list[str] = []
+    ops = substitution or multiline or any(_is_op(t) for t in tokens)
+    i = 0
+    while i < len(tokens):
+        if _is_op(tokens[i]) and not _is_redirect(tokens[i]):
+            i += 1
+            continue
+        progs, i = _program(tokens, i)
+        programs += progs
+    return ShellInfo(tuple(programs), ops)
