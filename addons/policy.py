@@ -62,7 +62,7 @@ def refusal_error(d: Decision) -> dict:
         return jsonrpc_error(d.message_id, APPROVAL_UNAVAILABLE,
                              f"call requires approval (rule {d.rule}) but no approval addon is loaded")
     rule = d.rule or "default-deny"
-    return jsonrpc_error(d.message_id, DENIED, f"denied by mcp-bastion policy rule {rule}: {d.reason or 'not allowed'}",
+    return jsonrpc_error(d.message_id, d.code or DENIED, f"denied by mcp-bastion policy rule {rule}: {d.reason or 'not allowed'}",
                          {"rule": rule})
 
 
@@ -156,7 +156,7 @@ class Policy:
             wait = self.limiter.take((rule.name, ident.sub if ident else "", m.target or m.method), calls, per)
             if wait > 0:
                 return Decision("deny", rule.name, f"rate limit of {calls} calls per {per:g}s exceeded; "
-                                f"retry after {wait:.1f}s", message_id=m.id)
+                                f"retry after {wait:.1f}s", message_id=m.id, code=RATE_LIMITED)
         return d
 
 

@@ -38,6 +38,7 @@ class Decision:
     approvers: tuple[str, ...] = ()  # roles allowed to approve (action == "approve")
     timeout: float | None = None     # approval timeout in seconds
     message_id: Any = None           # JSON-RPC id the decision applies to
+    code: int | None = None          # JSON-RPC error code of a refusal, when not the default
 
 
 @dataclass(frozen=True)

@@ -360,7 +360,7 @@ def test_rate_limit_refusal_through_the_addon(tmp_path):
             codes.append(None if f.response is None else json.loads(f.response.content)["error"])
     assert codes[:2] == [None, None]
     assert "rate limit of 2 calls per 60s exceeded" in codes[2]["message"]
-    assert codes[2]["code"] in (DENIED, RATE_LIMITED)
+    assert codes[2]["code"] == RATE_LIMITED and codes[2]["data"] == {"rule": "limited"}
 
 
 def test_bad_reload_keeps_the_last_good_rules(tmp_path, caplog):
