@@ -76,6 +76,7 @@ class Identity:
     def __init__(self) -> None:
         self.source: Any = None                 # jwtverify KeySource
         self.config: jv.VerifyConfig | None = None
+        self.verified = jv.VerifiedTokens()
         self.revoked = jv.Revocations()
         self._revoked_watcher: ChangeWatcher | None = None
         self._fetch_lock: asyncio.Lock | None = None
@@ -115,6 +116,7 @@ class Identity:
         o = ctx.options
         if any(k in updated for k in _OPTIONS):
             self.source, self.config = self._build(o)
+            self.verified.clear()
             log.info("verifying tokens from %s (issuer %s, audience %s)",
                      self.source.describe(), self.config.issuer, self.config.audience)
         if "bastion_revoked" in updated:
@@ -287,17 +289,20 @@ class Identity:
         config, source = self.config, self.source
         if config is None or source is None:
             raise jv.KeyUnavailable("identity addon is not configured")
-        kid = jv.peek_header(token, config)
-        key = source.cached(kid)
-        if key is None:
-            # one fetch at a time: concurrent callers wait and then hit the fresh cache
-            if self._fetch_lock is None:
-                self._fetch_lock = asyncio.Lock()
-            async with self._fetch_lock:
-                key = source.cached(kid)
-                if key is None:
-                    key = await asyncio.to_thread(source.fetch, kid)
-        claims = jv.decode(token, key, config, audience)
+        claims = self.verified.get(token, audience, config.leeway)
+        if claims is None:
+            kid = jv.peek_header(token, config)
+            key = source.cached(kid)
+            if key is None:
+                # one fetch at a time: concurrent callers wait and then hit the fresh cache
+                if self._fetch_lock is None:
+                    self._fetch_lock = asyncio.Lock()
+                async with self._fetch_lock:
+                    key = source.cached(kid)
+                    if key is None:
+                        key = await asyncio.to_thread(source.fetch, kid)
+            claims = jv.decode(token, key, config, audience)
+            self.verified.put(token, audience, claims)
         ident = jv.identity_from(claims, config.roles_claim)
         why = self.revoked.check(ident)
         if why:

@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -548,3 +549,49 @@ def mint_token(key_dir: str | os.PathLike, sub: str, roles: Iterable[str] = (), 
         claims["client_id"] = client_id
     claims.update(extra)
     return jwt.encode(claims, key, algorithm="ES256", headers={"kid": jwk_thumbprint(key.public_key()), "typ": "JWT"})
+
+
+class VerifiedTokens:
+    """Claims of tokens whose signature and claims were verified, so a client that sends
+    the same token on every call pays for one signature check, not one per call.
+
+    Keyed by SHA-256 of (audience, token): the cache never holds a token. An entry is used
+    only while the token is still within exp (+leeway) and for at most `ttl` seconds, so
+    a key rotation or a JWKS change is honoured within `ttl`. Revocation is checked by the
+    caller on every use. Bounded (LRU)."""
+
+    def __init__(self, max_entries: int = 10_000, ttl: float = 60.0):
+        self._d: OrderedDict[bytes, tuple[dict, float]] = OrderedDict()
+        self.max = max_entries
+        self.ttl = ttl
+
+    @staticmethod
+    def _key(token: str, audience: str | None) -> bytes:
+        return hashlib.sha256(f"{audience or ''}\0{token}".encode()).digest()
+
+    def get(self, token: str, audience: str | None, leeway: float, now: float | None = None) -> dict | None:
+        now = time.time() if now is None else now
+        k = self._key(token, audience)
+        hit = self._d.get(k)
+        if hit is None:
+            return None
+        claims, until = hit
+        if now >= until or now > float(claims["exp"]) + leeway:
+            del self._d[k]
+            return None
+        self._d.move_to_end(k)
+        return claims
+
+    def put(self, token: str, audience: str | None, claims: dict, now: float | None = None) -> None:
+        if self.max <= 0 or not isinstance(claims.get("exp"), (int, float)):
+            return
+        now = time.time() if now is None else now
+        self._d[self._key(token, audience)] = (claims, now + self.ttl)
+        while len(self._d) > self.max:
+            self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)

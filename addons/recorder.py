@@ -245,6 +245,10 @@ class Recorder:
                           "Keep this instance's segments under N MiB, oldest deleted first (0 = no limit).")
         loader.add_option("bastion_record_roll_mb", int, 64,
                           "Roll the journal into a Parquet segment at this size (MiB).")
+        loader.add_option("bastion_audit_before_forward", bool, False,
+                          "Hold each request until its audit record is fsynced, before it goes upstream "
+                          "(write-ahead audit: costs one fsync wait per call). Off: requests are durable "
+                          "with the response, before the caller sees it.")
 
     def configure(self, updated) -> None:
         o = ctx.options
@@ -303,7 +307,8 @@ class Recorder:
             events.append(st.events.approval(rec.approval, now))
         if not events:
             return
-        if refused:
+        if refused or not ctx.options.bastion_audit_before_forward:
+            # the journal is written in order: the fsync the response waits for covers these
             self._submit(events, wait=False)
             return
         try:

@@ -63,9 +63,10 @@ def call(i, tool="query_db", args=None):
             "params": {"name": tool, "arguments": args if args is not None else {"sql": "select 1"}}}
 
 
-async def run(r, f, rec, resp=None):
-    """request hook, then (like the pipeline) response messages + response hook."""
-    await r.request(f)
+async def run(r, f, rec, resp=None, requested=False):
+    """request hook (unless already run), then (like the pipeline) response messages + response hook."""
+    if not requested:
+        await r.request(f)
     if resp is not None and f.response is None:
         f.response = tresp(status_code=200, content=json.dumps(resp).encode(),
                                   headers=((b"content-type", b"application/json"),))
@@ -111,12 +112,29 @@ async def test_tool_call_recorded_with_identity_decision_and_masked_result(rec_c
 
 
 async def test_request_is_durable_before_it_is_forwarded(rec_ctx, monkeypatch):
+    """bastion_audit_before_forward: write-ahead audit, one fsync wait per request."""
     r, tctx, root = rec_ctx
+    tctx.options.bastion_audit_before_forward = True
+    fsyncs = r.writer.stats.fsyncs
     f, rec = mcp_flow(call(1))
     await r.request(f)
+    assert r.writer.stats.fsyncs > fsyncs             # the hook returned after an fsync
     assert f.response is None                          # forwarded
     rows = q(root, "SELECT kind FROM events")          # already on disk, before any response
     assert rows == [{"kind": "request"}]
+
+
+async def test_by_default_requests_are_not_held_for_fsync(rec_ctx, monkeypatch):
+    """The response waits for the fsync that covers the request too (one ordered journal)."""
+    r, tctx, root = rec_ctx
+    monkeypatch.setattr(r.writer, "submit_async", lambda lines: pytest.fail("request waited for fsync"))
+    f, rec = mcp_flow(call(1))
+    await r.request(f)
+    assert f.response is None
+    monkeypatch.undo()
+    await run(r, f, rec, {"jsonrpc": "2.0", "id": 1, "result": {"content": []}}, requested=True)
+    kinds = [row["kind"] for row in q(root, "SELECT kind FROM events ORDER BY seq")]
+    assert kinds.count("request") == 1 and kinds[0] == "request" and "response" in kinds
 
 
 async def test_denied_call_records_decision_refusal_and_error_the_caller_saw(rec_ctx):
