@@ -385,7 +385,7 @@ def _strip_anchors(rx: str) -> str:
 # --- the walk ----------------------------------------------------------------------------
 
 class _Ctx:
-    __slots__ = ("p", "events", "nodes", "fallback", "rendered")
+    __slots__ = ("p", "events", "nodes", "fallback", "rendered", "structured")
 
     def __init__(self, profile: Profile):
         self.p = profile
@@ -393,12 +393,18 @@ class _Ctx:
         self.nodes = 0
         self.fallback: set[tuple] | None = None
         self.rendered: dict[tuple, str] = {}
+        # a tool result's structuredContent, masked: (original, masked, changed, rendered
+        # path, events it produced). Its text twin in content[] reuses it (same data).
+        self.structured: tuple[Any, Any, bool, str, dict] | None = None
 
     def hit(self, path: tuple, type_: str, n: int = 1) -> None:
         shape = _shape(path)
         text = self.rendered.get(shape)
         if text is None:
             text = self.rendered[shape] = _render(path)
+        self._count(text, type_, n)
+
+    def _count(self, text: str, type_: str, n: int) -> None:
         k = (text, type_)
         if k in self.events or len(self.events) < MAX_EVENT_PATHS:
             self.events[k] = self.events.get(k, 0) + n
@@ -673,6 +679,9 @@ def _mask_text_block(ctx: _Ctx, text: str, path: tuple) -> str:
                 raise MaskError(f"JSON text nested deeper than {MAX_DEPTH}") from None
             doc = None     # not strict JSON (duplicate keys, NaN, ...): masked as free text
         if isinstance(doc, (dict, list)):
+            twin = ctx.structured
+            if twin is not None and doc == twin[0]:
+                return _reuse_structured(ctx, twin, text, (path, _JSON))
             new, changed = _mask_doc(ctx, doc, (path, _JSON))
             return _dumps_like(new, text) if changed else text
     if "\n" in text and ctx.p.rules:
@@ -680,6 +689,16 @@ def _mask_text_block(ctx: _Ctx, text: str, path: tuple) -> str:
     if ctx.p._scans and len(text) >= MIN_DETECT_LEN:
         return _scan_text(ctx, text, path)
     return text
+
+
+def _reuse_structured(ctx: _Ctx, twin: tuple, text: str, path: tuple) -> str:
+    """The JSON text equals the structuredContent already masked: serialise that result
+    in the text's layout and count the same maskings under the text's path."""
+    _, masked, changed, prefix, events = twin
+    tprefix = _render(path)
+    for (p, t), n in events.items():
+        ctx._count(tprefix + p[len(prefix):], t, n)
+    return _dumps_like(masked, text) if changed else text
 
 
 def _dumps_like(obj: Any, original: str) -> str:
@@ -779,14 +798,22 @@ def _result(ctx: _Ctx, result: dict, path: tuple) -> tuple[dict, bool]:
     """Tool results, resource contents, prompt messages (by shape, so tasks/result,
     legacy-SSE stream responses and batches are covered without knowing the method)."""
     upd: dict[str, Any] = {}
+    ctx.structured = None
     if "structuredContent" in result:
-        new, ch = _mask_doc(ctx, result["structuredContent"], (path, "structuredContent"))
+        sc = result["structuredContent"]
+        before = dict(ctx.events)
+        new, ch = _mask_doc(ctx, sc, (path, "structuredContent"))
         if ch:
             upd["structuredContent"] = new
+        if isinstance(sc, (dict, list)):
+            delta = {k: n - before.get(k, 0) for k, n in ctx.events.items() if n != before.get(k, 0)}
+            if ("$", "other") not in delta:       # event paths were capped: mask the text itself
+                ctx.structured = (sc, new, ch, _render((path, "structuredContent")), delta)
     if isinstance(result.get("content"), list):
         new, ch = _list_of(ctx, result["content"], (path, "content"), _content_block)
         if ch:
             upd["content"] = new
+    ctx.structured = None
     if isinstance(result.get("contents"), list):
         new, ch = _list_of(ctx, result["contents"], (path, "contents"),
                            lambda c, r, pth: _resource(c, r, pth) if isinstance(r, dict) else (r, False))

@@ -557,3 +557,30 @@ def test_broken_rules_report_file_and_line(tmp_path, text, line, needle):
     assert ei.value.line == line, str(ei.value)
     assert ei.value.file.endswith("masking.yaml") and needle in ei.value.message
     assert mc.validate_dir(tmp_path) == [str(ei.value)]
+
+
+def test_text_twin_of_structured_content_masked_once_same_result():
+    """content[].text holding the structuredContent as JSON reuses its masking: the output
+    and the masking events equal masking both independently."""
+    import json as _json
+    from addons.maskcore import load_masking, mask_message
+    from pathlib import Path as _P
+    cfg = load_masking(_P(__file__).resolve().parents[2] / "rules")
+    prof = cfg.profiles[cfg.default]
+    sc = {"rows": [{"id": i, "email": f"u{i}@example.com", "ssn": "123-45-6789", "notes": "call +1 415 555 0100",
+                    "billing": {"api_token": "tok_live_abcdef123456"}} for i in range(5)]}
+    for text in (_json.dumps(sc, indent=2), _json.dumps(sc), _json.dumps(sc, separators=(",", ":"))):
+        both, ev_both = mask_message(prof, {"jsonrpc": "2.0", "id": 1, "result": {
+            "structuredContent": sc, "content": [{"type": "text", "text": text}]}})
+        only_sc, ev_sc = mask_message(prof, {"jsonrpc": "2.0", "id": 1, "result": {"structuredContent": sc}})
+        only_text, ev_text = mask_message(prof, {"jsonrpc": "2.0", "id": 1, "result": {
+            "content": [{"type": "text", "text": text}]}})
+        assert both["result"]["structuredContent"] == only_sc["result"]["structuredContent"]
+        assert both["result"]["content"][0]["text"] == only_text["result"]["content"][0]["text"]
+        assert sorted(ev_both, key=repr) == sorted(ev_sc + ev_text, key=repr)
+        assert "123-45-6789" not in _json.dumps(both) and "tok_live" not in _json.dumps(both)
+    # a text that differs from structuredContent is masked on its own
+    other = {"rows": [{"email": "x@example.com"}]}
+    out, _ = mask_message(prof, {"jsonrpc": "2.0", "id": 1, "result": {
+        "structuredContent": sc, "content": [{"type": "text", "text": _json.dumps(other)}]}})
+    assert "x@example.com" not in out["result"]["content"][0]["text"]
