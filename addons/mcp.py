@@ -151,21 +151,35 @@ def _finite_float(text: str) -> float:
     return v
 
 
-def _check_tree(obj: Any) -> None:
-    """Depth limit and lone-surrogate check, iteratively (no recursion limit games)."""
+def _check_tree(obj: Any, strings: bool = True) -> None:
+    """Depth limit and (with `strings`) lone-surrogate check, iteratively (no recursion
+    limit games). Leaves are only looked at when strings must be checked."""
+    if not isinstance(obj, (dict, list)):
+        if strings and isinstance(obj, str):
+            _check_str(obj)
+        return
     stack: list[tuple[Any, int]] = [(obj, 1)]
+    containers = (dict, list)
     while stack:
         node, depth = stack.pop()
-        if depth > MAX_DEPTH:
+        if depth >= MAX_DEPTH and node:       # its children would be deeper than the limit
             raise McpParseError(PARSE_ERROR, f"JSON nested deeper than {MAX_DEPTH}")
-        if isinstance(node, str):
-            _check_str(node)
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                _check_str(k)
+        if isinstance(node, dict):
+            if strings:
+                for k in node:
+                    _check_str(k)
+            values = node.values()
+        else:
+            values = node
+        for v in values:
+            if isinstance(v, containers):
                 stack.append((v, depth + 1))
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
+            elif strings and isinstance(v, str):
+                _check_str(v)
+
+
+# Lone surrogates can only come from \uD800-\uDFFF escapes: the text was strict UTF-8.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _check_str(s: str) -> None:
@@ -196,7 +210,7 @@ def strict_loads(data: bytes | str) -> Any:
         raise
     except (ValueError, RecursionError) as e:
         raise McpParseError(PARSE_ERROR, f"invalid JSON: {str(e)[:120]}") from None
-    _check_tree(obj)
+    _check_tree(obj, strings=_SURROGATE_ESCAPE.search(text) is not None)
     return obj
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -183,7 +184,19 @@ class Policy:
 
 
 def _any_glob(value: str, globs: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(value, g) for g in globs)
+    return _glob_matcher(tuple(globs))(value)
+
+
+@lru_cache(maxsize=4096)
+def _glob_matcher(globs: tuple[str, ...]) -> Callable[[str], bool]:
+    """One compiled test per glob list (rules are compiled once; this runs per request):
+    exact names by set lookup, wildcards by one combined regex (fnmatch semantics)."""
+    exact = frozenset(g for g in globs if not any(c in g for c in "*?["))
+    wild = [g for g in globs if g not in exact]
+    rx = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in wild)) if wild else None
+    if rx is None:
+        return exact.__contains__
+    return lambda v: v in exact or rx.match(v) is not None
 
 
 def _strs(loc: Located, node: Any, key: str) -> tuple[str, ...]:
