@@ -150,6 +150,8 @@ class McpParser:
         if "content-encoding" in req.headers:
             del req.headers["content-encoding"]
             req.content = body  # upstream gets exactly the bytes that were inspected
+        if req.headers.get("content-type") != "application/json":
+            req.headers["content-type"] = "application/json"  # what was inspected: UTF-8 JSON
         if key is not None:
             for m in parsed.messages:
                 if m.kind == "request":

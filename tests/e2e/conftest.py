@@ -154,6 +154,11 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def demo_server(tmp_path, procs):
+    return demo_starter(tmp_path, procs)
+
+
+def demo_starter(tmp_path: Path, procs: list):
+    """start(transport, many_tools, name, token_env) -> DemoServer, its process in `procs`."""
     from demo.tokens import ensure_token
 
     def start(transport: str = "json", many_tools: int = 0, name: str = "demo",
@@ -199,6 +204,10 @@ rules:
 
 @pytest.fixture
 def rules_dir(tmp_path):
+    return rules_maker(tmp_path)
+
+
+def rules_maker(tmp_path: Path):
     """make(demo, **files) -> a copy of the repo's rules/ with connections for the given demo
     server(s) and any file overridden, e.g. make(demo, **{"policy.yaml": text})."""
 
@@ -220,6 +229,10 @@ def rules_dir(tmp_path):
 
 @pytest.fixture
 def gateway(tmp_path, procs):
+    return gateway_starter(tmp_path, procs)
+
+
+def gateway_starter(tmp_path: Path, procs: list):
     def start(rules: Path, extra_args: tuple[str, ...] = (), web: bool = False, env: dict | None = None,
               key_dir: Path | None = None, recordings: Path | None = None, port: int | None = None,
               pre_scripts: tuple[str, ...] = ()) -> Gateway:

@@ -1,0 +1,111 @@
+"""Adversarial suite: raw HTTP against a real gateway (mitmdump + the bastion chain) in
+front of the real demo server. One gateway per module; every case asserts the refusal
+and that the upstream received nothing for it."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Proc, demo_starter, gateway_starter, pytest_runtest_makereport, rules_maker  # noqa: F401
+
+POLICY = """\
+rules:
+  - name: user-customers
+    when: {roles: [e2e-user], tool: get_customer}
+    allow: true
+  - name: user-read-sql
+    when: {roles: [e2e-user], tool: query_sql, sql: {arg: sql, class: [read]}}
+    allow: true
+"""
+VERSION = "2025-06-18"
+
+
+@dataclass
+class Adv:
+    demo: Any
+    gw: Any
+    token: str
+
+    @property
+    def url(self) -> str:
+        return self.gw.mcp_url()
+
+    def headers(self, token: str | None = ..., **extra: str) -> dict[str, str]:
+        h = {"content-type": "application/json", "accept": "application/json, text/event-stream",
+             "mcp-protocol-version": VERSION}
+        tok = self.token if token is ... else token
+        if tok:
+            h["authorization"] = f"Bearer {tok}"
+        h.update({k.replace("_", "-"): v for k, v in extra.items()})
+        return h
+
+    def post(self, body: bytes | str | dict | list, headers: dict | None = None, path: str | None = None,
+             **kw: Any) -> httpx.Response:
+        data = body if isinstance(body, bytes) else (body.encode() if isinstance(body, str) else json.dumps(body).encode())
+        with httpx.Client(timeout=20) as c:
+            return c.post(path and f"{self.gw.url}{path}" or self.url, content=data,
+                          headers=self.headers() if headers is None else headers, **kw)
+
+    def raw(self, chunks: list[bytes], pause: float = 0.0) -> bytes:
+        """Send raw bytes over one TCP connection (chunk by chunk); return the whole answer."""
+        with socket.create_connection(("127.0.0.1", self.gw.port), timeout=20) as s:
+            for c in chunks:
+                s.sendall(c)
+                if pause:
+                    time.sleep(pause)
+            out = b""
+            while True:
+                try:
+                    b = s.recv(65536)
+                except TimeoutError:
+                    return out                     # idle after an answer (keep-alive)
+                if not b:
+                    return out
+                out += b
+                s.settimeout(1.0)
+
+
+def call(tool: str, args: dict | None = None, msg_id: Any = 1) -> dict:
+    return {"jsonrpc": "2.0", "id": msg_id, "method": "tools/call", "params": {"name": tool, "arguments": args or {}}}
+
+
+def jsonrpc_error(resp: httpx.Response) -> dict:
+    body = resp.json()
+    return body["error"] if isinstance(body, dict) else body
+
+
+@pytest.fixture(scope="module")
+def adv(tmp_path_factory):
+    procs: list[Proc] = []
+    tmp = tmp_path_factory.mktemp("adversarial")
+    try:
+        demo = demo_starter(tmp, procs)("stateless")
+        gw = gateway_starter(tmp, procs)(rules_maker(tmp)(demo, **{"policy.yaml": POLICY}))
+        yield Adv(demo, gw, gw.token("mallory", ["e2e-user"]))
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+@pytest.fixture
+def upstream(adv):
+    """The demo server's received log, cleared before the case; `upstream.nothing()` after."""
+    adv.demo.clear_received()
+
+    class Upstream:
+        def received(self) -> list[dict]:
+            return adv.demo.received()
+
+        def nothing(self) -> None:
+            got = adv.demo.received()
+            assert got == [], f"upstream received {len(got)} request(s): {[r.get('body', '')[:200] for r in got]}"
+
+        def bodies(self) -> str:
+            return adv.demo.received_bodies()
+    return Upstream()
