@@ -80,12 +80,11 @@ def jsonrpc_error(resp: httpx.Response) -> dict:
     return body["error"] if isinstance(body, dict) else body
 
 
-@pytest.fixture(scope="module")
-def adv(tmp_path_factory):
+def _stack(tmp_path_factory, transport: str):
     procs: list[Proc] = []
-    tmp = tmp_path_factory.mktemp("adversarial")
+    tmp = tmp_path_factory.mktemp(f"adversarial-{transport}")
     try:
-        demo = demo_starter(tmp, procs)("stateless")
+        demo = demo_starter(tmp, procs)(transport)
         gw = gateway_starter(tmp, procs)(rules_maker(tmp)(demo, **{"policy.yaml": POLICY}))
         yield Adv(demo, gw, gw.token("mallory", ["e2e-user"]))
     finally:
@@ -93,9 +92,22 @@ def adv(tmp_path_factory):
             p.stop()
 
 
+@pytest.fixture(scope="module")
+def adv(tmp_path_factory):
+    """Streamable HTTP (stateless demo server)."""
+    yield from _stack(tmp_path_factory, "stateless")
+
+
+@pytest.fixture(scope="module")
+def adv_legacy(tmp_path_factory):
+    """The legacy HTTP+SSE transport (connection with transport: sse)."""
+    yield from _stack(tmp_path_factory, "legacy")
+
+
 @pytest.fixture
-def upstream(adv):
+def upstream(request):
     """The demo server's received log, cleared before the case; `upstream.nothing()` after."""
+    adv = request.getfixturevalue("adv_legacy" if "adv_legacy" in request.fixturenames else "adv")
     adv.demo.clear_received()
 
     class Upstream:
