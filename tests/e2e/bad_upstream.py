@@ -1,0 +1,68 @@
+"""A misbehaving MCP upstream for fault-injection tests; the path picks the misbehaviour.
+
+  /garbage    200 application/json, body is not JSON
+  /html       200 text/html error page carrying a secret
+  /truncated  200 application/json, JSON cut in the middle
+  /reset      200 text/event-stream, one event, then the connection is reset
+  /slow       answers correctly after 1.5 s
+  /close      closes the connection without answering
+Run: python -m tests.e2e.bad_upstream PORT
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import sys
+
+SECRET = "123-45-6789"
+
+
+def _http(status: str, ctype: str, body: bytes) -> bytes:
+    return (f"HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    path = lines[0].split(" ")[1]
+    length = next((int(l.split(":", 1)[1]) for l in lines if l.lower().startswith("content-length:")), 0)
+    body = json.loads(await reader.readexactly(length) or b"{}")
+    rid = body.get("id")
+    ok = json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": f"ssn {SECRET}"}]}})
+    if path.startswith("/garbage"):
+        writer.write(_http("200 OK", "application/json", f"<<not json {SECRET}>>".encode()))
+    elif path.startswith("/html"):
+        writer.write(_http("200 OK", "text/html", f"<h1>oops</h1><p>ssn {SECRET}</p>".encode()))
+    elif path.startswith("/truncated"):
+        writer.write(_http("200 OK", "application/json", ok.encode()[: len(ok) // 2]))
+    elif path.startswith("/slow"):
+        await asyncio.sleep(1.5)
+        writer.write(_http("200 OK", "application/json", ok.encode()))
+    elif path.startswith("/reset"):
+        ev = f"event: message\ndata: {json.dumps({'jsonrpc': '2.0', 'method': 'notifications/message', 'params': {'level': 'info', 'data': 'x'}})}\n\n"
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + f"{len(ev):x}\r\n{ev}\r\n".encode())
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # RST on close
+        writer.close()
+        return
+    elif path.startswith("/close"):
+        writer.close()
+        return
+    await writer.drain()
+    writer.close()
+
+
+async def main(port: int) -> None:
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    print(f"READY {port}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1])))
