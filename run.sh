@@ -73,6 +73,13 @@ case "$cmd" in
     ensure_venv 1
     exec "$VENV/bin/python" -m bench "$@"
     ;;
+  fuzz)
+    # long fuzzing run of every property test (FUZZ_EXAMPLES per property, default 20000)
+    shift
+    ensure_venv 1
+    HYPOTHESIS_PROFILE=long exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --hypothesis-show-statistics \
+      tests/fuzz tests/unit/test_mask_property.py tests/unit/test_sse.py -k "fuzz or property" "$@"
+    ;;
   *)
     ensure_venv 0
     exec "$VENV/bin/mcp-bastion" "$@"

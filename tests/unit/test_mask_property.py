@@ -10,6 +10,7 @@ from addons import mcp, responses
 from addons.maskcore import DETECTORS, Profile, Rule, load_masking, mask_message
 from addons.masking import MaskTransform
 from addons.record import BastionRecord
+from tests.fuzzing import examples
 
 KEY = b"property-test-key-0123456789abcdef"
 
@@ -122,7 +123,7 @@ def valid_jsonrpc(msg: dict) -> bool:
     return ("result" in msg) != ("error" in msg) and "id" in msg
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages(1))
 def test_masked_message_is_valid_and_leaks_nothing(case):
     msg, secrets = case
@@ -138,7 +139,7 @@ def test_masked_message_is_valid_and_leaks_nothing(case):
         assert s not in repr(events)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(messages(1), min_size=1, max_size=4), st.lists(st.integers(0, 10_000), max_size=12),
        st.sampled_from(["analyst", "dev", "auditor"]))
 def test_sse_stream_any_chunking_valid_and_no_secret_survives(cases, cut_points, role):

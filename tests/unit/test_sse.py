@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from addons import mcp
 from addons.mcp import McpParseError, SSEEvent, SSEParser, iter_sse_messages
+from tests.fuzzing import examples
 
 
 def stream(eol: str) -> bytes:
@@ -239,7 +240,7 @@ def client_events(data: bytes) -> list[tuple[str, str]]:
     return [(e.event, e.data) for e in evs]
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), suppress_health_check=[HealthCheck.too_slow])
 @given(sse_streams())
 def test_property_any_chunking_same_events_and_bytes(case):
     data, chunks, expected = case
@@ -251,7 +252,7 @@ def test_property_any_chunking_same_events_and_bytes(case):
     assert got == client_events(data)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=6))
 def test_property_arbitrary_bytes_never_crash_and_keep_bytes(data, cuts):
     cuts = sorted(c for c in cuts if c <= len(data))
