@@ -30,6 +30,7 @@ CHAIN = (
     ("addons.approval", "Approval"),
     ("addons.masking", "Masking"),
     ("addons.responses", "ResponseRewriter"),
+    ("addons.metrics", "Metrics"),
     ("addons.recorder", "Recorder"),
     ("addons.legacyrefusal", "LegacyRefusals"),
     ("addons.connections", "Injector"),
