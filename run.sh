@@ -58,10 +58,12 @@ case "$cmd" in
     ensure_venv 1
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
-  ""|web)
-    [ -n "$cmd" ] && shift
+  ""|web|--*)
+    # ./run.sh [--set option=value ...] and ./run.sh web [...]: mitmproxy options pass through
+    web=""
+    if [ "$cmd" = web ]; then shift; web="--web"; fi
     ensure_venv 0
-    exec "$VENV/bin/python" -m addons.launcher ${cmd:+--web} "$@"
+    exec "$VENV/bin/python" -m addons.launcher $web "$@"
     ;;
   replay)
     shift
