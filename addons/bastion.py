@@ -27,6 +27,7 @@ CHAIN = (
     ("addons.identity", "Identity"),
     ("addons.mcpflow", "McpParser"),
     ("addons.policy", "Policy"),
+    ("addons.integrity", "Integrity"),
     ("addons.approval", "Approval"),
     ("addons.masking", "Masking"),
     ("addons.responses", "ResponseRewriter"),

@@ -15,6 +15,7 @@ CLI_MODULES = (
     "addons.approval",
     "addons.connections",
     "addons.masking",
+    "addons.integrity",
 )
 
 

@@ -24,6 +24,7 @@ from addons.httputil import refuse_http
 from addons.legacyrefusal import carrier_ok
 from addons.record import get_record
 from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever, rules_files
+from addons.toolintegrity import IntegrityConfig, parse_integrity
 
 log = logging.getLogger("bastion.connections")
 
@@ -83,6 +84,8 @@ class Connection:
     audience: str | None = None
     roles: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
+    environment: str | None = None   # selects `environments:` actions in policy rules
     secret: str | None = field(default=None, repr=False)
     # legacy SSE: upstream paths announced by `endpoint` events (bounded)
     announced: OrderedDict = field(default_factory=OrderedDict, repr=False)
@@ -98,7 +101,8 @@ class Connection:
             self.announced.popitem(last=False)
 
 
-_ALLOWED_KEYS = {"upstream", "credential", "transport", "audience", "roles", "description", "options"}
+_ALLOWED_KEYS = {"upstream", "credential", "transport", "audience", "roles", "description", "options", "integrity",
+                 "environment"}
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -173,6 +177,8 @@ def parse_connections(path: Path, data: Any) -> dict[str, Connection]:
             path=u.path or "/", credential=cred, transport=transport,
             audience=str(spec["audience"]) if spec.get("audience") else None,
             roles=tuple(str(r) for r in roles), options=dict(spec.get("options") or {}),
+            integrity=parse_integrity(loc, spec.get("integrity"), name),
+            environment=str(spec["environment"]) if spec.get("environment") else None,
         )
         if cred is not None:
             try:

@@ -162,9 +162,11 @@ def demo_starter(tmp_path: Path, procs: list):
     from demo.tokens import ensure_token
 
     def start(transport: str = "json", many_tools: int = 0, name: str = "demo",
-              token_env: str | None = None) -> DemoServer:
+              token_env: str | None = None, args: tuple[str, ...] = (), port: int | None = None) -> DemoServer:
         """token_env: read the service token from this environment variable instead of the file
-        (the file then holds a different token, so a test can tell which one was used)."""
+        (the file then holds a different token, so a test can tell which one was used).
+        args: extra demo.server flags (--rug-pull, --inject, --big-output N); port: reuse a
+        port (a restarted server under the same connection)."""
         d = tmp_path / f"demo-{name}-{transport}"
         d.mkdir(parents=True, exist_ok=True)
         token_file = ensure_token(d / "service-token")
@@ -172,11 +174,11 @@ def demo_starter(tmp_path: Path, procs: list):
         if token_env:
             token = "demo-env-" + secrets.token_urlsafe(24)
             env, extra = {token_env: token}, ["--token-env", token_env]
-        port = free_port()
+        port = port or free_port()
         p = Proc(f"demo-{transport}", [sys.executable, "-m", "demo.server", "--host", "127.0.0.1", "--port", str(port),
                                        "--transport", transport, "--token-file", str(token_file), *extra,
                                        "--data-dir", str(d / "data"), "--received-log", str(d / "received.jsonl"),
-                                       "--many-tools", str(many_tools)], d / "server.log", env=env).start()
+                                       "--many-tools", str(many_tools), *args], d / "server.log", env=env).start()
         procs.append(p)
         p.wait_port(port, marker="READY")
         return DemoServer(p, port, transport, token, token_file, d / "data", d / "received.jsonl")

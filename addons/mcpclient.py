@@ -1,0 +1,32 @@
+"""An initialised official-SDK MCP client for a URL (the gateway's own CLI commands that
+talk MCP, the demo client and the tests)."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import httpx2
+from mcp import Client
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+
+
+@asynccontextmanager
+async def connect(url: str, token: str | None = None, *, legacy: bool = False, mode: str | None = None,
+                  headers: dict[str, str] | None = None, timeout: float = 30.0, **client_kw: Any) -> AsyncIterator[Client]:
+    """An initialised SDK Client talking to `url` with `Authorization: Bearer token`.
+
+    mode: the SDK's ConnectMode; default "auto" on Streamable HTTP and "legacy" (initialize
+    handshake) on the legacy HTTP+SSE transport, where clients of that era live. "auto" also
+    works there: the SDK then speaks 2026-07-28 over the SSE stream."""
+    hdrs = dict(headers or {})
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    if legacy:
+        transport = sse_client(url, headers=hdrs, timeout=timeout)
+        async with Client(transport, mode=mode or "legacy", **client_kw) as c:
+            yield c
+        return
+    async with httpx2.AsyncClient(headers=hdrs, timeout=httpx2.Timeout(timeout, read=timeout * 2)) as http:
+        async with Client(streamable_http_client(url, http_client=http), mode=mode or "auto", **client_kw) as c:
+            yield c
