@@ -30,6 +30,7 @@ log = logging.getLogger("bastion.policy")
 DENIED = -32030
 APPROVAL_UNAVAILABLE = -32031
 RATE_LIMITED = -32032
+BLAST_RADIUS = -32037
 MAX_BUCKETS = 10_000
 
 
@@ -40,17 +41,17 @@ class RateLimiter:
         self.buckets: OrderedDict[tuple, tuple[float, float]] = OrderedDict()
         self.max = max_buckets
 
-    def take(self, key: tuple, calls: int, per: float, now: float | None = None) -> float:
-        """0 when allowed, else seconds until the next call would be."""
+    def take(self, key: tuple, calls: int, per: float, now: float | None = None, cost: int = 1) -> float:
+        """0 when allowed (and `cost` taken), else seconds until it would be."""
         now = time.monotonic() if now is None else now
         tokens, last = self.buckets.get(key, (float(calls), now))
         tokens = min(float(calls), tokens + (now - last) * calls / per)
-        if tokens >= 1:
-            self.buckets[key] = (tokens - 1, now)
+        if tokens >= cost:
+            self.buckets[key] = (tokens - cost, now)
             wait = 0.0
         else:
             self.buckets[key] = (tokens, now)
-            wait = (1 - tokens) * per / calls
+            wait = (cost - tokens) * per / calls
         self.buckets.move_to_end(key)
         while len(self.buckets) > self.max:
             self.buckets.popitem(last=False)
@@ -72,8 +73,19 @@ class Policy:
     def __init__(self) -> None:
         self.policy: RulesPolicy | None = None
         self.limiter = RateLimiter()
+        self.blast = RateLimiter()      # items touched per principal x rule (survives reloads)
         self._watcher: ChangeWatcher | None = None
         self._task: asyncio.Task | None = None
+
+    def load(self, loader):
+        loader.add_option("bastion_environment", str, "",
+                          "Environment of this gateway (dev, prod, ...) for rules with `when: environment`; "
+                          "a connection's own `environment:` wins.")
+
+    def _environment(self, connection: str) -> str:
+        router = ctx.master.addons.get("connections")
+        conn = getattr(router, "wrapped", router).connections.get(connection) if router else None
+        return (conn.environment if conn is not None else None) or ctx.options.bastion_environment
 
     def configure(self, updated):
         if "bastion_rules" in updated:
@@ -112,11 +124,12 @@ class Policy:
         if flow.response is not None or rec.connection is None or self.policy is None:
             return
         policy, conn, ident = self.policy, rec.connection, rec.identity
+        env = self._environment(conn)
         # server->client requests travelling back on this flow's response stream
-        rec.response_transforms.append(lambda m: govern_server_request(policy, ident, conn, m))
+        rec.response_transforms.append(lambda m: govern_server_request(policy, ident, conn, m, env))
         if flow.request.method != "POST":
             return
-        decisions = [self._decide(policy, ident, conn, m) for m in rec.messages]
+        decisions = [self._decide(policy, ident, conn, m, env) for m in rec.messages]
         rec.decisions = decisions
         for d in decisions:
             log.info("%s %s %s -> %s (%s)", ident.sub if ident else "-", conn,
@@ -144,20 +157,36 @@ class Policy:
             if m.method in LIST_METHODS:
                 method = m.method
                 rec.response_transforms.append(
-                    lambda msg, method=method: _filter(policy, ident, conn, method, msg))
+                    lambda msg, method=method: _filter(policy, ident, conn, method, msg, env))
 
-    def _decide(self, policy: RulesPolicy, ident: Identity | None, conn: str, m: Message) -> Decision:
-        d = evaluate(policy, ident, conn, m)
+    def _decide(self, policy: RulesPolicy, ident: Identity | None, conn: str, m: Message, env: str = "") -> Decision:
+        d = evaluate(policy, ident, conn, m, environment=env)
         if d.action == "deny" or d.rule is None:
             return d
         rule = next((r for r in policy.rules if r.name == d.rule), None)
+        sub = ident.sub if ident else ""
         if rule is not None and rule.rate_limit is not None:
             calls, per = rule.rate_limit
-            wait = self.limiter.take((rule.name, ident.sub if ident else "", m.target or m.method), calls, per)
+            wait = self.limiter.take((rule.name, sub, m.target or m.method), calls, per)
             if wait > 0:
                 return Decision("deny", rule.name, f"rate limit of {calls} calls per {per:g}s exceeded; "
                                 f"retry after {wait:.1f}s", message_id=m.id, code=RATE_LIMITED)
+        if rule is not None and rule.blast is not None:
+            why = self._blast(rule, sub, m)
+            if why:
+                return Decision("deny", rule.name, why, message_id=m.id, code=BLAST_RADIUS)
         return d
+
+    def _blast(self, rule, sub: str, m: Message) -> str | None:
+        b = rule.blast
+        n = b.count(m.arguments)
+        if b.max_per_call is not None and n > b.max_per_call:
+            return f"blast radius: this call touches {n} items ({b.path}), the limit is {b.max_per_call} per call"
+        if b.max_per_window is not None and n:
+            if n > b.max_per_window or self.blast.take((rule.name, sub), b.max_per_window, b.per, cost=n) > 0:
+                return (f"blast radius: {sub or 'this caller'} may touch {b.max_per_window} items per "
+                        f"{b.per:g}s under this rule; this call ({n}) would exceed it")
+        return None
 
 
 def _what(messages: list[Message], d: Decision) -> str:
@@ -167,13 +196,13 @@ def _what(messages: list[Message], d: Decision) -> str:
     return f"{m.method}:{m.target}" if m.target else str(m.method)
 
 
-def _filter(policy, ident, conn, method: str, msg: dict) -> dict:
+def _filter(policy, ident, conn, method: str, msg: dict, env: str = "") -> dict:
     if "result" in msg and "id" in msg:
-        msg = {**msg, "result": filter_list_result(policy, ident, conn, method, msg["result"])}
+        msg = {**msg, "result": filter_list_result(policy, ident, conn, method, msg["result"], env)}
     return msg
 
 
-def govern_server_request(policy, ident, conn, msg: dict) -> dict:
+def govern_server_request(policy, ident, conn, msg: dict, env: str = "") -> dict:
     """A server->client request (sampling, elicitation, roots) on the stream: forward it only
     when a `direction: server_to_client` rule allows it; otherwise the client sees a log
     notification saying it was blocked (a JSON-RPC request cannot be answered by the gateway
@@ -182,7 +211,7 @@ def govern_server_request(policy, ident, conn, msg: dict) -> dict:
     if not isinstance(method, str) or "id" not in msg or method not in SERVER_REQUEST_METHODS or method == "ping":
         return msg
     m = Message(kind="request", raw=msg, id=msg.get("id"), method=method)
-    d = evaluate(policy, ident, conn, m, direction="server_to_client")
+    d = evaluate(policy, ident, conn, m, direction="server_to_client", environment=env)
     if d.action == "allow":
         return msg
     log.warning("blocked server->client %s on %s (%s)", method, conn, d.rule or "default-deny")
@@ -203,6 +232,8 @@ def add_cli(sub) -> None:
     e.add_argument("--method", default="tools/call")
     e.add_argument("--tool", help="tool name (or resource URI / prompt name for other methods)")
     e.add_argument("--args", default="{}", help="JSON object of arguments")
+    e.add_argument("--environment", default=None,
+                   help="environment (default: the connection's `environment:` in connections.yaml)")
     e.set_defaults(func=_cli_explain)
 
 
@@ -252,6 +283,14 @@ def _cli_explain(args) -> int:
     msg = Message(kind="request", raw={"jsonrpc": "2.0", "id": 1, "method": args.method, "params": params},
                   id=1, method=args.method)
     print(f"{args.sub} [{args.roles}] -> {args.connection} {args.method} {args.tool or ''} {args.args}")
-    for line in explain(pol, ident, args.connection, msg):
+    env = args.environment
+    if env is None:
+        from addons.connections import load_connections
+        try:
+            conn = load_connections(args.rules).get(args.connection)
+        except RulesError:
+            conn = None
+        env = (conn.environment if conn is not None else None) or ""
+    for line in explain(pol, ident, args.connection, msg, environment=env):
         print(line)
     return 0

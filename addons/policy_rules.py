@@ -38,8 +38,10 @@ DEFAULT_BASELINE = (
 # requests whose parameters carry caller-chosen strings that reach a server's logic
 SCANNED_METHODS = frozenset({"tools/call", "prompts/get", "resources/read", "completion/complete"})
 SQL_CLASSES = {"read", "write", "ddl", "dcl", "unknown", "multiple", "unparsable"}
-_RULE_KEYS = {"name", "when", "allow", "deny", "approve", "mask_profile", "rate_limit", "description", "direction"}
-_WHEN_KEYS = {"sub", "roles", "client_id", "connection", "method", "tool", "resource", "prompt", "args", "sql", "shell"}
+_RULE_KEYS = {"name", "when", "allow", "deny", "approve", "mask_profile", "rate_limit", "description", "direction",
+              "blast_radius"}
+_WHEN_KEYS = {"sub", "roles", "client_id", "connection", "environment", "method", "tool", "resource", "prompt", "args",
+              "sql", "shell"}
 _ARG_OPS = {"equals", "regex", "one_of", "min", "max", "present", "absent"}
 
 
@@ -122,6 +124,29 @@ class ShellPredicate:
 
 
 @dataclass(frozen=True)
+class BlastRadius:
+    """How many items one call may touch, and one principal per window (issue 11)."""
+    path: str
+    expr: Any
+    max_per_call: int | None
+    max_per_window: int | None
+    per: float
+
+    def count(self, arguments: dict) -> int:
+        """Items a call touches: a list's length, a number's value, 1 for anything else."""
+        n = 0
+        for m in self.expr.find(arguments):
+            v = m.value
+            if isinstance(v, list):
+                n += len(v)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                n += max(0, int(v))
+            else:
+                n += 1
+        return n
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     action: str                       # allow / deny / approve
@@ -133,6 +158,7 @@ class Rule:
     roles: tuple[str, ...] = ()
     client_ids: tuple[str, ...] = ()
     connections: tuple[str, ...] = ()
+    environments: tuple[str, ...] = ()
     methods: tuple[str, ...] = (DEFAULT_METHOD,)
     targets: tuple[str, ...] = ()     # tool / resource / prompt globs
     args: tuple[ArgPredicate, ...] = ()
@@ -142,9 +168,12 @@ class Rule:
     timeout: float = DEFAULT_APPROVAL_TIMEOUT
     mask_profile: str | None = None
     rate_limit: tuple[int, float] | None = None
+    blast: BlastRadius | None = None
 
-    def matches_subject(self, identity: Identity | None, connection: str) -> bool:
+    def matches_subject(self, identity: Identity | None, connection: str, environment: str = "") -> bool:
         if self.connections and not _any_glob(connection, self.connections):
+            return False
+        if self.environments and not _any_glob(environment, self.environments):
             return False
         if identity is None:
             return not (self.subs or self.roles or self.client_ids)
@@ -163,8 +192,8 @@ class Rule:
             return target is not None and _any_glob(target, self.targets)
         return True
 
-    def matches(self, identity: Identity | None, connection: str, msg: Message) -> bool:
-        if not self.matches_subject(identity, connection) or not self.matches_target(msg.method, msg.target):
+    def matches(self, identity: Identity | None, connection: str, msg: Message, environment: str = "") -> bool:
+        if not self.matches_subject(identity, connection, environment) or not self.matches_target(msg.method, msg.target):
             return False
         arguments = msg.arguments
         if not all(p.test(arguments) for p in self.args):
@@ -283,6 +312,35 @@ def _parse_shell(loc: Located, when: Any) -> ShellPredicate | None:
     return ShellPredicate(str(s.get("arg", "command")), commands, any_command, ops)
 
 
+def _parse_blast(loc: Located, node: Any, name: str) -> BlastRadius | None:
+    b = node.get("blast_radius")
+    if b is None:
+        return None
+    if not isinstance(b, dict):
+        raise loc.error(node, f"rule {name}: blast_radius must be a mapping", "blast_radius")
+    unknown = set(map(str, b)) - {"items", "max_per_call", "max_per_window", "per"}
+    if unknown:
+        raise loc.error(b, f"rule {name}: unknown blast_radius key(s) {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    if not isinstance(b.get("items"), str):
+        raise loc.error(b, f"rule {name}: blast_radius needs items: $.jsonpath (an array or a number argument)")
+    try:
+        expr = jsonpath_parse(b["items"])
+    except Exception as e:  # noqa: BLE001 - jsonpath-ng raises plain Exception too
+        raise loc.error(b, f"rule {name}: invalid JSONPath {b['items']!r}: {e}", "items") from None
+    limits = {}
+    for k in ("max_per_call", "max_per_window"):
+        v = b.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise loc.error(b, f"rule {name}: {k} must be a positive integer", k)
+        limits[k] = v
+    if limits["max_per_call"] is None and limits["max_per_window"] is None:
+        raise loc.error(b, f"rule {name}: blast_radius needs max_per_call and/or max_per_window")
+    per = b.get("per", 3600)
+    if isinstance(per, bool) or not isinstance(per, (int, float)) or per <= 0:
+        raise loc.error(b, f"rule {name}: blast_radius.per must be positive seconds", "per")
+    return BlastRadius(b["items"], expr, limits["max_per_call"], limits["max_per_window"], float(per))
+
+
 def parse_rule(loc: Located, node: Any, index: int, dialect: str) -> Rule:
     if not isinstance(node, dict):
         raise loc.error(node, "a rule must be a mapping")
@@ -339,10 +397,12 @@ def parse_rule(loc: Located, node: Any, index: int, dialect: str) -> Rule:
     return Rule(
         name=name, action=action, file=loc.file, line=_line(node), direction=direction, reason=reason,
         subs=_strs(loc, when, "sub"), roles=_strs(loc, when, "roles"), client_ids=_strs(loc, when, "client_id"),
-        connections=_strs(loc, when, "connection"), methods=methods, targets=targets,
+        connections=_strs(loc, when, "connection"), environments=_strs(loc, when, "environment"),
+        methods=methods, targets=targets,
         args=_parse_args(loc, when), sql=_parse_sql(loc, when, dialect), shell=_parse_shell(loc, when),
         approvers=approvers, timeout=timeout,
         mask_profile=str(node["mask_profile"]) if node.get("mask_profile") else None, rate_limit=rate,
+        blast=_parse_blast(loc, node, name),
     )
 
 
@@ -427,12 +487,12 @@ def _decision(rule: Rule, msg: Message) -> Decision:
 
 
 def matching_rules(policy: Policy, identity: Identity | None, connection: str, msg: Message,
-                   direction: str = "client_to_server") -> list[Rule]:
-    return [r for r in policy.rules if r.direction == direction and r.matches(identity, connection, msg)]
+                   direction: str = "client_to_server", environment: str = "") -> list[Rule]:
+    return [r for r in policy.rules if r.direction == direction and r.matches(identity, connection, msg, environment)]
 
 
 def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Message,
-             direction: str = "client_to_server") -> Decision:
+             direction: str = "client_to_server", environment: str = "") -> Decision:
     """The decision for one message. See the module docstring for precedence."""
     if msg.kind in ("response", "error"):
         # a client answering a server request (sampling, elicitation): the request itself
@@ -443,7 +503,7 @@ def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Me
         if hit is not None:
             return Decision("deny", f"blocklist:{hit.pattern}", f"blocked {hit.category} pattern in {hit.path}",
                             message_id=msg.id)
-    matched = matching_rules(policy, identity, connection, msg, direction)
+    matched = matching_rules(policy, identity, connection, msg, direction, environment)
     for action in ("deny", "approve", "allow"):
         for r in matched:
             if r.action == action:
@@ -453,7 +513,8 @@ def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Me
     return Decision("deny", None, "no rule allows this call (default deny)", message_id=msg.id)
 
 
-def visible(policy: Policy, identity: Identity | None, connection: str, method: str, name: str) -> bool:
+def visible(policy: Policy, identity: Identity | None, connection: str, method: str, name: str,
+            environment: str = "") -> bool:
     """May the caller use this tool/resource/prompt at all (allowed or approvable for some
     arguments)? Rules with argument or SQL predicates count as 'some arguments'; a deny
     rule hides the item only when it has no argument predicates."""
@@ -463,7 +524,7 @@ def visible(policy: Policy, identity: Identity | None, connection: str, method: 
                                          "params": {"name": name, "uri": name}}, id=0, method=call_method)
     any_ok = False
     for r in policy.rules:
-        if r.direction != "client_to_server" or not r.matches_subject(identity, connection):
+        if r.direction != "client_to_server" or not r.matches_subject(identity, connection, environment):
             continue
         if not r.matches_target(call_method, probe.target):
             continue
@@ -475,7 +536,7 @@ def visible(policy: Policy, identity: Identity | None, connection: str, method: 
 
 
 def filter_list_result(policy: Policy, identity: Identity | None, connection: str, method: str,
-                       result: Any) -> Any:
+                       result: Any, environment: str = "") -> Any:
     """Drop list items the caller may not use. Returns a new result dict."""
     key = LIST_METHODS.get(method)
     if key is None or not isinstance(result, dict) or not isinstance(result.get(key), list):
@@ -483,16 +544,17 @@ def filter_list_result(policy: Policy, identity: Identity | None, connection: st
     name_key = "uri" if key == "resources" else ("uriTemplate" if key == "resourceTemplates" else "name")
     kept = [item for item in result[key]
             if isinstance(item, dict) and isinstance(item.get(name_key), str)
-            and visible(policy, identity, connection, method, item[name_key])]
+            and visible(policy, identity, connection, method, item[name_key], environment)]
     return {**result, key: kept}
 
 
-def explain(policy: Policy, identity: Identity | None, connection: str, msg: Message) -> list[str]:
+def explain(policy: Policy, identity: Identity | None, connection: str, msg: Message,
+            environment: str = "") -> list[str]:
     """Human-readable trace: every rule that matched and the final decision."""
     lines = []
-    for r in matching_rules(policy, identity, connection, msg):
+    for r in matching_rules(policy, identity, connection, msg, environment=environment):
         lines.append(f"  matched {r.action:7} {r.name}  ({r.file}:{r.line})")
-    d = evaluate(policy, identity, connection, msg)
+    d = evaluate(policy, identity, connection, msg, environment=environment)
     lines.append(f"decision: {d.action.upper()}  rule: {d.rule or '(default deny)'}"
                  + (f"  reason: {d.reason}" if d.reason else "")
                  + (f"  approvers: {', '.join(d.approvers)}  timeout: {d.timeout:g}s" if d.action == "approve" else ""))

@@ -177,3 +177,27 @@ def test_check_and_explain_cli(tmp_path):
             "--args", '{"sql": "DROP TABLE customers"}')
     assert r.returncode == 0 and "decision: DENY  rule: analyst-sql-read-only" in r.stdout, r.stdout
     assert "rules/policy.yaml:" in r.stdout
+
+
+BLAST_POLICY = """\
+rules:
+  - name: reports-bounded
+    when: {roles: [analyst], tool: stream_report}
+    allow: true
+    blast_radius: {items: $.steps, max_per_call: 5, max_per_window: 8, per: 3600}
+"""
+
+
+async def test_blast_radius_trips_and_passes(stack):
+    demo, gw = stack("json", policy=BLAST_POLICY)
+    async with connect(gw.mcp_url(), gw.token("ana", ["analyst"])) as c:
+        ok = await c.call_tool("stream_report", {"steps": 3, "delay": 0})
+        assert not ok.is_error
+        with pytest.raises(Exception) as e:
+            await c.call_tool("stream_report", {"steps": 50, "delay": 0})
+        assert "touches 50 items ($.steps), the limit is 5 per call" in str(e.value)
+        assert not (await c.call_tool("stream_report", {"steps": 5, "delay": 0})).is_error     # 3 + 5 = 8
+        with pytest.raises(Exception) as e:
+            await c.call_tool("stream_report", {"steps": 1, "delay": 0})
+        assert "may touch 8 items per 3600s" in str(e.value)
+    assert '"steps": 50' not in received_text(demo) and '"steps":50' not in received_text(demo)

@@ -391,3 +391,75 @@ def test_explain_names_rule_and_location(tmp_path):
     lines = explain(p, DEV, "demo", call("launch_container", {"privileged": True}))
     assert any("deny-priv" in line and "policy.yaml:" in line for line in lines)
     assert lines[-1].startswith("decision: DENY  rule: deny-priv")
+
+
+# --- environments and blast radius (issue 11) -------------------------------------------
+
+ENV_POLICY = """
+rules:
+  - {name: launch-dev, when: {tool: launch_container, environment: dev}, allow: true}
+  - {name: launch-prod, when: {tool: launch_container, environment: [prod, "prod-*"]}, approve: {approvers: [approver]}}
+"""
+
+
+def test_environments_select_actions(tmp_path):
+    p = policy(tmp_path, ENV_POLICY)
+    m = call("launch_container", {"image": "x"})
+    assert evaluate(p, DEV, "demo", m, environment="dev").rule == "launch-dev"
+    assert evaluate(p, DEV, "demo", m, environment="prod-eu").action == "approve"
+    assert evaluate(p, DEV, "demo", m, environment="").action == "deny"        # unset: neither rule applies
+    tools = {"tools": [{"name": "launch_container"}]}
+    assert filter_list_result(p, DEV, "demo", "tools/list", tools, "staging")["tools"] == []
+
+
+BLAST_POLICY = """
+rules:
+  - name: bulk
+    when: {tool: delete_rows}
+    allow: true
+    blast_radius: {items: $.ids, max_per_call: 10, max_per_window: 15, per: 3600}
+"""
+
+
+def _body(tool: str, args: dict) -> dict:
+    return {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args}}
+
+
+def test_blast_radius_per_call_and_per_window(tmp_path):
+    addon = _addon(tmp_path, BLAST_POLICY)
+    outcomes = []
+    with _ctx(addon) as tctx:
+        tctx.options.bastion_rules = str(tmp_path)
+        for ids in (list(range(11)), list(range(8)), list(range(6)), list(range(7)), [1]):
+            f, rec = _flow(tmp_path, _body("delete_rows", {"ids": ids}))
+            addon.request(f)
+            outcomes.append(None if f.response is None else json.loads(f.response.content)["error"])
+        # counters survive a reload of the rules
+        addon.reload()
+        f, rec = _flow(tmp_path, _body("delete_rows", {"ids": [1]}), Identity("dan", ("dev",)))
+        addon.request(f)
+        after_reload = f.response
+        f, rec = _flow(tmp_path, _body("delete_rows", {"ids": [1, 2]}), Identity("eve", ("dev",)))
+        addon.request(f)
+        other_principal = f.response
+    assert "touches 11 items ($.ids), the limit is 10 per call" in outcomes[0]["message"]
+    assert outcomes[1] is None and outcomes[2] is None              # 8 + 6 = 14 <= 15
+    assert "may touch 15 items per 3600s" in outcomes[3]["message"] and outcomes[3]["code"] == -32037
+    assert outcomes[4] is None                                      # 14 + 1 = 15
+    assert after_reload is not None                                 # 16 > 15, even after the reload
+    assert other_principal is None                                  # per principal
+
+
+def test_blast_radius_counts_numbers_and_validates(tmp_path):
+    p = policy(tmp_path, """
+    rules:
+      - {name: r, when: {tool: t}, allow: true, blast_radius: {items: $.limit, max_per_call: 100}}
+    """)
+    b = p.rules[0].blast
+    assert b.count({"limit": 250}) == 250 and b.count({}) == 0 and b.count({"limit": True}) == 1
+    for bad, frag in (("{items: $.x}", "max_per_call and/or"), ("{items: $.x, max_per_call: 0}", "positive"),
+                      ("{max_per_call: 1}", "items"), ("{items: $.x, max_per_call: 1, size: 2}", "unknown")):
+        (tmp_path / "policy.yaml").write_text(f"rules:\n  - name: r\n    allow: true\n    blast_radius: {bad}\n")
+        with pytest.raises(RulesError) as e:
+            load_policy(tmp_path)
+        assert frag in str(e.value) and e.value.line is not None
