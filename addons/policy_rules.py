@@ -25,7 +25,7 @@ from jsonpath_ng.ext import parse as jsonpath_parse
 from addons import sqlclass
 from addons.mcp import LIST_METHODS, Message
 from addons.record import Decision, Identity
-from addons.rules import Located, RulesError, load_yaml, rules_files
+from addons.rules import Located, load_yaml, rules_files
 from addons.shellguard import Pattern, scan, shell_info
 
 DEFAULT_METHOD = "tools/call"
