@@ -33,7 +33,7 @@ class Integrity:
     def __init__(self) -> None:
         # (connection, tool) -> why the tool is not what was pinned (bounded)
         self.drifted: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._pins: dict[str, tuple[float, dict | None]] = {}
+        self._pins: dict[str, tuple[float, dict | None, dict[str, str]]] = {}
 
     # -- configuration -------------------------------------------------------------------
 
@@ -41,23 +41,24 @@ class Integrity:
         router = ctx.master.addons.get("connections")
         return getattr(router, "wrapped", router).connections.get(name) if router else None
 
-    def pins(self, connection: str) -> dict | None:
-        """Pins of a connection, re-read when the file changes (hot reload)."""
+    def _pin_set(self, connection: str) -> tuple[dict | None, dict[str, str]]:
+        """Pins of a connection and their skeleton index, re-read when the file changes."""
         path = ti.pins_path(ctx.options.bastion_rules, connection)
         mtime = path.stat().st_mtime if path.exists() else -1.0
         cached = self._pins.get(connection)
         if cached is None or cached[0] != mtime:
             try:
-                cached = (mtime, ti.load_pins(ctx.options.bastion_rules, connection))
+                pins = ti.load_pins(ctx.options.bastion_rules, connection)
             except RulesError as e:
                 if cached is None:
                     raise
                 log.error("pin file rejected, keeping the last good pins: %s", e)
-                return cached[1]
+                return cached[1], cached[2]
+            cached = (mtime, pins, ti.skeleton_index(pins or ()))
             self._pins[connection] = cached
             for key in [k for k in self.drifted if k[0] == connection]:
                 del self.drifted[key]          # re-pinned: judge the tools afresh
-        return cached[1]
+        return cached[1], cached[2]
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -68,12 +69,13 @@ class Integrity:
         conn = self._conn(rec.connection)
         if conn is None:
             return
-        cfg, pins = conn.integrity, self.pins(rec.connection)
+        cfg, (pins, index) = conn.integrity, self._pin_set(rec.connection)
         for m in rec.messages:
             if m.method == "tools/list":
-                rec.response_transforms.append(lambda msg, c=rec.connection, r=rec: self._tools_list(c, cfg, pins, r, msg))
+                rec.response_transforms.append(
+                    lambda msg, c=rec.connection, r=rec: self._tools_list(c, cfg, pins, index, r, msg))
             elif m.method == "tools/call":
-                why = self._call_refusal(rec.connection, cfg, pins, m.tool_name or "")
+                why = self._call_refusal(rec.connection, cfg, pins, index, m.tool_name or "")
                 if why:
                     log.warning("refused tools/call %r on %s: %s", m.tool_name, rec.connection, why)
                     refuse_message(flow, m.id, INTEGRITY_REFUSED, f"refused by mcp-bastion tool integrity: {why}",
@@ -81,9 +83,9 @@ class Integrity:
                     return
                 rec.response_transforms.append(lambda msg, r=rec: self._result(cfg, r, msg))
 
-    def _call_refusal(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, name: str) -> str | None:
-        known = set(pins or ()) | {t for (c, t) in self.drifted if c == connection}
-        twin = ti.lookalike_of(name, known)
+    def _call_refusal(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: dict[str, str],
+                      name: str) -> str | None:
+        twin = ti.lookalike_of(name, index)
         if twin is not None or not ti.plain_name(name):
             return f"tool name {name!r} imitates {twin!r}" if twin else f"tool name {name!r} has unusual characters"
         why = self.drifted.get((connection, name))
@@ -93,8 +95,8 @@ class Integrity:
             return f"tool {name} is not pinned for this connection"
         return None
 
-    def _tools_list(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, rec: BastionRecord,
-                    msg: dict) -> dict:
+    def _tools_list(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: dict[str, str],
+                    rec: BastionRecord, msg: dict) -> dict:
         result = msg.get("result")
         if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
             return msg
@@ -102,7 +104,7 @@ class Integrity:
         for tool in result["tools"]:
             if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
                 continue
-            why = self._tool_problem(connection, cfg, pins, tool)
+            why = self._tool_problem(connection, cfg, pins, index, tool)
             if why is None and cfg.injection != "off":
                 tool, why = self._scan_tool(cfg, tool, rec)
             if why is None:
@@ -114,13 +116,14 @@ class Integrity:
             rec.notes.setdefault("integrity_hidden", []).extend(hidden[:100])
         return {**msg, "result": {**result, "tools": kept}}
 
-    def _tool_problem(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, tool: dict) -> str | None:
+    def _tool_problem(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: dict[str, str],
+                      tool: dict) -> str | None:
         name = tool["name"]
         if not ti.plain_name(name):
             return f"tool name {name!r} has unusual characters"
         if pins is None:
             return None
-        twin = ti.lookalike_of(name, pins)
+        twin = ti.lookalike_of(name, index)
         if twin is not None:
             return f"tool name {name!r} imitates pinned tool {twin!r}"
         if name not in pins:

@@ -139,13 +139,18 @@ def skeleton(name: str) -> str:
     return _INVISIBLE.sub("", unicodedata.normalize("NFKC", name)).translate(_CONFUSABLE).casefold()
 
 
-def lookalike_of(name: str, known: set[str] | dict) -> str | None:
-    """The known name this one imitates (same skeleton, different spelling), if any."""
-    sk = skeleton(name)
-    for k in known:
-        if k != name and skeleton(k) == sk:
-            return k
-    return None
+def skeleton_index(names) -> dict[str, str]:
+    """skeleton -> name, built once per pin set (a 10,000-tool list stays linear)."""
+    return {skeleton(n): n for n in names}
+
+
+def lookalike_of(name: str, known) -> str | None:
+    """The known name this one imitates (same skeleton, different spelling), if any.
+    `known`: names, or a skeleton_index of them."""
+    index = known if isinstance(known, dict) and all(isinstance(v, str) for v in known.values()) \
+        else skeleton_index(known)
+    twin = index.get(skeleton(name))
+    return twin if twin is not None and twin != name else None
 
 
 def plain_name(name: str) -> bool:

@@ -111,3 +111,14 @@ def test_integrity_settings_validated(spec, fragment):
         ti.parse_integrity(Located("connections.yaml"), spec, "demo")
     assert fragment in str(e.value)
     assert ti.parse_integrity(Located("c"), None, "demo") == ti.IntegrityConfig()
+
+
+def test_ten_thousand_tools_checked_in_linear_time():
+    import time
+    names = [f"tool_{i:05d}" for i in range(10_000)]
+    t0 = time.perf_counter()
+    index = ti.skeleton_index(names)
+    hits = [ti.lookalike_of(n.replace("o", "о"), index) for n in names]     # Cyrillic о impostors
+    hashes = {ti.tool_hash({"name": n, "description": "d"}) for n in names}
+    assert time.perf_counter() - t0 < 5
+    assert hits == names and len(hashes) == 10_000
