@@ -254,6 +254,8 @@ def _cli_check(args) -> int:
             errors += list(validate(d))
     except ModuleNotFoundError:
         pass
+    from addons.toolintegrity import validate_pin_dir
+    errors += validate_pin_dir(d)
     for e in errors:
         print(e)
     if errors:
