@@ -3,17 +3,20 @@
 Off by default (`bastion_metrics_port=0`). Counted from each flow's bastion record when
 the flow ends, so the figures are what the gateway decided and did, and never a value:
 labels are connection names, MCP methods, decisions, rule names and mask types. Label
-sets are bounded (unknown methods collapse to "other"; rule names come from the rules).
+sets are bounded (unknown methods collapse to "other", rule names come from the rules, mask
+types are capped).
 """
 from __future__ import annotations
 
 import logging
+import re
+import threading
 from typing import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from mitmproxy import ctx, exceptions, http
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from addons import mcp
 from addons.record import BastionRecord, get_record
@@ -21,6 +24,8 @@ from addons.record import BastionRecord, get_record
 log = logging.getLogger("bastion.metrics")
 
 KNOWN_METHODS = mcp.CLIENT_REQUEST_METHODS | mcp.CLIENT_NOTIFICATION_METHODS
+MAX_MASK_TYPES = 64                  # mask types may be field names from upstream data: bound them
+MASK_TYPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 
 
@@ -36,9 +41,10 @@ class GatewayMetrics:
         self.masked = Counter("bastion_masked_values", "Values masked in responses, by type", ["type"], registry=r)
         self.latency = Histogram("bastion_request_seconds", "Request start to response end, by connection",
                                  ["connection"], buckets=LATENCY_BUCKETS, registry=r)
+        self._mask_types: set[str] = set()
 
     def live(self, read: Callable[[], dict[str, float]]) -> None:
-        """Gauges read from the other addons at scrape time."""
+        """Values read from the other addons at scrape time (they keep the state, not us)."""
         self.registry.register(_Live(read))
 
     def observe(self, rec: BastionRecord, duration: float | None) -> None:
@@ -50,16 +56,27 @@ class GatewayMetrics:
         if rec.refusal is not None:
             self.refusals.labels(rec.refusal_rule or _refusal_kind(rec.refusal)).inc()
         for ev in rec.masks:
-            self.masked.labels(ev.type).inc(ev.count)
+            self.masked.labels(self._mask_type(ev.type)).inc(ev.count)
         if duration is not None and rec.connection is not None:
             self.latency.labels(conn).observe(max(duration, 0.0))
 
+    def _mask_type(self, t: str) -> str:
+        """A bounded label: untyped rules tag a mask with the (upstream-chosen) field name."""
+        if t in self._mask_types:
+            return t
+        if not MASK_TYPE_RE.fullmatch(t) or len(self._mask_types) >= MAX_MASK_TYPES:
+            return "other"
+        self._mask_types.add(t)
+        return t
 
+
+# name -> (kind, help). Counters are exposed with the `_total` suffix.
 LIVE = {
-    "bastion_approvals_pending": "Calls held for a human decision",
-    "bastion_recorder_events": "Events written to the audit journal since start",
-    "bastion_recorder_failures": "Audit store write failures since start",
-    "bastion_recorder_healthy": "1 while the audit store accepts writes",
+    "bastion_approvals_pending": ("gauge", "Calls held for a human decision"),
+    "bastion_recorder_queue": ("gauge", "Batches queued for the audit journal writer (recorder lag)"),
+    "bastion_recorder_healthy": ("gauge", "1 while the audit store accepts writes"),
+    "bastion_recorder_events": ("counter", "Events written to the audit journal since start"),
+    "bastion_recorder_errors": ("counter", "Audit store write failures since start"),
 }
 
 
@@ -67,11 +84,19 @@ class _Live:
     def __init__(self, read: Callable[[], dict[str, float]]):
         self.read = read
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        values = self.read()
-        for name, doc in LIVE.items():
+    def describe(self) -> list:
+        return []               # names vary with the addons loaded: no registration-time check
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        try:
+            values = self.read()
+        except Exception:  # noqa: BLE001 - a scrape must not fail because another addon changed
+            log.exception("reading live metrics failed")
+            return
+        for name, (kind, doc) in LIVE.items():
             if name in values:
-                yield GaugeMetricFamily(name, doc, value=values[name])
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(name, doc, value=values[name])
 
 
 def _refusal_kind(reason: str) -> str:
@@ -90,6 +115,8 @@ class Metrics:
         self.m = GatewayMetrics()
         self.m.live(self._read_live)
         self.server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self._running = False
 
     def load(self, loader):
         loader.add_option("bastion_metrics_port", int, 0,
@@ -99,16 +126,21 @@ class Metrics:
     def configure(self, updated):
         if "bastion_metrics_port" in updated and not 0 <= ctx.options.bastion_metrics_port <= 65535:
             raise exceptions.OptionsError("bastion_metrics_port must be 0 (off) or a TCP port")
-        if self.server is not None and updated & {"bastion_metrics_port", "bastion_metrics_host"}:
-            self._stop()
-            self.running()
+        if self._running and updated & {"bastion_metrics_port", "bastion_metrics_host"}:
+            self._stop()        # options changed at runtime (mitmweb): rebind
+            self._start()
 
     def running(self):
+        self._running = True
+        self._start()
+
+    def _start(self) -> None:
         port = ctx.options.bastion_metrics_port
         if not port or self.server is not None:
             return
         try:
-            self.server, _ = start_http_server(port, ctx.options.bastion_metrics_host, registry=self.m.registry)
+            self.server, self._thread = start_http_server(port, ctx.options.bastion_metrics_host,
+                                                          registry=self.m.registry)
         except OSError as e:
             log.error("metrics endpoint not started on %s:%s: %s", ctx.options.bastion_metrics_host, port, e)
             return
@@ -120,16 +152,20 @@ class Metrics:
         approval = ctx.master.addons.get("approval")
         pending = getattr(getattr(approval, "wrapped", approval), "pending", None)
         if pending is not None:
-            out["bastion_approvals_pending"] = len(pending)
+            # decided holds leave the dict a moment later; count only the undecided ones
+            out["bastion_approvals_pending"] = sum(1 for p in list(pending.values())
+                                                   if getattr(p, "outcome", None) is None)
         recorder = ctx.master.addons.get("recorder")
         writer = getattr(getattr(recorder, "wrapped", recorder), "writer", None)
         if writer is not None:
             out["bastion_recorder_events"] = writer.stats.events
-            out["bastion_recorder_failures"] = writer.stats.failures
+            out["bastion_recorder_errors"] = writer.stats.failures
             out["bastion_recorder_healthy"] = 1 if writer.healthy else 0
+            out["bastion_recorder_queue"] = getattr(writer, "queued", 0)
         return out
 
     def done(self):
+        self._running = False
         self._stop()
 
     def _stop(self) -> None:
@@ -137,6 +173,9 @@ class Metrics:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._observe(flow)
@@ -145,13 +184,13 @@ class Metrics:
         self._observe(flow)
 
     def _observe(self, flow: http.HTTPFlow) -> None:
-        rec = get_record(flow.metadata)
-        if rec.notes.get("metrics_done") or (rec.connection is None and rec.refusal is None):
-            return
-        rec.notes["metrics_done"] = True
-        end = flow.response.timestamp_end if flow.response is not None and flow.response.timestamp_end else None
-        start = flow.request.timestamp_start
         try:
+            rec = get_record(flow.metadata)
+            if rec.notes.get("metrics_done") or (rec.connection is None and rec.refusal is None):
+                return          # counted already, or not an MCP exchange (metadata, admin API)
+            rec.notes["metrics_done"] = True
+            end = flow.response.timestamp_end if flow.response is not None else None
+            start = flow.request.timestamp_start
             self.m.observe(rec, (end - start) if end and start else None)
-        except Exception:  # noqa: BLE001 - metrics must never touch the flow
+        except Exception:  # noqa: BLE001 - metrics must never refuse or alter a flow
             log.exception("metrics update failed")

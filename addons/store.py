@@ -358,6 +358,11 @@ class StoreWriter:
     def journal(self) -> Path | None:
         return self._journal
 
+    @property
+    def queued(self) -> int:
+        """Submitted batches the writer thread has not taken yet (the recorder's lag; approximate)."""
+        return self._q.qsize()
+
     def start(self) -> "StoreWriter":
         self._open()               # first attempt synchronously: healthy at once if it can write
         self._thread.start()

@@ -1,8 +1,12 @@
 """Metrics counted from bastion records; no values in labels; the endpoint is off by default."""
 from __future__ import annotations
 
+import socket
+from types import SimpleNamespace
+
+import httpx
 from mitmproxy import exceptions
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import taddons, tflow
 from prometheus_client import generate_latest
 
 import pytest
@@ -10,6 +14,8 @@ import pytest
 from addons import mcp
 from addons.metrics import GatewayMetrics, Metrics
 from addons.record import Decision, MaskEvent, get_record
+from addons.store import StoreWriter
+from tests.e2e.procs import free_port
 
 
 def _flow(tool: str, action: str | None, rule: str | None = None, masks=(), refusal: str | None = None):
@@ -69,3 +75,107 @@ def test_off_by_default_and_port_validated():
         assert a.server is None
         with pytest.raises(exceptions.OptionsError):
             tctx.configure(a, bastion_metrics_port=70000)
+
+
+class _FakeApproval:
+    name = "approval"
+
+    def __init__(self, outcomes):
+        self.pending = {str(i): SimpleNamespace(outcome=o) for i, o in enumerate(outcomes)}
+
+
+class _FakeRecorder:
+    name = "recorder"
+
+    def __init__(self, writer):
+        self.writer = writer
+
+
+def _scrape(port: int) -> str:
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+async def test_live_values_read_from_approval_and_recorder(tmp_path):
+    a = Metrics()
+    writer = StoreWriter(tmp_path, "t")
+    with taddons.context(a, _FakeApproval([None, None, "approved"]), _FakeRecorder(writer)):
+        writer.start()
+        try:
+            writer.submit([b'{"e": 1}\n'], wait=True).result(10)
+            assert _value(a.m, "bastion_approvals_pending") == 2      # decided holds are not pending
+            assert _value(a.m, "bastion_recorder_healthy") == 1
+            assert _value(a.m, "bastion_recorder_events_total") >= 1
+            assert _value(a.m, "bastion_recorder_errors_total") == 0
+            assert _value(a.m, "bastion_recorder_queue") == 0
+            text = generate_latest(a.m.registry).decode()
+            assert "# TYPE bastion_recorder_errors_total counter" in text
+            assert "# TYPE bastion_recorder_queue gauge" in text
+        finally:
+            writer.close()
+
+
+async def test_live_values_absent_without_the_addons_and_never_fail_a_scrape(caplog):
+    a = Metrics()
+    with taddons.context(a):
+        assert "bastion_approvals_pending" not in generate_latest(a.m.registry).decode()
+    b = Metrics()
+    with taddons.context(b, _FakeRecorder(SimpleNamespace())):     # a writer without stats
+        text = generate_latest(b.m.registry).decode()             # logged, no exception
+    assert "bastion_recorder" not in text
+    assert "reading live metrics failed" in caplog.text
+
+
+async def test_a_broken_record_never_raises_into_the_flow(monkeypatch, caplog):
+    a = Metrics()
+    with taddons.context(a):
+        monkeypatch.setattr(a.m, "observe", lambda *_: 1 / 0)
+        f = _flow("get_customer", "allow")
+        a.response(f)                                             # logged, not raised
+        assert f.response.status_code == 200
+        assert "metrics update failed" in caplog.text
+
+
+def test_endpoint_served_on_its_own_port_and_stopped_in_done():
+    port = free_port()
+    a = Metrics()
+    with taddons.context(a) as tctx:
+        tctx.configure(a, bastion_metrics_port=port)
+        a.running()
+        a.response(_flow("run_command", "deny", "dev-no-shell", refusal="denied"))
+        text = _scrape(port)
+        assert 'bastion_refusals_total{rule="dev-no-shell"} 1.0' in text
+        assert 'bastion_requests_total{connection="demo",decision="deny",method="tools/call"} 1.0' in text
+        other = free_port()
+        tctx.configure(a, bastion_metrics_port=other)            # rebinds at runtime
+        assert "bastion_refusals_total" in _scrape(other)
+        with pytest.raises(httpx.TransportError):
+            _scrape(port)
+        a.done()
+        assert a.server is None
+        with pytest.raises(httpx.TransportError):
+            _scrape(other)
+
+
+async def test_port_in_use_is_logged_not_fatal(caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        a = Metrics()
+        with taddons.context(a) as tctx:
+            tctx.configure(a, bastion_metrics_port=port)
+            a.running()
+            assert a.server is None
+            assert "metrics endpoint not started" in caplog.text
+
+
+def test_mask_type_labels_are_bounded():
+    """Untyped mask rules tag with the field name, which the upstream chooses: cap the labels."""
+    m = GatewayMetrics()
+    rec = get_record(_flow("t", "allow").metadata)
+    rec.masks = [MaskEvent("$.x", f"field{i}", 1) for i in range(200)] + [MaskEvent("$.y", "bad label\n", 1)]
+    m.observe(rec, None)
+    text = generate_latest(m.registry).decode()
+    assert text.count("bastion_masked_values_total{") <= 65
+    assert _value(m, 'bastion_masked_values_total{type="other"}') == 200 - 64 + 1
+    assert "bad label" not in text
