@@ -181,9 +181,27 @@ class Finding:
     end: int
 
 
+# words each pattern needs (lower case), so most text is dismissed by substring tests
+# instead of case-insensitive regex scans (a 256 KiB result: ~17 ms -> ~1 ms); None:
+# patterns for invisible characters, which ASCII text cannot hold
+_NEEDS: dict[str, tuple[str, ...] | None] = {
+    "override": ("ignore", "disregard", "forget", "override"),
+    "secrecy": ("tell", "inform", "mention", "reveal", "alert"),
+    "role-hijack": ("system", "assistant", "instruction", "important", "you are now"),
+    "exfiltration": ("send", "post", "upload", "forward", "exfiltrate", "transmit"),
+    "image-beacon": ("](",),
+    "hidden-tags": None,
+    "zero-width": None,
+}
+
+
 def scan(text: str) -> list[Finding]:
     out = []
+    low, ascii_only = text.lower(), text.isascii()
     for kind, rx in INJECTION_PATTERNS:
+        needs = _NEEDS[kind]
+        if (ascii_only if needs is None else not any(w in low for w in needs)):
+            continue
         out += [Finding(kind, m.start(), m.end()) for m in rx.finditer(text)]
     return sorted(out, key=lambda f: f.start)
 
