@@ -164,12 +164,15 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=60)
 
 
-def test_check_and_explain_cli(tmp_path):
-    ok = cli("check", "rules")
-    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
+def test_check_and_explain_cli(tmp_path, demo_server, rules_dir):
+    # the shipped rules with the demo connection's credential file present (a fresh clone
+    # has none until ./run.sh creates it, and check verifies credentials resolve)
+    good = rules_dir(demo_server("stateless"))
+    ok = cli("check", str(good))
+    assert ok.returncode == 0 and "OK (9 policy rules" in ok.stdout, ok.stdout + ok.stderr
     bad = tmp_path / "rules"
     bad.mkdir()
-    (bad / "connections.yaml").write_text((ROOT / "rules" / "connections.yaml").read_text())
+    (bad / "connections.yaml").write_text((good / "connections.yaml").read_text())
     (bad / "policy.yaml").write_text("rules:\n  - name: a\n    when: {tool: x}\n    allow: maybe\n")
     r = cli("check", str(bad))
     assert r.returncode == 1 and "policy.yaml:4" in r.stdout, r.stdout
