@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import fnmatch
 import json
 import re
 import shlex
@@ -77,6 +78,64 @@ def deobfuscate(s: str) -> str:
     return s.strip()
 
 
+# Programs worth resolving when a command names them by a glob (/bin/n? -e, /usr/bin/py*3):
+# the shell expands the glob to a real binary, so match what it would most likely start.
+GLOB_TARGETS = ("nc", "ncat", "netcat", "socat", "bash", "sh", "dash", "zsh", "ksh", "python", "python3",
+                "perl", "ruby", "php", "lua", "node", "curl", "wget", "rm", "dd", "mkfs", "crontab",
+                "base64", "telnet", "openssl", "busybox", "powershell", "pwsh")
+# a word in command position (start, or after ; & | ( or a newline) containing ? * or [
+_GLOB_WORD = re.compile(r"(^|[;&|(\n]\s*)((?:[\w.\-?*\[\]]*/)*)([\w.\-]*[?*\[][\w.\-?*\[\]]*)(?=\s|$)")
+
+
+# unambiguous (no character both in an item and a separator): linear, no backtracking blow-up
+_BRACE = re.compile(r"\{([^{}\s,]*(?:,[^{}\s,]*)+)\}")
+_DOT_SEGMENTS = re.compile(r"/(?:\.{1,2}/)+")
+_SLASHES = re.compile(r"/{2,}")
+_DOT_END = re.compile(r"(?<!\S)/\.{1,2}(?=[\s;&|)]|$)")
+_ROOT_SLICE = re.compile(r"\$\{(?:PATH|HOME|PWD|OLDPWD|SHELL):0:1\}")
+
+
+def _strip_block_comments(s: str) -> str:
+    """Remove /* ... */ in one pass (a regex would rescan to the end for every unclosed /*)."""
+    out, i = [], 0
+    while (start := s.find("/*", i)) != -1:
+        end = s.find("*/", start + 2)
+        if end == -1:
+            break
+        out.append(s[i:start] + " ")
+        i = end + 2
+    out.append(s[i:])
+    return "".join(out)
+
+
+def _expand(s: str) -> str:
+    """What bash expansions and SQL comments turn the text into: brace lists
+    ({nc,-e,sh} -> nc -e sh), one-character slices of a path variable (${PATH:0:1} -> /),
+    /**/ comments (COPY t TO/**/PROGRAM), and redundant path spellings (/dev//tcp,
+    /dev/./tcp, rm -rf /. -> /)."""
+    # substring tests first: most arguments need none of these rewrites (hot path)
+    if "{" in s and "," in s:
+        s = _BRACE.sub(lambda m: m.group(1).replace(",", " "), s)
+    if "${" in s:
+        s = _ROOT_SLICE.sub("/", s)
+    if "/*" in s:
+        s = _strip_block_comments(s)
+    if "/." in s or "//" in s:
+        s = _DOT_SEGMENTS.sub("/", s)
+        s = _SLASHES.sub("/", s)
+        s = _DOT_END.sub("/", s)
+    return s
+
+
+def _unglob(s: str) -> str:
+    """Replace a globbed program name by the first dangerous program it matches."""
+    def sub(m: re.Match) -> str:
+        name = m.group(3)
+        hit = next((p for p in GLOB_TARGETS if fnmatch.fnmatchcase(p, name.lower())), None)
+        return m.group(1) + m.group(2) + hit if hit and name.strip("*") else m.group(0)
+    return _GLOB_WORD.sub(sub, s) if ("?" in s or "*" in s or "[" in s) else s
+
+
 def _decodings(s: str) -> Iterator[str]:
     if "%" in s:
         d = urllib.parse.unquote(s)
@@ -115,7 +174,8 @@ def views(s: str) -> list[str]:
     for _ in range(MAX_DEPTH):
         nxt: list[str] = []
         for v in frontier:
-            for cand in (v, deobfuscate(v), *_decodings(v)):
+            d = deobfuscate(v)
+            for cand in (v, d, _unglob(_expand(d)), *_decodings(v)):
                 for c in (cand, cand.lower()):
                     if c not in seen and len(seen) < MAX_VIEWS:
                         seen.append(c)
