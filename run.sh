@@ -84,6 +84,10 @@ case "$cmd" in
     ;;
   *)
     ensure_venv 0
+    # the shipped rules name the demo's service token; create it (0600, git-ignored) so
+    # check/explain/pin work on a fresh clone before the demo has ever run
+    [ -s .secrets/demo-service-token ] || "$VENV/bin/python" -c \
+      'from demo.tokens import ensure_token; ensure_token(".secrets/demo-service-token")'
     exec "$VENV/bin/mcp-bastion" "$@"
     ;;
 esac
