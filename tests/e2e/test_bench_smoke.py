@@ -56,9 +56,11 @@ def test_bench_quick_tiny_runs_every_target_and_writes_the_report(tmp_path):
     assert (tmp_path / "out" / "results.png").stat().st_size > 10_000
 
 
-@pytest.mark.skipif(not (ROOT / "bench" / ".airlock-venv" / "bin" / "mcp-airlock").exists(),
-                    reason="mcp-airlock venv not installed (the full bench installs it from PyPI)")
 def test_bench_quick_tiny_against_mcp_airlock(tmp_path):
+    from bench.targets import ensure_airlock
+    if ensure_airlock() is None:     # installs it from PyPI into bench/.airlock-venv once
+        pytest.skip("SKIPPED LOUDLY: mcp-airlock could not be installed from PyPI "
+                    "(no package registry reachable?); the peer-gateway comparison is untested")
     p = _run_bench(tmp_path, "direct,airlock")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((tmp_path / "out" / "results.json").read_text())
