@@ -44,6 +44,7 @@ HOP_BY_HOP = ("connection", "keep-alive", "proxy-connection", "te", "trailer", "
 # Ask the upstream for identity encoding: responses are inspected (and SSE masked while
 # streaming), which a compressed stream would defeat.
 NEGOTIATION = ("accept-encoding",)
+STRIPPED_REQUEST_HEADERS = frozenset(h.encode() for h in CLIENT_CREDENTIAL_HEADERS + HOP_BY_HOP + NEGOTIATION)
 MAX_ANNOUNCED = 1024
 
 
@@ -385,10 +386,12 @@ class Injector:
             refuse_http(flow, 502, "gateway_error", "the gateway could not check this request")
             return
         req = flow.request
-        for h in CLIENT_CREDENTIAL_HEADERS + HOP_BY_HOP + NEGOTIATION:
-            req.headers.pop(h, None)
-        if conn.credential is not None and conn.secret:
-            req.headers.pop(conn.credential.header, None)
+        inject = conn.credential is not None and conn.secret
+        drop = STRIPPED_REQUEST_HEADERS | connection_listed(req.headers)
+        if inject:
+            drop |= {conn.credential.header.lower().encode()}
+        strip_headers(req.headers, drop)
+        if inject:
             req.headers[conn.credential.header] = conn.secret
             rec.notes["injected_header"] = conn.credential.header
         req.scheme, req.host, req.port = conn.scheme, conn.host, conn.port
@@ -400,6 +403,21 @@ class Injector:
 
     def error(self, flow: http.HTTPFlow) -> None:
         redact_injected(flow)
+
+
+def connection_listed(headers) -> frozenset[bytes]:
+    """Header names the client's Connection header declares hop-by-hop (RFC 9110 7.6.1)."""
+    names = [t.strip().lower().encode() for v in headers.get_all("connection") for t in v.split(",")]
+    return frozenset(n for n in names if n and n != b"host")
+
+
+def strip_headers(headers, names: frozenset[bytes]) -> None:
+    """Drop every field whose lower-cased name is in names, in one pass (Headers.pop per
+    name rescans all fields and dominated the Injector's cost)."""
+    fields = headers.fields
+    kept = tuple(f for f in fields if f[0].lower() not in names)
+    if len(kept) != len(fields):
+        headers.fields = kept
 
 
 def redact_injected(flow: http.HTTPFlow) -> None:

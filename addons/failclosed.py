@@ -7,7 +7,7 @@ import inspect
 import logging
 from typing import Any, Callable
 
-from mitmproxy import http
+from mitmproxy import hooks, http
 
 from addons.httputil import json_response
 from addons.record import get_record
@@ -89,10 +89,19 @@ class FailClosed:
             fn = getattr(addon, hook, None)
             if callable(fn):
                 setattr(self, hook, guard(self.name, hook, fn))
+        # mitmproxy's traverse() asks every addon for `addons` on every event
+        self.addons = getattr(addon, "addons", ())
 
     def __getattr__(self, item: str) -> Any:
         # only reached for attributes not set above (other hooks, options, commands)
-        return getattr(self._addon, item)
+        try:
+            return getattr(self._addon, item)
+        except AttributeError:
+            if item in hooks.all_hooks:
+                # mitmproxy looks every hook up on every addon for every event: remember
+                # the miss so the next lookup is a plain attribute read, not an exception
+                self.__dict__[item] = None
+            raise
 
     def __dir__(self) -> list[str]:
         # mitmproxy collects @command.command methods via dir()

@@ -26,7 +26,7 @@ from addons import sqlclass
 from addons.mcp import LIST_METHODS, Message
 from addons.record import Decision, Identity
 from addons.rules import Located, load_yaml, rules_files
-from addons.shellguard import Pattern, scan, shell_info
+from addons.shellguard import Pattern, ScanCache, scan, shell_info
 
 DEFAULT_METHOD = "tools/call"
 DEFAULT_APPROVAL_TIMEOUT = 120.0
@@ -210,6 +210,8 @@ class Policy:
     blocklist: tuple[Pattern, ...] = ()
     sql_dialect: str = "duckdb"
     files: tuple[str, ...] = ()
+    # per policy object (not an init field): replace() with another blocklist gets a new one
+    scan_cache: ScanCache = field(default_factory=ScanCache, init=False, repr=False, compare=False)
 
 
 def _any_glob(value: str, globs: Iterable[str]) -> bool:
@@ -499,7 +501,8 @@ def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Me
         # was governed when it travelled server->client
         return Decision("allow", "baseline", "", message_id=msg.id)
     if direction == "client_to_server" and msg.method in SCANNED_METHODS and policy.blocklist:
-        hit = scan({k: v for k, v in msg.params.items() if k != "_meta"}, policy.blocklist)
+        hit = scan({k: v for k, v in msg.params.items() if k != "_meta"}, policy.blocklist,
+                   policy.scan_cache)
         if hit is not None:
             return Decision("deny", f"blocklist:{hit.pattern}", f"blocked {hit.category} pattern in {hit.path}",
                             message_id=msg.id)

@@ -175,11 +175,11 @@ def views(s: str) -> list[str]:
         nxt: list[str] = []
         for v in frontier:
             d = deobfuscate(v)
-            for cand in (v, d, _unglob(_expand(d)), *_decodings(v)):
-                for c in (cand, cand.lower()):
-                    if c not in seen and len(seen) < MAX_VIEWS:
-                        seen.append(c)
-                        nxt.append(c)
+            # no lower-cased copies: blocklist patterns are compiled case-insensitive
+            for c in (v, d, _unglob(_expand(d)), *_decodings(v)):
+                if c not in seen and len(seen) < MAX_VIEWS:
+                    seen.append(c)
+                    nxt.append(c)
         frontier = nxt
         if not frontier:
             break
@@ -201,14 +201,51 @@ def iter_strings(obj: Any, path: str = "$") -> Iterator[tuple[str, str]]:
             stack.extend((v, f"{p}[{i}]") for i, v in enumerate(node))
 
 
-def scan(arguments: Any, patterns: Iterable[Pattern]) -> Hit | None:
-    """First blocklist hit in any string of `arguments`, or None."""
+class ScanCache:
+    """Bounded memo of the blocklist verdict per string, for one pattern set.
+
+    Tool names, keys and common argument values repeat on every call; their views and
+    ~50 regex searches each are the policy's largest per-request cost. Only short strings
+    are kept, and the oldest entry goes when the cache is full."""
+
+    def __init__(self, max_entries: int = 4096, max_len: int = 512):
+        self.max_entries, self.max_len = max_entries, max_len
+        self._verdicts: dict[str, tuple[str, str] | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._verdicts)
+
+    def verdict(self, s: str, pats: list[Pattern]) -> tuple[str, str] | None:
+        """(pattern name, category) of the first pattern any view of s matches, or None."""
+        if len(s) > self.max_len:
+            return _first_match(s, pats)
+        try:
+            return self._verdicts[s]
+        except KeyError:
+            pass
+        v = _first_match(s, pats)
+        if len(self._verdicts) >= self.max_entries:
+            del self._verdicts[next(iter(self._verdicts))]
+        self._verdicts[s] = v
+        return v
+
+
+def _first_match(s: str, pats: list[Pattern]) -> tuple[str, str] | None:
+    for v in views(s):
+        for p in pats:
+            if p.regex.search(v):
+                return p.name, p.category
+    return None
+
+
+def scan(arguments: Any, patterns: Iterable[Pattern], cache: ScanCache | None = None) -> Hit | None:
+    """First blocklist hit in any string of `arguments`, or None. `cache` must belong to
+    this pattern set."""
     pats = list(patterns)
     for path, s in iter_strings(arguments):
-        for v in views(s):
-            for p in pats:
-                if p.regex.search(v):
-                    return Hit(p.name, p.category, path)
+        v = cache.verdict(s, pats) if cache is not None else _first_match(s, pats)
+        if v is not None:
+            return Hit(v[0], v[1], path)
     return None
 
 

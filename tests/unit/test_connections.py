@@ -575,6 +575,7 @@ CLIENT_HEADERS = [
     ("X-Forwarded-Prefix", "/other"), ("X-HTTP-Method-Override", "DELETE"),
     ("X-Service-Token", "client-supplied"),
     ("Mcp-Session-Id", "s1"), ("MCP-Protocol-Version", "2025-06-18"), ("Accept", "application/json, text/event-stream"),
+    ("X-Foo", "hop-by-hop: named in Connection"),
 ]
 
 
@@ -587,7 +588,7 @@ def test_injector_strips_client_credentials_and_injects(chain):
     assert h.get_all("authorization") == [f"Bearer {SECRET}"]
     for name in ("cookie", "x-api-key", "forwarded", "x-forwarded-for", "x-real-ip", "x-forwarded-host",
                  "proxy-authorization", "accept-encoding", "connection", "te", "upgrade", "x-original-url",
-                 "x-forwarded-prefix", "x-http-method-override"):
+                 "x-forwarded-prefix", "x-http-method-override", "x-foo"):
         assert name not in h, name
     assert "caller-jwt" not in str(f.request.headers)
     # MCP headers pass

