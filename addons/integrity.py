@@ -11,6 +11,7 @@ JSON bodies and SSE events are covered alike.
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 from collections import OrderedDict
 
@@ -25,6 +26,7 @@ log = logging.getLogger("bastion.integrity")
 
 INTEGRITY_REFUSED = -32036
 MAX_DRIFTED = 10_000
+PIN_RECHECK = 1.0    # seconds between checks of a pin file for changes (like the rules)
 
 
 class Integrity:
@@ -33,9 +35,15 @@ class Integrity:
     def __init__(self) -> None:
         # (connection, tool) -> why the tool is not what was pinned (bounded)
         self.drifted: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._pins: dict[str, tuple[float, dict | None, dict[str, str]]] = {}
+        self._pins: dict[str, tuple[int, dict | None, dict[str, str]]] = {}
+        self._checked: dict[str, float] = {}     # connection -> when its pin file was last stat'ed
 
     # -- configuration -------------------------------------------------------------------
+
+    def configure(self, updated) -> None:
+        if "bastion_rules" in updated:
+            self._pins.clear()                   # another rules directory: other pin files
+            self._checked.clear()
 
     def _conn(self, name: str):
         router = ctx.master.addons.get("connections")
@@ -43,9 +51,16 @@ class Integrity:
 
     def _pin_set(self, connection: str) -> tuple[dict | None, dict[str, str]]:
         """Pins of a connection and their skeleton index, re-read when the file changes."""
-        path = ti.pins_path(ctx.options.bastion_rules, connection)
-        mtime = path.stat().st_mtime if path.exists() else -1.0
         cached = self._pins.get(connection)
+        now = time.monotonic()
+        if cached is not None and now - self._checked.get(connection, -PIN_RECHECK) < PIN_RECHECK:
+            return cached[1], cached[2]      # stat the pin file at most once a second
+        self._checked[connection] = now
+        path = ti.pins_path(ctx.options.bastion_rules, connection)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = -1
         if cached is None or cached[0] != mtime:
             try:
                 pins = ti.load_pins(ctx.options.bastion_rules, connection)
