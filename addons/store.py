@@ -120,6 +120,9 @@ def _fsync_dir(d: Path) -> None:
 # Rolling and recovery
 
 
+MAX_CORRUPT_LOGGED = 5     # a damaged journal must not flood the log
+
+
 def journal_to_segment(journal: Path, segment: Path, con=None) -> int:
     """Convert a journal into a Parquet segment atomically; returns rows written.
 
@@ -135,6 +138,7 @@ def journal_to_segment(journal: Path, segment: Path, con=None) -> int:
     lines = data.split(b"\n")
     good: list[bytes] = []
     bad = 0
+    last_line = max((i for i, x in enumerate(lines) if x.strip()), default=-1)
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -145,9 +149,12 @@ def journal_to_segment(journal: Path, segment: Path, con=None) -> int:
             good.append(line)
         except ValueError:
             bad += 1
-            last = i == len(lines) - 1 or all(not x.strip() for x in lines[i + 1:])
-            log.warning("%s: skipped %s line %d (%d bytes)", journal,
-                        "torn last" if last else "corrupt", i + 1, len(line))
+            if bad <= MAX_CORRUPT_LOGGED:
+                log.warning("%s: skipped %s line %d (%d bytes)", journal,
+                            "torn last" if i == last_line else "corrupt", i + 1, len(line))
+    if bad > MAX_CORRUPT_LOGGED:
+        log.warning("%s: skipped %d unparsable lines in all (only the first %d logged)",
+                    journal, bad, MAX_CORRUPT_LOGGED)
     if not good:
         journal.unlink(missing_ok=True)
         return 0

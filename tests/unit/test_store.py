@@ -288,3 +288,15 @@ def test_query_survives_a_journal_rolled_after_the_views_were_built(tmp_path):
     assert s.query("SELECT count(*) FROM events").fetchone()[0] == 4
     assert s.problems == []
     s.close()
+
+
+def test_a_badly_damaged_journal_keeps_its_good_events_and_logs_a_summary(tmp_path, caplog):
+    d = tmp_path / "gw1"
+    d.mkdir()
+    lines = [encode_event(ev(i)) if i % 2 == 0 else b"\x00garbage\n" for i in range(20_000)]
+    (d / "journal-00000004.jsonl").write_bytes(b"".join(lines))
+    with caplog.at_level(logging.WARNING):
+        assert recover_dir(d) == 10_000
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) < 10 and "skipped 10000 unparsable lines" in caplog.text   # not one per line
+    assert count(tmp_path, "SELECT count(*) FROM events") == 10_000
