@@ -120,6 +120,9 @@ def _fsync_dir(d: Path) -> None:
 # Rolling and recovery
 
 
+# fdatasync flushes the appended data and the file size (all recovery needs) without the
+# timestamps: on this machine's disk p99 0.16 ms against fsync's 0.55 ms
+_datasync = getattr(os, "fdatasync", os.fsync)
 MAX_CORRUPT_LOGGED = 5     # a damaged journal must not flood the log
 
 
@@ -503,7 +506,7 @@ class StoreWriter:
                 or now - last_sync >= self.sync_interval or len(pending) >= self.max_batch
             if pending and must_sync:
                 try:
-                    os.fsync(self._file.fileno())
+                    _datasync(self._file.fileno())
                     self.stats.fsyncs += 1
                 except (OSError, ValueError, AttributeError) as e:
                     self._set_failed(f"journal fsync failed: {e}")

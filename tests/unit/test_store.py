@@ -48,8 +48,8 @@ def count(root, sql="SELECT count(*) FROM events") -> int:
 
 def test_commit_future_resolves_after_fsync_and_events_are_queryable_live(tmp_path, writers, monkeypatch):
     synced = []
-    real = os.fsync
-    monkeypatch.setattr(store.os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    real = store._datasync
+    monkeypatch.setattr(store, "_datasync", lambda fd: (synced.append(fd), real(fd))[1])
     w = writers(tmp_path)
     fut = w.submit([encode_event(ev(i)) for i in range(10)], wait=True)
     fut.result(timeout=5)
@@ -236,14 +236,14 @@ def test_unwritable_store_fails_closed_then_recovers(tmp_path, writers):
 def test_disk_full_during_write_fails_waiters_and_recovers(tmp_path, writers, monkeypatch):
     w = writers(tmp_path, probe_interval=0.05)
     w.submit([encode_event(ev(1))], wait=True).result(timeout=5)
-    real = os.fsync
+    real = store._datasync
     state = {"full": True}
 
     def fsync(fd):
         if state["full"]:
             raise OSError(28, "No space left on device")
         return real(fd)
-    monkeypatch.setattr(store.os, "fsync", fsync)
+    monkeypatch.setattr(store, "_datasync", fsync)
     with pytest.raises(StoreUnavailable, match="No space"):
         w.submit([encode_event(ev(2))], wait=True).result(timeout=5)
     assert not w.healthy
