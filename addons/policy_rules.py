@@ -516,26 +516,37 @@ def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Me
     return Decision("deny", None, "no rule allows this call (default deny)", message_id=msg.id)
 
 
+LIST_CALL_METHOD = {"tools/list": "tools/call", "resources/list": "resources/read",
+                    "resources/templates/list": "resources/read", "prompts/list": "prompts/get"}
+
+
+def visibility(policy: Policy, identity: Identity | None, connection: str, method: str,
+               environment: str = "") -> Callable[[str], bool]:
+    """A test for the items of one list: may the caller use this tool/resource/prompt at
+    all (allowed or approvable for some arguments)? Rules with argument or SQL predicates
+    count as 'some arguments'; a deny rule hides the item only when it has no argument
+    predicates. Subject and method are matched once per list, not once per item."""
+    call_method = LIST_CALL_METHOD[method]
+    rules = [r for r in policy.rules
+             if r.direction == "client_to_server" and r.matches_subject(identity, connection, environment)
+             and _any_glob(call_method, r.methods)]
+
+    def test(name: str) -> bool:
+        any_ok = False
+        for r in rules:
+            if r.targets and not _any_glob(name, r.targets):
+                continue
+            if r.action == "deny" and not r.args and r.sql is None and r.shell is None:
+                return False
+            if r.action in ("allow", "approve"):
+                any_ok = True
+        return any_ok
+    return test
+
+
 def visible(policy: Policy, identity: Identity | None, connection: str, method: str, name: str,
             environment: str = "") -> bool:
-    """May the caller use this tool/resource/prompt at all (allowed or approvable for some
-    arguments)? Rules with argument or SQL predicates count as 'some arguments'; a deny
-    rule hides the item only when it has no argument predicates."""
-    call_method = {"tools/list": "tools/call", "resources/list": "resources/read",
-                   "resources/templates/list": "resources/read", "prompts/list": "prompts/get"}[method]
-    probe = Message(kind="request", raw={"jsonrpc": "2.0", "id": 0, "method": call_method,
-                                         "params": {"name": name, "uri": name}}, id=0, method=call_method)
-    any_ok = False
-    for r in policy.rules:
-        if r.direction != "client_to_server" or not r.matches_subject(identity, connection, environment):
-            continue
-        if not r.matches_target(call_method, probe.target):
-            continue
-        if r.action == "deny" and not r.args and r.sql is None and r.shell is None:
-            return False
-        if r.action in ("allow", "approve"):
-            any_ok = True
-    return any_ok
+    return visibility(policy, identity, connection, method, environment)(name)
 
 
 def filter_list_result(policy: Policy, identity: Identity | None, connection: str, method: str,
@@ -545,9 +556,9 @@ def filter_list_result(policy: Policy, identity: Identity | None, connection: st
     if key is None or not isinstance(result, dict) or not isinstance(result.get(key), list):
         return result
     name_key = "uri" if key == "resources" else ("uriTemplate" if key == "resourceTemplates" else "name")
+    test = visibility(policy, identity, connection, method, environment)
     kept = [item for item in result[key]
-            if isinstance(item, dict) and isinstance(item.get(name_key), str)
-            and visible(policy, identity, connection, method, item[name_key], environment)]
+            if isinstance(item, dict) and isinstance(item.get(name_key), str) and test(item[name_key])]
     return {**result, key: kept}
 
 
