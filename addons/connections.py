@@ -405,10 +405,18 @@ class Injector:
         redact_injected(flow)
 
 
+# Never dropped because the client listed them in Connection: framing (without
+# Content-Length the upstream would read the body as a second, unchecked request), and
+# the headers the gateway itself checked.
+KEPT_DESPITE_CONNECTION = frozenset({b"host", b"content-length", b"transfer-encoding", b"content-type",
+                                     b"content-encoding", b"accept"})
+
+
 def connection_listed(headers) -> frozenset[bytes]:
-    """Header names the client's Connection header declares hop-by-hop (RFC 9110 7.6.1)."""
+    """Header names the client's Connection header declares hop-by-hop (RFC 9110 7.6.1),
+    except framing and MCP headers."""
     names = [t.strip().lower().encode() for v in headers.get_all("connection") for t in v.split(",")]
-    return frozenset(n for n in names if n and n != b"host")
+    return frozenset(n for n in names if n and n not in KEPT_DESPITE_CONNECTION and not n.startswith(b"mcp-"))
 
 
 def strip_headers(headers, names: frozenset[bytes]) -> None:

@@ -122,3 +122,16 @@ def test_request_smuggling_content_length_and_chunked(adv, upstream):
            f"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + body
     adv.raw([req])
     assert "/dev/tcp" not in upstream.bodies()
+
+
+@pytest.mark.parametrize("listed", ["content-length", "Content-Length, keep-alive", "transfer-encoding",
+                                    "mcp-protocol-version, content-type"])
+def test_connection_header_cannot_remove_framing_upstream(adv, upstream, listed):
+    """`Connection: content-length` asks a proxy to drop Content-Length as hop-by-hop; the
+    upstream would then read the body as a second request the gateway never checked."""
+    req = _request(ALLOWED_CALL, adv, chunked="transfer" in listed).replace(
+        b"Connection: close\r\n", f"Connection: close, {listed}\r\n".encode())
+    out = adv.raw([req])
+    assert b" 200 " in out.split(b"\r\n", 1)[0] and b'"result"' in out, out[:300]
+    got = upstream.received()
+    assert len(got) == 1 and json.loads(got[0]["body"])["params"]["name"] == "get_customer", got

@@ -598,6 +598,22 @@ def test_injector_strips_client_credentials_and_injects(chain):
     assert rec.notes["injected_header"] == "Authorization"
 
 
+def test_connection_header_cannot_strip_framing_or_mcp_headers(chain):
+    # Connection-listed names are hop-by-hop, but dropping Content-Length would make the
+    # upstream read the body as a second request that the gateway never checked
+    router, injector, _ = chain
+    f, rec = checked_post(router, headers=[
+        ("Connection", "content-length, transfer-encoding, host, content-type, mcp-session-id, x-bar"),
+        ("Mcp-Session-Id", "s1"), ("X-Bar", "hop"), ("Content-Type", "application/json")])
+    n = len(f.request.content)
+    f.request.headers["content-length"] = str(n)
+    injector.request(f)
+    h = f.request.headers
+    assert f.response is None
+    assert h["content-length"] == str(n) and h["mcp-session-id"] == "s1" and "content-type" in h
+    assert "host" in h and "x-bar" not in h
+
+
 def test_injector_custom_header_credential(chain):
     router, injector, _ = chain
     rewrite_endpoint("leg", "/messages/?session_id=a", router.wrapped.connections)
