@@ -237,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         print(ensure_token(args.init_token))
         return 0
     app = build_app(args)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+    # and accepted sockets inherit proto 0 from socket.socket(AF_INET, SOCK_STREAM). Without
+    # it every response (head and body written separately) waited ~40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     port = sock.getsockname()[1]
