@@ -35,7 +35,7 @@ class Integrity:
     def __init__(self) -> None:
         # (connection, tool) -> why the tool is not what was pinned (bounded)
         self.drifted: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._pins: dict[str, tuple[int, dict | None, dict[str, str]]] = {}
+        self._pins: dict[str, tuple[int, dict | None, ti.SkeletonIndex]] = {}
         self._checked: dict[str, float] = {}     # connection -> when its pin file was last stat'ed
 
     # -- configuration -------------------------------------------------------------------
@@ -49,7 +49,7 @@ class Integrity:
         router = ctx.master.addons.get("connections")
         return getattr(router, "wrapped", router).connections.get(name) if router else None
 
-    def _pin_set(self, connection: str) -> tuple[dict | None, dict[str, str]]:
+    def _pin_set(self, connection: str) -> tuple[dict | None, ti.SkeletonIndex]:
         """Pins of a connection and their skeleton index, re-read when the file changes."""
         cached = self._pins.get(connection)
         now = time.monotonic()
@@ -98,7 +98,7 @@ class Integrity:
                     return
                 rec.response_transforms.append(lambda msg, r=rec: self._result(cfg, r, msg))
 
-    def _call_refusal(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: dict[str, str],
+    def _call_refusal(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: ti.SkeletonIndex,
                       name: str) -> str | None:
         twin = ti.lookalike_of(name, index)
         if twin is not None or not ti.plain_name(name):
@@ -110,7 +110,7 @@ class Integrity:
             return f"tool {name} is not pinned for this connection"
         return None
 
-    def _tools_list(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: dict[str, str],
+    def _tools_list(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: ti.SkeletonIndex,
                     rec: BastionRecord, msg: dict) -> dict:
         result = msg.get("result")
         if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
@@ -131,7 +131,7 @@ class Integrity:
             rec.notes.setdefault("integrity_hidden", []).extend(hidden[:100])
         return {**msg, "result": {**result, "tools": kept}}
 
-    def _tool_problem(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: dict[str, str],
+    def _tool_problem(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: ti.SkeletonIndex,
                       tool: dict) -> str | None:
         name = tool["name"]
         if not ti.plain_name(name):

@@ -139,16 +139,20 @@ def skeleton(name: str) -> str:
     return _INVISIBLE.sub("", unicodedata.normalize("NFKC", name)).translate(_CONFUSABLE).casefold()
 
 
-def skeleton_index(names) -> dict[str, str]:
-    """skeleton -> name, built once per pin set (a 10,000-tool list stays linear)."""
-    return {skeleton(n): n for n in names}
+class SkeletonIndex(dict):
+    """skeleton -> name. A type of its own so lookalike_of can tell it from a set of names
+    in O(1) (checking every value on each lookup made a tools/list quadratic)."""
+
+
+def skeleton_index(names) -> SkeletonIndex:
+    """Built once per pin set (a 10,000-tool list stays linear)."""
+    return SkeletonIndex((skeleton(n), n) for n in names)
 
 
 def lookalike_of(name: str, known) -> str | None:
     """The known name this one imitates (same skeleton, different spelling), if any.
     `known`: names, or a skeleton_index of them."""
-    index = known if isinstance(known, dict) and all(isinstance(v, str) for v in known.values()) \
-        else skeleton_index(known)
+    index = known if isinstance(known, SkeletonIndex) else skeleton_index(known)
     twin = index.get(skeleton(name))
     return twin if twin is not None and twin != name else None
 
