@@ -11,7 +11,6 @@ JSON bodies and SSE events are covered alike.
 from __future__ import annotations
 
 import asyncio
-import time
 import logging
 from collections import OrderedDict
 
@@ -20,13 +19,12 @@ from mitmproxy import ctx, http
 from addons import toolintegrity as ti
 from addons.httputil import refuse_message
 from addons.record import BastionRecord, get_record
-from addons.rules import RulesError
+from addons.rules import ChangeWatcher, RulesError, poll_forever
 
 log = logging.getLogger("bastion.integrity")
 
 INTEGRITY_REFUSED = -32036
 MAX_DRIFTED = 10_000
-PIN_RECHECK = 1.0    # seconds between checks of a pin file for changes (like the rules)
 
 
 class Integrity:
@@ -36,14 +34,30 @@ class Integrity:
         # (connection, tool) -> why the tool is not what was pinned (bounded)
         self.drifted: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._pins: dict[str, tuple[int, dict | None, ti.SkeletonIndex]] = {}
-        self._checked: dict[str, float] = {}     # connection -> when its pin file was last stat'ed
+        self._stale: set[str] = set()          # connections whose pin file may have changed
+        self._watcher: ChangeWatcher | None = None
+        self._task: asyncio.Task | None = None
 
     # -- configuration -------------------------------------------------------------------
 
     def configure(self, updated) -> None:
         if "bastion_rules" in updated:
             self._pins.clear()                   # another rules directory: other pin files
-            self._checked.clear()
+            self._stale.clear()
+            pins = ti.pins_dir(ctx.options.bastion_rules)
+            self._watcher = ChangeWatcher(lambda: sorted(pins.glob("*.yaml")))
+
+    def running(self) -> None:
+        # the shared hot-reload poll, as for the rules: no stat() on the request path
+        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_pins))
+
+    def done(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    def check_pins(self) -> None:
+        if self._watcher is not None and self._watcher.changed():
+            self._stale.update(self._pins)       # each re-reads its file on its next request
 
     def _conn(self, name: str):
         router = ctx.master.addons.get("connections")
@@ -52,10 +66,9 @@ class Integrity:
     def _pin_set(self, connection: str) -> tuple[dict | None, ti.SkeletonIndex]:
         """Pins of a connection and their skeleton index, re-read when the file changes."""
         cached = self._pins.get(connection)
-        now = time.monotonic()
-        if cached is not None and now - self._checked.get(connection, -PIN_RECHECK) < PIN_RECHECK:
-            return cached[1], cached[2]      # stat the pin file at most once a second
-        self._checked[connection] = now
+        if cached is not None and connection not in self._stale:
+            return cached[1], cached[2]
+        self._stale.discard(connection)
         path = ti.pins_path(ctx.options.bastion_rules, connection)
         try:
             mtime = path.stat().st_mtime_ns

@@ -64,8 +64,12 @@ def tool_hash(tool: dict) -> str:
     return "sha256:" + hashlib.sha256(data.encode()).hexdigest()
 
 
+def pins_dir(rules_dir: str | Path) -> Path:
+    return Path(rules_dir) / "pins"
+
+
 def pins_path(rules_dir: str | Path, connection: str) -> Path:
-    return Path(rules_dir) / "pins" / f"{connection}.yaml"
+    return pins_dir(rules_dir) / f"{connection}.yaml"
 
 
 def load_pins(rules_dir: str | Path, connection: str) -> dict[str, dict] | None:

@@ -132,3 +132,27 @@ def test_ten_thousand_tools_checked_in_linear_time():
     large, (names, hits, hashes) = run(10_000)
     assert hits == names and len(hashes) == 10_000
     assert large / small < 35, (small, large)       # linear ~10x; quadratic would be ~100x
+
+
+def test_pin_file_changes_are_picked_up_by_the_reload_poll_per_connection(tmp_path):
+    from mitmproxy.test import taddons
+
+    from addons.connections import Router
+    from addons.integrity import Integrity
+    addon = Integrity()
+    (tmp_path / "connections.yaml").write_text(
+        "connections:\n  a: {upstream: 'http://127.0.0.1:9/mcp'}\n  b: {upstream: 'http://127.0.0.1:9/mcp'}\n")
+    ti.write_pins(tmp_path, "a", [TOOL])
+    ti.write_pins(tmp_path, "b", [TOOL])
+    with taddons.context(Router(), addon) as tctx:
+        tctx.options.bastion_rules = str(tmp_path)
+        assert set(addon._pin_set("a")[0]) == {TOOL["name"]} and addon._pin_set("b")[0]
+        addon.drifted[("a", TOOL["name"])] = "changed"
+        addon.drifted[("b", TOOL["name"])] = "changed"
+        ti.write_pins(tmp_path, "a", [TOOL, {"name": "ls", "description": "List."}])
+        assert "ls" not in addon._pin_set("a")[0]      # no stat on the request path
+        addon.check_pins()                               # what the 0.5 s poll does
+        assert "ls" in addon._pin_set("a")[0]
+        addon._pin_set("b")
+        # only the re-pinned connection's drift verdicts are dropped
+        assert ("a", TOOL["name"]) not in addon.drifted and ("b", TOOL["name"]) in addon.drifted
