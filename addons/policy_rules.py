@@ -185,12 +185,15 @@ class Rule:
             return False
         return True
 
+    def matches_method(self, method: str | None) -> bool:
+        return _any_glob(method or "", self.methods)
+
+    def matches_name(self, target: str | None) -> bool:
+        """The tool / resource / prompt globs (none: any)."""
+        return not self.targets or (target is not None and _any_glob(target, self.targets))
+
     def matches_target(self, method: str | None, target: str | None) -> bool:
-        if not _any_glob(method or "", self.methods):
-            return False
-        if self.targets:
-            return target is not None and _any_glob(target, self.targets)
-        return True
+        return self.matches_method(method) and self.matches_name(target)
 
     def matches(self, identity: Identity | None, connection: str, msg: Message, environment: str = "") -> bool:
         if not self.matches_subject(identity, connection, environment) or not self.matches_target(msg.method, msg.target):
@@ -529,12 +532,12 @@ def visibility(policy: Policy, identity: Identity | None, connection: str, metho
     call_method = LIST_CALL_METHOD[method]
     rules = [r for r in policy.rules
              if r.direction == "client_to_server" and r.matches_subject(identity, connection, environment)
-             and _any_glob(call_method, r.methods)]
+             and r.matches_method(call_method)]
 
     def test(name: str) -> bool:
         any_ok = False
         for r in rules:
-            if r.targets and not _any_glob(name, r.targets):
+            if not r.matches_name(name):
                 continue
             if r.action == "deny" and not r.args and r.sql is None and r.shell is None:
                 return False
