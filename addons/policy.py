@@ -17,7 +17,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addons.httputil import refuse_jsonrpc
-from addons.mcp import LIST_METHODS, SERVER_REQUEST_METHODS, Message, jsonrpc_error
+from addons.mcp import LIST_METHODS, SERVER_REQUEST_METHODS, Message, jsonrpc_error, parse_message
 from addons.policy_rules import Policy as RulesPolicy, evaluate, explain, filter_list_result, load_policy, policy_files
 from addons.record import Decision, Identity, get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever
@@ -153,6 +153,8 @@ class Policy:
             refuse_jsonrpc(flow, errors, rec.batch, 200,
                            reason=f"denied by {first.rule or 'default-deny'}: {first.reason}", rule=first.rule)
             return
+        if any(d.rewrites for d in decisions):
+            apply_rewrites(flow, rec)
         for m in rec.messages:
             if m.method in LIST_METHODS:
                 method = m.method
@@ -187,6 +189,25 @@ class Policy:
                 return (f"blast radius: {sub or 'this caller'} may touch {b.max_per_window} items per "
                         f"{b.per:g}s under this rule; this call ({n}) would exceed it")
         return None
+
+
+def rewritten_messages(messages: list[Message], decisions: list[Decision]) -> list[Message]:
+    """The messages with each decision's argument rewrites applied (pure)."""
+    out = []
+    for m, d in zip(messages, decisions):
+        if d.rewrites and isinstance(m.params.get("arguments"), dict):
+            raw = {**m.raw, "params": {**m.params, "arguments": {**m.params["arguments"], **dict(d.rewrites)}}}
+            m = parse_message(raw)
+        out.append(m)
+    return out
+
+
+def apply_rewrites(flow: http.HTTPFlow, rec) -> None:
+    """The upstream (and the audit) get the rewritten arguments: re-serialise the body."""
+    rec.messages = rewritten_messages(rec.messages, rec.decisions)
+    raws = [m.raw for m in rec.messages]
+    flow.request.content = json.dumps(raws if rec.batch else raws[0], ensure_ascii=False,
+                                      separators=(",", ":")).encode()
 
 
 def _what(messages: list[Message], d: Decision) -> str:

@@ -23,6 +23,7 @@ from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse
 
 from addons import sqlclass
+from addons.sqlmask import STYLES, ColumnPolicy, rewrite as sql_rewrite
 from addons.mcp import LIST_METHODS, Message
 from addons.record import Decision, Identity
 from addons.rules import Located, load_yaml, rules_files
@@ -37,7 +38,7 @@ DEFAULT_BASELINE = (
 )
 # requests whose parameters carry caller-chosen strings that reach a server's logic
 SCANNED_METHODS = frozenset({"tools/call", "prompts/get", "resources/read", "completion/complete"})
-SQL_CLASSES = {"read", "write", "ddl", "dcl", "unknown", "multiple", "unparsable"}
+SQL_CLASSES = set(sqlclass.ALL_CLASSES)
 _RULE_KEYS = {"name", "when", "allow", "deny", "approve", "mask_profile", "rate_limit", "description", "direction",
               "blast_radius"}
 _WHEN_KEYS = {"sub", "roles", "client_id", "connection", "environment", "method", "tool", "resource", "prompt", "args",
@@ -76,28 +77,49 @@ class ArgPredicate:
 
 
 @dataclass(frozen=True)
+class SqlVerdict:
+    ok: bool
+    why: str = ""                        # what made it fail, naming the function/table/column
+    sql: str | None = None               # what the upstream receives when ok (rewritten SQL)
+    info: sqlclass.SqlInfo | None = None
+    masked: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SqlPredicate:
     arg: str
     classes: frozenset[str] | None       # every class of the SQL must be in here
     any_classes: frozenset[str]          # at least one class of the SQL is in here
     not_classes: frozenset[str]          # no class of the SQL is in here
-    tables: frozenset[str] | None
+    tables: frozenset[str] | None        # allow-list: every base table touched is in here
     dialect: str
+    any_tables: frozenset[str] = frozenset()   # at least one table touched is in here
+    columns: ColumnPolicy | None = None  # sensitive columns masked inside the SQL
 
     def test(self, arguments: dict) -> bool:
+        return self.judge(arguments).ok
+
+    def judge(self, arguments: dict) -> SqlVerdict:
         sql = arguments.get(self.arg)
         if not isinstance(sql, str):
-            return False
+            return SqlVerdict(False, f"argument {self.arg!r} is not a string")
         info = sqlclass.classify(sql, self.dialect)
         if self.classes is not None and not info.classes <= self.classes:
-            return False
+            return SqlVerdict(False, info.why(info.classes - self.classes) or info.kind, info=info)
         if self.any_classes and not info.classes & self.any_classes:
-            return False
+            return SqlVerdict(False, info=info)
         if info.classes & self.not_classes:
-            return False
-        if self.tables is not None and not (info.tables & self.tables):
-            return False
-        return True
+            return SqlVerdict(False, info.why(self.not_classes) or info.kind, info=info)
+        if self.tables is not None and not info.tables <= self.tables:
+            return SqlVerdict(False, "table(s) not allowed: " + ", ".join(sorted(info.tables - self.tables)), info=info)
+        if self.any_tables and not info.tables & self.any_tables:
+            return SqlVerdict(False, info=info)
+        if self.columns is None:
+            return SqlVerdict(True, sql=info.canonical, info=info)
+        rw = sql_rewrite(info, self.columns)
+        if rw.sql is None:
+            return SqlVerdict(False, rw.refused or "cannot rewrite", info=info)
+        return SqlVerdict(True, sql=rw.sql, info=info, masked=rw.masked)
 
 
 @dataclass(frozen=True)
@@ -277,13 +299,17 @@ def _parse_args(loc: Located, when: Any) -> tuple[ArgPredicate, ...]:
     return tuple(out)
 
 
-def _parse_sql(loc: Located, when: Any, dialect: str) -> SqlPredicate | None:
+_SQL_KEYS = {"arg", "class", "any_class", "not_class", "tables", "any_table", "sensitive_columns", "dialect"}
+
+
+def _parse_sql(loc: Located, when: Any, dialect: str, action: str = "allow",
+               masking_fields: tuple[str, ...] = ()) -> SqlPredicate | None:
     s = when.get("sql")
     if s is None:
         return None
     if not isinstance(s, dict):
-        raise loc.error(when, "'sql' must be a mapping (arg, class, not_class, tables)", "sql")
-    unknown = set(map(str, s)) - {"arg", "class", "any_class", "not_class", "tables", "dialect"}
+        raise loc.error(when, "'sql' must be a mapping (arg, class, not_class, tables, sensitive_columns)", "sql")
+    unknown = set(map(str, s)) - _SQL_KEYS
     if unknown:
         raise loc.error(s, f"unknown sql key(s): {', '.join(sorted(unknown))}")
     classes = _strs(loc, s, "class")
@@ -292,10 +318,76 @@ def _parse_sql(loc: Located, when: Any, dialect: str) -> SqlPredicate | None:
     bad = (set(classes) | set(not_classes) | set(any_classes)) - SQL_CLASSES
     if bad:
         raise loc.error(s, f"unknown SQL class(es) {', '.join(sorted(bad))}; use {', '.join(sorted(SQL_CLASSES))}")
-    tables = _strs(loc, s, "tables")
+    d = str(s.get("dialect", dialect))
+    tables, schema = _sql_tables(loc, s, d)
+    if tables is not None and action == "deny":
+        # `tables` is an allow-list (every table touched is listed): in a deny rule that
+        # would narrow the deny to statements touching nothing else
+        raise loc.error(s, "'tables' is an allow-list; a deny rule names tables with 'any_table'", "tables")
+    any_tables = frozenset(_table_name(t, d) for t in _strs(loc, s, "any_table"))
+    columns = _sql_columns(loc, s, schema, masking_fields)
     return SqlPredicate(str(s.get("arg", "sql")), frozenset(classes) if classes else None,
-                        frozenset(any_classes), frozenset(not_classes),
-                        frozenset(t.lower() for t in tables) if tables else None, str(s.get("dialect", dialect)))
+                        frozenset(any_classes), frozenset(not_classes), tables, d, any_tables, columns)
+
+
+def _table_name(name: str, dialect: str) -> str:
+    """A rule's table name, normalised as the analyser normalises references."""
+    import sqlglot
+    from sqlglot import exp
+    try:
+        tbl = sqlglot.exp.to_table(name, dialect=dialect)
+    except Exception:  # noqa: BLE001 - any parse failure: compare the plain lower-case name
+        return name.lower()
+    return sqlclass.table_key(tbl, dialect) if isinstance(tbl, exp.Table) else name.lower()
+
+
+def _sql_tables(loc: Located, s: Any, dialect: str) -> tuple[frozenset[str] | None, dict[str, tuple[str, ...]]]:
+    """`tables: [a, b]` or `tables: {a: [col, ...], b: [...]}` (column lists let `*` be expanded)."""
+    t = s.get("tables")
+    if t is None:
+        return None, {}
+    if isinstance(t, dict):
+        schema = {}
+        for name, cols in t.items():
+            if not isinstance(cols, list) or not all(isinstance(c, str) for c in cols):
+                raise loc.error(t, f"table {name}: give its columns as a list of names", name)
+            schema[_table_name(str(name), dialect)] = tuple(c.lower() for c in cols)
+        return frozenset(schema), schema
+    return frozenset(_table_name(n, dialect) for n in _strs(loc, s, "tables")), {}
+
+
+def _sql_columns(loc: Located, s: Any, schema: dict[str, tuple[str, ...]],
+                 masking_fields: tuple[str, ...]) -> ColumnPolicy | None:
+    """`sensitive_columns: [ssn]`, `{ssn: redact, card_number: last4}`, or `masking` (every
+    declared column whose name a field glob of rules/masking.yaml matches; style redact)."""
+    v = s.get("sensitive_columns")
+    if v is None:
+        return None
+    if v == "masking":
+        if not schema:
+            raise loc.error(s, "'sensitive_columns: masking' needs 'tables' with column lists", "sensitive_columns")
+        cols = {c for cs in schema.values() for c in cs if _any_glob(c, masking_fields)}
+        return ColumnPolicy({c: "redact" for c in sorted(cols)}, schema)
+    if isinstance(v, list) and all(isinstance(c, str) for c in v):
+        return ColumnPolicy({c.lower(): "redact" for c in v}, schema)
+    if isinstance(v, dict):
+        bad = {str(k): st for k, st in v.items() if st not in STYLES}
+        if bad:
+            raise loc.error(v, f"sensitive column style must be one of {', '.join(STYLES)}", next(iter(bad)))
+        return ColumnPolicy({str(k).lower(): str(st) for k, st in v.items()}, schema)
+    raise loc.error(s, "'sensitive_columns' takes a list, a mapping column: style, or 'masking'", "sensitive_columns")
+
+
+def masking_field_globs(rules_dir: str | Path) -> tuple[str, ...]:
+    """Lower-case key-name globs of every masking rule that hides something (not `keep`)."""
+    f = Path(rules_dir) / "masking.yaml"
+    data = load_yaml(f) if f.exists() else None
+    out: list[str] = []
+    for prof in ((data or {}).get("profiles") or {}).values() if isinstance(data, dict) else ():
+        for r in (prof or {}).get("rules") or () if isinstance(prof, dict) else ():
+            if isinstance(r, dict) and r.get("style") != "keep":
+                out += [str(x).lower() for x in r.get("fields") or () if isinstance(x, str)]
+    return tuple(dict.fromkeys(out))
 
 
 def _parse_shell(loc: Located, when: Any) -> ShellPredicate | None:
@@ -346,7 +438,8 @@ def _parse_blast(loc: Located, node: Any, name: str) -> BlastRadius | None:
     return BlastRadius(b["items"], expr, limits["max_per_call"], limits["max_per_window"], float(per))
 
 
-def parse_rule(loc: Located, node: Any, index: int, dialect: str) -> Rule:
+def parse_rule(loc: Located, node: Any, index: int, dialect: str,
+               masking_fields: tuple[str, ...] = ()) -> Rule:
     if not isinstance(node, dict):
         raise loc.error(node, "a rule must be a mapping")
     unknown = set(map(str, node)) - _RULE_KEYS
@@ -404,7 +497,8 @@ def parse_rule(loc: Located, node: Any, index: int, dialect: str) -> Rule:
         subs=_strs(loc, when, "sub"), roles=_strs(loc, when, "roles"), client_ids=_strs(loc, when, "client_id"),
         connections=_strs(loc, when, "connection"), environments=_strs(loc, when, "environment"),
         methods=methods, targets=targets,
-        args=_parse_args(loc, when), sql=_parse_sql(loc, when, dialect), shell=_parse_shell(loc, when),
+        args=_parse_args(loc, when), sql=_parse_sql(loc, when, dialect, action, masking_fields),
+        shell=_parse_shell(loc, when),
         approvers=approvers, timeout=timeout,
         mask_profile=str(node["mask_profile"]) if node.get("mask_profile") else None, rate_limit=rate,
         blast=_parse_blast(loc, node, name),
@@ -444,6 +538,7 @@ def load_policy(rules_dir: str | Path) -> Policy:
     dialect = "duckdb"
     files = []
     names: dict[str, str] = {}
+    masking_fields = masking_field_globs(rules_dir)
     for f in rules_files(rules_dir, "policy"):
         if not f.exists():
             continue
@@ -470,7 +565,7 @@ def load_policy(rules_dir: str | Path) -> Policy:
         if not isinstance(items, list):
             raise loc.error(data, "'rules' must be a list", "rules")
         for i, node in enumerate(items):
-            r = parse_rule(loc, node, i, dialect)
+            r = parse_rule(loc, node, i, dialect, masking_fields)
             if r.name in names:
                 raise loc.error(node, f"rule name {r.name!r} already used in {names[r.name]}")
             names[r.name] = f"{f}:{r.line}"
@@ -481,14 +576,51 @@ def load_policy(rules_dir: str | Path) -> Policy:
 
 
 def policy_files(rules_dir: str | Path) -> list[Path]:
-    return rules_files(rules_dir, "policy") + [Path(rules_dir) / "blocklist.yaml"]
+    # masking.yaml: `sensitive_columns: masking` takes its field names
+    return rules_files(rules_dir, "policy") + [Path(rules_dir) / "blocklist.yaml", Path(rules_dir) / "masking.yaml"]
 
 
 # --- evaluation -------------------------------------------------------------------
 
 def _decision(rule: Rule, msg: Message) -> Decision:
-    return Decision(rule.action, rule.name, rule.reason, rule.mask_profile, rule.approvers,
-                    rule.timeout if rule.action == "approve" else None, msg.id)
+    reason, rewrites = rule.reason, ()
+    if rule.sql is not None:
+        v = rule.sql.judge(msg.arguments)
+        if rule.action == "deny":
+            why = v.info.why() if v.info is not None else ""
+            reason = f"{reason} ({why})" if why and reason else (reason or why)
+        elif v.sql is not None:
+            # forward the statement as analysed (no comments, masked columns rewritten);
+            # the audit gets the original with its literals masked
+            rewrites = ((rule.sql.arg, v.sql),)
+            if v.masked:
+                reason = f"sql columns masked: {', '.join(v.masked)}; original: {_literals_masked(v.info)}"
+    return Decision(rule.action, rule.name, reason, rule.mask_profile, rule.approvers,
+                    rule.timeout if rule.action == "approve" else None, msg.id, rewrites=rewrites)
+
+
+def _literals_masked(info: sqlclass.SqlInfo | None) -> str:
+    from sqlglot import exp
+    if info is None:
+        return ""
+    trees = info.trees()
+    for t in trees:
+        for lit in list(t.find_all(exp.Literal)):
+            if lit.is_string:
+                lit.replace(exp.Literal.string("?"))
+    return ";\n".join(t.sql(dialect=info.dialect, comments=False) for t in trees)[:2000]
+
+
+def _sql_miss(rules: list[Rule], identity: Identity | None, connection: str, msg: Message, environment: str) -> str:
+    """Why the first allow/approve SQL rule for this target did not match (names the
+    function, table or column), for the default-deny message."""
+    for r in rules:
+        if r.action != "deny" and r.sql is not None and r.direction == "client_to_server" \
+                and r.matches_subject(identity, connection, environment) and r.matches_target(msg.method, msg.target):
+            v = r.sql.judge(msg.arguments)
+            if not v.ok and v.why:
+                return f" (rule {r.name}: {v.why})"
+    return ""
 
 
 def matching_rules(policy: Policy, identity: Identity | None, connection: str, msg: Message,
@@ -516,7 +648,8 @@ def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Me
                 return _decision(r, msg)
     if direction == "client_to_server" and identity is not None and _any_glob(msg.method or "", policy.baseline):
         return Decision("allow", "baseline", "", message_id=msg.id)
-    return Decision("deny", None, "no rule allows this call (default deny)", message_id=msg.id)
+    miss = _sql_miss(policy.rules, identity, connection, msg, environment) if msg.method in SCANNED_METHODS else ""
+    return Decision("deny", None, "no rule allows this call (default deny)" + miss, message_id=msg.id)
 
 
 LIST_CALL_METHOD = {"tools/list": "tools/call", "resources/list": "resources/read",

@@ -39,6 +39,9 @@ class Decision:
     timeout: float | None = None     # approval timeout in seconds
     message_id: Any = None           # JSON-RPC id the decision applies to
     code: int | None = None          # JSON-RPC error code of a refusal, when not the default
+    # (argument, new value) the gateway forwards instead of the caller's: SQL as analysed,
+    # with sensitive columns masked inside it (addons/sqlmask.py)
+    rewrites: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

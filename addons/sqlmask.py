@@ -1,0 +1,188 @@
+"""Sensitive columns masked *inside* the SQL before it is forwarded (pure).
+
+Output masking only sees the final text: `reverse(ssn)`, `ssn || 'x'`, a map keyed by ssn or
+`WHERE ssn = '…'` used as an oracle all get past it. So every reference to a sensitive column,
+wherever it stands (select list, expressions, WHERE/JOIN/GROUP BY/ORDER BY, subqueries, CTEs,
+lateral joins, struct/map constructors, window clauses), is replaced by the mask expression:
+the database itself only ever computes on the masked value.
+
+Constructs that reach a column without naming it are expanded or refused:
+  `*` / `t.*` over a table with sensitive (or undeclared) columns  -> expanded from the
+                                  rule's declared column list, else refused
+  `* EXCLUDE/REPLACE`, `* LIKE`, `COLUMNS(...)`, `#n`, a table used as a row value
+  (`SELECT c FROM customers c`, `to_json(customers)`), NATURAL JOIN, `USING (ssn)`,
+  PIVOT/UNPIVOT directly over such a table                      -> refused
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sqlglot
+from sqlglot import exp
+
+from addons.sqlclass import SqlInfo, cte_names_visible, normalise_identifier, table_key
+
+STYLES = ("redact", "last4")
+
+
+@dataclass(frozen=True)
+class ColumnPolicy:
+    sensitive: dict[str, str]                      # column (case-folded) -> style
+    schema: dict[str, tuple[str, ...]] = field(default_factory=dict)   # table key -> its columns
+
+    def risky(self, table: str) -> bool:
+        """May a `*` over this table reach a sensitive column?"""
+        cols = self.schema.get(table)
+        return cols is None or any(c.lower() in self.sensitive for c in cols)
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    sql: str | None                 # what the database receives (None: refused)
+    refused: str | None = None      # why, naming the column / construct
+    masked: tuple[str, ...] = ()    # columns whose references were replaced
+    expanded: tuple[str, ...] = ()  # tables whose `*` was expanded
+
+
+class Refused(Exception):
+    pass
+
+
+def mask_expression(name: str, style: str, column: exp.Column) -> exp.Expression:
+    if style == "last4":
+        return exp.DPipe(this=exp.Literal.string("***"),
+                         expression=exp.Anonymous(this="right", expressions=[
+                             exp.Cast(this=column.copy(), to=exp.DataType.build("VARCHAR")), exp.Literal.number(4)]),
+                         safe=True)
+    return exp.Literal.string(f"[MASKED:{name}]")
+
+
+def rewrite(info: SqlInfo, policy: ColumnPolicy) -> Rewrite:
+    if not policy.sensitive or info.canonical is None:
+        return Rewrite(info.canonical)
+    try:
+        trees = info.trees()
+        masked: list[str] = []
+        expanded: list[str] = []
+        for t in trees:
+            _Rewriter(info.dialect, policy, masked, expanded).run(t)
+        sql = ";\n".join(t.sql(dialect=info.dialect, comments=False) for t in trees)
+    except Refused as e:
+        return Rewrite(None, str(e))
+    except (sqlglot.errors.SqlglotError, RecursionError, ValueError, TypeError, AttributeError) as e:
+        return Rewrite(None, f"cannot rewrite the statement ({type(e).__name__})")
+    return Rewrite(sql, None, tuple(dict.fromkeys(masked)), tuple(dict.fromkeys(expanded)))
+
+
+class _Rewriter:
+    def __init__(self, dialect: str, policy: ColumnPolicy, masked: list[str], expanded: list[str]):
+        self.dialect, self.policy, self.masked, self.expanded = dialect, policy, masked, expanded
+
+    def norm(self, ident) -> str:
+        return normalise_identifier(ident, self.dialect)
+
+    def base_table(self, node: exp.Expression) -> str | None:
+        if isinstance(node, exp.Table) and isinstance(node.this, exp.Identifier) and not cte_names_visible(node):
+            return table_key(node, self.dialect)
+        return None
+
+    def run(self, tree: exp.Expression) -> None:
+        tables = [t for t in tree.find_all(exp.Table)]
+        risky = {t: k for t in tables if (k := self.base_table(t)) is not None and self.policy.risky(k)}
+        if risky:
+            self.check_constructs(tree, risky)
+            for star in list(tree.find_all(exp.Star)):
+                self.star(star)
+        for col in list(tree.find_all(exp.Column)):
+            if isinstance(col.this, exp.Identifier):
+                name = self.norm(col.this)
+                style = self.policy.sensitive.get(name)
+                if style is not None:
+                    self.replace(col, name, style)
+
+    def check_constructs(self, tree: exp.Expression, risky: dict[exp.Table, str]) -> None:
+        names = set()
+        for t, key in risky.items():
+            names.add(key.rsplit(".", 1)[-1])
+            if t.alias:
+                names.add(self.norm(t.args["alias"].this))
+        declared = {c.lower() for cols in self.policy.schema.values() for c in cols}
+        for node in tree.walk():
+            if isinstance(node, getattr(exp, "Columns", ())) or type(node).__name__ == "Columns":
+                raise Refused("COLUMNS(...) over a table with sensitive columns")
+            if type(node).__name__ == "PositionalColumn":
+                raise Refused("a positional column (#n) over a table with sensitive columns")
+            if isinstance(node, exp.Pivot):
+                src = node.this if isinstance(node.this, exp.Table) else node.parent
+                if isinstance(src, exp.Table) and src in risky:
+                    raise Refused(f"PIVOT/UNPIVOT directly over {risky[src]} (pivot a subquery that names its columns)")
+            if isinstance(node, exp.Join):
+                if str(node.args.get("method") or "").upper() == "NATURAL":
+                    raise Refused("NATURAL JOIN with a table that has sensitive columns")
+                for ident in node.args.get("using") or ():
+                    if self.norm(ident) in self.policy.sensitive:
+                        raise Refused(f"JOIN ... USING ({ident.name}): a sensitive column")
+            if isinstance(node, exp.Column) and isinstance(node.this, exp.Identifier):
+                n = self.norm(node.this)
+                if n in names and n not in declared:
+                    raise Refused(f"the whole row of a table with sensitive columns ({node.name})")
+
+    def star(self, star: exp.Star) -> None:
+        parent = star.parent
+        if isinstance(parent, exp.Count) or (isinstance(parent, exp.Anonymous) and parent.name.lower() == "count"):
+            return
+        qualified = isinstance(parent, exp.Column) and parent.this is star
+        item = parent if qualified else star
+        select = item.parent
+        if not isinstance(select, exp.Select) or item.arg_key != "expressions" or star.args.get("except_") \
+                or star.args.get("except") or star.args.get("replace") or star.args.get("rename"):
+            raise Refused("this use of * over a table with sensitive columns (list the columns)")
+        sources = self.sources(select)
+        if qualified:
+            q = self.norm(parent.args.get("table"))
+            sources = [(a, s) for a, s in sources if a == q]
+            if not sources:
+                raise Refused(f"{q}.* names no table of its SELECT")
+        if not any(isinstance(s, str) and self.policy.risky(s) for _, s in sources):
+            return
+        cols: list[exp.Expression] = []
+        for alias, src in sources:
+            if isinstance(src, str):
+                declared = self.policy.schema.get(src)
+                if declared is None:
+                    raise Refused(f"* over {src}: its columns are not declared in the rule's tables")
+                self.expanded.append(src)
+                cols += [exp.column(c, table=alias, quoted=True) for c in declared]
+            elif alias:
+                cols.append(exp.Column(this=exp.Star(), table=exp.to_identifier(alias, quoted=True)))
+            else:
+                raise Refused("* over a source without a name next to a table with sensitive columns")
+        idx = item.index
+        exprs = list(select.expressions)
+        select.set("expressions", exprs[:idx] + cols + exprs[idx + 1:])
+
+    def sources(self, select: exp.Select) -> list[tuple[str, object]]:
+        """(name, base table key | derived node) for each FROM/JOIN item, in order."""
+        items = []
+        frm = select.args.get("from_") or select.args.get("from")
+        if frm is not None:
+            items.append(frm.this)
+        items += [j.this for j in select.args.get("joins") or ()]
+        out: list[tuple[str, object]] = []
+        for it in items:
+            alias = self.norm(it.args["alias"].this) if it.args.get("alias") and it.args["alias"].this else ""
+            key = self.base_table(it)
+            if key is not None:
+                out.append((alias or key.rsplit(".", 1)[-1], key))
+            elif isinstance(it, exp.Table) and isinstance(it.this, exp.Identifier):   # a CTE
+                out.append((alias or self.norm(it.this), it))
+            else:
+                out.append((alias, it))
+        return out
+
+    def replace(self, col: exp.Column, name: str, style: str) -> None:
+        self.masked.append(name)
+        new = mask_expression(name, style, col)
+        if isinstance(col.parent, exp.Select) and col.arg_key == "expressions":
+            new = exp.alias_(new, col.this.name, quoted=True)
+        col.replace(new)
