@@ -232,6 +232,8 @@ class _Analysis:
             self.add(READ, "select")
         elif isinstance(tree, _SYSTEM_ROOTS):
             self.add(SYSTEM, f"{type(tree).__name__.upper()} statement")
+            if type(tree).__name__ in ("Attach", "Install"):       # opens a file / downloads code
+                self.add(FILES, f"{type(tree).__name__.upper()} statement")
         elif isinstance(tree, exp.Copy):
             self.add(FILES, "COPY statement")
             if "program" in tree.sql(dialect=self.dialect, comments=False).lower():

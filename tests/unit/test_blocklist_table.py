@@ -177,10 +177,10 @@ LEGIT_SHELL = [
 ]
 LEGIT_SQL = [
     "SELECT id, name FROM customers ORDER BY id LIMIT 10",
-    "SELECT c.name, o.total FROM customers c JOIN orders o ON o.customer_id = c.id WHERE o.total > 100",
+    "SELECT c.name, k.owner FROM customers c JOIN api_keys k ON k.id = c.id WHERE c.id > 1",
     "SELECT name FROM customers WHERE notes = 'please drop me a line'",
     "SELECT count(*) FROM customers WHERE notes LIKE '%delete%'",
-    "WITH big AS (SELECT * FROM orders WHERE total > 1000) SELECT count(*) FROM big",
+    "WITH big AS (SELECT * FROM customers WHERE id > 10) SELECT count(*) FROM big",
     "select id from customers where name = 'O''Brien'",
     "SELECT email FROM customers -- trailing comment with DROP TABLE",
 ]

@@ -98,15 +98,15 @@ rules:
     ("INSERT INTO t VALUES (1)", {"write"}),
     ("UPDATE t SET a = 1", {"write"}),
     ("DELETE FROM t", {"write"}),
-    ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", {"write"}),
+    ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", {"read", "write"}),
     ("DROP TABLE customers", {"ddl"}),
     ("CREATE TABLE x (a INT)", {"ddl"}),
     ("ALTER TABLE t ADD COLUMN c INT", {"ddl"}),
-    ("SELECT * INTO copy FROM t", {"ddl"}),
+    ("SELECT * INTO copy FROM t", {"read", "ddl"}),
     ("GRANT SELECT ON t TO bob", {"dcl"}),
     ("SELECT 1; DROP TABLE t", {"read", "ddl", "multiple"}),
     ("SELECT FROM WHERE (", {"unparsable"}),
-    ("SELECT * FROM read_csv('/etc/passwd')", {"read", "unknown"}),
+    ("SELECT * FROM read_csv('/etc/passwd')", {"read", "files"}),
 ])
 def test_sql_classifier(sql, cls):
     assert set(sqlclass.classify(sql).classes) == cls

@@ -56,20 +56,24 @@ def test_unparsable_or_empty(sql):
 
 
 @pytest.mark.parametrize("sql", ["ATTACH '/tmp/x.db' AS x", "INSTALL httpfs", "LOAD httpfs"])
-def test_opaque_commands_are_unknown_not_read(sql):
-    assert classify(sql).kind in ("unknown", "unparsable")
+def test_opaque_commands_are_never_read(sql):
+    info = classify(sql)
+    assert "read" not in info.classes and info.classes & {"system", "files", "unknown"}
 
 
 @pytest.mark.parametrize("sql", [
     "SELECT * FROM read_csv('/etc/passwd')",
     "SELECT * FROM read_text('/root/.ssh/id_rsa')",
-    "SELECT pg_read_file('/etc/shadow')",
-    "SELECT LOAD_FILE('/etc/passwd')",
     "SELECT * FROM glob('/home/*')",
 ])
-def test_file_and_program_functions_are_never_read(sql):
+def test_file_functions_are_files(sql):
     info = classify(sql, "duckdb")
-    assert info.kind == "unknown" and "unknown" in info.classes
+    assert info.kind == "files" and "files" in info.classes
+
+
+@pytest.mark.parametrize("sql", ["SELECT pg_read_file('/etc/shadow')", "SELECT LOAD_FILE('/etc/passwd')"])
+def test_functions_of_other_databases_are_unknown_in_duckdb(sql):
+    assert classify(sql, "duckdb").kind == "unknown"
 
 
 def test_tables_and_functions_are_reported_lower_case():
@@ -89,14 +93,14 @@ def test_huge_nesting_is_unparsable_not_a_crash():
 
 
 @pytest.mark.parametrize("sql,kind", [
-    ("COPY t TO PROGRAM 'sh'", "write"),               # never a read; the blocklist names it too
+    ("COPY t TO PROGRAM 'sh'", "exec"),                # never a read; the blocklist names it too
     ("EXEC xp_cmdshell 'dir'", "unparsable"),
     ("SELECT 1 INTO OUTFILE '/tmp/x'", "unparsable"),
     ("EXPLAIN ANALYZE DELETE FROM t", "unknown"),        # EXPLAIN ANALYZE executes the statement
     ("SELECT * FROM (DELETE FROM t RETURNING *) x", "unparsable"),
     ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", "write"),
     ("SELECT 1 /* ; DROP TABLE t */", "read"),           # a comment is not a statement
-    ("SHOW TABLES", "read"), ("DESCRIBE t", "read"), ("VALUES (1)", "read"),
+    ("SHOW TABLES", "system"), ("DESCRIBE t", "system"), ("VALUES (1)", "read"),
 ])
 def test_edge_statements(sql, kind):
     assert classify(sql).kind == kind
