@@ -54,7 +54,8 @@ def mask_expression(name: str, style: str, column: exp.Column) -> exp.Expression
                          expression=exp.Anonymous(this="right", expressions=[
                              exp.Cast(this=column.copy(), to=exp.DataType.build("VARCHAR")), exp.Literal.number(4)]),
                          safe=True)
-    return exp.Literal.string(f"[MASKED:{name}]")
+    # a cast, not a bare literal: DuckDB refuses `ORDER BY '<literal>'`
+    return exp.Cast(this=exp.Literal.string(f"[MASKED:{name}]"), to=exp.DataType.build("VARCHAR"))
 
 
 def rewrite(info: SqlInfo, policy: ColumnPolicy) -> Rewrite:

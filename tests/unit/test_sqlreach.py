@@ -1,0 +1,282 @@
+"""Issue 15: SQL judged by what it reaches (addons/sqlclass.py), sensitive columns masked
+inside the SQL (addons/sqlmask.py), through the shipped rules/policy.yaml. Rewritten SQL is
+run against a real DuckDB holding the demo's data: no raw sensitive value may come back,
+and results computed from other columns must be unchanged."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from addons.mcp import parse_message
+from addons.policy_rules import evaluate, load_policy
+from addons.record import Identity
+from addons.sqlclass import MAX_SQL_CHARS, classify, function_data
+from demo.data import api_keys, customers, ensure_db
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICY = load_policy(ROOT / "rules")
+ANALYST = Identity("ana", ("analyst",))
+SECRETS = [c["ssn"] for c in customers()] + [c["email"] for c in customers()] + \
+          [c["card_number"] for c in customers()] + [k["secret"] for k in api_keys()]
+
+
+def decide(sql: str):
+    m = parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "query_sql", "arguments": {"sql": sql}}})
+    return evaluate(POLICY, ANALYST, "demo", m)
+
+
+# (sql, classes, tables) -- attacks and legitimate analytics
+TABLE = [
+    # legitimate analytics
+    ("SELECT count(*) FROM customers", {"read"}, {"customers"}),
+    ("SELECT id, name FROM customers ORDER BY id LIMIT 3", {"read"}, {"customers"}),
+    ("SELECT count(*) FROM customers WHERE notes LIKE '%vip=True%'", {"read"}, {"customers"}),
+    ("SELECT substr(name, 1, 1) AS l, count(*) FROM customers GROUP BY ALL ORDER BY 1", {"read"}, {"customers"}),
+    ("SELECT name, row_number() OVER (ORDER BY id DESC) FROM customers", {"read"}, {"customers"}),
+    ("SELECT avg(id), max(id), median(id), string_agg(name, ',') FROM customers", {"read"}, {"customers"}),
+    ("SELECT c.name, k.owner FROM customers c JOIN api_keys k ON k.id = c.id", {"read"}, {"customers", "api_keys"}),
+    ("WITH v AS (SELECT id FROM customers WHERE id > 5) SELECT count(*) FROM v", {"read"}, {"customers"}),
+    ("SELECT name FROM main.customers WHERE id IN (SELECT id FROM api_keys)", {"read"}, {"customers", "api_keys"}),
+    ("SELECT name FROM memory.main.customers", {"read"}, {"customers"}),
+    ('SELECT "Name" FROM "Customers"', {"read"}, {"customers"}),
+    ("SELECT CASE WHEN id > 3 THEN 'a' END, id::VARCHAR, CAST(id AS DOUBLE) FROM customers", {"read"}, {"customers"}),
+    ("SELECT lower(name), length(notes), regexp_replace(name, 'a', 'b') FROM customers", {"read"}, {"customers"}),
+    ("SELECT date_trunc('month', now()), strftime(now(), '%Y'), current_date", {"read"}, set()),
+    ("SELECT * FROM range(3)", {"read"}, set()),
+    ("SELECT name FROM customers, LATERAL (SELECT id * 2 AS d) t WHERE t.d > 4", {"read"}, {"customers"}),
+    ("SELECT name FROM customers ORDER BY (SELECT max(id) FROM api_keys)", {"read"}, {"customers", "api_keys"}),
+    ("SELECT name /* comment */ FROM\tcustomers\n-- trailing", {"read"}, {"customers"}),
+    ("SELECT quantile_cont(id, 0.5), count(DISTINCT name) FILTER (WHERE id > 2) FROM customers", {"read"}, {"customers"}),
+    ("SELECT list_transform([1, 2], x -> x + 1)", {"read"}, set()),
+    # files
+    ("SELECT * FROM read_csv('/etc/passwd')", {"read", "files"}, set()),
+    ("SELECT * FROM read_text('keys/issuer.pem')", {"read", "files"}, set()),
+    ("SELECT content FROM read_blob('.secrets/upstream')", {"read", "files"}, set()),
+    ("FROM '.secrets/token.csv'", {"read", "files"}, {".secrets/token.csv"}),
+    ('SELECT * FROM "/etc/passwd"', {"read", "files"}, {"/etc/passwd"}),
+    ("SELECT * FROM glob('/home/*')", {"read", "files"}, set()),
+    ("SELECT * FROM parquet_metadata('x.parquet')", {"read", "files"}, set()),
+    ("WITH a AS (SELECT * FROM read_text('/etc/hostname')) SELECT * FROM a", {"read", "files"}, set()),
+    ("SELECT name FROM customers WHERE name IN (SELECT content FROM read_text('/etc/passwd'))",
+     {"read", "files"}, {"customers"}),
+    ("COPY customers TO '/tmp/out.csv'", {"files"}, {"customers"}),
+    ("ATTACH '/tmp/other.db' AS o", {"system", "files"}, set()),
+    ("INSTALL httpfs", {"system", "files"}, set()),
+    # system
+    ("SELECT current_setting('threads')", {"read", "system"}, set()),
+    ("SELECT * FROM duckdb_settings()", {"read", "system"}, set()),
+    ("SELECT * FROM duckdb_secrets()", {"read", "system"}, set()),
+    ("SELECT name, value FROM duckdb_settings", {"read", "system"}, {"duckdb_settings"}),
+    ("SELECT getenv('HOME')", {"read", "system"}, set()),
+    ("SELECT getvariable('x')", {"read", "system"}, set()),
+    ("SELECT * FROM information_schema.tables", {"read", "system"}, {"information_schema.tables"}),
+    ("SELECT * FROM pragma_table_info('customers')", {"read", "system"}, set()),
+    ("SELECT version()", {"read", "system"}, set()),
+    ("SELECT name FROM customers ORDER BY (SELECT current_setting('memory_limit'))", {"read", "system"},
+     {"customers"}),
+    ("PRAGMA database_list", {"system"}, set()),
+    ("SET threads = 1", {"system"}, set()),
+    ("SUMMARIZE customers", {"system"}, {"customers"}),
+    ("DESCRIBE customers", {"system"}, {"customers"}),
+    ("SHOW TABLES", {"system"}, set()),
+    ("SELECT nextval('seq')", {"read", "system"}, set()),
+    # exec: SQL in strings (analysed when literal)
+    ("SELECT * FROM query('SELECT 1')", {"read", "exec"}, set()),
+    ("SELECT * FROM query('SELECT * FROM read_text(''/etc/passwd'')')", {"read", "exec", "files"}, set()),
+    ("SELECT * FROM query('SEL' || 'ECT current_setting(''x'')')", {"read", "exec", "unknown"}, set()),
+    ("SELECT * FROM query_table('api_keys')", {"read", "exec", "unknown"}, set()),
+    ("EXECUTE p", {"exec", "unknown"}, set()),
+    ("PREPARE p AS SELECT 1", {"exec", "unknown"}, set()),
+    # unknown / unparsable
+    ("LOAD httpfs", {"system", "unknown"}, set()),
+    ("CALL pragma_version()", {"system", "unknown"}, set()),
+    ("EXPLAIN SELECT 1", {"unknown"}, set()),
+    ("SELECT made_up_function(1)", {"read", "unknown"}, set()),
+    ("SELECT COLUMNS('ss.*') FROM customers", {"read", "unknown"}, {"customers"}),
+    ("PIVOT customers ON name USING count(*)", {"read", "unknown"}, {"customers"}),
+    ("SELECT 1 INTO OUTFILE '/tmp/x'", {"unparsable"}, set()),
+    # writes and schema changes
+    ("DROP TABLE customers", {"ddl"}, {"customers"}),
+    ("WITH d AS (DELETE FROM api_keys RETURNING *) SELECT * FROM d", {"read", "write"}, {"api_keys"}),
+    ("SELECT 1; DROP TABLE customers", {"read", "ddl", "multiple"}, {"customers"}),
+]
+
+
+@pytest.mark.parametrize("sql,classes,tables", TABLE)
+def test_statement_reaches(sql, classes, tables):
+    info = classify(sql)
+    assert set(info.classes) == classes, (sql, info.reasons)
+    assert set(info.tables) == tables, sql
+    if classes == {"read"}:
+        assert not info.reasons
+
+
+def test_table_is_big_enough_and_covers_every_class():
+    assert len(TABLE) >= 60
+    seen = set().union(*(c for _, c, _ in TABLE))
+    assert {"read", "files", "system", "exec", "unknown", "unparsable", "write", "ddl", "multiple"} <= seen
+
+
+def test_every_installed_duckdb_table_function_is_classified():
+    data = function_data("duckdb")
+    known = data.files | data.system | data.exec | data.read_tables | data.exec_tables
+    con = duckdb.connect()
+    names = {r[0].lower() for r in con.execute(
+        "SELECT DISTINCT function_name FROM duckdb_functions() "
+        "WHERE function_type IN ('table', 'table_macro', 'pragma')").fetchall()}
+    assert names, "duckdb_functions() listed no table function"
+    missing = sorted(names - known)
+    assert not missing, f"classify these table functions in addons/sql_functions.yaml: {missing}"
+
+
+def test_no_file_system_or_exec_function_is_in_the_pure_list():
+    for dialect in ("duckdb", "postgres", "sqlite"):
+        d = function_data(dialect)
+        assert d.pure and not d.pure & (d.files | d.system | d.exec), dialect
+
+
+@pytest.mark.parametrize("dialect,sql,cls", [
+    ("postgres", "SELECT pg_read_file('/etc/passwd')", "files"),
+    ("postgres", "SELECT * FROM pg_ls_dir('/')", "files"),
+    ("postgres", "SELECT lo_import('/etc/passwd')", "files"),
+    ("postgres", "COPY t FROM PROGRAM 'id'", "exec"),
+    ("postgres", "SELECT * FROM dblink('host=x', 'select 1') AS t(a int)", "exec"),
+    ("postgres", "SELECT current_setting('data_directory')", "system"),
+    ("postgres", "SELECT set_config('x', 'y', false)", "system"),
+    ("postgres", "SELECT * FROM pg_catalog.pg_settings", "system"),
+    ("postgres", "SELECT name, count(*) FROM t GROUP BY name", "read"),
+    ("sqlite", "SELECT load_extension('/tmp/x.so')", "files"),
+    ("sqlite", "SELECT readfile('/etc/passwd')", "files"),
+    ("sqlite", "SELECT writefile('/tmp/x', 'y')", "files"),
+    ("sqlite", "SELECT fts3_tokenizer('simple')", "system"),
+    ("sqlite", "SELECT * FROM sqlite_master", "system"),
+    ("sqlite", "ATTACH DATABASE '/tmp/x.db' AS x", "files"),
+    ("sqlite", "PRAGMA table_info(t)", "system"),
+    ("sqlite", "SELECT name, count(*) FROM t GROUP BY name", "read"),
+])
+def test_other_dialects(dialect, sql, cls):
+    info = classify(sql, dialect)
+    assert cls in info.classes, (sql, info)
+    if cls == "read":
+        assert info.classes == {"read"}
+
+
+def test_huge_or_deep_statements_are_refused_quickly():
+    for sql in ("SELECT " + "(" * 5000 + "1" + ")" * 5000,
+                "SELECT " + " + ".join(["1"] * 20000),
+                "SELECT " + "lower(" * 400 + "'x'" + ")" * 400):
+        t0 = time.monotonic()
+        info = classify(sql + " ")
+        assert time.monotonic() - t0 < 5
+        assert info.kind == "unparsable", info.error
+    assert classify("SELECT 1" + " " * MAX_SQL_CHARS).kind == "unparsable"
+
+
+def test_forwarded_text_drops_comments():
+    info = classify("SELECT name FROM customers -- */ , read_text('/etc/passwd') /*")
+    assert info.classes == {"read"} and "read_text" not in (info.canonical or "")
+
+
+# --- shipped analyst rule, rewrites run against a real DuckDB with the demo data -----------
+
+@pytest.fixture(scope="module")
+def demo_db(tmp_path_factory):
+    db = ensure_db(tmp_path_factory.mktemp("demo-db"))
+    con = duckdb.connect(str(db), read_only=True)
+    yield con
+    con.close()
+
+
+def run(con, sql: str) -> str:
+    return json.dumps(con.execute(sql).fetchall(), default=str)
+
+
+LEAKS = [
+    "SELECT ssn FROM customers",
+    "SELECT reverse(ssn) FROM customers",
+    "SELECT replace(ssn, '-', '') FROM customers",
+    "SELECT ssn || 'x', 'x' || secret FROM customers, api_keys",
+    "SELECT to_base64(ssn::BLOB), hex(secret) FROM customers, api_keys",
+    "SELECT split_part(ssn, '-', 1), string_split(email, '@') FROM customers",
+    "SELECT map([ssn], [1]) FROM customers",
+    "SELECT {'k': \"SsN\"} FROM customers",
+    "SELECT * FROM customers",
+    "FROM api_keys",
+    "SELECT c.* FROM customers c",
+    "SELECT x FROM (SELECT ssn AS x FROM customers)",
+    "WITH t AS (SELECT secret FROM api_keys) SELECT upper(secret) FROM t",
+    "SELECT s.v FROM customers, LATERAL (SELECT card_number AS v) s",
+    "SELECT string_agg(ssn, ',') FROM customers",
+    "SELECT list(secret ORDER BY id) FROM api_keys",
+    "SELECT * FROM (SELECT name, ssn FROM customers) PIVOT (count(*) FOR ssn IN ('108-11-1037'))",
+    "SELECT count(*) FROM customers WHERE ssn = '107-11-1037'",
+    "SELECT name FROM customers WHERE ssn LIKE '1%' ORDER BY ssn",
+    "SELECT json_object('a', main.customers.ssn) FROM main.customers",
+    "SELECT max(secret) FROM api_keys GROUP BY owner",
+]
+
+
+@pytest.mark.parametrize("sql", LEAKS)
+def test_sensitive_values_never_leave_the_database(demo_db, sql):
+    d = decide(sql)
+    if d.action == "deny":
+        return                                      # refused: nothing forwarded
+    assert d.action == "allow" and d.rewrites, d
+    out = run(demo_db, d.rewrites[0][1])
+    for s in SECRETS:
+        assert s not in out and s[::-1] not in out and s.replace("-", "") not in out, (sql, s)
+    assert "sql columns masked" in d.reason
+
+
+def test_predicates_are_no_oracle(demo_db):
+    real = customers()[0]["ssn"]
+    n = json.loads(run(demo_db, decide(f"SELECT count(*) FROM customers WHERE ssn = '{real}'").rewrites[0][1]))
+    assert n == [[0]]
+
+
+@pytest.mark.parametrize("sql,why", [
+    ("SELECT c FROM customers c", "whole row"),
+    ("SELECT to_json(customers) FROM customers", "whole row"),
+    ("SELECT * EXCLUDE (id) FROM customers", "*"),
+    ("SELECT * FROM customers NATURAL JOIN api_keys", "NATURAL"),
+    ("SELECT #4 FROM customers", "positional"),
+    ("SELECT * FROM customers PIVOT (count(*) FOR name IN ('x'))", "PIVOT"),
+    ("SELECT count(*) FROM customers JOIN api_keys USING (id, secret)", "USING"),
+    ("SELECT * FROM orders", "orders"),
+    ("SELECT * FROM read_text('/etc/passwd')", "read_text(): files"),
+    ("SELECT current_setting('threads')", "current_setting(): system"),
+    ("SELECT * FROM duckdb_secrets()", "duckdb_secrets(): system"),
+    ("SELECT * FROM query('SELECT 1')", "query(): exec"),
+])
+def test_refusals_name_the_cause(sql, why):
+    d = decide(sql)
+    assert d.action == "deny" and why in d.reason, d
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT count(*) FROM customers",
+    "SELECT id, name, notes FROM customers ORDER BY id",
+    "SELECT substr(name, 1, 1) AS l, count(*) FROM customers GROUP BY ALL ORDER BY 1",
+    "SELECT name, row_number() OVER (ORDER BY id DESC) AS r FROM customers ORDER BY r",
+    "SELECT c.name, k.owner FROM customers c JOIN api_keys k ON k.id = c.id ORDER BY c.id",
+    "SELECT count(*) FROM customers WHERE notes LIKE '%vip=True%'",
+    "SELECT owner, length(owner) FROM api_keys ORDER BY id",
+])
+def test_legitimate_analytics_unchanged(demo_db, sql):
+    d = decide(sql)
+    assert (d.action, d.rule) == ("allow", "analyst-read-sql"), d
+    assert run(demo_db, d.rewrites[0][1]) == run(demo_db, sql)
+
+
+def test_select_star_keeps_other_columns(demo_db):
+    d = decide("SELECT * FROM customers ORDER BY id")
+    rows = demo_db.execute(d.rewrites[0][1]).fetchall()
+    cols = [c[0] for c in demo_db.description]
+    assert cols == ["id", "name", "email", "ssn", "card_number", "notes"]
+    assert rows[0][0] == 1 and rows[0][1] == customers()[0]["name"] and rows[0][3] == "[MASKED:ssn]"
+    assert d.reason.startswith("sql columns masked") and "original: SELECT * FROM customers" in d.reason
