@@ -705,7 +705,30 @@ def explain(policy: Policy, identity: Identity | None, connection: str, msg: Mes
     for r in matching_rules(policy, identity, connection, msg, environment=environment):
         lines.append(f"  matched {r.action:7} {r.name}  ({r.file}:{r.line})")
     d = evaluate(policy, identity, connection, msg, environment=environment)
+    lines += _explain_sql(policy, identity, connection, msg, environment, d)
     lines.append(f"decision: {d.action.upper()}  rule: {d.rule or '(default deny)'}"
                  + (f"  reason: {d.reason}" if d.reason else "")
                  + (f"  approvers: {', '.join(d.approvers)}  timeout: {d.timeout:g}s" if d.action == "approve" else ""))
+    return lines
+
+
+def _explain_sql(policy: Policy, identity: Identity | None, connection: str, msg: Message, environment: str,
+                 d: Decision) -> list[str]:
+    """What the SQL argument reaches (per SQL rule for this tool) and what is forwarded."""
+    lines: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for r in policy.rules:
+        p = r.sql
+        if p is None or (p.arg, p.dialect) in seen or not r.matches_subject(identity, connection, environment) \
+                or not r.matches_target(msg.method, msg.target) or not isinstance(msg.arguments.get(p.arg), str):
+            continue
+        seen.add((p.arg, p.dialect))
+        info = sqlclass.classify(msg.arguments[p.arg], p.dialect)
+        lines.append(f"  sql ({p.dialect}, argument {p.arg}): classes {', '.join(sorted(info.classes))}")
+        lines.append(f"    tables: {', '.join(sorted(info.tables)) or '-'}   "
+                     f"functions: {', '.join(sorted(info.functions)) or '-'}")
+        if info.reasons:
+            lines.append(f"    reaches: {info.why()}")
+    for arg, value in d.rewrites:
+        lines.append(f"  forwarded {arg}: {value}")
     return lines

@@ -321,9 +321,21 @@ def _is_table_function(node: exp.Func) -> bool:
     return isinstance(node.parent, exp.Table) and node.arg_key == "this"
 
 
-@lru_cache(maxsize=4096)
+CACHED_SQL_CHARS = 4096
+
+
 def classify(sql: str, dialect: str = "duckdb") -> SqlInfo:
-    """Classify `sql` (bounded cache: the same query text is common in agent traffic)."""
+    """Classify `sql`; short statements are cached (the same query text is common in agent
+    traffic), long ones not, so the cache stays small."""
+    return _classify_cached(sql, dialect) if len(sql) <= CACHED_SQL_CHARS else _classify(sql, dialect)
+
+
+@lru_cache(maxsize=4096)
+def _classify_cached(sql: str, dialect: str) -> SqlInfo:
+    return _classify(sql, dialect)
+
+
+def _classify(sql: str, dialect: str) -> SqlInfo:
     if len(sql) > MAX_SQL_CHARS:
         return _unparsable(f"statement longer than {MAX_SQL_CHARS} characters")
     try:

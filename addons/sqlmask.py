@@ -102,12 +102,13 @@ class _Rewriter:
                     self.replace(col, name, style)
 
     def check_constructs(self, tree: exp.Expression, risky: dict[exp.Table, str]) -> None:
-        names = set()
+        # a table's name or alias used as a value is the whole row (DuckDB: a struct), unless
+        # that table has a column of that name (columns bind first)
+        rows: dict[str, set[str]] = {}
         for t, key in risky.items():
-            names.add(key.rsplit(".", 1)[-1])
-            if t.alias:
-                names.add(self.norm(t.args["alias"].this))
-        declared = {c.lower() for cols in self.policy.schema.values() for c in cols}
+            cols = {c.lower() for c in self.policy.schema.get(key, ())}
+            for n in [key.rsplit(".", 1)[-1]] + ([self.norm(t.args["alias"].this)] if t.alias else []):
+                rows[n] = rows[n] & cols if n in rows else cols
         for node in tree.walk():
             if isinstance(node, getattr(exp, "Columns", ())) or type(node).__name__ == "Columns":
                 raise Refused("COLUMNS(...) over a table with sensitive columns")
@@ -125,7 +126,7 @@ class _Rewriter:
                         raise Refused(f"JOIN ... USING ({ident.name}): a sensitive column")
             if isinstance(node, exp.Column) and isinstance(node.this, exp.Identifier):
                 n = self.norm(node.this)
-                if n in names and n not in declared:
+                if n in rows and n not in rows[n]:
                     raise Refused(f"the whole row of a table with sensitive columns ({node.name})")
 
     def star(self, star: exp.Star) -> None:

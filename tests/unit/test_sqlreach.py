@@ -242,6 +242,8 @@ def test_predicates_are_no_oracle(demo_db):
 @pytest.mark.parametrize("sql,why", [
     ("SELECT c FROM customers c", "whole row"),
     ("SELECT to_json(customers) FROM customers", "whole row"),
+    ("SELECT notes FROM api_keys AS notes", "whole row"),
+    ("SELECT notes FROM customers, api_keys AS notes", "whole row"),
     ("SELECT * EXCLUDE (id) FROM customers", "*"),
     ("SELECT * FROM customers NATURAL JOIN api_keys", "NATURAL"),
     ("SELECT #4 FROM customers", "positional"),
@@ -280,3 +282,27 @@ def test_select_star_keeps_other_columns(demo_db):
     assert cols == ["id", "name", "email", "ssn", "card_number", "notes"]
     assert rows[0][0] == 1 and rows[0][1] == customers()[0]["name"] and rows[0][3] == "[MASKED:ssn]"
     assert d.reason.startswith("sql columns masked") and "original: SELECT * FROM customers" in d.reason
+
+
+def _msg(sql: str):
+    return parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                          "params": {"name": "query_sql", "arguments": {"sql": sql}}})
+
+
+def test_explain_shows_tables_functions_classes_and_rewrites():
+    from addons.policy_rules import explain
+    out = "\n".join(explain(POLICY, ANALYST, "demo", _msg("SELECT reverse(ssn), count(*) FROM customers")))
+    assert "classes read" in out and "tables: customers" in out and "functions: count, reverse" in out
+    assert "forwarded sql: SELECT REVERSE(CAST('[MASKED:ssn]' AS TEXT)), COUNT(*) FROM customers" in out
+    assert "sql columns masked: ssn" in out
+    out = "\n".join(explain(POLICY, ANALYST, "demo", _msg("SELECT * FROM read_text('/etc/passwd')")))
+    assert "reaches: read_text(): files" in out and "decision: DENY  rule: analyst-sql-read-only" in out
+    assert "forwarded" not in out
+
+
+def test_only_the_deciding_rules_sql_is_rewritten_and_dba_keeps_its_rules():
+    dba = Identity("dora", ("dba",))
+    d = evaluate(POLICY, dba, "demo", _msg("SELECT * FROM read_text('/etc/passwd')"))
+    assert d.action == "deny"
+    d = evaluate(POLICY, dba, "demo", _msg("CREATE TABLE t (a INT)"))
+    assert d.action == "approve" and d.rewrites == (("sql", "CREATE TABLE t (a INT)"),)
