@@ -248,7 +248,7 @@ class _Analysis:
             self.add(DCL, f"{type(node).__name__.upper()} statement")
         elif isinstance(node, _DDL):
             kind = str(node.args.get("kind") or "").lower()
-            self.add(SYSTEM if kind in ("secret", "persistent secret") else DDL, f"{type(node).__name__.upper()} {kind}".strip())
+            self.add(SYSTEM if kind in ("secret", "persistent secret") else DDL, f"{type(node).__name__.upper()} {kind.upper()}".strip())
         elif isinstance(node, _WRITE):
             self.add(WRITE, f"{type(node).__name__.upper()} statement")
         elif isinstance(node, exp.Into):
