@@ -7,6 +7,7 @@ caller may use, and server->client requests on the response stream are governed 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -17,7 +18,8 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addons.httputil import refuse_jsonrpc
-from addons.mcp import LIST_METHODS, SERVER_REQUEST_METHODS, Message, jsonrpc_error, parse_message
+from addons.mcp import (LIST_METHODS, SERVER_REQUEST_METHODS, Message, decode_header_value, jsonrpc_error,
+                         parse_message)
 from addons.policy_rules import Policy as RulesPolicy, evaluate, explain, filter_list_result, load_policy, policy_files
 from addons.record import Decision, Identity, get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever
@@ -203,7 +205,17 @@ def rewritten_messages(messages: list[Message], decisions: list[Decision]) -> li
 
 
 def apply_rewrites(flow: http.HTTPFlow, rec) -> None:
-    """The upstream (and the audit) get the rewritten arguments: re-serialise the body."""
+    """The upstream (and the audit) get the rewritten arguments: re-serialise the body, and
+    re-encode any Mcp-Param-* header that mirrored a rewritten argument (it must still match)."""
+    originals = {m.arguments.get(arg) for m, d in zip(rec.messages, rec.decisions) for arg, _ in d.rewrites}
+    news = {m.arguments.get(arg): new for m, d in zip(rec.messages, rec.decisions) for arg, new in d.rewrites}
+    fields = []
+    for k, v in flow.request.headers.fields:
+        if k.lower().startswith(b"mcp-param-") and decode_header_value(v.decode("latin-1")) in originals:
+            new = news[decode_header_value(v.decode("latin-1"))]
+            v = f"=?base64?{base64.b64encode(new.encode()).decode('ascii')}?=".encode("latin-1")
+        fields.append((k, v))
+    flow.request.headers.fields = tuple(fields)
     rec.messages = rewritten_messages(rec.messages, rec.decisions)
     raws = [m.raw for m in rec.messages]
     flow.request.content = json.dumps(raws if rec.batch else raws[0], ensure_ascii=False,

@@ -213,3 +213,43 @@ def test_cli_explain_prints_rule_and_decision(tmp_path, capsys):
     code, out = _cli(["--rules", str(tmp_path), "explain", "--sub", "dan", "--connection", "demo",
                       "--tool", "launch", "--args", "{nope"], capsys)
     assert code == 2 and "not JSON" in out
+
+
+SQL_MASK_POLICY = """\
+rules:
+  - name: ana-sql
+    when:
+      roles: [analyst]
+      tool: query_sql
+      sql: {class: [read], tables: {customers: [id, ssn]}, sensitive_columns: [ssn]}
+    allow: true
+"""
+
+
+def test_allowed_sql_is_forwarded_rewritten_and_recorded_so(tmp_path):
+    write(tmp_path, SQL_MASK_POLICY)
+    ana = Identity("ana", ("analyst",))
+    body = [tool_call("query_sql", {"sql": "SELECT reverse(ssn) /* x */ FROM customers"}, 1),
+            tool_call("query_sql", {"sql": "SELECT id FROM customers"}, 2)]
+    addon = Policy()
+    with taddons.context(Router(), addon) as tctx:
+        tctx.options.bastion_rules = str(tmp_path)
+        f, rec = flow(body, ana)
+        sql = body[0]["params"]["arguments"]["sql"]
+        f.request.headers["Mcp-Param-Sql"] = sql
+        addon.request(f)
+    assert f.response is None
+    sent = json.loads(f.request.content)
+    assert [m["params"]["arguments"]["sql"] for m in sent] == [
+        "SELECT REVERSE(CAST('[MASKED:ssn]' AS TEXT)) FROM customers", "SELECT id FROM customers"]
+    assert [m.arguments["sql"] for m in rec.messages] == [m["params"]["arguments"]["sql"] for m in sent]
+    assert mcp.decode_header_value(f.request.headers["Mcp-Param-Sql"]) == sent[0]["params"]["arguments"]["sql"]
+    assert "original: SELECT REVERSE(ssn) FROM customers" in rec.decisions[0].reason
+
+
+def test_refused_sql_is_not_rewritten(tmp_path):
+    write(tmp_path, SQL_MASK_POLICY)
+    body = tool_call("query_sql", {"sql": "SELECT c FROM customers c"})
+    f, rec = run(tmp_path, Policy(), body, Identity("ana", ("analyst",)))
+    assert error_of(f)["code"] == DENIED and "whole row" in error_of(f)["message"]
+    assert json.loads(f.request.content) == body
