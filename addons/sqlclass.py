@@ -59,6 +59,7 @@ _COMMAND_CLASS = {
 _SYNTAX_FUNCS = frozenset({"Case", "If", "Array", "Struct", "Cast", "TryCast", "Bracket", "CurrentDate",
                            "CurrentTimestamp", "CurrentTime", "Extract", "Interval", "Coalesce", "ToMap",
                            "VarMap", "Map", "Convert", "Collate", "Paren", "Between", "Lambda"})
+_OPERATORS = (exp.Binary, exp.Connector, exp.Unary, exp.Predicate)
 _SYSTEM_SCHEMAS = frozenset({"information_schema", "pg_catalog", "system", "temp"})
 _SYSTEM_TABLE_PREFIXES = ("duckdb_", "pg_", "sqlite_", "pragma_")
 _CALL = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_$]*)\s*\(")
@@ -290,7 +291,8 @@ class _Analysis:
     def function(self, node: exp.Func) -> None:
         name = func_name(node, self.dialect)
         if name is None:
-            if type(node).__name__ not in _SYNTAX_FUNCS:
+            # operators (AND, ->>, ~, ...) map to pure functions; their operands are walked
+            if type(node).__name__ not in _SYNTAX_FUNCS and not isinstance(node, _OPERATORS):
                 self.add(UNKNOWN, f"{type(node).__name__} expression")
             return
         self.funcs.add(name)

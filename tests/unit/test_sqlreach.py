@@ -24,10 +24,13 @@ SECRETS = [c["ssn"] for c in customers()] + [c["email"] for c in customers()] + 
           [c["card_number"] for c in customers()] + [k["secret"] for k in api_keys()]
 
 
+def _msg(sql: str):
+    return parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                          "params": {"name": "query_sql", "arguments": {"sql": sql}}})
+
+
 def decide(sql: str):
-    m = parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                       "params": {"name": "query_sql", "arguments": {"sql": sql}}})
-    return evaluate(POLICY, ANALYST, "demo", m)
+    return evaluate(POLICY, ANALYST, "demo", _msg(sql))
 
 
 # (sql, classes, tables) -- attacks and legitimate analytics
@@ -284,11 +287,6 @@ def test_select_star_keeps_other_columns(demo_db):
     assert d.reason.startswith("sql columns masked") and "original: SELECT * FROM customers" in d.reason
 
 
-def _msg(sql: str):
-    return parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                          "params": {"name": "query_sql", "arguments": {"sql": sql}}})
-
-
 def test_explain_shows_tables_functions_classes_and_rewrites():
     from addons.policy_rules import explain
     out = "\n".join(explain(POLICY, ANALYST, "demo", _msg("SELECT reverse(ssn), count(*) FROM customers")))
@@ -306,3 +304,62 @@ def test_only_the_deciding_rules_sql_is_rewritten_and_dba_keeps_its_rules():
     assert d.action == "deny"
     d = evaluate(POLICY, dba, "demo", _msg("CREATE TABLE t (a INT)"))
     assert d.action == "approve" and d.rewrites == (("sql", "CREATE TABLE t (a INT)"),)
+
+
+# legitimate DuckDB analytics: `read`, and the SQL forwarded (sqlglot's regeneration)
+# returns exactly what the caller's text returns
+ANALYTICS = [
+    'SELECT 7 // 2, 7 / 2, 7 % 3, 2 ** 3, 2 ^ 3',
+    "SELECT name ILIKE '%a%', name SIMILAR TO 'A.*', name ~ 'A.*', regexp_matches(name, '^A') FROM customers ORDER BY id",
+    "SELECT [1, 2, 3][2], [1, 2, 3][1:2], {'a': 1}.a, struct_pack(a := 1)",
+    "SELECT date_diff('day', DATE '2024-01-01', DATE '2024-03-01'), DATE '2024-01-31' + INTERVAL 1 MONTH",
+    "SELECT strftime(TIMESTAMP '2024-01-02 03:04:05', '%Y-%m-%d'), strptime('2024-01-02', '%Y-%m-%d')",
+    "SELECT epoch(TIMESTAMP '2024-01-01'), make_date(2024, 1, 2), date_part('year', DATE '2024-05-01')",
+    'SELECT name, lag(id) OVER w, lead(id) OVER w, first_value(id) OVER w FROM customers WINDOW w AS (ORDER BY id) ORDER BY id',
+    'SELECT id, sum(id) OVER (ORDER BY id ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM customers ORDER BY id',
+    'SELECT name FROM customers QUALIFY row_number() OVER (ORDER BY id DESC) <= 3 ORDER BY name',
+    'SELECT DISTINCT ON (substr(name, 1, 1)) name FROM customers ORDER BY substr(name, 1, 1), id',
+    'SELECT count(*) FILTER (WHERE id > 5), count_if(id > 5), bool_or(id > 19) FROM customers',
+    'SELECT arg_max(name, id), arg_min(name, id), max_by(name, id) FROM customers',
+    "SELECT string_agg(name, ',' ORDER BY id DESC) FROM customers",
+    'SELECT list(name ORDER BY id)[1:3] FROM customers',
+    'SELECT approx_count_distinct(name), histogram(id % 3) FROM customers',
+    "SELECT name, CASE WHEN id % 2 = 0 THEN 'even' ELSE 'odd' END AS p FROM customers ORDER BY id LIMIT 4",
+    "SELECT TRY_CAST('x' AS INTEGER), CAST('5' AS INTEGER), '5'::INT + 1, 5::VARCHAR || 'a'",
+    "SELECT coalesce(NULL, 'a'), ifnull(NULL, 2), nullif(1, 1), greatest(1, 3, 2), least(1, 3, 2)",
+    "SELECT concat_ws('-', 'a', 'b'), format('{} {}', 'a', 'b'), printf('%d', 42), lpad('7', 3, '0')",
+    "SELECT left(name, 2), right(name, 2), split_part(notes, ';', 1), string_split(name, ' ')[1] FROM customers ORDER BY id LIMIT 3",
+    "SELECT name FROM customers WHERE id IN (1, 2, 3) AND name NOT LIKE 'Z%' AND notes IS NOT NULL ORDER BY id",
+    'SELECT name FROM customers WHERE id BETWEEN 3 AND 5 ORDER BY id DESC',
+    'SELECT name FROM customers WHERE EXISTS (SELECT 1 FROM api_keys k WHERE k.id = customers.id) ORDER BY id',
+    'SELECT c.name, k.owner FROM customers c LEFT JOIN api_keys k ON k.id = c.id ORDER BY c.id LIMIT 5',
+    'SELECT a.id, b.id FROM customers a JOIN customers b ON a.id = b.id - 1 ORDER BY a.id LIMIT 3',
+    'SELECT * FROM customers c, LATERAL (SELECT c.id * 10 AS x) l ORDER BY c.id LIMIT 2',
+    'WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) SELECT sum(n) FROM r',
+    'SELECT id FROM customers UNION SELECT id FROM api_keys ORDER BY id',
+    'SELECT id FROM customers EXCEPT SELECT id FROM api_keys ORDER BY id LIMIT 3',
+    'SELECT id FROM customers INTERSECT SELECT id FROM api_keys ORDER BY id',
+    'SELECT * FROM range(5) t(i) WHERE i % 2 = 0',
+    'SELECT unnest([1, 2, 3]) AS u',
+    'SELECT substr(name, 1, 1) AS l, count(*) FROM customers GROUP BY ALL ORDER BY ALL',
+    'SELECT id FROM customers ORDER BY id DESC NULLS LAST LIMIT 2 OFFSET 1',
+    'SELECT quantile_cont(id, [0.25, 0.5]), median(id), stddev(id), corr(id, id) FROM customers',
+    'SELECT md5(name), sha256(name), hash(name) IS NOT NULL FROM customers ORDER BY id LIMIT 2',
+    'SELECT json_extract(\'{"a": {"b": 1}}\', \'$.a.b\'), \'{"a": 1}\'::JSON->>\'a\', json_object(\'k\', 1)',
+    "SELECT map(['a'], [1])['a'], map_keys(map(['a'], [1]))",
+    "SELECT date_trunc('month', TIMESTAMP '2024-05-17 10:00'), last_day(DATE '2024-02-10'), dayname(DATE '2024-01-01')",
+    "SELECT regexp_extract(notes, 'phone ([^;]+)', 1) FROM customers ORDER BY id LIMIT 2",
+    "SELECT name FROM customers WHERE notes LIKE '%vip=True%' ESCAPE '!' ORDER BY id",
+    "SELECT 'It''s', E'tab\\\\there', $$dollar's$$",
+    'SELECT id, name FROM customers ORDER BY id LIMIT 3 -- trailing comment',
+    'SELECT name FROM customers USING SAMPLE 100%',
+    'SELECT id::DOUBLE / 3 AS third, round(id / 3, 2), floor(1.5), ceil(1.5) FROM customers ORDER BY id LIMIT 2',
+    'SELECT list_transform([1, 2, 3], lambda x: x * 2), list_filter([1, 2, 3], lambda x: x > 1)',
+]
+
+
+@pytest.mark.parametrize("sql", ANALYTICS)
+def test_forwarded_sql_returns_what_the_original_returns(demo_db, sql):
+    info = classify(sql)
+    assert info.classes == {"read"}, info.reasons
+    assert run(demo_db, info.canonical) == run(demo_db, sql)
