@@ -124,6 +124,8 @@ class _Rewriter:
                 for ident in node.args.get("using") or ():
                     if self.norm(ident) in self.policy.sensitive:
                         raise Refused(f"JOIN ... USING ({ident.name}): a sensitive column")
+            if isinstance(node, exp.Var) and node.name.lower() in self.policy.sensitive:
+                raise Refused(f"{node.name} used where the parser does not see a column")
             if isinstance(node, exp.Column) and isinstance(node.this, exp.Identifier):
                 n = self.norm(node.this)
                 if n in rows and n not in rows[n]:
@@ -136,24 +138,32 @@ class _Rewriter:
         qualified = isinstance(parent, exp.Column) and parent.this is star
         item = parent if qualified else star
         select = item.parent
-        if not isinstance(select, exp.Select) or item.arg_key != "expressions" or star.args.get("except_") \
-                or star.args.get("except") or star.args.get("replace") or star.args.get("rename"):
+        if not isinstance(select, exp.Select) or item.arg_key != "expressions" \
+                or any(star.args.get(k) for k in ("except_", "except", "replace", "rename", "ilike")):
             raise Refused("this use of * over a table with sensitive columns (list the columns)")
         sources = self.sources(select)
+        # a table of this SELECT that is not a plain FROM/JOIN item (`FROM (a JOIN b)`,
+        # `FROM (customers)`) cannot be expanded item by item
+        direct = {id(node) for _, _, node in sources}
+        for t in select.find_all(exp.Table):
+            key = self.base_table(t)
+            if key is not None and self.policy.risky(key) and id(t) not in direct \
+                    and t.find_ancestor(exp.Select) is select:
+                raise Refused(f"* over a nested join or parenthesised {key} (list the columns)")
         if qualified:
             q = self.norm(parent.args.get("table"))
-            sources = [(a, s) for a, s in sources if a == q]
+            sources = [src for src in sources if src[0] == q]
             if not sources:
                 raise Refused(f"{q}.* names no table of its SELECT")
-        if not any(isinstance(s, str) and self.policy.risky(s) for _, s in sources):
+        if not any(key is not None and self.policy.risky(key) for _, key, _ in sources):
             return
         cols: list[exp.Expression] = []
-        for alias, src in sources:
-            if isinstance(src, str):
-                declared = self.policy.schema.get(src)
+        for alias, key, _ in sources:
+            if key is not None:
+                declared = self.policy.schema.get(key)
                 if declared is None:
-                    raise Refused(f"* over {src}: its columns are not declared in the rule's tables")
-                self.expanded.append(src)
+                    raise Refused(f"* over {key}: its columns are not declared in the rule's tables")
+                self.expanded.append(key)
                 cols += [exp.column(c, table=alias, quoted=True) for c in declared]
             elif alias:
                 cols.append(exp.Column(this=exp.Star(), table=exp.to_identifier(alias, quoted=True)))
@@ -163,23 +173,23 @@ class _Rewriter:
         exprs = list(select.expressions)
         select.set("expressions", exprs[:idx] + cols + exprs[idx + 1:])
 
-    def sources(self, select: exp.Select) -> list[tuple[str, object]]:
-        """(name, base table key | derived node) for each FROM/JOIN item, in order."""
+    def sources(self, select: exp.Select) -> list[tuple[str, str | None, exp.Expression]]:
+        """(name, base table key or None for a derived source, node) per FROM/JOIN item, in order."""
         items = []
         frm = select.args.get("from_") or select.args.get("from")
         if frm is not None:
             items.append(frm.this)
         items += [j.this for j in select.args.get("joins") or ()]
-        out: list[tuple[str, object]] = []
+        out: list[tuple[str, str | None, exp.Expression]] = []
         for it in items:
             alias = self.norm(it.args["alias"].this) if it.args.get("alias") and it.args["alias"].this else ""
             key = self.base_table(it)
             if key is not None:
-                out.append((alias or key.rsplit(".", 1)[-1], key))
+                out.append((alias or key.rsplit(".", 1)[-1], key, it))
             elif isinstance(it, exp.Table) and isinstance(it.this, exp.Identifier):   # a CTE
-                out.append((alias or self.norm(it.this), it))
+                out.append((alias or self.norm(it.this), None, it))
             else:
-                out.append((alias, it))
+                out.append((alias, None, it))
         return out
 
     def replace(self, col: exp.Column, name: str, style: str) -> None:
