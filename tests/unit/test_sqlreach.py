@@ -368,3 +368,33 @@ def test_forwarded_sql_returns_what_the_original_returns(demo_db, sql):
     info = classify(sql)
     assert info.classes == {"read"}, info.reasons
     assert run(demo_db, info.canonical) == run(demo_db, sql)
+
+
+@pytest.mark.parametrize("sql_yaml,action,message", [
+    ("{tables: [api_keys], any_class: [write]}", "deny: no", "a deny rule names tables with 'any_table'"),
+    ("{sensitive_columns: masking}", "allow: true", "needs 'tables' with column lists"),
+    ("{tables: {customers: [id]}, sensitive_columns: {ssn: scramble}}", "allow: true",
+     "style must be one of redact, last4"),
+    ("{tables: {customers: id}}", "allow: true", "give its columns as a list"),
+    ("{sensitive_columns: 7}", "allow: true", "takes a list, a mapping"),
+    ("{class: [reads]}", "allow: true", "unknown SQL class(es) reads"),
+])
+def test_sql_rule_errors_name_file_and_line(tmp_path, sql_yaml, action, message):
+    from addons.rules import RulesError
+    (tmp_path / "policy.yaml").write_text(
+        f"rules:\n  - name: r\n    when:\n      tool: query_sql\n      sql: {sql_yaml}\n    {action}\n")
+    with pytest.raises(RulesError) as e:
+        load_policy(tmp_path)
+    assert message in str(e.value) and "policy.yaml:5" in str(e.value), str(e.value)
+
+
+def test_sensitive_columns_from_masking_yaml_follow_its_field_globs(tmp_path):
+    (tmp_path / "masking.yaml").write_text(
+        "version: 1\ndefault_profile: p\nprofiles:\n  p:\n    rules:\n"
+        "      - {name: a, fields: [\"*secret*\", tax_id], style: redact}\n"
+        "      - {name: b, fields: [name], style: keep}\n")
+    (tmp_path / "policy.yaml").write_text(
+        "rules:\n  - name: r\n    when:\n      tool: query_sql\n      sql:\n        class: [read]\n"
+        "        tables: {t: [id, name, tax_id, client_secret]}\n        sensitive_columns: masking\n    allow: true\n")
+    cols = load_policy(tmp_path).rules[0].sql.columns
+    assert set(cols.sensitive) == {"tax_id", "client_secret"}
