@@ -74,6 +74,7 @@ class FunctionData:
     exec: frozenset[str]
     read_tables: frozenset[str]
     exec_tables: frozenset[str]
+    scan_extensions: frozenset[str] = frozenset()
 
     def scalar_class(self, name: str) -> str:
         if name in self.pure:
@@ -102,7 +103,7 @@ def function_data(dialect: str) -> FunctionData:
     d = (data.get("dialects") or {}).get(dialect) or {}
     get = lambda k: frozenset(str(x).lower() for x in d.get(k) or ())  # noqa: E731
     return FunctionData(get("pure"), get("files"), get("system"), get("exec"), get("read_tables"),
-                        get("exec_tables"))
+                        get("exec_tables"), get("scan_extensions"))
 
 
 @dataclass(frozen=True)
@@ -280,8 +281,11 @@ class _Analysis:
         raw = src.name
         key = table_key(tbl, self.dialect)
         db = normalise_identifier(tbl.args.get("db"), self.dialect)
+        dotted = ".".join(p.name for p in tbl.parts)
         if not _PLAIN_NAME.match(raw):                      # FROM 'x.csv' / "s3://..." : a replacement scan
             self.add(FILES, f"'{raw[:60]}' (file scan)")
+        elif db and dotted.rsplit(".", 1)[-1].lower() in self.data.scan_extensions:   # FROM data.csv
+            self.add(FILES, f"{dotted[:60]} (file scan)")
         elif db in _SYSTEM_SCHEMAS or key.startswith(_SYSTEM_TABLE_PREFIXES) or key in self.data.system:
             self.add(SYSTEM, f"{key} (catalog)")
         elif key in self.data.files or key in self.data.exec:

@@ -62,6 +62,8 @@ TABLE = [
     ("SELECT content FROM read_blob('.secrets/upstream')", {"read", "files"}, set()),
     ("FROM '.secrets/token.csv'", {"read", "files"}, {".secrets/token.csv"}),
     ('SELECT * FROM "/etc/passwd"', {"read", "files"}, {"/etc/passwd"}),
+    ("SELECT * FROM secrets.csv", {"read", "files"}, {"secrets.csv"}),
+    ("SELECT * FROM keys.issuer.pem", {"read", "files"}, {"issuer.pem"}),
     ("SELECT * FROM glob('/home/*')", {"read", "files"}, set()),
     ("SELECT * FROM parquet_metadata('x.parquet')", {"read", "files"}, set()),
     ("WITH a AS (SELECT * FROM read_text('/etc/hostname')) SELECT * FROM a", {"read", "files"}, set()),
