@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import sqlglot
 from sqlglot import exp
 
 from addons.sqlclass import SqlInfo, cte_names_visible, normalise_identifier, table_key
@@ -70,7 +69,7 @@ def rewrite(info: SqlInfo, policy: ColumnPolicy) -> Rewrite:
         sql = ";\n".join(t.sql(dialect=info.dialect, comments=False) for t in trees)
     except Refused as e:
         return Rewrite(None, str(e))
-    except (sqlglot.errors.SqlglotError, RecursionError, ValueError, TypeError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 - a statement that cannot be rewritten is refused
         return Rewrite(None, f"cannot rewrite the statement ({type(e).__name__})")
     return Rewrite(sql, None, tuple(dict.fromkeys(masked)), tuple(dict.fromkeys(expanded)))
 

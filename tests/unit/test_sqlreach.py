@@ -400,3 +400,10 @@ def test_sensitive_columns_from_masking_yaml_follow_its_field_globs(tmp_path):
         "        tables: {t: [id, name, tax_id, client_secret]}\n        sensitive_columns: masking\n    allow: true\n")
     cols = load_policy(tmp_path).rules[0].sql.columns
     assert set(cols.sensitive) == {"tax_id", "client_secret"}
+
+
+def test_caller_sql_never_reaches_the_log(caplog):
+    import logging
+    with caplog.at_level(logging.DEBUG):
+        classify("LOAD httpfs_secret_marker_42")
+    assert "secret_marker_42" not in caplog.text
