@@ -407,3 +407,35 @@ def test_caller_sql_never_reaches_the_log(caplog):
     with caplog.at_level(logging.DEBUG):
         classify("LOAD httpfs_secret_marker_42")
     assert "secret_marker_42" not in caplog.text
+
+
+@pytest.mark.parametrize("dialect,sql,forwarded", [
+    ("postgres", "SELECT reverse(ssn) FROM public.customers WHERE ssn = '1'",
+     "SELECT REVERSE(CAST('[MASKED:ssn]' AS VARCHAR)) FROM public.customers WHERE CAST('[MASKED:ssn]' AS VARCHAR) = '1'"),
+    ("postgres", "SELECT * FROM customers",
+     "SELECT \"customers\".\"id\", CAST('[MASKED:ssn]' AS VARCHAR) AS \"ssn\" FROM customers"),
+    ("sqlite", "SELECT upper(ssn) AS u FROM main.customers", "SELECT UPPER(CAST('[MASKED:ssn]' AS TEXT)) AS u FROM main.customers"),
+])
+def test_other_dialects_rewrite_sensitive_columns(tmp_path, dialect, sql, forwarded):
+    (tmp_path / "policy.yaml").write_text(
+        f"sql_dialect: {dialect}\nrules:\n  - name: r\n    when:\n      tool: query_sql\n      sql:\n"
+        "        class: [read]\n        tables: {customers: [id, ssn]}\n        sensitive_columns: [ssn]\n"
+        "    allow: true\n")
+    d = evaluate(load_policy(tmp_path), ANALYST, "demo", _msg(sql))
+    assert d.action == "allow" and d.rewrites == (("sql", forwarded),), d
+    d = evaluate(load_policy(tmp_path), ANALYST, "demo", _msg("SELECT * FROM secrets"))
+    assert d.action == "deny" and "secrets" in d.reason
+
+
+def test_last4_style_keeps_only_the_last_four(tmp_path, demo_db):
+    (tmp_path / "policy.yaml").write_text(
+        "rules:\n  - name: r\n    when:\n      tool: query_sql\n      sql:\n        class: [read]\n"
+        "        tables: {customers: [id, name, email, ssn, card_number, notes]}\n"
+        "        sensitive_columns: {card_number: last4, ssn: redact}\n    allow: true\n")
+    pol = load_policy(tmp_path)
+    d = evaluate(pol, ANALYST, "demo", _msg("SELECT card_number, reverse(card_number) AS r FROM customers ORDER BY id"))
+    rows = demo_db.execute(d.rewrites[0][1]).fetchall()
+    card = customers()[0]["card_number"]
+    assert rows[0] == ("***" + card[-4:], ("***" + card[-4:])[::-1])
+    out = run(demo_db, d.rewrites[0][1])
+    assert not any(c["card_number"] in out or c["card_number"][:-4] in out for c in customers())
