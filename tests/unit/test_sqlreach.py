@@ -439,3 +439,26 @@ def test_last4_style_keeps_only_the_last_four(tmp_path, demo_db):
     assert rows[0] == ("***" + card[-4:], ("***" + card[-4:])[::-1])
     out = run(demo_db, d.rewrites[0][1])
     assert not any(c["card_number"] in out or c["card_number"][:-4] in out for c in customers())
+
+
+HIDDEN = "current_setting('default_null_order')"      # returns a distinctive value: NULLS_LAST
+
+
+@pytest.mark.parametrize("sql", [
+    f"SELECT 1 --x\r, {HIDDEN}",
+    f"SELECT 1 /* /* */ , {HIDDEN} /* */ */",
+    f"SELECT 'a\\' , {HIDDEN} --'",
+    f"SELECT E'a\\' , {HIDDEN.replace(chr(39), chr(39) * 2)} --'",
+    f"SELECT $$a$$ , {HIDDEN} --$$",
+    f"SELECT\u00a0{HIDDEN}",
+    f"SELECT 1 -- \u2028, {HIDDEN}",
+])
+def test_what_is_forwarded_is_what_was_judged(demo_db, sql):
+    """Where sqlglot and DuckDB might split a text differently, the gateway forwards
+    sqlglot's regeneration: either the hidden call is seen (not read) or DuckDB does not run it."""
+    assert "NULLS_LAST" in run(demo_db, f"SELECT {HIDDEN}")
+    info = classify(sql)
+    if info.classes == {"read"}:
+        assert "NULLS_LAST" not in run(demo_db, info.canonical)
+    else:
+        assert "system" in info.classes or info.kind == "unparsable", info
