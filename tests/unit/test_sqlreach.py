@@ -229,9 +229,7 @@ LEAKS = [
 @pytest.mark.parametrize("sql", LEAKS)
 def test_sensitive_values_never_leave_the_database(demo_db, sql):
     d = decide(sql)
-    if d.action == "deny":
-        return                                      # refused: nothing forwarded
-    assert d.action == "allow" and d.rewrites, d
+    assert d.action == "allow" and d.rewrites, d     # rewritten, not refused (refusals: below)
     out = run(demo_db, d.rewrites[0][1])
     for s in SECRETS:
         assert s not in out and s[::-1] not in out and s.replace("-", "") not in out, (sql, s)
