@@ -359,7 +359,7 @@ def _sql_tables(loc: Located, s: Any, dialect: str) -> tuple[frozenset[str] | No
 def _sql_columns(loc: Located, s: Any, schema: dict[str, tuple[str, ...]],
                  masking_fields: tuple[str, ...]) -> ColumnPolicy | None:
     """`sensitive_columns: [ssn]`, `{ssn: redact, card_number: last4}`, or `masking` (every
-    declared column whose name a field glob of rules/masking.yaml matches; style redact)."""
+    column whose name a field glob of rules/masking.yaml matches; style redact)."""
     v = s.get("sensitive_columns")
     if v is None:
         return None
@@ -367,7 +367,8 @@ def _sql_columns(loc: Located, s: Any, schema: dict[str, tuple[str, ...]],
         if not schema:
             raise loc.error(s, "'sensitive_columns: masking' needs 'tables' with column lists", "sensitive_columns")
         cols = {c for cs in schema.values() for c in cs if _any_glob(c, masking_fields)}
-        return ColumnPolicy({c: "redact" for c in sorted(cols)}, schema)
+        # undeclared names the globs match (a column added later) are masked too
+        return ColumnPolicy({c: "redact" for c in sorted(cols)}, schema, masking_fields)
     if isinstance(v, list) and all(isinstance(c, str) for c in v):
         return ColumnPolicy({c.lower(): "redact" for c in v}, schema)
     if isinstance(v, dict):

@@ -15,6 +15,7 @@ Constructs that reach a column without naming it are expanded or refused:
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
 from sqlglot import exp
@@ -28,11 +29,18 @@ STYLES = ("redact", "last4")
 class ColumnPolicy:
     sensitive: dict[str, str]                      # column (case-folded) -> style
     schema: dict[str, tuple[str, ...]] = field(default_factory=dict)   # table key -> its columns
+    patterns: tuple[str, ...] = ()                 # name globs (rules/masking.yaml): style redact
+
+    def style(self, column: str) -> str | None:
+        """The mask of a column name (case-folded), or None when it is not sensitive."""
+        if column in self.sensitive:
+            return self.sensitive[column]
+        return "redact" if any(fnmatch.fnmatchcase(column, p) for p in self.patterns) else None
 
     def risky(self, table: str) -> bool:
         """May a `*` over this table reach a sensitive column?"""
         cols = self.schema.get(table)
-        return cols is None or any(c.lower() in self.sensitive for c in cols)
+        return cols is None or any(self.style(c.lower()) for c in cols)
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,7 @@ def mask_expression(name: str, style: str, column: exp.Column) -> exp.Expression
 
 
 def rewrite(info: SqlInfo, policy: ColumnPolicy) -> Rewrite:
-    if not policy.sensitive or info.canonical is None:
+    if not (policy.sensitive or policy.patterns) or info.canonical is None:
         return Rewrite(info.canonical)
     try:
         trees = info.trees()
@@ -96,7 +104,7 @@ class _Rewriter:
         for col in list(tree.find_all(exp.Column)):
             if isinstance(col.this, exp.Identifier):
                 name = self.norm(col.this)
-                style = self.policy.sensitive.get(name)
+                style = self.policy.style(name)
                 if style is not None:
                     self.replace(col, name, style)
 
@@ -121,9 +129,9 @@ class _Rewriter:
                 if str(node.args.get("method") or "").upper() == "NATURAL":
                     raise Refused("NATURAL JOIN with a table that has sensitive columns")
                 for ident in node.args.get("using") or ():
-                    if self.norm(ident) in self.policy.sensitive:
+                    if self.policy.style(self.norm(ident)):
                         raise Refused(f"JOIN ... USING ({ident.name}): a sensitive column")
-            if isinstance(node, exp.Var) and node.name.lower() in self.policy.sensitive:
+            if isinstance(node, exp.Var) and self.policy.style(node.name.lower()):
                 raise Refused(f"{node.name} used where the parser does not see a column")
             if isinstance(node, exp.Column) and isinstance(node.this, exp.Identifier):
                 n = self.norm(node.this)

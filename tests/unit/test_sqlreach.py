@@ -396,8 +396,12 @@ def test_sensitive_columns_from_masking_yaml_follow_its_field_globs(tmp_path):
     (tmp_path / "policy.yaml").write_text(
         "rules:\n  - name: r\n    when:\n      tool: query_sql\n      sql:\n        class: [read]\n"
         "        tables: {t: [id, name, tax_id, client_secret]}\n        sensitive_columns: masking\n    allow: true\n")
-    cols = load_policy(tmp_path).rules[0].sql.columns
+    pol = load_policy(tmp_path)
+    cols = pol.rules[0].sql.columns
     assert set(cols.sensitive) == {"tax_id", "client_secret"}
+    # a column the rule does not declare but a glob matches (added to the table later) is masked too
+    d = evaluate(pol, ANALYST, "demo", _msg("SELECT reverse(webhook_secret), name FROM t"))
+    assert d.rewrites == (("sql", "SELECT REVERSE(CAST('[MASKED:webhook_secret]' AS TEXT)), name FROM t"),)
 
 
 def test_caller_sql_never_reaches_the_log(caplog):
