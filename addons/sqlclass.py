@@ -254,8 +254,9 @@ class _Analysis:
         if isinstance(node, _DCL):
             self.add(DCL, f"{type(node).__name__.upper()} statement")
         elif isinstance(node, _DDL):
-            kind = str(node.args.get("kind") or "").lower()
-            self.add(SYSTEM if kind in ("secret", "persistent secret") else DDL, f"{type(node).__name__.upper()} {kind.upper()}".strip())
+            kind = str(node.args.get("kind") or "").upper()
+            what = f"{type(node).__name__.upper()} {kind}".strip()
+            self.add(SYSTEM if kind in ("SECRET", "PERSISTENT SECRET") else DDL, what)
         elif isinstance(node, _WRITE):
             self.add(WRITE, f"{type(node).__name__.upper()} statement")
         elif isinstance(node, exp.Into):
@@ -316,8 +317,7 @@ class _Analysis:
         non-literal argument cannot be judged."""
         if cls != EXEC:
             return
-        args = [a for a in node.iter_expressions()]
-        first = args[0] if args else None
+        first = next(node.iter_expressions(), None)
         if isinstance(first, exp.Literal) and first.is_string:
             inner = classify(first.this, self.dialect)
             self.classes |= inner.classes - {MULTIPLE}
