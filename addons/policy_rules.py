@@ -21,13 +21,14 @@ from typing import Any, Callable, Iterable
 
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse
+from sqlglot import exp
 
 from addons import sqlclass
-from addons.sqlmask import STYLES, ColumnPolicy, rewrite as sql_rewrite
 from addons.mcp import LIST_METHODS, Message
 from addons.record import Decision, Identity
 from addons.rules import Located, load_yaml, rules_files
 from addons.shellguard import Pattern, ScanCache, scan, shell_info
+from addons.sqlmask import STYLES, ColumnPolicy, rewrite as sql_rewrite
 
 DEFAULT_METHOD = "tools/call"
 DEFAULT_APPROVAL_TIMEOUT = 120.0
@@ -332,10 +333,8 @@ def _parse_sql(loc: Located, when: Any, dialect: str, action: str = "allow",
 
 def _table_name(name: str, dialect: str) -> str:
     """A rule's table name, normalised as the analyser normalises references."""
-    import sqlglot
-    from sqlglot import exp
     try:
-        tbl = sqlglot.exp.to_table(name, dialect=dialect)
+        tbl = exp.to_table(name, dialect=dialect)
     except Exception:  # noqa: BLE001 - any parse failure: compare the plain lower-case name
         return name.lower()
     return sqlclass.table_key(tbl, dialect) if isinstance(tbl, exp.Table) else name.lower()
@@ -601,7 +600,6 @@ def _decision(rule: Rule, msg: Message) -> Decision:
 
 
 def _literals_masked(info: sqlclass.SqlInfo | None) -> str:
-    from sqlglot import exp
     if info is None:
         return ""
     trees = info.trees()

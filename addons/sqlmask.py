@@ -95,8 +95,7 @@ class _Rewriter:
         return None
 
     def run(self, tree: exp.Expression) -> None:
-        tables = [t for t in tree.find_all(exp.Table)]
-        risky = {t: k for t in tables if (k := self.base_table(t)) is not None and self.policy.risky(k)}
+        risky = {t: k for t in tree.find_all(exp.Table) if (k := self.base_table(t)) is not None and self.policy.risky(k)}
         if risky:
             self.check_constructs(tree, risky)
             for star in list(tree.find_all(exp.Star)):
@@ -117,9 +116,10 @@ class _Rewriter:
             for n in [key.rsplit(".", 1)[-1]] + ([self.norm(t.args["alias"].this)] if t.alias else []):
                 rows[n] = rows[n] & cols if n in rows else cols
         for node in tree.walk():
-            if isinstance(node, getattr(exp, "Columns", ())) or type(node).__name__ == "Columns":
+            kind = type(node).__name__           # by name: older sqlglot releases lack these classes
+            if kind == "Columns":
                 raise Refused("COLUMNS(...) over a table with sensitive columns")
-            if type(node).__name__ == "PositionalColumn":
+            if kind == "PositionalColumn":
                 raise Refused("a positional column (#n) over a table with sensitive columns")
             if isinstance(node, exp.Pivot):
                 src = node.this if isinstance(node.this, exp.Table) else node.parent
