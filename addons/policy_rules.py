@@ -83,7 +83,8 @@ class SqlVerdict:
     why: str = ""                        # what made it fail, naming the function/table/column
     sql: str | None = None               # what the upstream receives when ok (rewritten SQL)
     info: sqlclass.SqlInfo | None = None
-    masked: tuple[str, ...] = ()
+    masked: tuple[str, ...] = ()         # sensitive columns whose references were replaced
+    expanded: tuple[str, ...] = ()       # tables whose `*` was expanded from the declared columns
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class SqlPredicate:
         rw = sql_rewrite(info, self.columns)
         if rw.sql is None:
             return SqlVerdict(False, rw.refused or "cannot rewrite", info=info)
-        return SqlVerdict(True, sql=rw.sql, info=info, masked=rw.masked)
+        return SqlVerdict(True, sql=rw.sql, info=info, masked=rw.masked, expanded=rw.expanded)
 
 
 @dataclass(frozen=True)
@@ -728,6 +729,12 @@ def _explain_sql(policy: Policy, identity: Identity | None, connection: str, msg
                      f"functions: {', '.join(sorted(info.functions)) or '-'}")
         if info.reasons:
             lines.append(f"    reaches: {info.why()}")
+    decider = next((r for r in policy.rules if r.name == d.rule), None)
+    if decider is not None and decider.sql is not None and decider.sql.columns is not None and d.rewrites:
+        v = decider.sql.judge(msg.arguments)
+        styles = ", ".join(f"{c} ({decider.sql.columns.style(c)})" for c in v.masked)
+        lines.append(f"  columns masked: {styles or '-'}"
+                     + (f"   * expanded over: {', '.join(v.expanded)}" if v.expanded else ""))
     for arg, value in d.rewrites:
         lines.append(f"  forwarded {arg}: {value}")
     return lines

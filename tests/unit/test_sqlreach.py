@@ -297,7 +297,9 @@ def test_explain_shows_tables_functions_classes_and_rewrites():
     out = "\n".join(explain(POLICY, ANALYST, "demo", _msg("SELECT reverse(ssn), count(*) FROM customers")))
     assert "classes read" in out and "tables: customers" in out and "functions: count, reverse" in out
     assert "forwarded sql: SELECT REVERSE(CAST('[MASKED:ssn]' AS TEXT)), COUNT(*) FROM customers" in out
-    assert "sql columns masked: ssn" in out
+    assert "sql columns masked: ssn" in out and "columns masked: ssn (redact)" in out
+    out = "\n".join(explain(POLICY, ANALYST, "demo", _msg("SELECT * FROM api_keys")))
+    assert "  columns masked: secret (redact)   * expanded over: api_keys" in out
     out = "\n".join(explain(POLICY, ANALYST, "demo", _msg("SELECT * FROM read_text('/etc/passwd')")))
     assert "reaches: read_text(): files" in out and "decision: DENY  rule: analyst-sql-read-only" in out
     assert "forwarded" not in out
