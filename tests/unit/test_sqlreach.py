@@ -466,3 +466,26 @@ def test_what_is_forwarded_is_what_was_judged(demo_db, sql):
         assert "NULLS_LAST" not in run(demo_db, info.canonical)
     else:
         assert "system" in info.classes or info.kind == "unparsable", info
+
+
+CALLS = ["read_text('/etc/passwd')", "current_setting('threads')", "getenv('HOME')", "query('SELECT 1')",
+         "duckdb_secrets()", "getvariable('v')", "nextval('s')", "made_up('x')", "\"READ_TEXT\"('/x')",
+         "main.read_blob('/x')", "system.main.current_setting('threads')"]
+POSITIONS = [
+    "SELECT {f}", "SELECT id FROM customers WHERE id = ({f})", "WITH a AS (SELECT {f} AS x) SELECT * FROM a",
+    "SELECT * FROM customers, LATERAL (SELECT {f} AS x) l", "SELECT id FROM customers ORDER BY (SELECT {f})",
+    "SELECT list_transform([1], lambda x: {f})", "SELECT CASE WHEN id > 1 THEN {f} END FROM customers",
+    "SELECT CAST({f} AS VARCHAR)", "SELECT ({f})::VARCHAR", "SELECT row_number() OVER (ORDER BY {f})",
+    "SELECT 1 FROM customers c JOIN api_keys k ON k.owner = {f}", "SELECT count(*) FROM customers GROUP BY {f}",
+    "SELECT count(*) FROM customers HAVING max(name) = {f}", "VALUES ({f})", "SELECT 1 UNION ALL SELECT {f}",
+    "SELECT 1 WHERE 1 IN (SELECT {f})", "SELECT {{'k': {f}}}", "SELECT map([{f}], [1])",
+    "SELECT coalesce(NULL, {f})", "SELECT 1 WHERE EXISTS (SELECT {f})", "sElEcT\t{f}\n-- c",
+    "SELECT /* a */ {f} /* b */",
+]
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("call", CALLS)
+def test_a_reaching_call_is_never_read_wherever_it_stands(position, call):
+    info = classify(position.format(f=call))
+    assert info.classes - {"read"}, (position, call, info)
