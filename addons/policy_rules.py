@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -97,6 +98,8 @@ class SqlPredicate:
     dialect: str
     any_tables: frozenset[str] = frozenset()   # at least one table touched is in here
     columns: ColumnPolicy | None = None  # sensitive columns masked inside the SQL
+    # the last verdicts (a request asks when matching and again when deciding); bounded
+    _verdicts: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
 
     def test(self, arguments: dict) -> bool:
         return self.judge(arguments).ok
@@ -105,6 +108,14 @@ class SqlPredicate:
         sql = arguments.get(self.arg)
         if not isinstance(sql, str):
             return SqlVerdict(False, f"argument {self.arg!r} is not a string")
+        v = self._verdicts.get(sql)
+        if v is None:
+            v = self._verdicts[sql] = self._judge(sql)
+            while len(self._verdicts) > 64:
+                self._verdicts.popitem(last=False)
+        return v
+
+    def _judge(self, sql: str) -> SqlVerdict:
         info = sqlclass.classify(sql, self.dialect)
         if self.classes is not None and not info.classes <= self.classes:
             return SqlVerdict(False, info.why(info.classes - self.classes) or info.kind, info=info)

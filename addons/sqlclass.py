@@ -336,13 +336,19 @@ CACHED_SQL_CHARS = 4096
 
 
 def classify(sql: str, dialect: str = "duckdb") -> SqlInfo:
-    """Classify `sql`; short statements are cached (the same query text is common in agent
-    traffic), long ones not, so the cache stays small."""
-    return _classify_cached(sql, dialect) if len(sql) <= CACHED_SQL_CHARS else _classify(sql, dialect)
+    """Classify `sql`. Cached: the same query text is common in agent traffic, and one
+    request asks once per SQL rule; long statements get a small cache of their own so the
+    memory stays bounded (4096 x 4 KiB + 32 x 32 KiB)."""
+    return (_classify_short if len(sql) <= CACHED_SQL_CHARS else _classify_long)(sql, dialect)
 
 
 @lru_cache(maxsize=4096)
-def _classify_cached(sql: str, dialect: str) -> SqlInfo:
+def _classify_short(sql: str, dialect: str) -> SqlInfo:
+    return _classify(sql, dialect)
+
+
+@lru_cache(maxsize=32)
+def _classify_long(sql: str, dialect: str) -> SqlInfo:
     return _classify(sql, dialect)
 
 
