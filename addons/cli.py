@@ -14,6 +14,7 @@ CLI_MODULES = (
     "addons.recorder",
     "addons.approval",
     "addons.connections",
+    "addons.vault",
     "addons.masking",
     "addons.integrity",
 )

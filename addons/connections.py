@@ -16,15 +16,17 @@ import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.httputil import refuse_http
+from addons import credentials as creds
+from addons.httputil import json_response, refuse_http, refuse_jsonrpc
 from addons.legacyrefusal import carrier_ok
 from addons.record import get_record
 from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever, rules_files
 from addons.toolintegrity import IntegrityConfig, parse_integrity
+from addons.vault import DEFAULT_KEY, DEFAULT_VAULT, Vault, VaultError, key_path, load_key
 
 log = logging.getLogger("bastion.connections")
 
@@ -73,6 +75,9 @@ class Credential:
         return f"{self.scheme} {value}" if self.scheme else value
 
 
+AnyCredential = Union[Credential, creds.ExchangeCredential, creds.VaultCredential]
+
+
 @dataclass
 class Connection:
     name: str
@@ -80,7 +85,7 @@ class Connection:
     host: str
     port: int
     path: str                    # upstream MCP endpoint path, e.g. /mcp or /sse
-    credential: Credential | None
+    credential: AnyCredential | None
     transport: str = "streamable"   # or "sse" (legacy HTTP+SSE, 2024-11-05)
     audience: str | None = None
     roles: tuple[str, ...] = ()
@@ -148,9 +153,11 @@ def parse_connections(path: Path, data: Any) -> dict[str, Connection]:
         transport = str(spec.get("transport", "streamable"))
         if transport not in ("streamable", "sse"):
             raise loc.error(spec, f"connection {name}: transport must be 'streamable' or 'sse'", "transport")
-        cred = None
+        cred: AnyCredential | None = None
         c = spec.get("credential")
-        if c is not None:
+        if isinstance(c, dict) and ("exchange" in c or "vault" in c):
+            cred = _delegated_credential(loc, name, c, path.parent)
+        elif c is not None:
             # where to point errors: the `from` key, or the credential line for the short form
             where: tuple[Any, Any] = (c, "from")
             if isinstance(c, str):
@@ -161,11 +168,8 @@ def parse_connections(path: Path, data: Any) -> dict[str, Connection]:
             if not re.match(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$", src):
                 raise loc.error(where[0], f"connection {name}: credential 'from' must be env:NAME or file:PATH "
                                 "(secrets are never written inline)", where[1])
-            header = str(c.get("header", "Authorization"))
-            if not re.match(r"^[A-Za-z0-9-]+$", header):
-                raise loc.error(c, f"connection {name}: invalid header name", "header")
-            scheme = c.get("scheme", "Bearer" if header.lower() == "authorization" else None)
-            cred = Credential(src, header, str(scheme) if scheme else None)
+            header, scheme = _header_scheme(loc, name, c)
+            cred = Credential(src, header, scheme)
         roles = spec.get("roles") or ()
         if isinstance(roles, str):
             roles = (roles,)
@@ -181,13 +185,51 @@ def parse_connections(path: Path, data: Any) -> dict[str, Connection]:
             integrity=parse_integrity(loc, spec.get("integrity"), name),
             environment=str(spec["environment"]) if spec.get("environment") else None,
         )
-        if cred is not None:
+        if isinstance(cred, Credential):
             try:
                 conn.secret = cred.resolve(path.parent)
             except RulesError as e:
                 raise loc.error(spec, f"connection {name}: {e.message}", "credential") from None
         out[name] = conn
     return out
+
+
+def _header_scheme(loc: Located, name: str, c: dict) -> tuple[str, str | None]:
+    header = str(c.get("header", "Authorization"))
+    if not re.match(r"^[A-Za-z0-9-]+$", header):
+        raise loc.error(c, f"connection {name}: invalid header name", "header")
+    scheme = c.get("scheme", "Bearer" if header.lower() == "authorization" else None)
+    return header, str(scheme) if scheme else None
+
+
+def _delegated_credential(loc: Located, name: str, c: dict, base: Path) -> AnyCredential:
+    """`credential: {exchange: {...}}` or `credential: {vault: {...}}` (addons/credentials.py)."""
+    kinds = [k for k in ("exchange", "vault", "from") if k in c]
+    if len(kinds) > 1:
+        raise loc.error(c, f"connection {name}: credential takes one of from / exchange / vault, "
+                        f"not {' and '.join(kinds)}", kinds[1])
+    kind = kinds[0]
+    unknown = set(map(str, c)) - {kind, "header", "scheme"}
+    if unknown:
+        raise loc.error(c, f"connection {name}: credential: unknown key(s) {', '.join(sorted(unknown))}",
+                        sorted(unknown)[0])
+    header, scheme = _header_scheme(loc, name, c)
+
+    def resolve(src: str) -> str:
+        try:
+            return Credential(src, scheme=None).resolve(base)
+        except RulesError as e:
+            raise ValueError(e.message.removeprefix(f"credential {src}: ")) from None
+
+    if kind == "exchange":
+        kw, err = creds.parse_exchange(c["exchange"], resolve)
+        if err is None:
+            return creds.ExchangeCredential(header=header, scheme=scheme, **kw)
+    else:
+        kw, err = creds.parse_vault(c["vault"])
+        if err is None:
+            return creds.VaultCredential(header=header, scheme=scheme, **kw)
+    raise loc.error(c, f"connection {name}: credential: {err}", kind)
 
 
 def load_connections(rules_dir: str | os.PathLike) -> dict[str, Connection]:
@@ -359,14 +401,68 @@ class Router:
 
 
 class Injector:
-    """Last in the chain: send the checked request to its upstream with the service credential."""
+    """Last in the chain: send the checked request to its upstream with its credential
+    (the service secret, a token exchanged for the caller, or the caller's vault entry)."""
 
     name = "injector"
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def __init__(self) -> None:
+        self.exchanger = creds.TokenExchanger()
+        self.upstream = creds.UpstreamCredentials(self.exchanger, self._vault)
+        self.vault: Vault | VaultError = VaultError("vault not loaded")
+        self._vault_watcher: ChangeWatcher | None = None
+        self._task = None
+
+    def load(self, loader):
+        loader.add_option("bastion_vault", str, DEFAULT_VAULT,
+                          "Credential vault of per-user upstream secrets (connections with `credential: {vault: …}`).")
+        loader.add_option("bastion_vault_key", str, DEFAULT_KEY, "Vault key: file:PATH (0600) or env:NAME.")
+
+    def configure(self, updated):
+        if {"bastion_vault", "bastion_vault_key"} & updated:
+            ref = ctx.options.bastion_vault_key
+            if not re.match(r"^(file:.+|env:[A-Za-z_][A-Za-z0-9_]*)$", ref):
+                raise exceptions.OptionsError("bastion_vault_key must be file:PATH or env:NAME")
+            self._load_vault()
+            paths = [Path(ctx.options.bastion_vault)] + ([key_path(ref)] if key_path(ref) else [])
+            self._vault_watcher = ChangeWatcher(lambda: paths)
+
+    def _load_vault(self) -> None:
+        o = ctx.options
+        try:
+            key = load_key(o.bastion_vault_key) if Path(o.bastion_vault).exists() else None
+            self.vault = Vault.load(o.bastion_vault, key)
+            if self.vault.entries:
+                log.info("credential vault %s: %d entr%s", o.bastion_vault, len(self.vault.entries),
+                         "y" if len(self.vault.entries) == 1 else "ies")
+        except VaultError as e:
+            # fail closed: vault connections are refused until the vault opens again
+            log.error("credential vault unusable, vault connections are refused: %s", e)
+            self.vault = e
+
+    def _vault(self) -> Vault:
+        if isinstance(self.vault, VaultError):
+            raise self.vault
+        return self.vault
+
+    def running(self):
+        import asyncio
+        self._task = asyncio.get_running_loop().create_task(poll_forever(self._check_vault))
+
+    def _check_vault(self) -> None:
+        if self._vault_watcher is not None and self._vault_watcher.changed():
+            self._load_vault()
+
+    async def done(self):
+        if self._task:
+            self._task.cancel()
+        await self.exchanger.aclose()
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        rec = get_record(flow.metadata)
+        subject_token, rec.subject_token = rec.subject_token, None
         if flow.response is not None:
             return
-        rec = get_record(flow.metadata)
         router = ctx.master.addons.get("connections")
         conn = getattr(router, "wrapped", router).connections.get(rec.connection or "") if router else None
         if rec.connection is None:
@@ -385,15 +481,23 @@ class Injector:
             log.error("refusing to forward %s: %s", flow.request.path, problem)
             refuse_http(flow, 502, "gateway_error", "the gateway could not check this request")
             return
+        ident = rec.identity
+        try:
+            injected = await self.upstream.for_call(conn.name, conn.credential, conn.secret,
+                                                    ident.sub if ident else None, ident.issuer if ident else None,
+                                                    subject_token)
+        except creds.CredentialRefused as e:
+            refuse_credential(flow, rec, e)
+            return
         req = flow.request
-        inject = conn.credential is not None and conn.secret
         drop = STRIPPED_REQUEST_HEADERS | connection_listed(req.headers)
-        if inject:
-            drop |= {conn.credential.header.lower().encode()}
+        if injected:
+            drop |= {injected.header.lower().encode()}
         strip_headers(req.headers, drop)
-        if inject:
-            req.headers[conn.credential.header] = conn.secret
-            rec.notes["injected_header"] = conn.credential.header
+        if injected:
+            req.headers[injected.header] = injected.value
+            rec.notes["injected_header"] = injected.header
+            rec.credential_kind = injected.kind
         req.scheme, req.host, req.port = conn.scheme, conn.host, conn.port
         req.path = rec.upstream_path
         req.headers["host"] = conn.host if conn.port in (80, 443) else f"{conn.host}:{conn.port}"
@@ -403,6 +507,24 @@ class Injector:
 
     def error(self, flow: http.HTTPFlow) -> None:
         redact_injected(flow)
+
+
+def refuse_credential(flow: http.HTTPFlow, rec, e: creds.CredentialRefused) -> None:
+    """No upstream credential for this call: a JSON-RPC error naming where to authorise
+    (vault, consent), else an HTTP error (token endpoint down 503, exchange refused 403)."""
+    ident = rec.identity
+    log.warning("refused %s %s for sub=%s: %s", flow.request.method, flow.request.path.split("?")[0],
+                ident.sub if ident else "-", e.reason)
+    rec.credential_kind = e.kind
+    errors = None if rec.notes.get("legacy_messages") else creds.consent_errors(e, rec.messages, rec.protocol_version)
+    if errors:
+        refuse_jsonrpc(flow, errors, rec.batch, reason=e.reason, rule=e.rule)
+        return
+    body = {"error": e.error, "error_description": e.description}
+    if e.authorize_url:
+        body["authorize_url"] = e.authorize_url
+    flow.response = json_response(e.status, body, {"retry-after": str(e.retry_after)} if e.retry_after else None)
+    rec.refuse(e.reason, e.rule)
 
 
 # Never dropped because the client listed them in Connection: framing (without

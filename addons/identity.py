@@ -276,6 +276,8 @@ class Identity:
                         {"retry-after": "5"}, rule="identity:keys-unavailable")
             return
         rec.identity = ident
+        if getattr(getattr(conn, "credential", None), "kind", None) == "exchange":
+            rec.subject_token = token   # the RFC 8693 subject_token; the Injector clears it
         needed = tuple(getattr(conn, "roles", ()) or ()) if conn is not None else ()
         if needed and not set(needed) & set(ident.roles):
             log.warning("refused %s %s for sub=%s: connection %s needs one of roles %s",

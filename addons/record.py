@@ -74,6 +74,10 @@ class BastionRecord:
     # filtering) and masking. Raising = fail closed (message replaced by an error).
     response_transforms: list[Callable[[dict], dict]] = field(default_factory=list)
     mask_required: bool = False            # unparsable response must not pass raw
+    # The caller's verified bearer token, kept only for the Injector to exchange (RFC 8693
+    # subject_token) and cleared there; never recorded, never forwarded.
+    subject_token: str | None = field(default=None, repr=False)
+    credential_kind: str | None = None     # service | exchange | vault: what went upstream (audit)
     notes: dict[str, Any] = field(default_factory=dict)
 
     def refuse(self, reason: str, rule: str | None = None) -> None:

@@ -369,7 +369,7 @@ class Recorder:
         msg = flow.error.msg if flow.error else "error"
         events.append(st.events.http(now, http_method=st.http_method, path=st.path, request_bytes=st.request_bytes,
                                      response_bytes=st.response_bytes or None, latency_ms=_ms(st.events.t0, now),
-                                     req_headers=st.req_headers, note=msg[:500]))
+                                     req_headers=st.req_headers, note=msg[:500], credential=rec.credential_kind))
         self._submit(events, wait=False)
 
     # -- helpers ---------------------------------------------------------------------
@@ -479,7 +479,7 @@ class Recorder:
         status = resp.status_code if resp is not None else None
         if rec.refusal is not None:
             events.append(ev.refusal(rec.refusal, rec.refusal_rule, status, (resp.timestamp_start if resp else None) or now,
-                                     http_method=st.http_method, path=st.path))
+                                     http_method=st.http_method, path=st.path, credential=rec.credential_kind))
         if resp is not None and not st.streamed:
             via = "gateway" if rec.refusal is not None else "json"
             t_resp = resp.timestamp_end or now
@@ -493,7 +493,7 @@ class Recorder:
         events.append(ev.http(
             now, http_method=st.http_method, path=st.path, status=status, request_bytes=st.request_bytes,
             response_bytes=st.response_bytes, latency_ms=_ms(ev.t0, (resp.timestamp_end if resp else None) or now),
-            req_headers=st.req_headers, note=note,
+            req_headers=st.req_headers, note=note, credential=rec.credential_kind,
             resp_headers=redact_headers(resp.headers.fields, st.extra_redact) if resp is not None else None))
         return events
 

@@ -80,6 +80,7 @@ SCHEMA: dict[str, str] = {
     "req_headers": "JSON",          # redacted
     "resp_headers": "JSON",         # redacted
     "note": "VARCHAR",              # transport error text, truncation notes
+    "credential": "VARCHAR",        # upstream credential kind used or refused: service | exchange | vault (never its value)
 }
 
 JOURNAL_RE = re.compile(r"^journal-(\d{8})\.jsonl$")
@@ -618,7 +619,7 @@ CREATE OR REPLACE VIEW decisions AS
   FROM events WHERE kind = 'decision';
 CREATE OR REPLACE VIEW refusals AS
   SELECT time, instance, seq, session_id, connection, flow_id, rpc_id, method, target, tool, sub, roles, client_id,
-         rule, reason, status, http_method, path
+         rule, reason, status, http_method, path, credential
   FROM events WHERE kind = 'refusal';
 CREATE OR REPLACE VIEW approvals AS
   SELECT time, instance, seq, session_id, connection, flow_id, rpc_id, method, target, tool, sub, roles, client_id,
@@ -630,7 +631,7 @@ CREATE OR REPLACE VIEW masks AS
   FROM events WHERE kind = 'mask';
 CREATE OR REPLACE VIEW exchanges AS
   SELECT time, instance, seq, session_id, connection, flow_id, sub, http_method, path, status, latency_ms,
-         request_bytes, response_bytes, req_headers, resp_headers, note
+         request_bytes, response_bytes, req_headers, resp_headers, note, credential
   FROM events WHERE kind = 'http';
 CREATE OR REPLACE VIEW sessions AS
   SELECT session_id,

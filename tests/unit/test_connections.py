@@ -579,10 +579,10 @@ CLIENT_HEADERS = [
 ]
 
 
-def test_injector_strips_client_credentials_and_injects(chain):
+async def test_injector_strips_client_credentials_and_injects(chain):
     router, injector, _ = chain
     f, rec = checked_post(router, headers=CLIENT_HEADERS)
-    injector.request(f)
+    await injector.request(f)
     h = f.request.headers
     assert f.response is None
     assert h.get_all("authorization") == [f"Bearer {SECRET}"]
@@ -598,7 +598,7 @@ def test_injector_strips_client_credentials_and_injects(chain):
     assert rec.notes["injected_header"] == "Authorization"
 
 
-def test_connection_header_cannot_strip_framing_or_mcp_headers(chain):
+async def test_connection_header_cannot_strip_framing_or_mcp_headers(chain):
     # Connection-listed names are hop-by-hop, but dropping Content-Length would make the
     # upstream read the body as a second request that the gateway never checked
     router, injector, _ = chain
@@ -607,34 +607,34 @@ def test_connection_header_cannot_strip_framing_or_mcp_headers(chain):
         ("Mcp-Session-Id", "s1"), ("X-Bar", "hop"), ("Content-Type", "application/json")])
     n = len(f.request.content)
     f.request.headers["content-length"] = str(n)
-    injector.request(f)
+    await injector.request(f)
     h = f.request.headers
     assert f.response is None
     assert h["content-length"] == str(n) and h["mcp-session-id"] == "s1" and "content-type" in h
     assert "host" in h and "x-bar" not in h
 
 
-def test_injector_custom_header_credential(chain):
+async def test_injector_custom_header_credential(chain):
     router, injector, _ = chain
     rewrite_endpoint("leg", "/messages/?session_id=a", router.wrapped.connections)
     f, rec = checked_post(router, "/mcp/leg/messages/?session_id=a", headers=CLIENT_HEADERS)
-    injector.request(f)
+    await injector.request(f)
     h = f.request.headers
     assert h.get_all("x-service-token") == [SECRET]          # raw value, no scheme; client's copy gone
     assert "authorization" not in h
     assert f.request.path == "/messages/?session_id=a" and f.request.port == 9200
 
 
-def test_injector_redacts_credential_after_sending(chain):
+async def test_injector_redacts_credential_after_sending(chain):
     router, injector, _ = chain
     f, rec = checked_post(router, headers=CLIENT_HEADERS)
-    injector.request(f)
+    await injector.request(f)
     f.response = tutils.tresp()
     injector.responseheaders(f)
     assert f.request.headers["authorization"] == "[injected credential]"
     assert SECRET not in str(f.get_state())
     f2, _ = checked_post(router)
-    injector.request(f2)
+    await injector.request(f2)
     injector.error(f2)
     assert f2.request.headers["authorization"] == "[injected credential]"
     f3 = mkflow()                         # nothing injected: nothing touched
@@ -650,7 +650,7 @@ def test_injector_redacts_credential_after_sending(chain):
     (lambda rec: setattr(rec, "decisions", [Decision("approve", "r")]), "decision approve"),
     (lambda rec: setattr(rec, "identity", None), "caller not verified"),
 ])
-def test_injector_refuses_unchecked(chain, tamper, reason):
+async def test_injector_refuses_unchecked(chain, tamper, reason):
     router, injector, _ = chain
     f, rec = checked_post(router, headers=[("Authorization", "Bearer caller-jwt")])
     tamper(rec)
@@ -658,7 +658,7 @@ def test_injector_refuses_unchecked(chain, tamper, reason):
     if reason == "caller not verified":
         assert unchecked_reason(rec, "POST", identity_required=False) is None
         return  # the Injector requires identity only when the identity addon is loaded
-    injector.request(f)
+    await injector.request(f)
     assert f.response.status_code == 502 and error_body(f)["error"] == "gateway_error"
     assert f.request.host == "gw.example" and "caller-jwt" in f.request.headers["authorization"]
 
@@ -677,38 +677,38 @@ def test_unchecked_reason_rules():
     assert unchecked_reason(rec, "POST") is None
 
 
-def test_injector_refuses_unrouted_and_get_without_check(chain):
+async def test_injector_refuses_unrouted_and_get_without_check(chain):
     router, injector, _ = chain
     f = mkflow("/.well-known/x", method="GET")
     router.requestheaders(f)
-    injector.request(f)
+    await injector.request(f)
     assert f.response.status_code == 404
     f = mkflow(method="GET", content=b"")
     router.requestheaders(f)
     get_record(f.metadata).identity = Identity("a")
-    injector.request(f)
+    await injector.request(f)
     assert f.response.status_code == 502
     f = mkflow(method="GET", content=b"")
     router.requestheaders(f)
     get_record(f.metadata).notes["stream_checked"] = True
-    injector.request(f)
+    await injector.request(f)
     assert f.response is None and f.request.host == "127.0.0.1"
     # a connection removed by a reload after routing: not forwarded
     f, rec = checked_post(router)
     rec.connection = "gone"
-    injector.request(f)
+    await injector.request(f)
     assert f.response.status_code == 502
 
 
-def test_injector_leaves_refused_flows_alone(chain):
+async def test_injector_leaves_refused_flows_alone(chain):
     router, injector, _ = chain
     f = mkflow("/mcp/nope")
     router.requestheaders(f)
-    injector.request(f)
+    await injector.request(f)
     assert f.response.status_code == 404 and f.request.host == "gw.example"
 
 
-def test_injector_requires_identity_when_identity_addon_loaded(rules):
+async def test_injector_requires_identity_when_identity_addon_loaded(rules):
     class Identity_:
         name = "identity"
     router, injector = FailClosed(Router()), FailClosed(Injector())
@@ -716,14 +716,14 @@ def test_injector_requires_identity_when_identity_addon_loaded(rules):
         tctx.configure(router, bastion_rules=str(rules))
         f, rec = checked_post(router)
         rec.identity = None
-        injector.request(f)
+        await injector.request(f)
         assert f.response.status_code == 502
 
 
-def test_injector_works_with_an_unwrapped_router(rules):
+async def test_injector_works_with_an_unwrapped_router(rules):
     router, injector = Router(), Injector()
     with taddons.context(router, injector) as tctx:
         tctx.configure(router, bastion_rules=str(rules))
         f, _ = checked_post(router)
-        injector.request(f)
+        await injector.request(f)
         assert f.response is None and f.request.headers["authorization"] == f"Bearer {SECRET}"
