@@ -146,3 +146,13 @@ def protected_dirs(*paths: str | None) -> tuple[str, ...]:
             if form not in out:
                 out.append(form)
     return tuple(out)
+
+
+def credential_files(rules_dir: str, sources: list[str]) -> list[str]:
+    """Paths of `file:` credentials as connections.yaml names them (relative: rules dir or cwd)."""
+    out = []
+    for src in sources:
+        kind, _, ref = src.partition(":")
+        if kind == "file" and ref:
+            out += [ref] if os.path.isabs(ref) else [os.path.join(rules_dir, ref), os.path.abspath(ref)]
+    return out

@@ -147,3 +147,39 @@ def test_explain_shows_each_command_and_path(demo_server, rules_dir):
     assert "read /etc/hostname (operand): ok" in out
     assert "write /tmp/out (-o): /tmp/out: outside the write roots" in out
     assert "decision: DENY" in out and "rule dev-shell refused it" in out
+
+
+READ_EVERYTHING = """\
+rules:
+  - name: read-anything
+    when:
+      tool: run_command
+      shell: {commands: [cat, grep, ls, head], operators: [pipe], paths: {read: ["/**", "./**"]}}
+    allow: true
+  - name: files-anywhere
+    when:
+      tool: read_file
+      path: {arg: path, roots: ["/**"]}
+    allow: true
+"""
+
+
+async def test_gateway_files_stay_unreadable_whatever_the_roots(stack, tmp_path):
+    """Rules that allow reading `/**`: the gateway's keys, rules, recordings and the
+    connection's credential file are still refused (learnt from the running options)."""
+    demo, gw = stack("json", policy=READ_EVERYTHING)
+    key = next(p for p in (tmp_path / "keys").rglob("*") if p.is_file())
+    targets = [key, gw.rules / "policy.yaml", gw.rules, tmp_path / "keys", demo.token_file, ROOT / ".secrets",
+               ROOT / "rules" / "policy.yaml"]
+    async with connect(gw.mcp_url(), gw.token("eve", ["e2e-all"])) as c:
+        for t in targets:
+            for cmd in (f"cat {t}", f"grep -r . {t}", f"head -c 10 {t} | cat"):
+                why = await _refused(c, "run_command", {"command": cmd})
+                assert "never readable" in why, (cmd, why)
+        why = await _refused(c, "run_command", {"command": f"ls {tmp_path}"})     # would list into keys/
+        assert "never readable" in why
+        r = await c.call_tool("run_command", {"command": "cat /etc/hostname | head -c 200"})
+        assert not r.is_error and r.structured_content["exit_code"] == 0
+        why = await _refused(c, "read_file", {"path": str(key)})
+        assert "never readable" in why
+    assert "keys" not in "".join(r["body"] for r in demo.received() if "run_command" in r["body"])
