@@ -235,10 +235,11 @@ def add_cli(sub) -> None:
     p.set_defaults(func=_cli_pin)
 
 
-async def _list_tools(conn) -> list[dict]:
+async def _list_tools(conn, user_agent: str = "mcp-bastion pin") -> list[dict]:
     # imported here: inside mitmdump, addons/ is on sys.path and `mcp` names addons/mcp.py
     from addons.mcpclient import connect
     headers = {conn.credential.header: conn.secret} if conn.credential is not None and conn.secret else {}
+    headers["User-Agent"] = user_agent           # the upstream's logs can tell the gateway's own lists
     url = f"{conn.origin}{conn.path}"
     async with connect(url, legacy=conn.transport == "sse", headers=headers) as c:
         tools, cursor = [], None

@@ -22,6 +22,7 @@ from addons.record import get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever
 
 log = logging.getLogger("bastion.argschema")
+USER_AGENT = "mcp-bastion (argument schemas)"    # on the gateway's own tools/list
 
 
 class ArgSchema:
@@ -97,7 +98,10 @@ class ArgSchema:
                 return ("no inputSchema known for this tool: the gateway could not list the upstream's tools "
                         "(call tools/list first)")
         if not self.book.known(connection, tool):
-            return f"unknown tool (not in the tools/list of connection {connection})"
+            # not a tool the upstream lists: nothing to validate against; the upstream answers
+            # it as an unknown tool in its own way (and policy still decides first)
+            log.info("tools/call %r on %s: the upstream does not list it, arguments not validated", tool, connection)
+            return None
         return argschema.problem(self.book.get(connection, tool), arguments, self.book)
 
     async def _fetch(self, connection: str) -> bool:
@@ -122,7 +126,7 @@ class ArgSchema:
         conn = getattr(router, "wrapped", router).connections.get(connection) if router else None
         if conn is None:
             raise LookupError(connection)
-        return await asyncio.wait_for(_list_tools(conn), 20)
+        return await asyncio.wait_for(_list_tools(conn, USER_AGENT), 20)
 
 
 def _import_sdk_client() -> None:
