@@ -146,6 +146,8 @@ def analyse(model: Model, words: list[Word], allow: frozenset[str] = frozenset()
                 return False
             i += 1
             val, glob = words[i].text, words[i].glob
+            if glob:
+                return False                    # the shell would turn it into several words
         else:
             val, glob = inline, False
         if kind in ("pattern", "pattern_file"):
@@ -178,7 +180,7 @@ def analyse(model: Model, words: list[Word], allow: frozenset[str] = frozenset()
             if kind in ("exec", "files_from", "deny"):
                 return fail(_kind_problem(model, opt, kind))
             if not take_value(opt, kind, val if eq else None):
-                return fail(f"option {opt} " + ("takes no value" if eq else "needs a value"))
+                return fail(f"option {opt} " + ("takes no value" if eq else "needs a value (not a glob)"))
         elif model.numeric_option and t[1:].isdigit():
             pass
         else:
@@ -193,7 +195,7 @@ def analyse(model: Model, words: list[Word], allow: frozenset[str] = frozenset()
                     recursive = recursive or kind == "recursive"
                     continue
                 if not take_value(opt, kind, t[j + 1:] or None):
-                    return fail(f"option {opt} needs a value")
+                    return fail(f"option {opt} needs a value (not a glob)")
                 break
         i += 1
     if model.wraps is not None:
@@ -231,6 +233,9 @@ def _operands(model: Model, out: Analysis, operands: list[Word], pattern_given: 
         if not operands:
             out.problem = f"{model.name} needs a pattern"
             return out
+        if operands[0].glob:
+            out.problem = f"{model.name}: a glob as the pattern expands to file names that are then read"
+            return out
         operands = operands[1:]
     kinds = model.operands
     if kinds == "none" and operands:
@@ -238,6 +243,9 @@ def _operands(model: Model, out: Analysis, operands: list[Word], pattern_given: 
         return out
     if isinstance(kinds, tuple) and len(operands) > len(kinds):
         out.problem = f"{model.name} takes at most {len(kinds)} operand(s)"
+        return out
+    if isinstance(kinds, tuple) and any(w.glob for w in operands):
+        out.problem = f"{model.name}: a glob could expand to several operands (the next one is written)"
         return out
     paths = 0
     for n, w in enumerate(operands):

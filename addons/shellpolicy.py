@@ -15,7 +15,7 @@ OPERATORS = frozenset({"pipe", "and", "or", "sequence", "redirect", "background"
 LIST_OPERATORS = ("pipe", "and", "or", "sequence")        # what `operators: true` means
 SYSTEM_BIN = frozenset({"/bin", "/usr/bin", "/usr/local/bin", "/sbin", "/usr/sbin"})
 # environment assignments before a command that cannot load code (LD_PRELOAD, PATH, ... can)
-SAFE_ASSIGN = re.compile(r"(LC_[A-Z]+|LANG|LANGUAGE)=[A-Za-z0-9_.@-]*")
+SAFE_ASSIGN = re.compile(r"(LC_[A-Z]+|LANG|LANGUAGE)=(?:[A-Za-z][A-Za-z0-9_.@-]*)?")
 MAX_DEPTH = 4
 _READ_REDIRECT = frozenset({"<", "<>"})
 _WRITE_REDIRECT = frozenset({">", ">>", ">|", "&>", "&>>", "<>"})
@@ -92,8 +92,8 @@ def check(command: str, spec: ShellSpec, models: dict[str, Model], protected: tu
         return ShellVerdict(str(e))
     verdict = ShellVerdict()
     used = set(parsed.connectors)
-    if any(r for c in parsed.commands for r in c.redirects):
-        used.add("redirect")
+    if any(not _descriptor(r.op, r.target) for c in parsed.commands for r in c.redirects):
+        used.add("redirect")                              # 2>&1 alone touches no file
     missing = sorted(used - spec.operators)
     if missing:
         verdict.problem = f"operator(s) not allowed by the rule: {', '.join(missing)}"
@@ -151,8 +151,12 @@ def _any_glob(name: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
+def _descriptor(op: str, target: Word) -> bool:
+    return op in (">&", "<&") and (target.text.isdigit() or target.text == "-")
+
+
 def _redirect(op: str, target: Word, spec: ShellSpec, protected: tuple[str, ...]) -> list[PathVerdict]:
-    if op in (">&", "<&") and (target.text.isdigit() or target.text == "-"):
+    if _descriptor(op, target):
         return []                                         # 2>&1: a descriptor, not a file
     if op == "<<<":
         return []                                         # here-string: text

@@ -215,3 +215,24 @@ def test_operators_true_means_lists_not_redirects(tmp_path):
     assert ok("t", "ls | wc -l") and ok("t", "ls; ls") and not ok("t", "ls > x")
     assert ok("r", "ls > /tmp/o/list") and not ok("r", "ls > /tmp/x") and not ok("r", "ls | wc")
     assert Path(SHIPPED).name == "programs.yaml"
+
+
+def test_wrapped_commands_are_checked_like_any_other(tmp_path):
+    from addons.mcp import Message
+    from addons.policy_rules import evaluate
+    from addons.record import Identity
+    (tmp_path / "policy.yaml").write_text(
+        "rules:\n  - name: w\n    when: {tool: t, shell: {commands: [timeout, nice, ls, sort]}}\n    allow: true\n"
+        "  - name: x\n    when: {tool: x, shell: {commands: [awk], exec: [awk]}}\n    allow: true\n")
+    p = load_policy(tmp_path)
+
+    def verdict(tool, cmd):
+        raw = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": {"command": cmd}}}
+        return evaluate(p, Identity("x"), "c", Message(kind="request", raw=raw, id=1, method="tools/call"))
+    assert verdict("t", "timeout 5 ls -la").action == "allow"
+    assert verdict("t", "timeout -s KILL 5 nice -n 5 sort hello.txt").action == "allow"
+    assert "program sh is not in the rule's allow-list" in verdict("t", "timeout 5 sh").reason
+    assert "outside the write roots" in verdict("t", "timeout 5 sort -o x y").reason
+    assert "timeout without a command is refused" in verdict("t", "timeout 5").reason
+    # exec: the rule accepts that awk runs anything (its model is not consulted)
+    assert verdict("x", "awk 'BEGIN{print 1}'").action == "allow"

@@ -76,6 +76,11 @@ REFUSED = [
     ("pwd x", "pwd takes no operands"),
     ("uname -a extra", "uname takes no operands"),
     ("grep", "grep needs a pattern"),
+    ("grep * hello.txt", "a glob as the pattern expands to file names"),
+    ("grep -e * hello.txt", "option -e needs a value (not a glob)"),
+    ("sort -o ./* hello.txt", "option -o needs a value (not a glob)"),
+    ("uniq ./h*", "a glob could expand to several operands"),
+    ("grep -r --include=*.py x .", "a glob in an option position cannot be proven"),
     # --- writes: an allowed program writes a file ---
     ("sort -o /tmp/x hello.txt", "/tmp/x: outside the write roots"),
     ("sort -o/tmp/x hello.txt", "/tmp/x: outside the write roots"),
@@ -90,6 +95,9 @@ REFUSED = [
     ("echo x > out.txt", "operator(s) not allowed by the rule: redirect"),
     ("echo x >> ~/.bashrc", "operator(s) not allowed by the rule: redirect"),
     ("ls 2> err.txt", "operator(s) not allowed by the rule: redirect"),
+    ("ls >&out.txt", "operator(s) not allowed by the rule: redirect"),
+    ("ls &>1", "operator(s) not allowed by the rule: redirect"),
+    ("LC_ALL=../x ls", "environment assignment LC_ALL= is refused"),
     ("ls | tee out.txt", "program tee is not in the rule's allow-list"),
     # --- reads: the gateway's own files and anything outside the read roots ---
     (f"cat {SECRETS}", "outside the read roots"),
@@ -137,7 +145,7 @@ ALLOWED = [
     "sort -u hello.txt | uniq -c", "uniq -c hello.txt", "uniq hello.txt", "cat /etc/os-release",
     "cat hello.txt | sort | uniq -c | sort -nr | head -3", "ls && pwd", "grep -q x hello.txt || echo none",
     "LC_ALL=C sort hello.txt", "cat hello.txt -", "/bin/ls -la", "/usr/bin/wc -l hello.txt",
-    "ls &&\n pwd",
+    "ls &&\n pwd", "ls nothing 2>&1 | wc -l", "grep -r --include='*.py' x .", "cat ./*.txt | wc -l",
 ]
 
 
