@@ -19,7 +19,7 @@ from mitmproxy import ctx, exceptions, http
 from addons import argschema, toolintegrity as ti
 from addons.httputil import refuse_message
 from addons.record import get_record
-from addons.rules import ChangeWatcher, RulesError, poll_forever
+from addons.rules import RulesError
 
 log = logging.getLogger("bastion.argschema")
 USER_AGENT = "mcp-bastion (argument schemas)"    # on the gateway's own tools/list
@@ -31,8 +31,7 @@ class ArgSchema:
     def __init__(self) -> None:
         self.book = argschema.SchemaBook()
         self._pins: dict[str, dict | None] = {}
-        self._watcher: ChangeWatcher | None = None
-        self._task: asyncio.Task | None = None
+        self._poll = ti.PinPoll(self._pins.clear)        # a pin file moved: re-read on next use
         self._fetching: dict[str, asyncio.Future] = {}
 
     def load(self, loader) -> None:
@@ -43,19 +42,13 @@ class ArgSchema:
     def configure(self, updated) -> None:
         if "bastion_rules" in updated:
             self._pins.clear()
-            pins = ti.pins_dir(ctx.options.bastion_rules)
-            self._watcher = ChangeWatcher(lambda: sorted(pins.glob("*.yaml")))
+            self._poll.watch(ctx.options.bastion_rules)
 
     def running(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_pins))
+        self._poll.start()
 
     def done(self) -> None:
-        if self._task:
-            self._task.cancel()
-
-    def check_pins(self) -> None:
-        if self._watcher is not None and self._watcher.changed():
-            self._pins.clear()
+        self._poll.stop()
 
     def _pinned(self, connection: str) -> dict | None:
         if connection not in self._pins:
