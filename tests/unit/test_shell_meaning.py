@@ -30,6 +30,10 @@ REFUSED = [
     ("sort --comp sh hello.txt", "option --compress-program of sort runs a program"),
     ("sort hello.txt --compress-program=sh", "option --compress-program of sort runs a program"),  # after operand
     ("sort -S 1 --compress-program=/bin/sh -T . hello.txt", "runs a program"),
+    ("sort '--compress-program=sh' hello.txt", "option --compress-program of sort runs a program"),   # quoted
+    ("sort --comp\\ress-program=sh hello.txt", "option --compress-program of sort runs a program"),  # escaped
+    ("sort \"--com\"press-prog=sh hello.txt", "option --compress-program of sort runs a program"),
+    ("sort -'o' /tmp/x hello.txt", "/tmp/x: outside the write roots"),
     ("ls | sh", "program sh is not in the rule's allow-list"),
     ("ls | bash -i", "program bash is not in the rule's allow-list"),
     ("cat hello.txt | python3 -c 'import os'", "program python3 is not in the rule's allow-list"),
