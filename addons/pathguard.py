@@ -95,7 +95,8 @@ def check(path: str, access: str, roots: Roots, protected: tuple[str, ...] = (),
     """Why `path` may not be read / written under `roots`, or None when it may."""
     try:
         if glob:
-            if ".." in path.split("/"):
+            # `..` written out, or a component like `.*` / `.?` that the shell matches to `..`
+            if any(c == ".." or (c[:1] == "." and fnmatch.fnmatchcase("..", c)) for c in path.split("/")):
                 return f"{path}: a glob with .. cannot be proven"
             norm = normalise(literal_prefix(path), roots.cwd)
         else:

@@ -113,6 +113,8 @@ def _command(simple: Simple, spec: ShellSpec, models: dict[str, Model], protecte
     v = CommandVerdict(text, "?")
     for r in simple.redirects:
         v.paths += _redirect(r.op, r.target, spec, protected)
+    v.paths += [p for r in simple.redirects if r.target.brace
+                for p in [PathVerdict(Access(r.target.text, "write", r.op), "brace expansion in a redirection")]]
     if not words:
         v.problem = "no program to run"
         return v
@@ -132,6 +134,10 @@ def _command(simple: Simple, spec: ShellSpec, models: dict[str, Model], protecte
     model = models.get(name)
     if model is None:
         v.problem = f"no program model for {name} (rules/programs.yaml)"
+        return v
+    brace = next((w.text for w in words if w.brace), None)
+    if brace is not None:
+        v.problem = f"{brace}: brace expansion turns one word into several (write them out)"
         return v
     a = analyse(model, words[1:], spec.options.get(name, frozenset()) | spec.options.get("*", frozenset()))
     if a.problem:

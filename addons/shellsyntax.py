@@ -34,6 +34,7 @@ class Word:
     text: str                    # after quote removal
     glob: bool = False           # an unquoted * ? [ or {a,b} the shell expands
     tilde: bool = False          # unquoted ~ at the start
+    brace: bool = False          # an unquoted {a,b} / {1..9}: one word becomes several
     fd: bool = False             # digits directly before a redirection (2>)
 
 
@@ -60,13 +61,13 @@ def _lex(command: str) -> list[Word | str]:
     out: list[Word | str] = []
     i, n = 0, len(command)
     word: list[str] | None = None
-    glob = tilde = False
+    glob = tilde = brace = False
 
     def end_word() -> None:
-        nonlocal word, glob, tilde
+        nonlocal word, glob, tilde, brace
         if word is not None:
-            out.append(Word("".join(word), glob, tilde))
-        word, glob, tilde = None, False, False
+            out.append(Word("".join(word), glob or brace, tilde, brace=brace))
+        word, glob, tilde, brace = None, False, False, False
 
     while i < n:
         c = command[i]
@@ -120,8 +121,10 @@ def _lex(command: str) -> list[Word | str]:
             raise SyntaxRefused("command substitution ` ` is not accepted")
         if c == "$" and i + 1 < n and _EXPANSION.match(command[i + 1]):
             raise SyntaxRefused("variables and substitutions ($...) are not accepted: their value is not known")
-        if c in "*?[" or (c == "{" and ("," in command[i:i + 256] or ".." in command[i:i + 256])):
+        if c in "*?[":
             glob = True
+        elif c == "{" and ("," in command[i:i + 4096] or ".." in command[i:i + 4096]):
+            brace = True
         word.append(c)
         i += 1
     end_word()

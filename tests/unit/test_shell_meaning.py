@@ -127,6 +127,12 @@ REFUSED = [
     ("cat ${HOME}/x", "variables and substitutions"),
     ("cat /etc/*", "outside the read roots"),
     ("cat ./*/../../x", "a glob with .. cannot be proven"),
+    ("cat .*/x", "a glob with .. cannot be proven"),                 # .* matches ..
+    ("cat ./.?/.?/x", "a glob with .. cannot be proven"),
+    ("cat {/etc/passwd,hello.txt}", "brace expansion turns one word into several"),
+    ("cat x{/../..,}/y", "brace expansion"),
+    ("{cat,/etc/passwd}", "cannot be proven"),
+    ("ls {-R,/}", "brace expansion"),
     ("ls /", "/: outside the read roots"),
     ("df -h ../..", "climbs out of the working directory"),
     ("du -sh /var/log", "/var/log: outside the read roots"),
@@ -149,7 +155,7 @@ ALLOWED = [
     "sort -u hello.txt | uniq -c", "uniq -c hello.txt", "uniq hello.txt", "cat /etc/os-release",
     "cat hello.txt | sort | uniq -c | sort -nr | head -3", "ls && pwd", "grep -q x hello.txt || echo none",
     "LC_ALL=C sort hello.txt", "cat hello.txt -", "/bin/ls -la", "/usr/bin/wc -l hello.txt",
-    "ls &&\n pwd", "ls nothing 2>&1 | wc -l", "grep -r --include='*.py' x .", "cat ./*.txt | wc -l",
+    "ls &&\n pwd", "ls nothing 2>&1 | wc -l", "cat ./.hidden*", "echo '{a,b}'", "ls ./src/*.py", "grep -r --include='*.py' x .", "cat ./*.txt | wc -l",
 ]
 
 
