@@ -62,6 +62,7 @@ def _lex(command: str) -> list[Word | str]:
     i, n = 0, len(command)
     word: list[str] | None = None
     glob = tilde = brace = False
+    last_close = command.rfind("}")
 
     def end_word() -> None:
         nonlocal word, glob, tilde, brace
@@ -123,8 +124,8 @@ def _lex(command: str) -> list[Word | str]:
             raise SyntaxRefused("variables and substitutions ($...) are not accepted: their value is not known")
         if c in "*?[":
             glob = True
-        elif c == "{" and ("," in command[i:i + 4096] or ".." in command[i:i + 4096]):
-            brace = True
+        elif c == "{" and last_close > i:
+            brace = True                         # conservatively: any unquoted { with a } after it
         word.append(c)
         i += 1
     end_word()
