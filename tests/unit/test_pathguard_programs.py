@@ -236,3 +236,15 @@ def test_wrapped_commands_are_checked_like_any_other(tmp_path):
     assert "timeout without a command is refused" in verdict("t", "timeout 5").reason
     # exec: the rule accepts that awk runs anything (its model is not consulted)
     assert verdict("x", "awk 'BEGIN{print 1}'").action == "allow"
+
+
+@pytest.mark.parametrize("evil", ["{" * 65000 + "}", "a" * 65000, "| " * 30000, "\\a" * 32000, "x " * 4000,
+                                  "'" + "a" * 64000 + "'", "$" * 65000])
+def test_lexer_is_bounded_on_pathological_input(evil):
+    import time
+    t = time.perf_counter()
+    try:
+        parse(evil)
+    except SyntaxRefused:
+        pass
+    assert time.perf_counter() - t < 2
