@@ -17,7 +17,8 @@ import sys
 from mitmproxy import ctx, exceptions, http
 
 from addons import argschema, toolintegrity as ti
-from addons.httputil import refuse_message
+from addons.httputil import refuse_jsonrpc
+from addons.mcp import jsonrpc_error
 from addons.record import get_record
 from addons.rules import RulesError
 
@@ -63,16 +64,26 @@ class ArgSchema:
         if flow.response is not None or rec.connection is None or not ctx.options.bastion_validate_args:
             return
         conn = rec.connection
-        for m in rec.messages:
+        problems: dict[int, str] = {}
+        for i, m in enumerate(rec.messages):
             if m.method == "tools/list":
                 rec.response_transforms.append(lambda msg, c=conn: self._learn(c, msg))
             elif m.method == "tools/call":
                 why = await self._problem(conn, m.tool_name or "", m.arguments)
                 if why:
                     log.warning("refused tools/call %r on %s: %s", m.tool_name, conn, why)
-                    refuse_message(flow, m.id, argschema.INVALID_PARAMS,
-                                   f"invalid arguments for tool {m.tool_name}: {why}", rule="argschema")
-                    return
+                    problems[i] = f"invalid arguments for tool {m.tool_name}: {why}"
+        if problems:
+            # a batch is refused whole, each call with its own reason (as policy does)
+            errors = [jsonrpc_error(m.id, argschema.INVALID_PARAMS,
+                                    problems.get(i, "batch refused: another call in it has invalid arguments"))
+                      for i, m in enumerate(rec.messages) if m.kind == "request"]
+            first = next(iter(problems.values()))
+            if not errors:                        # only notifications: nothing to answer
+                flow.response = http.Response.make(202, b"")
+                rec.refuse(first, "argschema")
+                return
+            refuse_jsonrpc(flow, errors, rec.batch, 200, reason=first, rule="argschema")
 
     def _learn(self, connection: str, msg: dict) -> dict:
         result = msg.get("result")

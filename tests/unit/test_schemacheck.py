@@ -71,3 +71,17 @@ async def test_no_schema_and_no_upstream_list_refuses(tmp_path):
 async def test_validation_can_be_switched_off(tmp_path):
     _conns(tmp_path)
     assert await _call(ArgSchema(), {"image": 5}, tmp_path, bastion_validate_args=False) is None
+
+
+async def test_a_batch_is_refused_whole_each_call_with_its_reason(tmp_path):
+    _conns(tmp_path)
+    ti.write_pins(tmp_path, "demo", [TOOL])
+    addon = ArgSchema()
+    with taddons.context(Router(), addon) as tctx:
+        tctx.options.bastion_rules = str(tmp_path)
+        f, _ = flow([tool_call("launch_container", {"image": "a"}, 1),
+                     tool_call("launch_container", {"image": "a", "privileged": "yes"}, 2)])
+        await addon.request(f)
+    errors = {e["id"]: e["error"] for e in json.loads(f.response.content)}
+    assert errors[2]["code"] == -32602 and "$.privileged" in errors[2]["message"]
+    assert "another call in it" in errors[1]["message"]
