@@ -24,7 +24,7 @@ class SchemaBook:
     def __init__(self, max_tools: int = MAX_TOOLS) -> None:
         self._schemas: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._listed: set[str] = set()            # connections whose tools/list was seen
-        self._validators: dict[int, Any] = {}
+        self._validators: dict[int, tuple[dict, Any]] = {}   # id -> (schema, compiled validator)
         self.max = max_tools
 
     def learn(self, connection: str, tools: Any) -> None:
@@ -50,11 +50,13 @@ class SchemaBook:
         return self._schemas.get((connection, tool))
 
     def validator(self, schema: dict) -> Any:
-        v = self._validators.get(id(schema))
-        if v is None:
-            cls = validators.validator_for(schema, default=validators.Draft202012Validator)
-            cls.check_schema(schema)
-            v = self._validators[id(schema)] = cls(schema)
+        cached = self._validators.get(id(schema))
+        if cached is not None and cached[0] is schema:     # an id can be reused once freed
+            return cached[1]
+        v = _validator(schema)
+        if len(self._validators) >= self.max:
+            self._validators.clear()
+        self._validators[id(schema)] = (schema, v)
         return v
 
 
