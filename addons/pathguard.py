@@ -116,6 +116,10 @@ def check(path: str, access: str, roots: Roots, protected: tuple[str, ...] = (),
         # inside a protected directory, or a directory a recursive read would descend into it
         if norm.startswith("/") and (_under(norm, p) or _under(p, norm)):
             return f"{path}: the gateway's own files (secrets, rules, recordings) are never {access}able"
+    if not norm.startswith("/") and norm.split("/")[0] in {posixpath.basename(p) for p in protected}:
+        # the upstream's working directory is unknown: it may be the gateway's checkout
+        return (f"{path}: names a directory like the gateway's own ({norm.split('/')[0]}) relative to an "
+                "undeclared working directory; declare cwd: in the rule")
     return _resolved(norm, access, roots, protected, allowed)
 
 

@@ -119,6 +119,8 @@ REFUSED = [
     ("cat /etc/passwd", "/etc/passwd: outside the read roots"),
     ("cat /etc/shadow", "outside the read roots"),
     ("cat ../../service-token", "climbs out of the working directory"),
+    ("cat .secrets/demo-service-token", "names a directory like the gateway's own (.secrets)"),
+    ("grep -r key ./rules", "names a directory like the gateway's own (rules)"),
     ("cat ./a/../../x", "climbs out of the working directory"),
     ("grep -r x ..", "climbs out of the working directory"),
     ("cat ~/.ssh/id_rsa", "~ (a home directory) cannot be proven"),
