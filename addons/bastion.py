@@ -26,6 +26,7 @@ CHAIN = (
     ("addons.connections", "Router"),
     ("addons.identity", "Identity"),
     ("addons.mcpflow", "McpParser"),
+    ("addons.schemacheck", "ArgSchema"),
     ("addons.policy", "Policy"),
     ("addons.integrity", "Integrity"),
     ("addons.approval", "Approval"),

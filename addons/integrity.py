@@ -19,7 +19,7 @@ from mitmproxy import ctx, http
 from addons import toolintegrity as ti
 from addons.httputil import refuse_message
 from addons.record import BastionRecord, get_record
-from addons.rules import ChangeWatcher, RulesError, poll_forever
+from addons.rules import RulesError
 
 log = logging.getLogger("bastion.integrity")
 
@@ -35,8 +35,7 @@ class Integrity:
         self.drifted: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._pins: dict[str, tuple[int, dict | None, ti.SkeletonIndex]] = {}
         self._stale: set[str] = set()          # connections whose pin file may have changed
-        self._watcher: ChangeWatcher | None = None
-        self._task: asyncio.Task | None = None
+        self._poll = ti.PinPoll(self._pins_changed)
 
     # -- configuration -------------------------------------------------------------------
 
@@ -44,20 +43,19 @@ class Integrity:
         if "bastion_rules" in updated:
             self._pins.clear()                   # another rules directory: other pin files
             self._stale.clear()
-            pins = ti.pins_dir(ctx.options.bastion_rules)
-            self._watcher = ChangeWatcher(lambda: sorted(pins.glob("*.yaml")))
+            self._poll.watch(ctx.options.bastion_rules)
 
     def running(self) -> None:
-        # the shared hot-reload poll, as for the rules: no stat() on the request path
-        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_pins))
+        self._poll.start()
 
     def done(self) -> None:
-        if self._task:
-            self._task.cancel()
+        self._poll.stop()
 
     def check_pins(self) -> None:
-        if self._watcher is not None and self._watcher.changed():
-            self._stale.update(self._pins)       # each re-reads its file on its next request
+        self._poll.check()
+
+    def _pins_changed(self) -> None:
+        self._stale.update(self._pins)           # each re-reads its file on its next request
 
     def _conn(self, name: str):
         router = ctx.master.addons.get("connections")
@@ -235,10 +233,11 @@ def add_cli(sub) -> None:
     p.set_defaults(func=_cli_pin)
 
 
-async def _list_tools(conn) -> list[dict]:
+async def _list_tools(conn, user_agent: str = "mcp-bastion pin") -> list[dict]:
     # imported here: inside mitmdump, addons/ is on sys.path and `mcp` names addons/mcp.py
     from addons.mcpclient import connect
     headers = {conn.credential.header: conn.secret} if conn.credential is not None and conn.secret else {}
+    headers["User-Agent"] = user_agent           # the upstream's logs can tell the gateway's own lists
     url = f"{conn.origin}{conn.path}"
     async with connect(url, legacy=conn.transport == "sse", headers=headers) as c:
         tools, cursor = [], None

@@ -17,6 +17,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
+from addons import pathguard
 from addons.httputil import refuse_jsonrpc
 from addons.mcp import (LIST_METHODS, SERVER_REQUEST_METHODS, Message, decode_header_value, jsonrpc_error,
                          parse_message)
@@ -96,6 +97,7 @@ class Policy:
                 self.policy = load_policy(rules)
             except RulesError as e:
                 raise exceptions.OptionsError(f"policy: {e}") from None
+            self.policy.protected = gateway_paths(str(rules))
             self._watcher = ChangeWatcher(lambda: policy_files(rules))
             log.info("policy loaded: %d rule(s), %d blocklist pattern(s)", len(self.policy.rules),
                      len(self.policy.blocklist))
@@ -117,6 +119,7 @@ class Policy:
         except RulesError as e:
             log.error("policy reload rejected, keeping the last good rules: %s", e)
             return False
+        new.protected = gateway_paths(str(ctx.options.bastion_rules))
         self.policy = new
         log.info("policy reloaded: %d rule(s)", len(new.rules))
         return True
@@ -220,6 +223,21 @@ def apply_rewrites(flow: http.HTTPFlow, rec) -> None:
     raws = [m.raw for m in rec.messages]
     flow.request.content = json.dumps(raws if rec.batch else raws[0], ensure_ascii=False,
                                       separators=(",", ":")).encode()
+
+
+# options naming the gateway's own files: never readable through a shell / path rule
+GATEWAY_PATH_OPTIONS = ("bastion_rules", "bastion_recordings", "bastion_key_dir", "bastion_mask_key_file")
+
+
+def gateway_paths(rules_dir: str) -> tuple[str, ...]:
+    """The running gateway's own directories and credential files (addons/pathguard.py)."""
+    paths = [getattr(ctx.options, o, "") if o in ctx.options else "" for o in GATEWAY_PATH_OPTIONS]
+    try:
+        from addons.connections import load_connections
+        sources = [c.credential.source for c in load_connections(rules_dir).values() if c.credential is not None]
+    except RulesError:
+        sources = []                      # the Router refuses to start on a bad connections file
+    return pathguard.protected_dirs(*paths, *pathguard.credential_files(rules_dir, sources))
 
 
 def _what(messages: list[Message], d: Decision) -> str:

@@ -24,10 +24,11 @@ from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse
 from sqlglot import exp
 
-from addons import sqlclass
+from addons import pathguard, shellpolicy, sqlclass
 from addons.mcp import LIST_METHODS, Message
 from addons.record import Decision, Identity
 from addons.rules import Located, load_yaml, rules_files
+from addons.programs import SHIPPED as SHIPPED_PROGRAMS, Model, load_models
 from addons.shellguard import Pattern, ScanCache, scan, shell_info
 from addons.sqlmask import STYLES, ColumnPolicy, rewrite as sql_rewrite
 
@@ -44,7 +45,7 @@ SQL_CLASSES = set(sqlclass.ALL_CLASSES)
 _RULE_KEYS = {"name", "when", "allow", "deny", "approve", "mask_profile", "rate_limit", "description", "direction",
               "blast_radius"}
 _WHEN_KEYS = {"sub", "roles", "client_id", "connection", "environment", "method", "tool", "resource", "prompt", "args",
-              "sql", "shell"}
+              "sql", "shell", "path"}
 _ARG_OPS = {"equals", "regex", "one_of", "min", "max", "present", "absent"}
 
 
@@ -137,25 +138,58 @@ class SqlPredicate:
 
 @dataclass(frozen=True)
 class ShellPredicate:
-    """Checks on a command line as a POSIX shell would split it (addons/shellguard.py)."""
+    """An allow-list (`commands`) checked on meaning by addons/shellpolicy.py: operators,
+    program models, paths. `any_command` (deny lists) matches the programs a POSIX shell
+    would start (addons/shellguard.py)."""
     arg: str
-    commands: tuple[str, ...] | None     # every program started must match one of these globs
+    spec: shellpolicy.ShellSpec | None   # the allow-list; None: only any_command
     any_command: tuple[str, ...]         # at least one program started matches one of these
-    operators: bool | None               # may it chain/redirect/substitute? None = not checked
+    models: dict[str, Model] = field(default_factory=dict, compare=False, repr=False)
 
-    def test(self, arguments: dict) -> bool:
+    def verdict(self, arguments: dict, protected: tuple[str, ...] = ()) -> shellpolicy.ShellVerdict | None:
+        """The allow-list's verdict on the command, None when there is no allow-list."""
+        if self.spec is None:
+            return None
+        cmd = arguments.get(self.arg)
+        if not isinstance(cmd, str):
+            return shellpolicy.ShellVerdict(f"argument {self.arg!r} is not a string")
+        return shellpolicy.check(cmd, self.spec, self.models, protected)
+
+    def test(self, arguments: dict, protected: tuple[str, ...] = ()) -> bool:
         cmd = arguments.get(self.arg)
         if not isinstance(cmd, str):
             return False
-        info = shell_info(cmd)
-        if not info.parsed:
-            # a shell would refuse it too; an allow-list never matches it, a deny list does
-            return self.commands is None and bool(self.any_command)
-        if self.commands is not None and not (info.programs and all(_any_glob(p, self.commands) for p in info.programs)):
-            return False
-        if self.any_command and not any(_any_glob(p, self.any_command) for p in info.programs):
-            return False
-        return self.operators is None or self.operators or not info.operators
+        if self.any_command:
+            info = shell_info(cmd)
+            # unparsable: a shell would refuse it too; a deny list matches it
+            if info.parsed and not any(_any_glob(p, self.any_command) for p in info.programs):
+                return False
+        v = self.verdict(arguments, protected)
+        return v is None or v.ok
+
+
+@dataclass(frozen=True)
+class PathPredicate:
+    """`path:` a tool argument naming a file must stay inside its roots (addons/pathguard.py)."""
+    path: str
+    expr: Any
+    access: str
+    roots: pathguard.Roots
+
+    def problem(self, arguments: dict, protected: tuple[str, ...] = ()) -> str | None:
+        found = [m.value for m in self.expr.find(arguments)]
+        if not found:
+            return f"{self.path}: no path given"
+        for v in found:
+            if not isinstance(v, str):
+                return f"{self.path}: not a string"
+            why = pathguard.check(v, self.access, self.roots, protected)
+            if why:
+                return why
+        return None
+
+    def test(self, arguments: dict, protected: tuple[str, ...] = ()) -> bool:
+        return self.problem(arguments, protected) is None
 
 
 @dataclass(frozen=True)
@@ -199,6 +233,7 @@ class Rule:
     args: tuple[ArgPredicate, ...] = ()
     sql: SqlPredicate | None = None
     shell: ShellPredicate | None = None
+    path: PathPredicate | None = None
     approvers: tuple[str, ...] = ()
     timeout: float = DEFAULT_APPROVAL_TIMEOUT
     mask_profile: str | None = None
@@ -230,15 +265,25 @@ class Rule:
     def matches_target(self, method: str | None, target: str | None) -> bool:
         return self.matches_method(method) and self.matches_name(target)
 
-    def matches(self, identity: Identity | None, connection: str, msg: Message, environment: str = "") -> bool:
+    def matches(self, identity: Identity | None, connection: str, msg: Message, environment: str = "",
+                protected: tuple[str, ...] = ()) -> bool:
         if not self.matches_subject(identity, connection, environment) or not self.matches_target(msg.method, msg.target):
             return False
         arguments = msg.arguments
         if not all(p.test(arguments) for p in self.args):
             return False
-        if self.shell is not None and not self.shell.test(arguments):
+        if self.shell is not None and not self.shell.test(arguments, protected):
+            return False
+        if self.path is not None and not self.path.test(arguments, protected):
             return False
         return self.sql is None or self.sql.test(arguments)
+
+    def meaning_problem(self, msg: Message, protected: tuple[str, ...]) -> str | None:
+        """Why the shell / path predicate refuses this call (for the caller's error message)."""
+        v = self.shell.verdict(msg.arguments, protected) if self.shell is not None else None
+        if v is not None and not v.ok:
+            return v.reason
+        return self.path.problem(msg.arguments, protected) if self.path is not None else None
 
 
 @dataclass
@@ -248,6 +293,9 @@ class Policy:
     blocklist: tuple[Pattern, ...] = ()
     sql_dialect: str = "duckdb"
     files: tuple[str, ...] = ()
+    models: dict[str, Model] = field(default_factory=dict)
+    # the gateway's own directories: never readable or writable through a shell/path rule
+    protected: tuple[str, ...] = pathguard.protected_dirs()
     # per policy object (not an init field): replace() with another blocklist gets a new one
     scan_cache: ScanCache = field(default_factory=ScanCache, init=False, repr=False, compare=False)
 
@@ -402,23 +450,81 @@ def masking_field_globs(rules_dir: str | Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _parse_shell(loc: Located, when: Any) -> ShellPredicate | None:
+def _parse_shell(loc: Located, when: Any, models: dict[str, Model]) -> ShellPredicate | None:
     s = when.get("shell")
     if s is None:
         return None
     if not isinstance(s, dict):
-        raise loc.error(when, "'shell' must be a mapping (arg, commands, any_command, operators)", "shell")
-    unknown = set(map(str, s)) - {"arg", "commands", "any_command", "operators"}
+        raise loc.error(when, "'shell' must be a mapping (arg, commands, any_command, operators, paths, cwd, "
+                        "options, exec)", "shell")
+    unknown = set(map(str, s)) - {"arg", "commands", "any_command", "operators", "paths", "cwd", "options", "exec"}
     if unknown:
         raise loc.error(s, f"unknown shell key(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
-    commands = _strs(loc, s, "commands") if "commands" in s else None
     any_command = _strs(loc, s, "any_command")
-    if commands is None and not any_command:
-        raise loc.error(s, "'shell' needs 'commands' (allow-list) or 'any_command'")
-    ops = s.get("operators", False if commands is not None else None)
-    if ops is not None and not isinstance(ops, bool):
-        raise loc.error(s, "'operators' takes true or false", "operators")
-    return ShellPredicate(str(s.get("arg", "command")), commands, any_command, ops)
+    if "commands" not in s:
+        if not any_command:
+            raise loc.error(s, "'shell' needs 'commands' (allow-list) or 'any_command'")
+        return ShellPredicate(str(s.get("arg", "command")), None, any_command)
+    commands = _strs(loc, s, "commands")
+    ops = s.get("operators", False)
+    if isinstance(ops, bool):
+        operators = frozenset(shellpolicy.LIST_OPERATORS) if ops else frozenset()
+    elif isinstance(ops, list) and all(isinstance(o, str) for o in ops):
+        bad = set(ops) - shellpolicy.OPERATORS
+        if bad:
+            raise loc.error(s, f"unknown operator(s) {', '.join(sorted(bad))}; use "
+                            f"{', '.join(sorted(shellpolicy.OPERATORS))} (substitutions are never accepted)",
+                            "operators")
+        operators = frozenset(ops)
+    else:
+        raise loc.error(s, "'operators' takes a list (pipe, and, or, sequence, redirect, background) "
+                        "or true/false", "operators")
+    opts = s.get("options") or {}
+    if not isinstance(opts, dict):
+        raise loc.error(s, "'options' maps a program (or allow: for every program) to extra options", "options")
+    extra = {("*" if str(k) == "allow" else str(k)): frozenset(_strs(loc, opts, k)) for k in opts}
+    spec = shellpolicy.ShellSpec(commands, operators, _parse_roots(loc, s), extra, _strs(loc, s, "exec"))
+    return ShellPredicate(str(s.get("arg", "command")), spec, any_command, models)
+
+
+def _parse_roots(loc: Located, node: Any) -> pathguard.Roots:
+    """`paths: {read: [...], write: [...]}` and `cwd:` (shell) or `roots:` + `access:` (path)."""
+    cwd = node.get("cwd")
+    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
+        raise loc.error(node, "'cwd' must be an absolute path", "cwd")
+    paths = node.get("paths")
+    if paths is None:
+        return pathguard.Roots(None, (), cwd)
+    if not isinstance(paths, dict) or set(map(str, paths)) - {"read", "write"}:
+        raise loc.error(node, "'paths' takes {read: [roots], write: [roots]}", "paths")
+    return pathguard.Roots(_strs(loc, paths, "read"), _strs(loc, paths, "write"), cwd)
+
+
+def _parse_path(loc: Located, when: Any) -> PathPredicate | None:
+    p = when.get("path")
+    if p is None:
+        return None
+    if not isinstance(p, dict) or not isinstance(p.get("arg"), str):
+        raise loc.error(when, "'path' needs arg: NAME or $.jsonpath, and roots: [...]", "path")
+    unknown = set(map(str, p)) - {"arg", "access", "roots", "cwd"}
+    if unknown:
+        raise loc.error(p, f"unknown path key(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    access = str(p.get("access", "read"))
+    if access not in ("read", "write"):
+        raise loc.error(p, "'access' is read or write", "access")
+    arg = p["arg"] if p["arg"].startswith("$") else f"$.{p['arg']}"
+    try:
+        expr = jsonpath_parse(arg)
+    except Exception as e:  # noqa: BLE001 - jsonpath-ng raises plain Exception too
+        raise loc.error(p, f"invalid JSONPath {arg!r}: {e}", "arg") from None
+    cwd = p.get("cwd")
+    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
+        raise loc.error(p, "'cwd' must be an absolute path", "cwd")
+    if "roots" not in p:
+        raise loc.error(p, "'path' needs roots: [...] (globs like /srv/data/** or ./**)")
+    roots = _strs(loc, p, "roots")
+    return PathPredicate(arg, expr, access,
+                         pathguard.Roots(roots if access == "read" else None, roots if access == "write" else (), cwd))
 
 
 def _parse_blast(loc: Located, node: Any, name: str) -> BlastRadius | None:
@@ -450,7 +556,7 @@ def _parse_blast(loc: Located, node: Any, name: str) -> BlastRadius | None:
     return BlastRadius(b["items"], expr, limits["max_per_call"], limits["max_per_window"], float(per))
 
 
-def parse_rule(loc: Located, node: Any, index: int, dialect: str,
+def parse_rule(loc: Located, node: Any, index: int, dialect: str, models: dict[str, Model] | None = None,
                masking_fields: tuple[str, ...] = ()) -> Rule:
     if not isinstance(node, dict):
         raise loc.error(node, "a rule must be a mapping")
@@ -510,7 +616,7 @@ def parse_rule(loc: Located, node: Any, index: int, dialect: str,
         connections=_strs(loc, when, "connection"), environments=_strs(loc, when, "environment"),
         methods=methods, targets=targets,
         args=_parse_args(loc, when), sql=_parse_sql(loc, when, dialect, action, masking_fields),
-        shell=_parse_shell(loc, when),
+        shell=_parse_shell(loc, when, models or {}), path=_parse_path(loc, when),
         approvers=approvers, timeout=timeout,
         mask_profile=str(node["mask_profile"]) if node.get("mask_profile") else None, rate_limit=rate,
         blast=_parse_blast(loc, node, name),
@@ -551,6 +657,7 @@ def load_policy(rules_dir: str | Path) -> Policy:
     files = []
     names: dict[str, str] = {}
     masking_fields = masking_field_globs(rules_dir)
+    models = load_models(programs_file(rules_dir))
     for f in rules_files(rules_dir, "policy"):
         if not f.exists():
             continue
@@ -577,19 +684,26 @@ def load_policy(rules_dir: str | Path) -> Policy:
         if not isinstance(items, list):
             raise loc.error(data, "'rules' must be a list", "rules")
         for i, node in enumerate(items):
-            r = parse_rule(loc, node, i, dialect, masking_fields)
+            r = parse_rule(loc, node, i, dialect, models, masking_fields)
             if r.name in names:
                 raise loc.error(node, f"rule name {r.name!r} already used in {names[r.name]}")
             names[r.name] = f"{f}:{r.line}"
             rules.append(r)
     blocklist = parse_blocklist(Path(rules_dir) / "blocklist.yaml")
     return Policy(rules, tuple(baseline) if baseline is not None else DEFAULT_BASELINE, blocklist, dialect,
-                  tuple(files))
+                  tuple(files), models, pathguard.protected_dirs(str(rules_dir)))
+
+
+def programs_file(rules_dir: str | Path) -> Path:
+    """rules/programs.yaml of this rules directory, else the shipped one."""
+    own = Path(rules_dir) / "programs.yaml"
+    return own if own.exists() else SHIPPED_PROGRAMS
 
 
 def policy_files(rules_dir: str | Path) -> list[Path]:
     # masking.yaml: `sensitive_columns: masking` takes its field names
-    return rules_files(rules_dir, "policy") + [Path(rules_dir) / "blocklist.yaml", Path(rules_dir) / "masking.yaml"]
+    return rules_files(rules_dir, "policy") + [Path(rules_dir) / n
+                                               for n in ("blocklist.yaml", "masking.yaml", "programs.yaml")]
 
 
 # --- evaluation -------------------------------------------------------------------
@@ -636,7 +750,21 @@ def _sql_miss(rules: list[Rule], identity: Identity | None, connection: str, msg
 
 def matching_rules(policy: Policy, identity: Identity | None, connection: str, msg: Message,
                    direction: str = "client_to_server", environment: str = "") -> list[Rule]:
-    return [r for r in policy.rules if r.direction == direction and r.matches(identity, connection, msg, environment)]
+    return [r for r in policy.rules
+            if r.direction == direction and r.matches(identity, connection, msg, environment, policy.protected)]
+
+
+def meaning_refusal(policy: Policy, identity: Identity | None, connection: str, msg: Message,
+                    environment: str = "") -> tuple[Rule, str] | None:
+    """The first allow/approve rule that would match but for its shell/path predicate, and why."""
+    for r in policy.rules:
+        if (r.action != "deny" and r.direction == "client_to_server" and (r.shell or r.path)
+                and r.matches_subject(identity, connection, environment) and r.matches_target(msg.method, msg.target)
+                and all(p.test(msg.arguments) for p in r.args)):
+            why = r.meaning_problem(msg, policy.protected)
+            if why:
+                return r, why
+    return None
 
 
 def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Message,
@@ -659,6 +787,10 @@ def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Me
                 return _decision(r, msg)
     if direction == "client_to_server" and identity is not None and _any_glob(msg.method or "", policy.baseline):
         return Decision("allow", "baseline", "", message_id=msg.id)
+    near = meaning_refusal(policy, identity, connection, msg, environment) if direction == "client_to_server" else None
+    if near is not None:
+        return Decision("deny", None, f"no rule allows this call (default deny); rule {near[0].name} refused it: "
+                        f"{near[1]}", message_id=msg.id)
     miss = _sql_miss(policy.rules, identity, connection, msg, environment) if msg.method in SCANNED_METHODS else ""
     return Decision("deny", None, "no rule allows this call (default deny)" + miss, message_id=msg.id)
 
@@ -683,7 +815,7 @@ def visibility(policy: Policy, identity: Identity | None, connection: str, metho
         for r in rules:
             if not r.matches_name(name):
                 continue
-            if r.action == "deny" and not r.args and r.sql is None and r.shell is None:
+            if r.action == "deny" and not r.args and r.sql is None and r.shell is None and r.path is None:
                 return False
             if r.action in ("allow", "approve"):
                 any_ok = True
@@ -715,6 +847,16 @@ def explain(policy: Policy, identity: Identity | None, connection: str, msg: Mes
     lines = []
     for r in matching_rules(policy, identity, connection, msg, environment=environment):
         lines.append(f"  matched {r.action:7} {r.name}  ({r.file}:{r.line})")
+    for r in policy.rules:
+        if (r.shell is not None or r.path is not None) and r.matches_subject(identity, connection, environment) \
+                and r.matches_target(msg.method, msg.target):
+            v = r.shell.verdict(msg.arguments, policy.protected) if r.shell is not None else None
+            if v is not None:
+                lines.append(f"  shell check of {r.name}: {'ok' if v.ok else 'REFUSED ' + str(v.reason)}")
+                lines += v.lines()
+            if r.path is not None:
+                why = r.path.problem(msg.arguments, policy.protected)
+                lines.append(f"  path check of {r.name}: {why or 'ok'}")
     d = evaluate(policy, identity, connection, msg, environment=environment)
     lines += _explain_sql(policy, identity, connection, msg, environment, d)
     lines.append(f"decision: {d.action.upper()}  rule: {d.rule or '(default deny)'}"

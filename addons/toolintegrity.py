@@ -2,6 +2,7 @@
 scanning and output caps (docs/integrity.md). No mitmproxy here."""
 from __future__ import annotations
 
+import asyncio
 import difflib
 import hashlib
 import json
@@ -9,9 +10,9 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from addons.rules import Located, RulesError, load_yaml
+from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever
 
 PINNED_FIELDS = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
 INJECTION_MODES = ("mark", "strip", "refuse", "off")
@@ -70,6 +71,31 @@ def pins_dir(rules_dir: str | Path) -> Path:
 
 def pins_path(rules_dir: str | Path, connection: str) -> Path:
     return pins_dir(rules_dir) / f"{connection}.yaml"
+
+
+class PinPoll:
+    """rules/pins/*.yaml watched by the shared hot-reload poll (no stat() on the request
+    path): `on_change()` runs when any pin file moved."""
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self.on_change = on_change
+        self._watcher: ChangeWatcher | None = None
+        self._task: asyncio.Task | None = None
+
+    def watch(self, rules_dir: str | Path) -> None:
+        pins = pins_dir(rules_dir)
+        self._watcher = ChangeWatcher(lambda: sorted(pins.glob("*.yaml")))
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check))
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    def check(self) -> None:
+        if self._watcher is not None and self._watcher.changed():
+            self.on_change()
 
 
 def load_pins(rules_dir: str | Path, connection: str) -> dict[str, dict] | None:

@@ -76,7 +76,9 @@ def tools_list(many: int) -> dict:
     tools += [{"name": f"tool_{i:03d}", "description": f"trivial tool number {i}; returns its argument",
                "inputSchema": {"type": "object", "properties": {"x": {"type": "integer"}}}}
               for i in range(many)]
-    return {"tools": tools}
+    # ttlMs / cacheScope / resultType: required in 2026-07-28 list results (the SDK client the gateway
+    # uses to learn argument schemas refuses a list without them)
+    return {"tools": tools, "ttlMs": 0, "cacheScope": "private", "resultType": "complete"}
 
 
 def _response(rid: bytes, result_json: bytes) -> bytes:

@@ -145,7 +145,9 @@ rules:
     ("run_command", "/bin/ls", True), ("run_command", "l''s", True),         # the shell joins quotes
     ("run_command", "ls; rm -rf x", False), ("run_command", "ls && id", False),
     ("run_command", "ls\nid", False), ("run_command", "ls $(id)", False), ("run_command", "ls `id`", False),
-    ("run_command", "ls > /etc/hosts", False), ("run_command", "FOO=1 ls", True),
+    ("run_command", "ls > /etc/hosts", False), ("run_command", "LC_ALL=C ls", True),
+    # an environment assignment can load code (LD_PRELOAD, PATH, GCONV_PATH): only locale ones pass
+    ("run_command", "FOO=1 ls", False), ("run_command", "PATH=. ls", False),
     ("run_command", "sudo ls", False), ("run_command", "echo \"unbalanced", False),
     ("run_command", "", False),
     ("run_piped", "grep foo x | sort | wc -l", True), ("run_piped", "grep foo x | sh", False),

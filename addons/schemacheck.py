@@ -1,0 +1,150 @@
+"""The `argschema` addon: a tools/call's arguments must satisfy the tool's inputSchema before
+policy sees them (issue 16; pure logic in addons/argschema.py).
+
+The schema is the pinned one when the connection has pins (rules/pins/NAME.yaml), else the
+one in the upstream's last tools/list answer seen on that connection. When the gateway has
+not seen one yet it asks the upstream itself (one tools/list with the connection's
+credential, cached); if that fails the call is refused. Invalid arguments get JSON-RPC
+-32602 and never reach the upstream.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from mitmproxy import ctx, exceptions, http
+
+from addons import argschema, toolintegrity as ti
+from addons.httputil import refuse_jsonrpc
+from addons.mcp import jsonrpc_error
+from addons.record import get_record
+from addons.rules import RulesError
+
+log = logging.getLogger("bastion.argschema")
+USER_AGENT = "mcp-bastion (argument schemas)"    # on the gateway's own tools/list
+
+
+class ArgSchema:
+    name = "argschema"
+
+    def __init__(self) -> None:
+        self.book = argschema.SchemaBook()
+        self._pins: dict[str, dict | None] = {}
+        self._poll = ti.PinPoll(self._pins.clear)        # a pin file moved: re-read on next use
+        self._fetching: dict[str, asyncio.Future] = {}
+
+    def load(self, loader) -> None:
+        loader.add_option("bastion_validate_args", bool, True,
+                          "Validate tools/call arguments against the tool's inputSchema before policy "
+                          "(deny rules on typed values rely on it).")
+
+    def configure(self, updated) -> None:
+        if "bastion_rules" in updated:
+            self._pins.clear()
+            self._poll.watch(ctx.options.bastion_rules)
+
+    def running(self) -> None:
+        self._poll.start()
+
+    def done(self) -> None:
+        self._poll.stop()
+
+    def _pinned(self, connection: str) -> dict | None:
+        if connection not in self._pins:
+            try:
+                self._pins[connection] = ti.load_pins(ctx.options.bastion_rules, connection)
+            except RulesError as e:
+                raise exceptions.OptionsError(f"argschema: {e}") from None   # refused by FailClosed
+        return self._pins[connection]
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        rec = get_record(flow.metadata)
+        if flow.response is not None or rec.connection is None or not ctx.options.bastion_validate_args:
+            return
+        conn = rec.connection
+        problems: dict[int, str] = {}
+        for i, m in enumerate(rec.messages):
+            if m.method == "tools/list":
+                rec.response_transforms.append(lambda msg, c=conn: self._learn(c, msg))
+            elif m.method == "tools/call":
+                why = await self._problem(conn, m.tool_name or "", m.arguments)
+                if why:
+                    log.warning("refused tools/call %r on %s: %s", m.tool_name, conn, why)
+                    problems[i] = f"invalid arguments for tool {m.tool_name}: {why}"
+        if problems:
+            # a batch is refused whole, each call with its own reason (as policy does)
+            errors = [jsonrpc_error(m.id, argschema.INVALID_PARAMS,
+                                    problems.get(i, "batch refused: another call in it has invalid arguments"))
+                      for i, m in enumerate(rec.messages) if m.kind == "request"]
+            first = next(iter(problems.values()))
+            if not errors:                        # only notifications: nothing to answer
+                flow.response = http.Response.make(202, b"")
+                rec.refuse(first, "argschema")
+                return
+            refuse_jsonrpc(flow, errors, rec.batch, 200, reason=first, rule="argschema")
+
+    def _learn(self, connection: str, msg: dict) -> dict:
+        result = msg.get("result")
+        if isinstance(result, dict):
+            self.book.learn(connection, result.get("tools"))
+        return msg
+
+    async def _problem(self, connection: str, tool: str, arguments: dict) -> str | None:
+        pins = self._pinned(connection)
+        if pins is not None:
+            if tool not in pins:
+                return None              # not reviewed: tool integrity decides (it refuses unpinned look-alikes)
+            return argschema.problem(pins[tool]["definition"].get("inputSchema"), arguments, self.book)
+        if not self.book.known(connection, tool) and not self.book.listed(connection):
+            if not await self._fetch(connection):
+                return ("no inputSchema known for this tool: the gateway could not list the upstream's tools "
+                        "(call tools/list first)")
+        if not self.book.known(connection, tool):
+            # not a tool the upstream lists: nothing to validate against; the upstream answers
+            # it as an unknown tool in its own way (and policy still decides first)
+            log.info("tools/call %r on %s: the upstream does not list it, arguments not validated", tool, connection)
+            return None
+        return argschema.problem(self.book.get(connection, tool), arguments, self.book)
+
+    async def _fetch(self, connection: str) -> bool:
+        """One tools/list of our own, shared by concurrent callers; failure leaves it unknown."""
+        fut = self._fetching.get(connection)
+        if fut is None:
+            fut = self._fetching[connection] = asyncio.ensure_future(self._list(connection))
+        try:
+            tools = await asyncio.shield(fut)
+        except Exception as e:  # noqa: BLE001 - any transport failure: the call is refused
+            log.warning("cannot list the tools of %s to validate arguments: %s", connection, type(e).__name__)
+            return False
+        finally:
+            self._fetching.pop(connection, None)
+        self.book.learn(connection, tools)
+        return True
+
+    async def _list(self, connection: str) -> list[dict]:
+        _import_sdk_client()
+        from addons.integrity import _list_tools
+        router = ctx.master.addons.get("connections")
+        conn = getattr(router, "wrapped", router).connections.get(connection) if router else None
+        if conn is None:
+            raise LookupError(connection)
+        return await asyncio.wait_for(_list_tools(conn, USER_AGENT), 20)
+
+
+def _import_sdk_client() -> None:
+    """Import addons.mcpclient (the official SDK) with addons/ off sys.path: mitmproxy puts a
+    script's directory there, where addons/mcp.py would shadow the SDK's `mcp` package."""
+    if "addons.mcpclient" in sys.modules:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = list(sys.path)
+    shadow = sys.modules.get("mcp")
+    if shadow is not None and os.path.dirname(os.path.abspath(getattr(shadow, "__file__", "") or "")) == here:
+        del sys.modules["mcp"]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    try:
+        import addons.mcpclient  # noqa: F401
+    finally:
+        sys.path[:] = saved
