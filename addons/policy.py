@@ -226,7 +226,8 @@ def apply_rewrites(flow: http.HTTPFlow, rec) -> None:
 
 
 # options naming the gateway's own files: never readable through a shell / path rule
-GATEWAY_PATH_OPTIONS = ("bastion_rules", "bastion_recordings", "bastion_key_dir", "bastion_mask_key_file")
+GATEWAY_PATH_OPTIONS = ("bastion_rules", "bastion_recordings", "bastion_key_dir", "bastion_mask_key_file",
+                        "bastion_vault")
 
 
 def gateway_paths(rules_dir: str) -> tuple[str, ...]:
@@ -234,7 +235,11 @@ def gateway_paths(rules_dir: str) -> tuple[str, ...]:
     paths = [getattr(ctx.options, o, "") if o in ctx.options else "" for o in GATEWAY_PATH_OPTIONS]
     try:
         from addons.connections import load_connections
-        sources = [c.credential.source for c in load_connections(rules_dir).values() if c.credential is not None]
+        creds = [c.credential for c in load_connections(rules_dir).values() if c.credential is not None]
+        # the service secret, a token-exchange client secret, the vault key
+        sources = [s for c in creds for s in (c.source, getattr(c, "client_secret_source", None)) if s]
+        if "bastion_vault_key" in ctx.options:
+            sources.append(ctx.options.bastion_vault_key)
     except RulesError:
         sources = []                      # the Router refuses to start on a bad connections file
     return pathguard.protected_dirs(*paths, *pathguard.credential_files(rules_dir, sources))
