@@ -24,9 +24,9 @@ from jsonpath_ng.ext import parse as jsonpath_parse
 
 from addons import pathguard, shellpolicy, sqlclass
 from addons.mcp import LIST_METHODS, Message
+from addons.programs import SHIPPED as SHIPPED_PROGRAMS, Model, load_models
 from addons.record import Decision, Identity
 from addons.rules import Located, load_yaml, rules_files
-from addons.programs import SHIPPED as SHIPPED_PROGRAMS, Model, load_models
 from addons.shellguard import Pattern, ScanCache, scan, shell_info
 
 DEFAULT_METHOD = "tools/call"
