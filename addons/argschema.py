@@ -14,7 +14,15 @@ from typing import Any
 
 from jsonschema import exceptions as js_exceptions, validators
 
-INVALID_PARAMS = -32602          # JSON-RPC "Invalid params", what MCP servers answer too
+INVALID_PARAMS = -32602          # JSON-RPC "Invalid params": no schema to validate against
+
+
+def tool_error(msg_id: Any, text: str) -> dict:
+    """A Tool Execution Error (`isError: true`): how MCP (2025-11-25, SEP-1303) reports
+    arguments that fail a tool's inputSchema, so the model can read why and retry."""
+    # resultType: required from 2026-07-28 on, an ignored extra field before it
+    return {"jsonrpc": "2.0", "id": msg_id, "result": {"content": [{"type": "text", "text": text}], "isError": True,
+                                                        "resultType": "complete"}}
 MAX_TOOLS = 10_000
 
 

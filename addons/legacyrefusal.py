@@ -45,7 +45,10 @@ def refusal_errors(body: bytes) -> dict[str, dict] | None:
     items = obj if isinstance(obj, list) else [obj]
     out: dict[str, dict] = {}
     for it in items:
-        if not (isinstance(it, dict) and isinstance(it.get("error"), dict) and "id" in it):
+        # an error, or a tool error result the gateway wrote (argument validation, SEP-1303)
+        if not (isinstance(it, dict) and "id" in it
+                and (isinstance(it.get("error"), dict)
+                     or (isinstance(it.get("result"), dict) and it["result"].get("isError") is True))):
             return None
         if it["id"] is not None:
             out[_idkey(it["id"])] = it

@@ -26,9 +26,9 @@ from sqlglot import exp
 
 from addons import pathguard, shellpolicy, sqlclass
 from addons.mcp import LIST_METHODS, Message
+from addons.programs import SHIPPED as SHIPPED_PROGRAMS, Model, load_models
 from addons.record import Decision, Identity
 from addons.rules import Located, load_yaml, rules_files
-from addons.programs import SHIPPED as SHIPPED_PROGRAMS, Model, load_models
 from addons.shellguard import Pattern, ScanCache, scan, shell_info
 from addons.sqlmask import STYLES, ColumnPolicy, rewrite as sql_rewrite
 

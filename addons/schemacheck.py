@@ -4,8 +4,9 @@ policy sees them (issue 16; pure logic in addons/argschema.py).
 The schema is the pinned one when the connection has pins (rules/pins/NAME.yaml), else the
 one in the upstream's last tools/list answer seen on that connection. When the gateway has
 not seen one yet it asks the upstream itself (one tools/list with the connection's
-credential, cached); if that fails the call is refused. Invalid arguments get JSON-RPC
--32602 and never reach the upstream.
+credential, cached); if that fails the call is refused (-32602). Invalid arguments never
+reach the upstream: the caller gets a tool error result (`isError: true`, as MCP 2025-11-25
+/ SEP-1303 has servers report input validation failures).
 """
 from __future__ import annotations
 
@@ -17,13 +18,17 @@ import sys
 from mitmproxy import ctx, exceptions, http
 
 from addons import argschema, toolintegrity as ti
-from addons.httputil import refuse_jsonrpc
+from addons.httputil import json_response
 from addons.mcp import jsonrpc_error
 from addons.record import get_record
 from addons.rules import RulesError
 
 log = logging.getLogger("bastion.argschema")
 USER_AGENT = "mcp-bastion (argument schemas)"    # on the gateway's own tools/list
+
+
+class SchemaUnknown(Exception):
+    """No schema to validate against (the upstream's tools could not be listed)."""
 
 
 class ArgSchema:
@@ -64,26 +69,37 @@ class ArgSchema:
         if flow.response is not None or rec.connection is None or not ctx.options.bastion_validate_args:
             return
         conn = rec.connection
-        problems: dict[int, str] = {}
+        answers: dict[int, dict] = {}
         for i, m in enumerate(rec.messages):
             if m.method == "tools/list":
                 rec.response_transforms.append(lambda msg, c=conn: self._learn(c, msg))
             elif m.method == "tools/call":
-                why = await self._problem(conn, m.tool_name or "", m.arguments)
-                if why:
-                    log.warning("refused tools/call %r on %s: %s", m.tool_name, conn, why)
-                    problems[i] = f"invalid arguments for tool {m.tool_name}: {why}"
-        if problems:
-            # a batch is refused whole, each call with its own reason (as policy does)
-            errors = [jsonrpc_error(m.id, argschema.INVALID_PARAMS,
-                                    problems.get(i, "batch refused: another call in it has invalid arguments"))
-                      for i, m in enumerate(rec.messages) if m.kind == "request"]
-            first = next(iter(problems.values()))
-            if not errors:                        # only notifications: nothing to answer
-                flow.response = http.Response.make(202, b"")
-                rec.refuse(first, "argschema")
-                return
-            refuse_jsonrpc(flow, errors, rec.batch, 200, reason=first, rule="argschema")
+                answer = await self._refusal(conn, m)
+                if answer is not None:
+                    answers[i] = answer
+        if answers:
+            # a batch is refused whole, each call with its own answer (as policy does)
+            out = [answers.get(i) or jsonrpc_error(m.id, argschema.INVALID_PARAMS,
+                                                   "batch refused: another call in it has invalid arguments")
+                   for i, m in enumerate(rec.messages) if m.kind == "request"]
+            first = next(iter(answers.values()))
+            reason = first["error"]["message"] if "error" in first else first["result"]["content"][0]["text"]
+            flow.response = http.Response.make(202, b"") if not out else \
+                json_response(200, out if rec.batch else out[0])
+            rec.refuse(reason, "argschema")
+
+    async def _refusal(self, conn: str, m) -> dict | None:
+        """The gateway's answer to a call it will not forward, or None."""
+        name = m.tool_name or ""
+        try:
+            why = await self._problem(conn, name, m.arguments)
+        except SchemaUnknown as e:
+            log.warning("refused tools/call %r on %s: %s", name, conn, e)
+            return jsonrpc_error(m.id, argschema.INVALID_PARAMS, f"cannot validate the arguments of tool {name}: {e}")
+        if why is None:
+            return None
+        log.warning("refused tools/call %r on %s: %s", name, conn, why)
+        return argschema.tool_error(m.id, f"mcp-bastion: invalid arguments for tool {name}: {why}")
 
     def _learn(self, connection: str, msg: dict) -> dict:
         result = msg.get("result")
@@ -99,8 +115,8 @@ class ArgSchema:
             return argschema.problem(pins[tool]["definition"].get("inputSchema"), arguments, self.book)
         if not self.book.known(connection, tool) and not self.book.listed(connection):
             if not await self._fetch(connection):
-                return ("no inputSchema known for this tool: the gateway could not list the upstream's tools "
-                        "(call tools/list first)")
+                raise SchemaUnknown("no inputSchema known: the gateway could not list the upstream's tools "
+                                    "(call tools/list first)")
         if not self.book.known(connection, tool):
             # not a tool the upstream lists: nothing to validate against; the upstream answers
             # it as an unknown tool in its own way (and policy still decides first)

@@ -18,6 +18,7 @@ MAX_WORDS = 4096
 # longest first: the lexer takes the longest operator at a position
 _OPERATORS = ("&>>", "<<<", "<<-", "&&", "||", ";;", "|&", ">>", ">|", "<>", "<<", ">&", "<&", "&>",
               "|", "&", ";", "<", ">", "(", ")")
+_OP_START = frozenset("".join(_OPERATORS))
 REDIRECTS = frozenset({"<", ">", ">>", ">|", "<>", "<<", "<<-", "<<<", ">&", "<&", "&>", "&>>"})
 # list operator -> the name rules use in `operators:`
 CONNECTORS = {"|": "pipe", "|&": "pipe", "&&": "and", "||": "or", ";": "sequence", "\n": "sequence",
@@ -85,7 +86,7 @@ def _lex(command: str) -> list[Word | str]:
             raise SyntaxRefused("NUL character in the command")
         if word is None and c == "#":
             raise SyntaxRefused("comments are not accepted")
-        op = next((o for o in _OPERATORS if command.startswith(o, i)), None)
+        op = next((o for o in _OPERATORS if command.startswith(o, i)), None) if c in _OP_START else None
         if op is not None:
             if op in ("<", ">") and command.startswith("(", i + 1):
                 raise SyntaxRefused("process substitution <( ) / >( ) is not accepted")

@@ -111,8 +111,10 @@ async def test_dev_pipelines_and_reads_inside_the_roots_work(shipped):
 async def test_type_confusion_refused_before_the_upstream(shipped, args, why):
     demo, gw, rules, tmp = shipped
     async with connect(gw.mcp_url(), gw.token("dan", ["dev"])) as c:
-        err = await _refused(c, "launch_container", args)
-        assert why in err and "invalid arguments for tool launch_container" in err, err
+        # a tool error result the model can read (MCP 2025-11-25, SEP-1303), made by the gateway
+        r = await c.call_tool("launch_container", args)
+        text = r.content[0].text
+        assert r.is_error and why in text and "invalid arguments for tool launch_container" in text, text
         # a well-typed true is still the deny rule's business
         err = await _refused(c, "launch_container", {"image": "alpine", "privileged": True})
         assert "no-privileged-containers" in err
@@ -131,8 +133,8 @@ async def test_schema_from_tools_list_and_switch_off(demo_server, rules_dir, gat
     gw2 = gateway(rules_dir(demo))
     async with connect(gw2.mcp_url(), gw2.token("ana", ["analyst"])) as c:
         await c.list_tools()
-        err = await _refused(c, "get_customer", {"id": "1"})
-        assert "$.id: must be of type integer" in err
+        r = await c.call_tool("get_customer", {"id": "1"})
+        assert r.is_error and "$.id: must be of type integer" in r.content[0].text
         assert not (await c.call_tool("get_customer", {"id": 1})).is_error
 
 
@@ -183,3 +185,19 @@ async def test_gateway_files_stay_unreadable_whatever_the_roots(stack, tmp_path)
         why = await _refused(c, "read_file", {"path": str(key)})
         assert "never readable" in why
     assert "keys" not in "".join(r["body"] for r in demo.received() if "run_command" in r["body"])
+
+
+async def test_type_confusion_answered_on_the_legacy_event_stream(stack):
+    """Legacy HTTP+SSE: the gateway's tool error reaches the caller on its event stream."""
+    import asyncio
+    demo, gw = stack("legacy", policy=READ_EVERYTHING + """\
+  - name: get-customers
+    when: {tool: get_customer}
+    allow: true
+""")
+    async with connect(gw.mcp_url(), gw.token("eve", ["e2e-all"]), legacy=True, timeout=15) as c:
+        r = await asyncio.wait_for(c.call_tool("get_customer", {"id": "7"}), 10)
+        assert r.is_error and "$.id: must be of type integer" in r.content[0].text
+        ok = await c.call_tool("get_customer", {"id": 1})
+        assert not ok.is_error
+    assert '"7"' not in "".join(r["body"] for r in demo.received())

@@ -82,4 +82,7 @@ def test_batch_carrier_and_notifications():
 def test_not_a_refusal_body():
     assert refusal_errors(b"not json") is None
     assert refusal_errors(b'{"jsonrpc":"2.0","id":1,"result":{}}') is None
+    # a tool error result the gateway wrote (argument validation) travels like an error
+    tool_error = b'{"jsonrpc":"2.0","id":1,"result":{"isError":true,"content":[]}}'
+    assert len(refusal_errors(tool_error)) == 1
     assert answer_with({})({"id": 1, "result": {}}) == {"id": 1, "result": {}}

@@ -29,7 +29,13 @@ async def _call(addon, args, tmp_path, **opts):
             setattr(tctx.options, k, v)
         f, rec = flow(tool_call("launch_container", args))
         await addon.request(f)
-    return None if f.response is None else json.loads(f.response.content)["error"]
+    if f.response is None:
+        return None
+    body = json.loads(f.response.content)
+    if "error" in body:
+        return body["error"]
+    assert body["result"]["isError"] is True                 # a tool error result (SEP-1303)
+    return {"code": "tool-error", "message": body["result"]["content"][0]["text"]}
 
 
 async def test_pinned_schema_refuses_type_confusion(tmp_path):
@@ -37,7 +43,7 @@ async def test_pinned_schema_refuses_type_confusion(tmp_path):
     ti.write_pins(tmp_path, "demo", [TOOL])
     addon = ArgSchema()
     err = await _call(addon, {"image": "alpine", "privileged": "yes"}, tmp_path)
-    assert err["code"] == -32602 and "$.privileged: must be of type boolean" in err["message"]
+    assert err["code"] == "tool-error" and "$.privileged: must be of type boolean" in err["message"]
     assert "yes" not in err["message"]
     assert await _call(addon, {"image": "alpine", "privileged": True}, tmp_path) is None
 
@@ -82,6 +88,6 @@ async def test_a_batch_is_refused_whole_each_call_with_its_reason(tmp_path):
         f, _ = flow([tool_call("launch_container", {"image": "a"}, 1),
                      tool_call("launch_container", {"image": "a", "privileged": "yes"}, 2)])
         await addon.request(f)
-    errors = {e["id"]: e["error"] for e in json.loads(f.response.content)}
-    assert errors[2]["code"] == -32602 and "$.privileged" in errors[2]["message"]
-    assert "another call in it" in errors[1]["message"]
+    answers = {e["id"]: e for e in json.loads(f.response.content)}
+    assert answers[2]["result"]["isError"] and "$.privileged" in answers[2]["result"]["content"][0]["text"]
+    assert answers[1]["error"]["code"] == -32602 and "another call in it" in answers[1]["error"]["message"]
