@@ -460,7 +460,8 @@ class Injector:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
-        subject_token, rec.subject_token = rec.subject_token, None
+        held, rec.subject_token = rec.subject_token, None
+        subject_token = held.value if held is not None else None
         if flow.response is not None:
             return
         router = ctx.master.addons.get("connections")

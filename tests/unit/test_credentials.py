@@ -15,7 +15,7 @@ import pytest
 from addons import credentials as creds
 from addons.connections import Injector, Router, parse_connections
 from addons.mcp import parse_body
-from addons.record import Decision, Identity, get_record
+from addons.record import Decision, Identity, Transient, get_record
 from addons.rules import RulesError
 from addons.vault import Vault
 
@@ -285,7 +285,7 @@ def routed(router, conn: str, sub="alice", token="caller.jwt", version="2025-06-
     f.request.headers["authorization"] = "Bearer [redacted]"
     router.requestheaders(f)
     rec = get_record(f.metadata)
-    rec.identity, rec.subject_token, rec.protocol_version = Identity(sub, issuer="iss"), token, version
+    rec.identity, rec.subject_token, rec.protocol_version = Identity(sub, issuer="iss"), Transient(token), version
     parsed = parse_body(body)
     rec.messages, rec.batch = parsed.messages, parsed.batch
     rec.decisions = [Decision("allow", "r", message_id=m.id) for m in parsed.messages]
@@ -326,3 +326,15 @@ async def test_injector_refuses_vault_miss_with_consent_and_down_exchange_with_5
     assert f.response.status_code == 503 and json.loads(f.response.content)["error"] == "temporarily_unavailable"
     assert rec.refusal_rule == "credential:exchange-unavailable" and f.request.host == "gw.example"
     assert "caller.jwt" not in f.response.text and "caller.jwt" not in (rec.refusal or "")
+
+
+def test_subject_token_never_survives_a_copy_of_the_flow(injector_chain):
+    import copy
+    import pickle
+    router, _ = injector_chain
+    f, rec = routed(router, "ex", token="caller.jwt.secret")
+    assert "caller.jwt.secret" not in repr(rec)
+    assert get_record(f.copy().metadata).subject_token is None           # mitmweb "duplicate"
+    assert "caller.jwt.secret" not in str(f.get_state())
+    assert copy.deepcopy(rec).subject_token is None and b"caller.jwt.secret" not in pickle.dumps(rec.subject_token)
+    assert rec.subject_token.value == "caller.jwt.secret"                 # the live flow still has it
