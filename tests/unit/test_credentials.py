@@ -338,3 +338,30 @@ def test_subject_token_never_survives_a_copy_of_the_flow(injector_chain):
     assert "caller.jwt.secret" not in str(f.get_state())
     assert copy.deepcopy(rec).subject_token is None and b"caller.jwt.secret" not in pickle.dumps(rec.subject_token)
     assert rec.subject_token.value == "caller.jwt.secret"                 # the live flow still has it
+
+
+async def test_identity_keeps_the_caller_token_only_for_exchange_connections(tmp_path, monkeypatch):
+    from mitmproxy.test import taddons, tflow, tutils
+    from addons import jwtverify as jv
+    from addons.identity import Identity as IdentityAddon
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "connections.yaml").write_text(
+        "connections:\n"
+        "  ex:\n    upstream: http://127.0.0.1:9100/mcp\n"
+        "    credential: {exchange: {token_endpoint: 'https://as.example/token', audience: api}}\n"
+        "  plain:\n    upstream: http://127.0.0.1:9101/mcp\n")
+    router, ident = Router(), IdentityAddon()
+    with taddons.context(router, ident) as tctx:
+        tctx.configure(router, bastion_rules=str(tmp_path / "rules"))
+        tctx.configure(ident, bastion_key_dir=str(tmp_path / "keys"))
+        token = jv.mint_token(tmp_path / "keys", "alice")
+        for conn, kept in (("ex", True), ("plain", False)):
+            f = tflow.tflow(req=tutils.treq(method=b"POST", path=f"/mcp/{conn}".encode(), content=b"{}"))
+            f.request.headers["authorization"] = f"Bearer {token}"
+            router.requestheaders(f)
+            await ident.request(f)
+            rec = get_record(f.metadata)
+            assert f.response is None and rec.identity.sub == "alice"
+            assert (rec.subject_token.value if rec.subject_token else None) == (token if kept else None)
+            assert token not in str(f.request.headers)          # redacted from the flow either way
