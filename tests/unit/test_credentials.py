@@ -29,13 +29,13 @@ OK_BODY = {"access_token": "exchanged-1", "issued_token_type": creds.TOKEN_TYPE_
 
 def test_parse_token_response_ok_and_expiry_sources():
     now = 1000.0
-    assert creds.parse_token_response(200, json.dumps(OK_BODY).encode(), now) == ("exchanged-1", 1300.0)
+    assert creds.parse_token_response(200, json.dumps(OK_BODY).encode(), now) == ("exchanged-1", 1300.0, None)
     at = jwt.encode({"sub": "a", "exp": 5000}, "k" * 32, algorithm="HS256")
     body = {**OK_BODY, "access_token": at}
     del body["expires_in"]
-    assert creds.parse_token_response(200, json.dumps(body).encode(), now) == (at, 5000.0)
+    assert creds.parse_token_response(200, json.dumps(body).encode(), now) == (at, 5000.0, None)
     body["access_token"] = "opaque"
-    assert creds.parse_token_response(200, json.dumps(body).encode(), now) == ("opaque", None)   # not cached
+    assert creds.parse_token_response(200, json.dumps(body).encode(), now) == ("opaque", None, None)  # not cached
 
 
 @pytest.mark.parametrize("status,body,rule", [
@@ -365,3 +365,75 @@ async def test_identity_keeps_the_caller_token_only_for_exchange_connections(tmp
             assert f.response is None and rec.identity.sub == "alice"
             assert (rec.subject_token.value if rec.subject_token else None) == (token if kept else None)
             assert token not in str(f.request.headers)          # redacted from the flow either way
+
+
+# ---------------------------------------------------------------- oauth vault entries: refresh with rotation
+
+REFRESH = creds.RefreshConfig("https://as.example/token", client_id="gw", client_secret="cs")
+
+
+def oauth_setup(tmp_path, fake: FakeAS, expires_in: float = 5):
+    v = Vault(tmp_path / "v", b"k" * 32)
+    v.put("demo", "alice", "stale-access", "oauth", time.time() + expires_in, refresh_token="rt-1")
+    stored = []
+
+    async def store(connection, sub, access, refresh, expires):
+        stored.append((connection, sub, access, refresh))
+        v.put(connection, sub, access, "oauth", expires, refresh_token=refresh)
+    up = creds.UpstreamCredentials(fake.exchanger(), lambda: v, store)
+    cred = creds.VaultCredential(authorize_url="https://consent.example/a", refresh=REFRESH)
+    return v, up, cred, stored
+
+
+async def test_expiring_oauth_entry_is_refreshed_once_and_the_rotated_token_stored(tmp_path):
+    fake = FakeAS(body={"access_token": "fresh-access", "token_type": "Bearer", "expires_in": 3600,
+                        "refresh_token": "rt-2"}, delay=0.05)
+    v, up, cred, stored = oauth_setup(tmp_path, fake)       # expires within the 30 s margin
+    got = await asyncio.gather(*(up.for_call("demo", cred, None, "alice", "iss", None) for _ in range(5)))
+    assert {g.value for g in got} == {"Bearer fresh-access"} and fake.n == 1     # one refresh for all
+    form = dict(urllib.parse.parse_qsl(fake.requests[0].content.decode()))
+    assert form == {"grant_type": "refresh_token", "refresh_token": "rt-1"}
+    assert fake.requests[0].headers["authorization"].startswith("Basic ")
+    assert stored == [("demo", "alice", "fresh-access", "rt-2")] and v.refresh_token("demo", "alice") == "rt-2"
+    assert (await up.for_call("demo", cred, None, "alice", "iss", None)).value == "Bearer fresh-access"
+    assert fake.n == 1                                        # fresh entry used as is
+
+
+async def test_refresh_without_rotation_keeps_the_old_refresh_token(tmp_path):
+    fake = FakeAS(body={"access_token": "fresh", "token_type": "bearer", "expires_in": 600})
+    v, up, cred, stored = oauth_setup(tmp_path, fake)
+    await up.for_call("demo", cred, None, "alice", "iss", None)
+    assert stored[0][3] == "rt-1"
+
+
+@pytest.mark.parametrize("status,body,rule,code", [
+    (400, {"error": "invalid_grant"}, "credential:vault-refresh-denied", 403),
+    (503, {"error": "temporarily_unavailable"}, "credential:vault-refresh-unavailable", 503),
+])
+async def test_failed_refresh_is_refused_before_the_upstream(tmp_path, status, body, rule, code):
+    v, up, cred, stored = oauth_setup(tmp_path, FakeAS(status=status, body=body))
+    with pytest.raises(creds.CredentialRefused) as e:
+        await up.for_call("demo", cred, None, "alice", "iss", None)
+    assert (e.value.rule, e.value.status) == (rule, code) and stored == []
+    if code == 403:
+        assert e.value.authorize_url == "https://consent.example/a"     # authorise again
+
+
+async def test_expired_entry_without_refresh_config_needs_consent(tmp_path):
+    fake = FakeAS()
+    v, up, _, _ = oauth_setup(tmp_path, fake)
+    with pytest.raises(creds.CredentialRefused) as e:
+        await up.for_call("demo", creds.VaultCredential(), None, "alice", "iss", None)
+    assert e.value.rule == "credential:vault-expired" and fake.n == 0
+
+
+def test_vault_refresh_rules(tmp_path, monkeypatch):
+    monkeypatch.setenv("RS", "refresh-client-secret")
+    v = parse(tmp_path, {"vault": {"refresh": {"token_endpoint": "https://as.example/token",
+                                               "client_auth": {"client_id": "gw", "client_secret": {"from": "env:RS"}}}}})
+    r = v.credential.refresh
+    assert (r.token_endpoint, r.client_id, r.client_secret) == ("https://as.example/token", "gw", "refresh-client-secret")
+    for bad in ({"refresh": {"token_endpoint": "nope"}}, {"refresh": {"token_endpoint": "https://a/t", "x": 1}},
+                {"refresh": {"token_endpoint": "https://a/t", "client_auth": {"client_id": "gw", "client_secret": "inline"}}}):
+        with pytest.raises(RulesError):
+            parse(tmp_path, {"vault": bad})
