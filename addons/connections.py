@@ -26,7 +26,7 @@ from addons.legacyrefusal import carrier_ok
 from addons.record import get_record
 from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever, rules_files
 from addons.toolintegrity import IntegrityConfig, parse_integrity
-from addons.vault import DEFAULT_KEY, DEFAULT_VAULT, Vault, VaultError, key_path, load_key
+from addons.vault import DEFAULT_KEY, DEFAULT_VAULT, Vault, VaultError, key_path, load_key, updating
 
 log = logging.getLogger("bastion.connections")
 
@@ -226,7 +226,7 @@ def _delegated_credential(loc: Located, name: str, c: dict, base: Path) -> AnyCr
         if err is None:
             return creds.ExchangeCredential(header=header, scheme=scheme, **kw)
     else:
-        kw, err = creds.parse_vault(c["vault"])
+        kw, err = creds.parse_vault(c["vault"], resolve)
         if err is None:
             return creds.VaultCredential(header=header, scheme=scheme, **kw)
     raise loc.error(c, f"connection {name}: credential: {err}", kind)
@@ -408,7 +408,7 @@ class Injector:
 
     def __init__(self) -> None:
         self.exchanger = creds.TokenExchanger()
-        self.upstream = creds.UpstreamCredentials(self.exchanger, self._vault)
+        self.upstream = creds.UpstreamCredentials(self.exchanger, self._vault, self._store_refreshed)
         self.vault: Vault | VaultError = VaultError("vault not loaded")
         self._vault_watcher: ChangeWatcher | None = None
         self._task = None
@@ -445,6 +445,25 @@ class Injector:
             raise self.vault
         return self.vault
 
+    async def _store_refreshed(self, connection: str, sub: str, access: str, refresh: str,
+                               expires: float | None) -> None:
+        """Write a refreshed oauth entry back (the refresh token may have rotated)."""
+        import asyncio
+        path, ref = ctx.options.bastion_vault, ctx.options.bastion_vault_key
+
+        def write() -> Vault:
+            with updating(path, load_key(ref)) as v:
+                v.put(connection, sub, access, "oauth", expires, refresh_token=refresh)
+            return v
+        try:
+            self.vault = await asyncio.to_thread(write)
+        except (VaultError, OSError, ValueError) as e:
+            log.error("refreshed token for sub=%s on %s could not be stored: %s", sub, connection, e)
+            raise creds.CredentialRefused("vault", f"refreshed token not stored: {e}", status=503,
+                                          error="temporarily_unavailable", retry_after=5,
+                                          description="the gateway cannot write its credential vault",
+                                          rule="credential:vault-unavailable") from None
+
     def running(self):
         import asyncio
         self._task = asyncio.get_running_loop().create_task(poll_forever(self._check_vault))
@@ -460,7 +479,8 @@ class Injector:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
-        subject_token, rec.subject_token = rec.subject_token, None
+        held, rec.subject_token = rec.subject_token, None
+        subject_token = held.value if held is not None else None
         if flow.response is not None:
             return
         router = ctx.master.addons.get("connections")

@@ -21,7 +21,7 @@ import time
 import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Awaitable, Callable, Literal
 
 import httpx
 
@@ -96,11 +96,26 @@ class ExchangeCredential:
         return data
 
     def auth(self) -> httpx.BasicAuth | None:
-        """client_secret_basic (RFC 6749 section 2.3.1: form-urlencode both parts first)."""
-        if self.client_id and self.client_secret:
-            q = urllib.parse.quote_plus
-            return httpx.BasicAuth(q(self.client_id), q(self.client_secret))
-        return None
+        return basic_auth(self.client_id, self.client_secret)
+
+
+def basic_auth(client_id: str | None, client_secret: str | None) -> httpx.BasicAuth | None:
+    """client_secret_basic (RFC 6749 section 2.3.1: form-urlencode both parts first)."""
+    if client_id and client_secret:
+        q = urllib.parse.quote_plus
+        return httpx.BasicAuth(q(client_id), q(client_secret))
+    return None
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    """`vault: {refresh: {...}}`: where the gateway refreshes oauth vault entries."""
+
+    token_endpoint: str
+    client_id: str | None = None
+    client_secret_source: str | None = None
+    client_secret: str | None = field(default=None, repr=False, compare=False)
+    timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,7 @@ class VaultCredential:
     header: str = "Authorization"
     scheme: str | None = "Bearer"
     authorize_url: str | None = None   # where a subject without an entry goes to authorise
+    refresh: RefreshConfig | None = None
 
     kind: Kind = "vault"
 
@@ -145,9 +161,10 @@ def _jwt_exp(token: str) -> float | None:
     return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
 
 
-def parse_token_response(status: int, body: bytes, now: float) -> tuple[str, float | None]:
-    """The token endpoint's answer -> (access token, expiry or None). Raises CredentialRefused:
-    403 when the server refused the exchange (4xx), 503 when it is unusable (5xx, malformed)."""
+def parse_token_response(status: int, body: bytes, now: float, exchange: bool = True) -> tuple[str, float | None, str | None]:
+    """The token endpoint's answer -> (access token, expiry or None, refresh token or None).
+    Raises CredentialRefused: 403 when the server refused (4xx), 503 when it is unusable
+    (5xx, malformed). `exchange`: an RFC 8693 answer, which must name its issued_token_type."""
     try:
         doc = json.loads(body)
     except ValueError:
@@ -157,20 +174,23 @@ def parse_token_response(status: int, body: bytes, now: float) -> tuple[str, flo
     if status >= 400:
         code = doc.get("error")
         code = code if isinstance(code, str) and _ERROR_CODE.match(code) else "unknown"
-        raise _denied(f"token endpoint refused the exchange: HTTP {status} {code}")
+        raise _denied(f"token endpoint refused the {'exchange' if exchange else 'refresh'}: HTTP {status} {code}")
     if status != 200 or not isinstance(doc, dict):
         raise _unavailable(f"token endpoint answered HTTP {status} without a JSON object")
     token = doc.get("access_token")
     if not isinstance(token, str) or not _HEADER_SAFE.match(token):
         raise _unavailable("token endpoint response has no usable access_token")
-    if doc.get("issued_token_type") not in TOKEN_TYPE_URNS.values():   # REQUIRED, RFC 8693 2.2.1
+    if exchange and doc.get("issued_token_type") not in TOKEN_TYPE_URNS.values():   # REQUIRED, RFC 8693 2.2.1
         raise _unavailable("token endpoint response has no access-token issued_token_type")
     if str(doc.get("token_type", "")).lower() != "bearer":
         raise _unavailable("token endpoint issued a token that is not a bearer token")
+    refresh = doc.get("refresh_token")
+    if refresh is not None and (not isinstance(refresh, str) or not _HEADER_SAFE.match(refresh)):
+        raise _unavailable("token endpoint response has an unusable refresh_token")
     exp_in = doc.get("expires_in")
     if isinstance(exp_in, (int, float)) and not isinstance(exp_in, bool) and exp_in > 0:
-        return token, now + float(exp_in)
-    return token, _jwt_exp(token)
+        return token, now + float(exp_in), refresh
+    return token, _jwt_exp(token), refresh
 
 
 class TokenExchanger:
@@ -230,26 +250,42 @@ class TokenExchanger:
         return tok
 
     async def _exchange(self, cred: ExchangeCredential, subject_token: str) -> tuple[str, float | None]:
+        status, body = await self._post(cred.token_endpoint, cred.form(subject_token), cred.auth(), cred.timeout)
+        tok, expires, _ = parse_token_response(status, body, self.clock())
+        return tok, expires
+
+    async def refresh(self, cfg: "RefreshConfig", refresh_token: str) -> tuple[str, float | None, str | None]:
+        """RFC 6749 section 6 refresh. The answer may carry a new (rotated) refresh token."""
+        status, body = await self._post(cfg.token_endpoint, {"grant_type": "refresh_token",
+                                                             "refresh_token": refresh_token},
+                                        basic_auth(cfg.client_id, cfg.client_secret), cfg.timeout)
+        return parse_token_response(status, body, self.clock(), exchange=False)
+
+    async def _post(self, url: str, form: dict[str, str], auth: httpx.BasicAuth | None,
+                    timeout: float) -> tuple[int, bytes]:
         if self._client is None:
-            # no redirects: a token endpoint that redirects would carry the subject token elsewhere
+            # no redirects: a token endpoint that redirects would carry the token elsewhere
             self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         self.exchanges += 1
         try:
-            r = await self._client.post(cred.token_endpoint, data=cred.form(subject_token), auth=cred.auth(),
-                                        headers={"accept": "application/json"}, timeout=cred.timeout)
+            r = await self._client.post(url, data=form, auth=auth, headers={"accept": "application/json"},
+                                        timeout=timeout)
         except httpx.TimeoutException:
             raise _unavailable("token endpoint timed out") from None
         except httpx.HTTPError as e:
             raise _unavailable(f"token endpoint unreachable ({type(e).__name__})") from None
-        return parse_token_response(r.status_code, r.content, self.clock())
+        return r.status_code, r.content
 
 
 class UpstreamCredentials:
     """Produces the credential for one call from its connection's `credential:` kind."""
 
-    def __init__(self, exchanger: TokenExchanger, vault: Callable[[], Any]):
+    def __init__(self, exchanger: TokenExchanger, vault: Callable[[], Any],
+                 store: Callable[..., Awaitable[None]] | None = None):
         self.exchanger = exchanger
         self.vault = vault            # () -> addons.vault.Vault, raising VaultError when unusable
+        self.store = store            # async (connection, sub, access, refresh, expires): write back a refresh
+        self._refreshing: dict[tuple[str, str], asyncio.Future] = {}
 
     async def for_call(self, connection: str, cred: Any, service_secret: str | None, sub: str | None,
                        issuer: str | None, subject_token: str | None) -> Injected | None:
@@ -259,28 +295,64 @@ class UpstreamCredentials:
             tok = await self.exchanger.token(cred, connection, issuer, sub, subject_token)
             return Injected(cred.header, with_scheme(cred.scheme, tok), "exchange")
         if isinstance(cred, VaultCredential):
-            return Injected(cred.header, with_scheme(cred.scheme, self._from_vault(cred, connection, sub)), "vault")
+            secret = await self._from_vault(cred, connection, sub)
+            return Injected(cred.header, with_scheme(cred.scheme, secret), "vault")
         if cred is not None and service_secret:
             return Injected(cred.header, service_secret, "service")
         return None
 
-    def _from_vault(self, cred: VaultCredential, connection: str, sub: str | None) -> str:
+    async def _from_vault(self, cred: VaultCredential, connection: str, sub: str | None) -> str:
         from addons.vault import NoEntry, VaultError
         try:
             if sub is None:
                 raise NoEntry("none")
-            return self.vault().lookup(connection, sub)
+            try:
+                return self.vault().lookup(connection, sub, margin=self.exchanger.margin)
+            except NoEntry as e:
+                if e.why != "expired" or cred.refresh is None or self.store is None:
+                    raise
+                return await self._refresh(cred, connection, sub)
         except NoEntry as e:
-            why = {"none": "missing"}.get(e.why, e.why)
-            raise CredentialRefused(
-                "vault", f"vault entry {why} for sub={sub} on {connection}", status=403,
-                error="credential_required", rule=f"credential:vault-{why}", authorize_url=cred.authorize_url,
-                description=f"no upstream credential for you on this connection ({why})"
-                            + (f"; authorise at {cred.authorize_url}" if cred.authorize_url else "")) from None
+            raise _consent(cred, connection, sub, {"none": "missing"}.get(e.why, e.why)) from None
         except VaultError as e:
             raise CredentialRefused("vault", f"vault unusable: {e}", status=503, error="temporarily_unavailable",
                                     description="the gateway cannot read its credential vault",
                                     rule="credential:vault-unavailable", retry_after=5) from None
+
+    async def _refresh(self, cred: VaultCredential, connection: str, sub: str) -> str:
+        # single flight: a rotated refresh token is good once, a second use would fail (or
+        # make the authorisation server revoke the whole grant)
+        key = (connection, sub)
+        task = self._refreshing.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._do_refresh(cred, connection, sub))
+            self._refreshing[key] = task
+            task.add_done_callback(lambda _t: self._refreshing.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _do_refresh(self, cred: VaultCredential, connection: str, sub: str) -> str:
+        from addons.vault import NoEntry
+        assert cred.refresh is not None and self.store is not None
+        old = self.vault().refresh_token(connection, sub)
+        if old is None:
+            raise NoEntry("expired")
+        try:
+            access, expires, rotated = await self.exchanger.refresh(cred.refresh, old)
+        except CredentialRefused as e:
+            if e.status == 403:      # refresh token revoked, expired or reused: the user must authorise again
+                raise _consent(cred, connection, sub, "refresh-denied") from None
+            raise CredentialRefused("vault", e.reason, status=503, error=e.error, description=e.description,
+                                    rule="credential:vault-refresh-unavailable", retry_after=5) from None
+        await self.store(connection, sub, access, rotated or old, expires)
+        return access
+
+
+def _consent(cred: VaultCredential, connection: str, sub: str | None, why: str) -> CredentialRefused:
+    return CredentialRefused(
+        "vault", f"vault entry {why} for sub={sub} on {connection}", status=403,
+        error="credential_required", rule=f"credential:vault-{why}", authorize_url=cred.authorize_url,
+        description=f"no upstream credential for you on this connection ({why})"
+                    + (f"; authorise at {cred.authorize_url}" if cred.authorize_url else ""))
 
 
 # JSON-RPC code of "this call needs an upstream credential you do not have" on protocol
@@ -317,7 +389,7 @@ def consent_errors(e: CredentialRefused, messages: list, protocol_version: str |
 
 _EXCHANGE_KEYS = {"token_endpoint", "audience", "scope", "resource", "client_auth", "subject_token_type",
                   "timeout"}
-_VAULT_KEYS = {"authorize_url"}
+_VAULT_KEYS = {"authorize_url", "refresh"}
 
 
 def _url(value: Any) -> str | None:
@@ -356,27 +428,34 @@ def parse_exchange(spec: Any, resolve: Callable[[str], str]) -> tuple[dict[str, 
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
         return {}, "exchange.timeout must be between 0 and 60 seconds"
     out["timeout"] = float(timeout)
-    ca = spec.get("client_auth")
-    if ca is not None:
-        if not isinstance(ca, dict) or not isinstance(ca.get("client_id"), str) or not ca["client_id"]:
-            return {}, "exchange.client_auth needs client_id (and client_secret: {from: env:|file:})"
-        if set(map(str, ca)) - {"client_id", "client_secret"}:
-            return {}, "exchange.client_auth: only client_id and client_secret"
-        out["client_id"] = ca["client_id"]
-        sec = ca.get("client_secret")
-        if sec is not None:
-            src = sec.get("from") if isinstance(sec, dict) else None
-            if not isinstance(src, str) or not re.match(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$", src):
-                return {}, "exchange.client_auth.client_secret must be {from: env:NAME | file:PATH}"
-            try:
-                out["client_secret"] = resolve(src)
-            except ValueError as e:
-                return {}, f"exchange.client_auth.client_secret: {e}"
-            out["client_secret_source"] = src
+    client, err = _client_auth(spec.get("client_auth"), resolve, "exchange")
+    if err:
+        return {}, err
+    return {**out, **client}, None
+
+
+def _client_auth(ca: Any, resolve: Callable[[str], str], where: str) -> tuple[dict[str, Any], str | None]:
+    if ca is None:
+        return {}, None
+    if not isinstance(ca, dict) or not isinstance(ca.get("client_id"), str) or not ca["client_id"]:
+        return {}, f"{where}.client_auth needs client_id (and client_secret: {{from: env:|file:}})"
+    if set(map(str, ca)) - {"client_id", "client_secret"}:
+        return {}, f"{where}.client_auth: only client_id and client_secret"
+    out: dict[str, Any] = {"client_id": ca["client_id"]}
+    sec = ca.get("client_secret")
+    if sec is not None:
+        src = sec.get("from") if isinstance(sec, dict) else None
+        if not isinstance(src, str) or not re.match(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$", src):
+            return {}, f"{where}.client_auth.client_secret must be {{from: env:NAME | file:PATH}}"
+        try:
+            out["client_secret"] = resolve(src)
+        except ValueError as e:
+            return {}, f"{where}.client_auth.client_secret: {e}"
+        out["client_secret_source"] = src
     return out, None
 
 
-def parse_vault(spec: Any) -> tuple[dict[str, Any], str | None]:
+def parse_vault(spec: Any, resolve: Callable[[str], str]) -> tuple[dict[str, Any], str | None]:
     if spec is None or spec is True:
         return {}, None
     if not isinstance(spec, dict):
@@ -384,9 +463,24 @@ def parse_vault(spec: Any) -> tuple[dict[str, Any], str | None]:
     unknown = set(map(str, spec)) - _VAULT_KEYS
     if unknown:
         return {}, f"vault: unknown key(s) {', '.join(sorted(unknown))}"
+    out: dict[str, Any] = {}
     if spec.get("authorize_url") is not None:
         url = _url(spec["authorize_url"])
         if url is None:
             return {}, "vault.authorize_url must be an http(s) URL"
-        return {"authorize_url": url}, None
-    return {}, None
+        out["authorize_url"] = url
+    r = spec.get("refresh")
+    if r is not None:
+        if not isinstance(r, dict) or set(map(str, r)) - {"token_endpoint", "client_auth", "timeout"}:
+            return {}, "vault.refresh takes token_endpoint, client_auth and timeout"
+        endpoint = _url(r.get("token_endpoint"))
+        if endpoint is None:
+            return {}, "vault.refresh.token_endpoint must be an http(s) URL without userinfo or fragment"
+        client, err = _client_auth(r.get("client_auth"), resolve, "vault.refresh")
+        if err:
+            return {}, err
+        timeout = r.get("timeout", 5)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 60:
+            return {}, "vault.refresh.timeout must be between 0 and 60 seconds"
+        out["refresh"] = RefreshConfig(endpoint, timeout=float(timeout), **client)
+    return out, None

@@ -26,7 +26,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import jwtverify as jv
 from addons.httputil import json_response, refuse_http
-from addons.record import get_record
+from addons.record import Transient, get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever
 
 log = logging.getLogger("bastion.identity")
@@ -277,7 +277,7 @@ class Identity:
             return
         rec.identity = ident
         if getattr(getattr(conn, "credential", None), "kind", None) == "exchange":
-            rec.subject_token = token   # the RFC 8693 subject_token; the Injector clears it
+            rec.subject_token = Transient(token)   # the RFC 8693 subject_token; the Injector clears it
         needed = tuple(getattr(conn, "roles", ()) or ()) if conn is not None else ()
         if needed and not set(needed) & set(ident.roles):
             log.warning("refused %s %s for sub=%s: connection %s needs one of roles %s",

@@ -53,6 +53,25 @@ class MaskEvent:
     count: int = 1
 
 
+class Transient:
+    """A secret the record holds only while this flow is processed: copies of the flow
+    (mitmweb duplicate, saved state) and reprs carry nothing of it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Transient([redacted])"
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())
+
+
 @dataclass
 class BastionRecord:
     started: float = field(default_factory=time.time)
@@ -76,7 +95,7 @@ class BastionRecord:
     mask_required: bool = False            # unparsable response must not pass raw
     # The caller's verified bearer token, kept only for the Injector to exchange (RFC 8693
     # subject_token) and cleared there; never recorded, never forwarded.
-    subject_token: str | None = field(default=None, repr=False)
+    subject_token: Transient | None = field(default=None, repr=False)
     credential_kind: str | None = None     # service | exchange | vault: what went upstream (audit)
     notes: dict[str, Any] = field(default_factory=dict)
 

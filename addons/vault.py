@@ -13,6 +13,7 @@ The key (32 random bytes, base64url) comes from `file:PATH` (must be 0600; creat
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import re
@@ -20,8 +21,10 @@ import secrets
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -29,7 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 VERSION = 1
 DEFAULT_VAULT = ".secrets/credentials.vault"
 DEFAULT_KEY = "file:.secrets/vault.key"
-KINDS = ("token", "api_key")
+KINDS = ("token", "api_key", "oauth")   # oauth: an access token with its refresh token
 # a secret is sent as a header value: printable ASCII, no CR/LF
 _SECRET_OK = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,16383}$")
 _NAME_OK = re.compile(r"^[\x21-\x7e]{1,256}$")
@@ -153,18 +156,23 @@ class Vault:
         return self._aead
 
     def put(self, connection: str, subject: str, secret: str, kind: str = "token",
-            expires: float | None = None, now: float | None = None) -> Entry:
+            expires: float | None = None, now: float | None = None, refresh_token: str | None = None) -> Entry:
+        """kind oauth: `secret` is the access token and `refresh_token` is required."""
         if not _NAME_OK.match(connection) or not _NAME_OK.match(subject):
             raise ValueError("connection and subject must be printable, without spaces")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}")
-        if not _SECRET_OK.match(secret):
-            raise ValueError("the secret must be one line of printable ASCII (it is sent as a header value)")
+        if (kind == "oauth") != (refresh_token is not None):
+            raise ValueError("an oauth entry needs a refresh token, and only an oauth entry has one")
+        for value in (secret, refresh_token or "x"):
+            if not _SECRET_OK.match(value):
+                raise ValueError("the secret must be one line of printable ASCII (it is sent as a header value)")
         aead = self._need_key()
         e = Entry(connection, subject, kind, round(now if now is not None else time.time(), 3),
                   round(expires, 3) if expires is not None else None)
+        plain = json.dumps({"access_token": secret, "refresh_token": refresh_token}) if kind == "oauth" else secret
         nonce = secrets.token_bytes(12)
-        e.nonce, e.sealed = _b64(nonce), _b64(aead.encrypt(nonce, secret.encode(), e.aad()))
+        e.nonce, e.sealed = _b64(nonce), _b64(aead.encrypt(nonce, plain.encode(), e.aad()))
         self.entries[(connection, subject)] = e
         return e
 
@@ -176,28 +184,69 @@ class Vault:
         e.nonce = e.sealed = None
         return True
 
-    def lookup(self, connection: str, subject: str, now: float | None = None) -> str:
-        """The secret, or NoEntry (none / revoked / expired); VaultError if it cannot be opened."""
+    def lookup(self, connection: str, subject: str, now: float | None = None, margin: float = 0.0) -> str:
+        """The secret, or NoEntry (none / revoked / expired); VaultError if it cannot be opened.
+        An oauth entry counts as expired `margin` seconds early (time to refresh it)."""
+        e = self._live(connection, subject)
+        early = margin if e.kind == "oauth" else 0.0
+        if e.expires is not None and e.expires - early <= (now if now is not None else time.time()):
+            raise NoEntry("expired")
+        plain = self._open(e)
+        return json.loads(plain)["access_token"] if e.kind == "oauth" else plain
+
+    def refresh_token(self, connection: str, subject: str) -> str | None:
+        """The refresh token of a live oauth entry (expired or not), else None."""
+        try:
+            e = self._live(connection, subject)
+        except NoEntry:
+            return None
+        return json.loads(self._open(e))["refresh_token"] if e.kind == "oauth" else None
+
+    def _live(self, connection: str, subject: str) -> Entry:
         e = self.entries.get((connection, subject))
         if e is None:
             raise NoEntry("none")
         if e.revoked is not None or e.sealed is None or e.nonce is None:
             raise NoEntry("revoked")
-        if e.expires is not None and e.expires <= (now if now is not None else time.time()):
-            raise NoEntry("expired")
+        return e
+
+    def _open(self, e: Entry) -> str:
         try:
-            secret = self._need_key().decrypt(_unb64(e.nonce), _unb64(e.sealed), e.aad()).decode()
+            plain = self._need_key().decrypt(_unb64(e.nonce or ""), _unb64(e.sealed or ""), e.aad()).decode()
         except (InvalidTag, ValueError):
-            raise VaultError(f"vault entry for {subject} on {connection} does not open with this key "
+            raise VaultError(f"vault entry for {e.subject} on {e.connection} does not open with this key "
                              "(wrong key or edited file)") from None
-        if not _SECRET_OK.match(secret):
+        values = [plain]
+        if e.kind == "oauth":
+            try:
+                doc = json.loads(plain)
+                values = [doc["access_token"], doc["refresh_token"]]
+            except (ValueError, KeyError, TypeError):
+                values = [""]
+        if not all(isinstance(v, str) and _SECRET_OK.match(v) for v in values):
             raise VaultError("vault entry holds an unusable secret")
-        return secret
+        return plain
 
     def rows(self) -> list[dict]:
         """Metadata only: never a secret."""
         return [{"connection": e.connection, "subject": e.subject, "kind": e.kind, "created": e.created,
                  "expires": e.expires, "revoked": e.revoked} for e in self.entries.values()]
+
+
+@contextmanager
+def updating(path: str | os.PathLike, key: bytes | None) -> Iterator[Vault]:
+    """Read-modify-write under an exclusive lock (<vault>.lock), so the CLI and a gateway
+    refreshing a token never lose each other's changes."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(f"{p}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        v = Vault.load(p, key)
+        yield v
+        v.save()
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- CLI
@@ -215,7 +264,10 @@ def add_cli(sub) -> None:
     s.add_argument("--subject", required=True, help="the caller's verified `sub`")
     s.add_argument("--kind", choices=KINDS, default="token")
     s.add_argument("--secret-file", help="read the secret from this file instead of stdin")
-    s.add_argument("--expires-in", type=int, default=None, help="seconds until the entry stops being used")
+    s.add_argument("--expires-in", type=int, default=None, help="seconds until the entry stops being used "
+                   "(oauth: until the gateway refreshes it)")
+    s.add_argument("--refresh-token-file", help="kind oauth: file holding the refresh token (the access token "
+                   "comes from stdin / --secret-file)")
     s.set_defaults(func=_cli_set)
     ls = cs.add_parser("list", help="subjects, connections, kinds, created / expiry / revoked times")
     ls.add_argument("--connection", default=None)
@@ -240,11 +292,14 @@ def _cli_set(args) -> int:
         return _err(f"cannot read the secret: {e.strerror}")
     secret = raw.strip("\r\n")
     try:
-        v = Vault.load(args.vault, load_key(args.key, create=True))
-        now = time.time()
-        v.put(args.connection, args.subject, secret, args.kind,
-              now + args.expires_in if args.expires_in else None, now)
-        v.save()
+        refresh = Path(args.refresh_token_file).read_text().strip() if args.refresh_token_file else None
+    except OSError as e:
+        return _err(f"cannot read the refresh token: {e.strerror}")
+    try:
+        with updating(args.vault, load_key(args.key, create=True)) as v:
+            now = time.time()
+            v.put(args.connection, args.subject, secret, args.kind,
+                  now + args.expires_in if args.expires_in else None, now, refresh_token=refresh)
     except (VaultError, ValueError) as e:
         return _err(str(e))
     print(f"stored {args.kind} for {args.subject} on {args.connection}")
@@ -271,10 +326,9 @@ def _cli_list(args) -> int:
 
 def _cli_revoke(args) -> int:
     try:
-        v = Vault.load(args.vault, None)
-        if not v.revoke(args.connection, args.subject):
-            return _err(f"no active entry for {args.subject} on {args.connection}")
-        v.save()
+        with updating(args.vault, None) as v:
+            if not v.revoke(args.connection, args.subject):
+                return _err(f"no active entry for {args.subject} on {args.connection}")
     except VaultError as e:
         return _err(str(e))
     print(f"revoked {args.subject} on {args.connection}")

@@ -13,6 +13,8 @@ The subject token must be a JWT of the gateway's embedded issuer (its key file),
 gateway's audience. The issued token: iss = this server, sub = the subject's sub, aud =
 the requested audience, act = {"sub": <authenticated client id>} (RFC 8693 section 4.1),
 signed RS256, keys at /jwks. GET /stats counts token requests (to prove caching).
+The refresh_token grant (authlib's RefreshTokenGrant) rotates: each use issues a new refresh
+token and revokes the old one; --refresh-token SUB=TOKEN seeds one.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ class Client(ClientMixin):
         return method == "client_secret_basic"
 
     def check_grant_type(self, grant_type):
-        return grant_type == TOKEN_EXCHANGE
+        return grant_type in (TOKEN_EXCHANGE, "refresh_token")
 
     def get_allowed_scope(self, scope):
         return scope or ""
@@ -129,9 +131,48 @@ class TokenExchangeGrant(grants.BaseGrant, grants.TokenEndpointMixin):
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
+@dataclass
+class RefreshRecord:
+    token: str
+    sub: str
+    client_id: str
+
+    def check_client(self, client):
+        return client.get_client_id() == self.client_id
+
+    def get_scope(self):
+        return ""
+
+    def is_expired(self):
+        return False
+
+    def is_revoked(self):
+        return False
+
+
+class RotatingRefreshGrant(grants.RefreshTokenGrant):
+    """authlib's refresh grant with rotation: each use issues a new refresh token and
+    revokes the old one (a reused refresh token gets invalid_grant)."""
+    TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic"]
+    INCLUDE_NEW_REFRESH_TOKEN = True
+    store: dict = {}
+    audience = ""
+
+    def authenticate_refresh_token(self, refresh_token):
+        return self.store.get(refresh_token)
+
+    def authenticate_user(self, credential):
+        return Delegation(credential.sub, self.audience)
+
+    def revoke_old_credential(self, credential):
+        self.store.pop(credential.token, None)
+
+
 class ActorTokenGenerator(JWTBearerTokenGenerator):
     def __init__(self, issuer: str, key: RSAKey, expires_in: int):
-        super().__init__(issuer, alg="RS256", expires_generator=expires_in)
+        from authlib.common.security import generate_token
+        super().__init__(issuer, alg="RS256", expires_generator=expires_in,
+                         refresh_token_generator=lambda client, grant_type, user, scope: generate_token(42))
         self.key = key
 
     def get_jwks(self):
@@ -145,17 +186,25 @@ class ActorTokenGenerator(JWTBearerTokenGenerator):
 
 
 def make_app(issuer: str, subject_key_pem: bytes, client: Client, expires_in: int, audiences: set[str],
-             subject_issuer: str, subject_audience: str, denied: set[str]) -> Flask:
+             subject_issuer: str, subject_audience: str, denied: set[str],
+             refresh_tokens: dict[str, str] | None = None) -> Flask:
     app = Flask("oauth_as")
     key = RSAKey.generate_key(2048, parameters={"kid": "as-key-1", "use": "sig", "alg": "RS256"}, private=True)
-    stats = {"token_requests": 0, "issued": 0, "by_sub": {}}
+    stats = {"token_requests": 0, "issued": 0, "by_sub": {}, "refreshed": {}}
     lock = threading.Lock()
+    RotatingRefreshGrant.store = {rt: RefreshRecord(rt, sub, client.client_id)
+                                  for sub, rt in (refresh_tokens or {}).items()}
+    RotatingRefreshGrant.audience = sorted(audiences)[0]
 
     def save_token(token, request):
         with lock:
             stats["issued"] += 1
             sub = request.user.sub
-            stats["by_sub"][sub] = stats["by_sub"].get(sub, 0) + 1
+            counter = "refreshed" if request.payload.grant_type == "refresh_token" else "by_sub"
+            stats[counter][sub] = stats[counter].get(sub, 0) + 1
+            if token.get("refresh_token"):
+                RotatingRefreshGrant.store[token["refresh_token"]] = RefreshRecord(
+                    token["refresh_token"], sub, client.client_id)
 
     server = AuthorizationServer(app, query_client=lambda cid: client if cid == client.client_id else None,
                                  save_token=save_token)
@@ -164,6 +213,7 @@ def make_app(issuer: str, subject_key_pem: bytes, client: Client, expires_in: in
     TokenExchangeGrant.subject_issuer, TokenExchangeGrant.subject_audience = subject_issuer, subject_audience
     TokenExchangeGrant.denied, TokenExchangeGrant.audiences = frozenset(denied), frozenset(audiences)
     server.register_grant(TokenExchangeGrant)
+    server.register_grant(RotatingRefreshGrant)
     server.register_token_generator("default", ActorTokenGenerator(issuer, key, expires_in))
 
     @app.post("/token")
@@ -195,12 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--audience", action="append", required=True, help="audience this server issues tokens for")
     ap.add_argument("--expires-in", type=int, default=3600)
     ap.add_argument("--deny-sub", action="append", default=[])
+    ap.add_argument("--refresh-token", action="append", default=[], metavar="SUB=TOKEN",
+                    help="a refresh token this server has issued to SUB (rotated on use)")
     args = ap.parse_args(argv)
     issuer = f"http://127.0.0.1:{args.port}"
     app = make_app(issuer, Path(args.subject_key).read_bytes(),
                    Client(args.client_id, Path(args.client_secret_file).read_text().strip()),
                    args.expires_in, set(args.audience), args.subject_issuer, args.subject_audience,
-                   set(args.deny_sub))
+                   set(args.deny_sub), dict(r.split("=", 1) for r in args.refresh_token))
     srv = make_server("127.0.0.1", args.port, app, threaded=True)
     print(f"READY {issuer}", flush=True)
     srv.serve_forever()

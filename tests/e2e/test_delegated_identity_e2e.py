@@ -53,23 +53,34 @@ def upstream_auth(demo) -> list[str]:
     return [v for r in demo.received() for k, v in r["headers"] if k.lower() == "authorization"]
 
 
-@pytest.fixture
-def exchange_stack(tmp_path, procs, demo_server, rules_dir, gateway):
-    """AS (authlib) + demo server verifying its JWTs + gateway exchanging callers' tokens."""
+def start_auth_server(tmp_path: Path, procs: list, *extra: str) -> tuple[Path, Path, str]:
+    """The authlib authorisation server, trusting the gateway's embedded issuer key (created
+    here, before the gateway). -> (key_dir, client secret file, AS URL)"""
     key_dir = tmp_path / "keys"
-    jv.local_key_source(str(key_dir))           # the gateway's embedded issuer key: the AS trusts it
+    jv.local_key_source(str(key_dir))
     secret = tmp_path / "as-client-secret"
     secret.write_text("as-client-secret-0123456789\n")
     as_port = free_port()
-    as_url = f"http://127.0.0.1:{as_port}"
     auth_server = Proc("oauth-as", [sys.executable, "-m", "tests.e2e.oauth_as", "--port", str(as_port),
                                     "--subject-key", str(key_dir / jv.LOCAL_KEY_FILE), "--client-id", CLIENT_ID,
-                                    "--client-secret-file", str(secret), "--audience", AUDIENCE,
-                                    "--deny-sub", "mallory"], tmp_path / "oauth-as.log").start()
+                                    "--client-secret-file", str(secret), "--audience", AUDIENCE, *extra],
+                       tmp_path / "oauth-as.log").start()
     procs.append(auth_server)
     auth_server.wait_port(as_port, marker="READY")
-    demo = demo_server("json", args=("--verify-jwt-jwks", f"{as_url}/jwks", "--audience", AUDIENCE,
+    return key_dir, secret, f"http://127.0.0.1:{as_port}"
+
+
+def jwt_demo(demo_server, as_url: str):
+    """The demo server accepting only JWTs of the AS with the upstream's audience."""
+    return demo_server("json", args=("--verify-jwt-jwks", f"{as_url}/jwks", "--audience", AUDIENCE,
                                      "--issuer", as_url))
+
+
+@pytest.fixture
+def exchange_stack(tmp_path, procs, demo_server, rules_dir, gateway):
+    """AS (authlib) + demo server verifying its JWTs + gateway exchanging callers' tokens."""
+    key_dir, secret, as_url = start_auth_server(tmp_path, procs, "--deny-sub", "mallory")
+    demo = jwt_demo(demo_server, as_url)
     dead = f"http://127.0.0.1:{free_port()}/token"     # nothing listens there
 
     def conn(endpoint: str) -> dict:
@@ -209,3 +220,42 @@ async def test_vault_per_user_credentials_consent_and_revocation(vault_stack):
     listing = creds_cli(vault, key, "list")
     alice_row = next(line for line in listing.stdout.splitlines() if "alice" in line)
     assert alice_row.split()[-1] != "-"                            # shown as revoked
+
+
+async def test_oauth_vault_entry_refreshed_with_rotation(tmp_path, procs, demo_server, rules_dir, gateway):
+    key_dir, secret, as_url = start_auth_server(tmp_path, procs, "--refresh-token", "alice=rt-alice-1")
+    demo = jwt_demo(demo_server, as_url)
+    vault, key = tmp_path / "vault" / "creds.vault", tmp_path / "vault" / "vault.key"
+    (tmp_path / "rt").write_text("rt-alice-1\n")
+    # an access token about to expire (inside the 30 s refresh margin) and its refresh token
+    p = creds_cli(vault, key, "set", "--connection", "demo", "--subject", "alice", "--kind", "oauth",
+                  "--refresh-token-file", str(tmp_path / "rt"), "--expires-in", "5", stdin="stale-access-token\n")
+    assert p.returncode == 0, p.stderr
+    conns = {"connections": {"demo": {"upstream": demo.url, "credential": {"vault": {
+        "authorize_url": CONSENT_URL,
+        "refresh": {"token_endpoint": f"{as_url}/token",
+                    "client_auth": {"client_id": CLIENT_ID, "client_secret": {"from": f"file:{secret}"}}}}}}}}
+    rules = rules_dir(demo, **{"policy.yaml": ALLOW_ALL_POLICY, "connections.yaml": json.dumps(conns)})
+    gw = gateway(rules, key_dir=key_dir,
+                 extra_args=("--set", f"bastion_vault={vault}", "--set", f"bastion_vault_key=file:{key}"))
+    async with connect(gw.mcp_url(), gw.token("alice", ["e2e-all"])) as c:
+        for _ in range(3):
+            res = await c.call_tool("whoami", {})
+            assert not res.is_error and res.structured_content["sub"] == "alice"
+            assert res.structured_content["aud"] == AUDIENCE
+    stats = httpx.get(f"{as_url}/stats").json()
+    assert stats["refreshed"] == {"alice": 1}                   # one refresh, then the fresh token is reused
+    assert fp("Bearer stale-access-token") not in upstream_auth(demo) and len(set(upstream_auth(demo))) == 1
+    # rotation: the old refresh token is spent at the AS, and the vault holds the new one
+    r = httpx.post(f"{as_url}/token", data={"grant_type": "refresh_token", "refresh_token": "rt-alice-1"},
+                   auth=(CLIENT_ID, secret.read_text().strip()))
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+    from addons.vault import Vault, load_key
+    stored = Vault.load(vault, load_key(f"file:{key}")).refresh_token("demo", "alice")
+    assert stored and stored != "rt-alice-1" and stored.encode() not in vault.read_bytes()
+    r = httpx.post(f"{as_url}/token", data={"grant_type": "refresh_token", "refresh_token": stored},
+                   auth=(CLIENT_ID, secret.read_text().strip()))
+    assert r.status_code == 200                                 # the rotated token the gateway stored works
+    row = next(line for line in creds_cli(vault, key, "list").stdout.splitlines() if "alice" in line)
+    assert "oauth" in row
+    assert {x["credential"] for x in sql(gw.recordings, "SELECT credential FROM exchanges")} == {"vault"}

@@ -15,7 +15,7 @@ import pytest
 from addons import credentials as creds
 from addons.connections import Injector, Router, parse_connections
 from addons.mcp import parse_body
-from addons.record import Decision, Identity, get_record
+from addons.record import Decision, Identity, Transient, get_record
 from addons.rules import RulesError
 from addons.vault import Vault
 
@@ -29,13 +29,13 @@ OK_BODY = {"access_token": "exchanged-1", "issued_token_type": creds.TOKEN_TYPE_
 
 def test_parse_token_response_ok_and_expiry_sources():
     now = 1000.0
-    assert creds.parse_token_response(200, json.dumps(OK_BODY).encode(), now) == ("exchanged-1", 1300.0)
+    assert creds.parse_token_response(200, json.dumps(OK_BODY).encode(), now) == ("exchanged-1", 1300.0, None)
     at = jwt.encode({"sub": "a", "exp": 5000}, "k" * 32, algorithm="HS256")
     body = {**OK_BODY, "access_token": at}
     del body["expires_in"]
-    assert creds.parse_token_response(200, json.dumps(body).encode(), now) == (at, 5000.0)
+    assert creds.parse_token_response(200, json.dumps(body).encode(), now) == (at, 5000.0, None)
     body["access_token"] = "opaque"
-    assert creds.parse_token_response(200, json.dumps(body).encode(), now) == ("opaque", None)   # not cached
+    assert creds.parse_token_response(200, json.dumps(body).encode(), now) == ("opaque", None, None)  # not cached
 
 
 @pytest.mark.parametrize("status,body,rule", [
@@ -285,7 +285,7 @@ def routed(router, conn: str, sub="alice", token="caller.jwt", version="2025-06-
     f.request.headers["authorization"] = "Bearer [redacted]"
     router.requestheaders(f)
     rec = get_record(f.metadata)
-    rec.identity, rec.subject_token, rec.protocol_version = Identity(sub, issuer="iss"), token, version
+    rec.identity, rec.subject_token, rec.protocol_version = Identity(sub, issuer="iss"), Transient(token), version
     parsed = parse_body(body)
     rec.messages, rec.batch = parsed.messages, parsed.batch
     rec.decisions = [Decision("allow", "r", message_id=m.id) for m in parsed.messages]
@@ -326,3 +326,114 @@ async def test_injector_refuses_vault_miss_with_consent_and_down_exchange_with_5
     assert f.response.status_code == 503 and json.loads(f.response.content)["error"] == "temporarily_unavailable"
     assert rec.refusal_rule == "credential:exchange-unavailable" and f.request.host == "gw.example"
     assert "caller.jwt" not in f.response.text and "caller.jwt" not in (rec.refusal or "")
+
+
+def test_subject_token_never_survives_a_copy_of_the_flow(injector_chain):
+    import copy
+    import pickle
+    router, _ = injector_chain
+    f, rec = routed(router, "ex", token="caller.jwt.secret")
+    assert "caller.jwt.secret" not in repr(rec)
+    assert get_record(f.copy().metadata).subject_token is None           # mitmweb "duplicate"
+    assert "caller.jwt.secret" not in str(f.get_state())
+    assert copy.deepcopy(rec).subject_token is None and b"caller.jwt.secret" not in pickle.dumps(rec.subject_token)
+    assert rec.subject_token.value == "caller.jwt.secret"                 # the live flow still has it
+
+
+async def test_identity_keeps_the_caller_token_only_for_exchange_connections(tmp_path, monkeypatch):
+    from mitmproxy.test import taddons, tflow, tutils
+    from addons import jwtverify as jv
+    from addons.identity import Identity as IdentityAddon
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "connections.yaml").write_text(
+        "connections:\n"
+        "  ex:\n    upstream: http://127.0.0.1:9100/mcp\n"
+        "    credential: {exchange: {token_endpoint: 'https://as.example/token', audience: api}}\n"
+        "  plain:\n    upstream: http://127.0.0.1:9101/mcp\n")
+    router, ident = Router(), IdentityAddon()
+    with taddons.context(router, ident) as tctx:
+        tctx.configure(router, bastion_rules=str(tmp_path / "rules"))
+        tctx.configure(ident, bastion_key_dir=str(tmp_path / "keys"))
+        token = jv.mint_token(tmp_path / "keys", "alice")
+        for conn, kept in (("ex", True), ("plain", False)):
+            f = tflow.tflow(req=tutils.treq(method=b"POST", path=f"/mcp/{conn}".encode(), content=b"{}"))
+            f.request.headers["authorization"] = f"Bearer {token}"
+            router.requestheaders(f)
+            await ident.request(f)
+            rec = get_record(f.metadata)
+            assert f.response is None and rec.identity.sub == "alice"
+            assert (rec.subject_token.value if rec.subject_token else None) == (token if kept else None)
+            assert token not in str(f.request.headers)          # redacted from the flow either way
+
+
+# ---------------------------------------------------------------- oauth vault entries: refresh with rotation
+
+REFRESH = creds.RefreshConfig("https://as.example/token", client_id="gw", client_secret="cs")
+
+
+def oauth_setup(tmp_path, fake: FakeAS, expires_in: float = 5):
+    v = Vault(tmp_path / "v", b"k" * 32)
+    v.put("demo", "alice", "stale-access", "oauth", time.time() + expires_in, refresh_token="rt-1")
+    stored = []
+
+    async def store(connection, sub, access, refresh, expires):
+        stored.append((connection, sub, access, refresh))
+        v.put(connection, sub, access, "oauth", expires, refresh_token=refresh)
+    up = creds.UpstreamCredentials(fake.exchanger(), lambda: v, store)
+    cred = creds.VaultCredential(authorize_url="https://consent.example/a", refresh=REFRESH)
+    return v, up, cred, stored
+
+
+async def test_expiring_oauth_entry_is_refreshed_once_and_the_rotated_token_stored(tmp_path):
+    fake = FakeAS(body={"access_token": "fresh-access", "token_type": "Bearer", "expires_in": 3600,
+                        "refresh_token": "rt-2"}, delay=0.05)
+    v, up, cred, stored = oauth_setup(tmp_path, fake)       # expires within the 30 s margin
+    got = await asyncio.gather(*(up.for_call("demo", cred, None, "alice", "iss", None) for _ in range(5)))
+    assert {g.value for g in got} == {"Bearer fresh-access"} and fake.n == 1     # one refresh for all
+    form = dict(urllib.parse.parse_qsl(fake.requests[0].content.decode()))
+    assert form == {"grant_type": "refresh_token", "refresh_token": "rt-1"}
+    assert fake.requests[0].headers["authorization"].startswith("Basic ")
+    assert stored == [("demo", "alice", "fresh-access", "rt-2")] and v.refresh_token("demo", "alice") == "rt-2"
+    assert (await up.for_call("demo", cred, None, "alice", "iss", None)).value == "Bearer fresh-access"
+    assert fake.n == 1                                        # fresh entry used as is
+
+
+async def test_refresh_without_rotation_keeps_the_old_refresh_token(tmp_path):
+    fake = FakeAS(body={"access_token": "fresh", "token_type": "bearer", "expires_in": 600})
+    v, up, cred, stored = oauth_setup(tmp_path, fake)
+    await up.for_call("demo", cred, None, "alice", "iss", None)
+    assert stored[0][3] == "rt-1"
+
+
+@pytest.mark.parametrize("status,body,rule,code", [
+    (400, {"error": "invalid_grant"}, "credential:vault-refresh-denied", 403),
+    (503, {"error": "temporarily_unavailable"}, "credential:vault-refresh-unavailable", 503),
+])
+async def test_failed_refresh_is_refused_before_the_upstream(tmp_path, status, body, rule, code):
+    v, up, cred, stored = oauth_setup(tmp_path, FakeAS(status=status, body=body))
+    with pytest.raises(creds.CredentialRefused) as e:
+        await up.for_call("demo", cred, None, "alice", "iss", None)
+    assert (e.value.rule, e.value.status) == (rule, code) and stored == []
+    if code == 403:
+        assert e.value.authorize_url == "https://consent.example/a"     # authorise again
+
+
+async def test_expired_entry_without_refresh_config_needs_consent(tmp_path):
+    fake = FakeAS()
+    v, up, _, _ = oauth_setup(tmp_path, fake)
+    with pytest.raises(creds.CredentialRefused) as e:
+        await up.for_call("demo", creds.VaultCredential(), None, "alice", "iss", None)
+    assert e.value.rule == "credential:vault-expired" and fake.n == 0
+
+
+def test_vault_refresh_rules(tmp_path, monkeypatch):
+    monkeypatch.setenv("RS", "refresh-client-secret")
+    v = parse(tmp_path, {"vault": {"refresh": {"token_endpoint": "https://as.example/token",
+                                               "client_auth": {"client_id": "gw", "client_secret": {"from": "env:RS"}}}}})
+    r = v.credential.refresh
+    assert (r.token_endpoint, r.client_id, r.client_secret) == ("https://as.example/token", "gw", "refresh-client-secret")
+    for bad in ({"refresh": {"token_endpoint": "nope"}}, {"refresh": {"token_endpoint": "https://a/t", "x": 1}},
+                {"refresh": {"token_endpoint": "https://a/t", "client_auth": {"client_id": "gw", "client_secret": "inline"}}}):
+        with pytest.raises(RulesError):
+            parse(tmp_path, {"vault": bad})

@@ -148,3 +148,35 @@ def test_cli_set_list_revoke_never_prints_secrets(tmp_path, monkeypatch, capsys)
         v.lookup("demo", "alice")
     monkeypatch.setattr("sys.stdin", io.StringIO("two\nlines\n"))
     assert cli_main([*base, "set", "--connection", "demo", "--subject", "carol"]) == 1
+
+
+def test_oauth_entries(tmp_path):
+    v = Vault(tmp_path / "v", KEY)
+    with pytest.raises(ValueError):
+        v.put("demo", "alice", "access", "oauth")                        # needs a refresh token
+    with pytest.raises(ValueError):
+        v.put("demo", "alice", "access", "token", refresh_token="rt")    # only oauth has one
+    v.put("demo", "alice", "access-1", "oauth", expires=1100.0, now=1000.0, refresh_token="rt-1")
+    assert v.lookup("demo", "alice", now=1050.0) == "access-1"
+    with pytest.raises(NoEntry):                                           # within the refresh margin
+        v.lookup("demo", "alice", now=1050.0, margin=60)
+    assert v.refresh_token("demo", "alice") == "rt-1" and v.refresh_token("demo", "bob") is None
+    v.put("demo", "bob", "k", now=1000.0)
+    assert v.lookup("demo", "bob", now=5000.0, margin=60) == "k" and v.refresh_token("demo", "bob") is None
+    v.revoke("demo", "alice")
+    assert v.refresh_token("demo", "alice") is None
+
+
+def test_cli_oauth_entry_with_refresh_token_file(tmp_path, monkeypatch, capsys):
+    vault, key = tmp_path / "c.vault", tmp_path / "v.key"
+    (tmp_path / "rt").write_text("refresh-token-value\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("access-token-value\n"))
+    base = ["creds", "--vault", str(vault), "--key", f"file:{key}"]
+    assert cli_main([*base, "set", "--connection", "demo", "--subject", "alice", "--kind", "oauth",
+                     "--refresh-token-file", str(tmp_path / "rt"), "--expires-in", "60"]) == 0
+    v = Vault.load(vault, load_key(f"file:{key}"))
+    assert v.lookup("demo", "alice") == "access-token-value" and v.refresh_token("demo", "alice") == "refresh-token-value"
+    monkeypatch.setattr("sys.stdin", io.StringIO("x\n"))
+    assert cli_main([*base, "set", "--connection", "demo", "--subject", "bob", "--kind", "oauth"]) == 1
+    out = capsys.readouterr()
+    assert "token-value" not in out.out + out.err
