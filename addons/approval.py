@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -33,8 +32,9 @@ from mitmproxy.connection import ConnectionState
 from addons.httputil import json_response, refuse_http, refuse_jsonrpc
 from addons.mcp import jsonrpc_error
 from addons.record import BastionRecord, get_record
+from addons.textsafe import esc, get_logger
 
-log = logging.getLogger("bastion.approval")
+log = get_logger("bastion.approval")
 
 APPROVAL_DENIED = -32033
 APPROVAL_TIMEOUT = -32034
@@ -47,6 +47,13 @@ OUTCOME_MARKS = {"approved": ":white_check_mark:", "denied": ":no_entry:", "time
                  "cancelled": ":heavy_multiplication_x:"}
 
 
+@dataclass(frozen=True)
+class Need:
+    """One approval a held request needs: a held call's rule and the roles that may give it."""
+    rule: str
+    approvers: tuple[str, ...]
+
+
 @dataclass
 class Pending:
     id: str
@@ -54,7 +61,7 @@ class Pending:
     requester: str
     connection: str
     summary: dict
-    approvers: tuple[str, ...]
+    needs: tuple[Need, ...]           # every held call's approval (a batch can hold several)
     rule: str
     timeout: float
     deadline: float                   # time.monotonic()
@@ -63,6 +70,16 @@ class Pending:
     outcome: str | None = None        # approved / denied / timeout / cancelled
     approver: str | None = None
     reason: str = ""
+    approved_by: dict[int, str] = field(default_factory=dict)   # index in needs -> approver
+
+    @property
+    def approvers(self) -> tuple[str, ...]:
+        """Roles that can still move this request forward (any of the needs not yet given)."""
+        return tuple(sorted({r for i, n in enumerate(self.needs) if i not in self.approved_by for r in n.approvers}))
+
+    def may_decide(self, roles: Sequence[str]) -> list[int]:
+        """Indexes of the needs an identity with these roles may give (never an empty approver list)."""
+        return [i for i, n in enumerate(self.needs) if set(n.approvers) & set(roles)]
 
     @property
     def deadline_utc(self) -> str:
@@ -71,6 +88,8 @@ class Pending:
     def public(self) -> dict:
         return {"id": self.id, "requester": self.requester, "connection": self.connection, "rule": self.rule,
                 "approvers": list(self.approvers), "created": self.created, "deadline": self.deadline_utc,
+                "needs": [{"rule": n.rule, "approvers": list(n.approvers), "approved_by": self.approved_by.get(i)}
+                          for i, n in enumerate(self.needs)],
                 "expires_in": round(max(0.0, self.deadline - time.monotonic()), 1), **self.summary}
 
 
@@ -227,9 +246,10 @@ class Approval:
         calls = [{"method": m.method, "target": m.target, "arguments": display_arguments(m.arguments, profiles)}
                  for m in rec.messages]
         ident = rec.identity
+        needs = tuple(dict.fromkeys(Need(d.rule or "-", tuple(sorted(d.approvers))) for d in held))
         return Pending(id=uuid.uuid4().hex[:12], flow=flow, requester=ident.sub if ident else "-",
-                       connection=rec.connection or "-", rule=held[0].rule or "-",
-                       approvers=tuple(sorted({r for d in held for r in d.approvers})),
+                       connection=rec.connection or "-", rule=", ".join(dict.fromkeys(n.rule for n in needs)),
+                       needs=needs,
                        timeout=timeout, deadline=time.monotonic() + timeout,
                        summary={"calls": calls, "roles": list(ident.roles) if ident else []})
 
@@ -281,8 +301,8 @@ class Approval:
         flow.marked = OUTCOME_MARKS[p.outcome or "cancelled"]
         rec.approval = {"id": p.id, "outcome": p.outcome, "approver": p.approver, "reason": p.reason,
                         "rule": p.rule, "waited": round(time.time() - p.created, 3), "decided_at": time.time()}
-        flow.comment = f"{flow.comment}\nOutcome: {p.outcome}" + (f" by {p.approver}" if p.approver else "") + (
-            f" ({p.reason})" if p.reason else "") + "."
+        flow.comment = f"{flow.comment}\n" + esc(f"Outcome: {p.outcome}" + (f" by {p.approver}" if p.approver else "") + (
+            f" ({p.reason})" if p.reason else "") + ".")
         log.warning("approval %s: %s%s after %.1fs%s", p.id, p.outcome, f" by {p.approver}" if p.approver else "",
                     rec.approval["waited"], f" ({p.reason})" if p.reason else "")
         if p.outcome == "approved":
@@ -302,15 +322,17 @@ class Approval:
 
     @staticmethod
     def _comment(p: Pending) -> str:
-        # one sentence per line: mitmweb shows the comment as one paragraph, the console keeps lines
-        calls = "\n".join(f"Call: {c['method']} {c['target'] or ''} "
-                          f"{json.dumps(c['arguments'], ensure_ascii=False)[:500]}." for c in p.summary["calls"])
-        return (f"APPROVAL {p.id} needed, rule {p.rule}.\n"
-                f"Requester: {p.requester} (roles {', '.join(p.summary['roles']) or '-'}).\n"
-                f"Connection: {p.connection}.\n{calls}\n"
-                f"Approvers: {', '.join(p.approvers) or 'mitmweb users'}.\n"
-                f"Deadline: {p.deadline_utc} ({p.timeout:g}s).\n"
-                f"Resume = approve; Abort or `bastion.deny @focus \"reason\"` = deny.")
+        # one sentence per line: mitmweb shows the comment as one paragraph, the console keeps lines;
+        # every line escaped (caller-chosen sub, tool names, arguments)
+        calls = [f"Call: {c['method']} {c['target'] or ''} {json.dumps(c['arguments'], ensure_ascii=False)[:500]}."
+                 for c in p.summary["calls"]]
+        lines = [f"APPROVAL {p.id} needed, rule {p.rule}.",
+                 f"Requester: {p.requester} (roles {', '.join(p.summary['roles']) or '-'}).",
+                 f"Connection: {p.connection}.", *calls,
+                 f"Approvers: {', '.join(p.approvers) or 'mitmweb users'}.",
+                 f"Deadline: {p.deadline_utc} ({p.timeout:g}s).",
+                 "Resume = approve; Abort or `bastion.deny @focus \"reason\"` = deny."]
+        return "\n".join(esc(line) for line in lines)
 
     @staticmethod
     async def _update(flow: http.HTTPFlow) -> None:
@@ -376,7 +398,7 @@ class Approval:
         parts = flow.request.path.split("?")[0][len(ADMIN_PREFIX):].strip("/").split("/")
         if parts == [""] and flow.request.method == "GET":
             visible = [p.public() for p in self.pending.values()
-                       if p.outcome is None and (not p.approvers or set(p.approvers) & set(ident.roles))]
+                       if p.outcome is None and set(p.approvers) & set(ident.roles)]
             flow.response = json_response(200, {"pending": visible})
             return
         if len(parts) != 2 or parts[1] not in ("approve", "deny") or flow.request.method != "POST":
@@ -391,20 +413,31 @@ class Approval:
             log.warning("approval %s: %s tried to decide their own request", pid, ident.sub)
             refuse_http(flow, 403, "forbidden", "you cannot decide your own request", rule="approval:self")
             return
-        if p.approvers and not set(p.approvers) & set(ident.roles):
-            log.warning("approval %s: %s lacks an approver role (%s)", pid, ident.sub, ",".join(p.approvers))
-            refuse_http(flow, 403, "insufficient_scope", f"approving needs one of the roles {', '.join(p.approvers)}",
+        mine = p.may_decide(ident.roles)
+        if not mine:
+            log.warning("approval %s: %s lacks an approver role (%s)", pid, esc(ident.sub), ",".join(p.approvers))
+            refuse_http(flow, 403, "insufficient_scope", f"deciding needs one of the roles {', '.join(p.approvers)}",
                         rule="approval:role")
             return
-        reason = ""
         if action == "deny":
             try:
                 body = json.loads(flow.request.get_text() or "{}")
                 reason = str(body.get("reason", "")) if isinstance(body, dict) else ""
             except (ValueError, UnicodeDecodeError):
                 reason = ""
-        self.decide(pid, "approved" if action == "approve" else "denied", ident.sub, reason)
-        flow.response = json_response(200, {"id": pid, "outcome": p.outcome, "approver": ident.sub})
+            self.decide(pid, "denied", ident.sub, reason)      # any one held call refused refuses all
+        else:
+            for i in mine:
+                p.approved_by.setdefault(i, ident.sub)
+            if len(p.approved_by) < len(p.needs):
+                # a batch holding calls under other approvers: each needs its own approver
+                log.warning("approval %s: approved by %s for %s; still waiting for %s", pid, esc(ident.sub),
+                            ", ".join(p.needs[i].rule for i in mine), ",".join(p.approvers))
+                flow.response = json_response(200, {"id": pid, "outcome": "pending", "approver": ident.sub,
+                                                    "waiting_for": list(p.approvers)})
+                return
+            self.decide(pid, "approved", ", ".join(dict.fromkeys(p.approved_by.values())))
+        flow.response = json_response(200, {"id": pid, "outcome": p.outcome, "approver": p.approver})
 
 
 # --- CLI ------------------------------------------------------------------------------------
@@ -443,15 +476,15 @@ def _call(args, method: str, path: str, body: dict | None = None) -> tuple[int, 
 def _cli_list(args) -> int:
     status, data = _call(args, "GET", ADMIN_PREFIX)
     if status != 200:
-        print(f"error {status}: {data.get('error_description') or data.get('error')}")
+        print(esc(f"error {status}: {data.get('error_description') or data.get('error')}"))
         return 1
     if not data["pending"]:
         print("no calls waiting for approval")
     for p in data["pending"]:
         calls = "; ".join(f"{c['target'] or c['method']} {json.dumps(c['arguments'], ensure_ascii=False)[:120]}"
                           for c in p["calls"])
-        print(f"{p['id']}  {p['requester']:12} {p['connection']:10} rule={p['rule']}  "
-              f"expires in {p['expires_in']:.0f}s  {calls}")
+        print(esc(f"{p['id']}  {p['requester']:12} {p['connection']:10} rule={p['rule']}  "
+                  f"expires in {p['expires_in']:.0f}s  {calls}"))
     return 0
 
 
@@ -459,7 +492,11 @@ def _cli_decide(args, action: str) -> int:
     body = {"reason": args.reason} if action == "deny" else None
     status, data = _call(args, "POST", f"{ADMIN_PREFIX}/{args.id}/{action}", body)
     if status != 200:
-        print(f"error {status}: {data.get('error_description') or data.get('error')}")
+        print(esc(f"error {status}: {data.get('error_description') or data.get('error')}"))
         return 1
-    print(f"{data['id']}: {data['outcome']} by {data['approver']}")
+    if data["outcome"] == "pending":
+        print(f"{esc(data['id'])}: approved by {esc(data['approver'])} for their part; "
+              f"still waiting for an approver with role {esc(', '.join(data['waiting_for']))}")
+        return 0
+    print(f"{esc(data['id'])}: {esc(data['outcome'])} by {esc(data['approver'])}")
     return 0

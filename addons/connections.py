@@ -9,7 +9,6 @@ Two addons, first and last in the chain:
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import urllib.parse
@@ -25,8 +24,9 @@ from addons.legacyrefusal import carrier_ok
 from addons.record import get_record
 from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever, rules_files
 from addons.toolintegrity import IntegrityConfig, parse_integrity
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.connections")
+log = get_logger("bastion.connections")
 
 MCP_PREFIX = "/mcp/"
 LOCAL_PREFIXES = ("/.well-known/", "/_bastion/")

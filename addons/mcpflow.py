@@ -6,7 +6,6 @@ failures with an HTTP error status; the SDK's ERROR_CODE_HTTP_STATUS table).
 """
 from __future__ import annotations
 
-import logging
 import zlib
 from collections import OrderedDict
 
@@ -23,8 +22,9 @@ from addons.httputil import refuse_http, refuse_message
 from addons.record import get_record
 from addons.responses import readonly
 from addons.sessions import SessionRefused, SessionTable
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.mcp")
+log = get_logger("bastion.mcp")
 
 ERROR_STATUS = {
     mcp.PARSE_ERROR: 400, mcp.INVALID_REQUEST: 400, mcp.INVALID_PARAMS: 400,

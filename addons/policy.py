@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -21,8 +20,9 @@ from addons.mcp import LIST_METHODS, SERVER_REQUEST_METHODS, Message, jsonrpc_er
 from addons.policy_rules import Policy as RulesPolicy, evaluate, explain, filter_list_result, load_policy, policy_files
 from addons.record import Decision, Identity, get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.policy")
+log = get_logger("bastion.policy")
 
 # JSON-RPC error codes of policy refusals. The JSON-RPC "server error" range
 # (-32000..-32099) is implementation-defined; MCP uses -32000..-32002 and -32020..-32042,

@@ -368,15 +368,19 @@ def parse_rule(loc: Located, node: Any, index: int, dialect: str) -> Rule:
             raise loc.error(node, f"rule {name}: 'deny' takes true or a reason", "deny")
     if action == "approve":
         a = node["approve"]
-        if a is True:
-            a = {}
         if not isinstance(a, dict):
-            raise loc.error(node, f"rule {name}: 'approve' takes true or {{approvers, timeout}}", "approve")
+            raise loc.error(node, f"rule {name}: 'approve' takes {{approvers: [roles], timeout}}; "
+                            "it needs approvers (the roles whose holders may decide)", "approve")
         approvers = _strs(loc, a, "approvers")
         t = a.get("timeout", DEFAULT_APPROVAL_TIMEOUT)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
             raise loc.error(a, f"rule {name}: approval timeout must be a positive number of seconds", "timeout")
         timeout = float(t)
+        if not approvers:
+            # nobody named = anybody could decide: not a safe default for a high-risk call
+            where, key = (a, "approvers") if "approvers" in a else (node, "approve")
+            raise loc.error(where, f"rule {name}: 'approve' needs approvers: [roles] "
+                            "(the roles whose holders may decide)", key)
     when = node.get("when") or {}
     if not isinstance(when, dict):
         raise loc.error(node, f"rule {name}: 'when' must be a mapping", "when")

@@ -20,7 +20,6 @@ import csv
 import io
 import itertools
 import json
-import logging
 import os
 import re
 import socket
@@ -38,8 +37,9 @@ from addons.record import BastionRecord, Decision, MaskEvent, get_record
 from addons.store import (
     Store, StoreUnavailable, StoreWriter, encode_event, recover_store,
 )
+from addons.textsafe import esc, get_logger
 
-log = logging.getLogger("bastion.recorder")
+log = get_logger("bastion.recorder")
 
 # Never stored: values of these headers (and of any connection's credential header).
 REDACT_HEADERS = frozenset({
@@ -681,15 +681,18 @@ def _cell(v: Any) -> str:
 
 
 def render(columns: list[str], rows: list[tuple], fmt: str, max_width: int = 60) -> str:
+    # recorded values are caller-chosen: no raw control or escape characters reach a terminal
     if fmt == "json":
-        return json.dumps([dict(zip(columns, r)) for r in rows], ensure_ascii=False, default=str, indent=1) + "\n"
+        return esc(json.dumps([dict(zip(columns, r)) for r in rows], ensure_ascii=False, default=str, indent=1),
+                   json_text=True) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(columns)
-        w.writerows([[_cell(v) for v in r] for r in rows])
+        w.writerow([esc(c) for c in columns])
+        w.writerows([[esc(_cell(v)) for v in r] for r in rows])
         return buf.getvalue()
-    cells = [[_cell(v).replace("\n", " ") for v in r] for r in rows]
+    columns = [esc(c) for c in columns]
+    cells = [[esc(_cell(v)) for v in r] for r in rows]
     cells = [[c if len(c) <= max_width else c[:max_width - 1] + "…" for c in r] for r in cells]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     line = lambda vals: " | ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
@@ -830,7 +833,7 @@ def format_timeline(events: list[dict], width: int = 160) -> str:
         else:
             line = f"  {kind}"
         out.append(f"{rel}  {line}")
-    return "\n".join(out) + "\n"
+    return "\n".join(esc(line) for line in out) + "\n"
 
 
 def cli_replay(args) -> int:

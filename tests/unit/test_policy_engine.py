@@ -223,7 +223,10 @@ def test_default_deny_and_baseline(tmp_path):
     ("rules:\n  - name: a\n    when:\n      args: [{path: '$..[', equals: 1}]\n    allow: true\n", 4, "JSONPath"),
     ("rules:\n  - name: a\n    when:\n      sql: {class: [reads]}\n    allow: true\n", 4, "unknown SQL class"),
     ("rules:\n  - name: a\n    when:\n      shell: {operators: true}\n    allow: true\n", 4, "commands"),
-    ("rules:\n  - name: a\n    approve: {timeout: -1}\n", 3, "timeout"),
+    ("rules:\n  - name: a\n    approve: {approvers: [x], timeout: -1}\n", 3, "timeout"),
+    ("rules:\n  - name: a\n    approve: true\n", 3, "needs approvers"),
+    ("rules:\n  - name: a\n    when: {tool: x}\n    approve: {timeout: 30}\n", 4, "needs approvers"),
+    ("rules:\n  - name: a\n    approve:\n      approvers: []\n", 4, "needs approvers"),
     ("rules:\n  - name: a\n    allow: true\n    rate_limit: {calls: 0}\n", 4, "rate_limit"),
     ("rules:\n  - name: a\n    allow: yes please\n", 3, "'allow' must be true"),
 ])
@@ -254,7 +257,7 @@ def test_list_filtering(tmp_path):
     p = policy(tmp_path, """
     rules:
       - {name: ana-sql, when: {roles: [analyst], tool: query_sql, sql: {class: [read]}}, allow: true}
-      - {name: dev-launch, when: {roles: [dev], tool: launch_container}, approve: true}
+      - {name: dev-launch, when: {roles: [dev], tool: launch_container}, approve: {approvers: [lead]}}
       - {name: hide, when: {tool: run_command}, deny: true}
       - {name: all-run, when: {roles: [dev], tool: run_command}, allow: true}
       - {name: docs, when: {roles: [analyst], method: resources/read, resource: "docs://*"}, allow: true}
