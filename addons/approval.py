@@ -29,6 +29,7 @@ from typing import Any
 from mitmproxy import command, ctx, exceptions, flow as mflow, hooks, http
 from mitmproxy.connection import ConnectionState
 
+from addons import webconsole
 from addons.httputil import json_response, refuse_http, refuse_jsonrpc
 from addons.mcp import jsonrpc_error
 from addons.record import BastionRecord, get_record
@@ -191,6 +192,17 @@ class Approval:
             url = ctx.options.bastion_approval_webhook
             if url and not url.startswith(("http://", "https://")):
                 raise exceptions.OptionsError(f"bastion_approval_webhook must be an http(s) URL, not {url!r}")
+
+    def running(self) -> None:
+        # mitmweb: Resume All leaves held calls held; the flow list shows who/what/rule/deadline
+        if webconsole.install(ctx.master, self._is_held) and "web_columns" in ctx.options:
+            cols = webconsole.approval_columns(ctx.options.web_columns)
+            if cols:
+                ctx.options.update(web_columns=cols)
+
+    def _is_held(self, f: mflow.Flow) -> bool:
+        p = self.pending.get(f.metadata.get("bastion_approval_id"))
+        return p is not None and p.outcome is None
 
     def done(self) -> None:
         # pending holds live only in this process: nothing may be forwarded after a restart

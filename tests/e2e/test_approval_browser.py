@@ -135,3 +135,24 @@ async def test_deny_command_from_the_command_bar(demo_server, rules_dir, gateway
             await asyncio.wait_for(call, 20)
         assert "approval denied" in str(e.value) and "ask on Monday" in str(e.value)
     assert launches(demo) == []
+
+
+async def test_resume_all_leaves_held_calls_held(demo_server, rules_dir, gateway):
+    """mitmweb's Resume All (POST /flows/resume) must not approve held calls: each one needs
+    its own decision. The flow's own resume still approves."""
+    demo = demo_server("json")
+    gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 60}}), web=True)
+    async with connect(gw.mcp_url(), gw.token("dan", ["dev"])) as c, MitmwebApi(gw) as web:
+        call = asyncio.create_task(c.call_tool("launch_container", {"image": "all:1"}))
+        held = await web.held_flow()
+        r = await web.http.post("/flows/resume")
+        assert r.status_code == 200, r.text
+        await asyncio.sleep(1.0)
+        assert not call.done() and launches(demo) == []
+        still = await web.held_flow(timeout=2)
+        assert still["id"] == held["id"] and still["intercepted"]
+        assert "Resume All left 1 call(s) waiting for approval" in gw.log_text()
+        r = await web.http.post(f"/flows/{held['id']}/resume")
+        assert r.status_code == 200, r.text
+        result = await asyncio.wait_for(call, 20)
+    assert not result.is_error and [l["image"] for l in launches(demo)] == ["all:1"]
