@@ -17,7 +17,8 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.httputil import refuse_jsonrpc
 from addons.mcp import LIST_METHODS, SERVER_REQUEST_METHODS, Message, jsonrpc_error
-from addons.policy_rules import Policy as RulesPolicy, evaluate, explain, filter_list_result, load_policy, policy_files
+from addons.policy_rules import (Policy as RulesPolicy, ScanBudget, evaluate, explain, filter_list_result, load_policy,
+                                  policy_files)
 from addons.record import Decision, Identity, get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever
 from addons.textsafe import get_logger
@@ -76,11 +77,16 @@ class Policy:
         self.blast = RateLimiter()      # items touched per principal x rule (survives reloads)
         self._watcher: ChangeWatcher | None = None
         self._task: asyncio.Task | None = None
+        self.budget = ScanBudget()
 
     def load(self, loader):
         loader.add_option("bastion_environment", str, "",
                           "Environment of this gateway (dev, prod, ...) for rules with `when: environment`; "
                           "a connection's own `environment:` wins.")
+        loader.add_option("bastion_scan_limit", int, ScanBudget.max_chars,
+                          "Characters of argument text the gateway checks per call (blocklist); more -> refused.")
+        loader.add_option("bastion_scan_seconds", float, ScanBudget.seconds,
+                          "Seconds the gateway spends checking one call's arguments; longer -> refused.")
 
     def _environment(self, connection: str) -> str:
         router = ctx.master.addons.get("connections")
@@ -88,6 +94,10 @@ class Policy:
         return (conn.environment if conn is not None else None) or ctx.options.bastion_environment
 
     def configure(self, updated):
+        if updated & {"bastion_scan_limit", "bastion_scan_seconds"}:
+            if ctx.options.bastion_scan_limit < 1 or ctx.options.bastion_scan_seconds <= 0:
+                raise exceptions.OptionsError("bastion_scan_limit and bastion_scan_seconds must be positive")
+            self.budget = ScanBudget(ctx.options.bastion_scan_limit, ctx.options.bastion_scan_seconds)
         if "bastion_rules" in updated:
             rules = Path(ctx.options.bastion_rules)
             try:
@@ -160,7 +170,7 @@ class Policy:
                     lambda msg, method=method: _filter(policy, ident, conn, method, msg, env))
 
     def _decide(self, policy: RulesPolicy, ident: Identity | None, conn: str, m: Message, env: str = "") -> Decision:
-        d = evaluate(policy, ident, conn, m, environment=env)
+        d = evaluate(policy, ident, conn, m, environment=env, budget=self.budget)
         if d.action == "deny" or d.rule is None:
             return d
         rule = next((r for r in policy.rules if r.name == d.rule), None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +27,7 @@ from addons import sqlclass
 from addons.mcp import LIST_METHODS, Message
 from addons.record import Decision, Identity
 from addons.rules import Located, load_yaml, rules_files
-from addons.shellguard import Pattern, ScanCache, scan, shell_info
+from addons.shellguard import Pattern, ScanBudgetExceeded, ScanCache, scan, shell_info, text_size
 
 DEFAULT_METHOD = "tools/call"
 DEFAULT_APPROVAL_TIMEOUT = 120.0
@@ -198,12 +199,36 @@ class Rule:
     def matches(self, identity: Identity | None, connection: str, msg: Message, environment: str = "") -> bool:
         if not self.matches_subject(identity, connection, environment) or not self.matches_target(msg.method, msg.target):
             return False
-        arguments = msg.arguments
+        return self.failed_condition(msg.arguments) is None
+
+    @property
+    def has_conditions(self) -> bool:
+        """Argument conditions (args / shell / sql), whose cost grows with the arguments."""
+        return bool(self.args) or self.shell is not None or self.sql is not None
+
+    def failed_condition(self, arguments: dict) -> str | None:
+        """Which argument condition does not hold (args / shell / sql), or None."""
         if not all(p.test(arguments) for p in self.args):
-            return False
+            return "args"
         if self.shell is not None and not self.shell.test(arguments):
-            return False
-        return self.sql is None or self.sql.test(arguments)
+            return "shell"
+        if self.sql is not None and not self.sql.test(arguments):
+            return "sql"
+        return None
+
+    def subject_mismatch(self, identity: Identity | None, connection: str, environment: str = "") -> str:
+        """What keeps this rule from applying to the caller (for refusals and explain)."""
+        if self.connections and not _any_glob(connection, self.connections):
+            return f"it is for connection(s) {', '.join(self.connections)}"
+        if self.environments and not _any_glob(environment, self.environments):
+            return f"it is for environment(s) {', '.join(self.environments)}"
+        if self.roles and not (identity and set(identity.roles) & set(self.roles)):
+            return f"it needs one of the roles {', '.join(self.roles)}"
+        if self.subs and not (identity and _any_glob(identity.sub, self.subs)):
+            return "it is for other callers (sub)"
+        if self.client_ids:
+            return "it is for other clients (client_id)"
+        return "it is for authenticated callers"
 
 
 @dataclass
@@ -500,27 +525,89 @@ def matching_rules(policy: Policy, identity: Identity | None, connection: str, m
     return [r for r in policy.rules if r.direction == direction and r.matches(identity, connection, msg, environment)]
 
 
+@dataclass(frozen=True)
+class ScanBudget:
+    """How much argument text one message may make the gateway check, and for how long."""
+    max_chars: int = 1 << 20
+    seconds: float = 0.5
+
+
+DEFAULT_SCAN_BUDGET = ScanBudget()
+
+
 def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Message,
-             direction: str = "client_to_server", environment: str = "") -> Decision:
-    """The decision for one message. See the module docstring for precedence."""
+             direction: str = "client_to_server", environment: str = "",
+             budget: ScanBudget = DEFAULT_SCAN_BUDGET) -> Decision:
+    """The decision for one message. See the module docstring for precedence.
+
+    Cheap checks first: when no allow/approve rule can apply to this caller, method and
+    tool (whatever the arguments), the call is refused before anything whose cost grows
+    with the body (blocklist scan, SQL/shell parsing) looks at it. What is scanned is
+    bounded by `budget`: more text, or more time, and the call is refused."""
     if msg.kind in ("response", "error"):
         # a client answering a server request (sampling, elicitation): the request itself
         # was governed when it travelled server->client
         return Decision("allow", "baseline", "", message_id=msg.id)
+    candidates = [r for r in policy.rules if r.direction == direction
+                  and r.matches_subject(identity, connection, environment) and r.matches_target(msg.method, msg.target)]
+    baseline = direction == "client_to_server" and identity is not None and _any_glob(msg.method or "", policy.baseline)
+    if not baseline and not any(r.action in ("allow", "approve") for r in candidates):
+        plain_deny = next((r for r in candidates if r.action == "deny" and not r.has_conditions), None)
+        if plain_deny is not None:
+            return _decision(plain_deny, msg)
+        return _default_deny(policy, identity, connection, msg, direction, environment, candidates)
     if direction == "client_to_server" and msg.method in SCANNED_METHODS and policy.blocklist:
-        hit = scan({k: v for k, v in msg.params.items() if k != "_meta"}, policy.blocklist,
-                   policy.scan_cache)
+        params = {k: v for k, v in msg.params.items() if k != "_meta"}
+        size = text_size(params, budget.max_chars)
+        if size > budget.max_chars:
+            return Decision("deny", "scan-budget", f"arguments too large to check: more than {budget.max_chars} "
+                            "characters of text", message_id=msg.id)
+        try:
+            hit = scan(params, policy.blocklist, policy.scan_cache, time.monotonic() + budget.seconds)
+        except ScanBudgetExceeded:
+            return Decision("deny", "scan-budget", f"arguments could not be checked within {budget.seconds:g}s",
+                            message_id=msg.id)
         if hit is not None:
             return Decision("deny", f"blocklist:{hit.pattern}", f"blocked {hit.category} pattern in {hit.path}",
                             message_id=msg.id)
-    matched = matching_rules(policy, identity, connection, msg, direction, environment)
+    matched = [r for r in candidates if r.failed_condition(msg.arguments) is None]
     for action in ("deny", "approve", "allow"):
         for r in matched:
             if r.action == action:
                 return _decision(r, msg)
-    if direction == "client_to_server" and identity is not None and _any_glob(msg.method or "", policy.baseline):
+    if baseline:
         return Decision("allow", "baseline", "", message_id=msg.id)
-    return Decision("deny", None, "no rule allows this call (default deny)", message_id=msg.id)
+    return _default_deny(policy, identity, connection, msg, direction, environment, candidates)
+
+
+def nearest_rule(policy: Policy, identity: Identity | None, connection: str, msg: Message,
+                 direction: str = "client_to_server", environment: str = "",
+                 candidates: list[Rule] | None = None) -> tuple[Rule, str] | None:
+    """The allow/approve rule that came closest to allowing a refused call, and what failed:
+    one for this caller and tool whose argument condition failed, else one for this tool
+    whose subject (roles, sub, client, connection, environment) is not the caller's."""
+    if candidates is None:
+        candidates = [r for r in policy.rules if r.direction == direction
+                      and r.matches_subject(identity, connection, environment)
+                      and r.matches_target(msg.method, msg.target)]
+    for r in candidates:
+        if r.action in ("allow", "approve"):
+            cond = r.failed_condition(msg.arguments)
+            if cond is not None:
+                return r, f"its {cond} condition does not hold for these arguments"
+    for r in policy.rules:
+        if r.direction == direction and r.action in ("allow", "approve") and r.matches_target(msg.method, msg.target):
+            return r, r.subject_mismatch(identity, connection, environment)
+    return None
+
+
+def _default_deny(policy: Policy, identity: Identity | None, connection: str, msg: Message, direction: str,
+                  environment: str, candidates: list[Rule]) -> Decision:
+    near = nearest_rule(policy, identity, connection, msg, direction, environment, candidates)
+    what = f"{msg.method} {msg.target}" if msg.target else str(msg.method)
+    reason = "no rule allows this call (default deny); " + (
+        f"nearest rule {near[0].name}: {near[1]}" if near else f"no rule allows {what} for anyone")
+    return Decision("deny", None, reason, message_id=msg.id)
 
 
 LIST_CALL_METHOD = {"tools/list": "tools/call", "resources/list": "resources/read",
@@ -576,6 +663,9 @@ def explain(policy: Policy, identity: Identity | None, connection: str, msg: Mes
     for r in matching_rules(policy, identity, connection, msg, environment=environment):
         lines.append(f"  matched {r.action:7} {r.name}  ({r.file}:{r.line})")
     d = evaluate(policy, identity, connection, msg, environment=environment)
+    near = nearest_rule(policy, identity, connection, msg, environment=environment) if d.rule is None else None
+    if near is not None:
+        lines.append(f"  nearest {near[0].action:7} {near[0].name}  ({near[0].file}:{near[0].line}): {near[1]}")
     lines.append(f"decision: {d.action.upper()}  rule: {d.rule or '(default deny)'}"
                  + (f"  reason: {d.reason}" if d.reason else "")
                  + (f"  approvers: {', '.join(d.approvers)}  timeout: {d.timeout:g}s" if d.action == "approve" else ""))
