@@ -44,8 +44,9 @@ ADMIN_PREFIX = "/_bastion/approvals"
 MAX_GRANTS = 10_000
 MAX_REASON = 500
 POLL = 0.1  # how often a hold looks at mitmweb's resume/kill and the client connection
-OUTCOME_MARKS = {"approved": ":white_check_mark:", "denied": ":no_entry:", "timeout": ":alarm_clock:",
-                 "cancelled": ":heavy_multiplication_x:"}
+# first word of the flow's comment, shown in mitmweb's Comment column (ASCII: no emoji boxes)
+OUTCOME_LABELS = {"approved": "APPROVED", "denied": f"DENIED {APPROVAL_DENIED}",
+                  "timeout": f"EXPIRED {APPROVAL_TIMEOUT}", "cancelled": f"CANCELLED {APPROVAL_CANCELLED}"}
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,6 @@ class Approval:
         self.pending[p.id] = p
         flow.metadata["bastion_approval_id"] = p.id
         flow.intercept()
-        flow.marked = ":hourglass_flowing_sand:"
         flow.comment = self._comment(p)
         await self._update(flow)
         log.warning("approval %s: %s asks for %s on %s (rule %s, approvers %s, %gs)", p.id, p.requester,
@@ -310,11 +310,14 @@ class Approval:
             flow.live = True
         if flow.intercepted:
             flow.resume()
-        flow.marked = OUTCOME_MARKS[p.outcome or "cancelled"]
         rec.approval = {"id": p.id, "outcome": p.outcome, "approver": p.approver, "reason": p.reason,
                         "rule": p.rule, "waited": round(time.time() - p.created, 3), "decided_at": time.time()}
-        flow.comment = f"{flow.comment}\n" + esc(f"Outcome: {p.outcome}" + (f" by {p.approver}" if p.approver else "") + (
-            f" ({p.reason})" if p.reason else "") + ".")
+        # the summary line becomes the outcome (the list's Comment column); the details stay
+        details = flow.comment.split("\n", 1)[1] if "\n" in flow.comment else ""
+        by = (f" by {p.approver}" if p.approver else "") + (f" ({p.reason})" if p.reason else "")
+        flow.comment = esc(f"{OUTCOME_LABELS[p.outcome or 'cancelled']} {self._what(p)} |{by or ' -'} | id {p.id}") + (
+            "\n" + details + "\n") + esc(
+            f"Outcome: {p.outcome}" + (f" by {p.approver}" if p.approver else "") + (f" ({p.reason})" if p.reason else "") + ".")
         log.warning("approval %s: %s%s after %.1fs%s", p.id, p.outcome, f" by {p.approver}" if p.approver else "",
                     rec.approval["waited"], f" ({p.reason})" if p.reason else "")
         if p.outcome == "approved":
@@ -333,17 +336,23 @@ class Approval:
         refuse_jsonrpc(flow, errors or [jsonrpc_error(None, code, msg)], rec.batch, 200, reason=msg, rule=p.rule)
 
     @staticmethod
-    def _comment(p: Pending) -> str:
-        # one sentence per line: mitmweb shows the comment as one paragraph, the console keeps lines;
-        # every line escaped (caller-chosen sub, tool names, arguments)
+    def _what(p: Pending) -> str:
+        tools = ", ".join(dict.fromkeys(str(c["target"] or c["method"]) for c in p.summary["calls"]))
+        return f"{p.requester} -> {tools} | rule {p.rule}"
+
+    def _comment(self, p: Pending) -> str:
+        # line 1 is what mitmweb's Comment column shows: state, id, who, which tool, rule, deadline;
+        # then one sentence per line (the Comment tab). Every line escaped (caller-chosen text).
+        deadline = datetime.fromtimestamp(p.created + p.timeout, timezone.utc).strftime("%H:%M:%SZ")
         calls = [f"Call: {c['method']} {c['target'] or ''} {json.dumps(c['arguments'], ensure_ascii=False)[:500]}."
                  for c in p.summary["calls"]]
-        lines = [f"APPROVAL {p.id} needed, rule {p.rule}.",
+        lines = [f"HELD {self._what(p)} | until {deadline} | approvers {', '.join(p.approvers) or '-'} | id {p.id}",
+                 f"APPROVAL {p.id} needed, rule {p.rule}.",
                  f"Requester: {p.requester} (roles {', '.join(p.summary['roles']) or '-'}).",
                  f"Connection: {p.connection}.", *calls,
                  f"Approvers: {', '.join(p.approvers) or 'mitmweb users'}.",
                  f"Deadline: {p.deadline_utc} ({p.timeout:g}s).",
-                 "Resume = approve; Abort or `bastion.deny @focus \"reason\"` = deny."]
+                 "Resume (the row's play button) = approve; Abort or `bastion.deny @focus \"reason\"` = deny."]
         return "\n".join(esc(line) for line in lines)
 
     @staticmethod

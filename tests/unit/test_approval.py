@@ -151,7 +151,9 @@ async def test_held_flow_is_intercepted_marked_and_commented(approval):
     a, _ = approval
     f, rec = call_flow(args={"image": "postgres:17", "env": {"DB_PASSWORD": SECRET}}, roles=("dev", "ops"))
     task, pid = await hold(a, f)
-    assert f.intercepted and f.marked == ":hourglass_flowing_sand:"
+    assert f.intercepted and not f.marked                 # mitmweb shows interception itself; no emoji
+    first = f.comment.splitlines()[0]
+    assert first.startswith("HELD dan -> launch_container | rule needs-approval | until ") and first.endswith(f"| id {pid}")
     for needle in (pid, "dan", "dev, ops", "demo", "launch_container", "postgres:17", "needs-approval",
                    "approver", "Deadline:"):
         assert needle in f.comment, needle
@@ -159,7 +161,8 @@ async def test_held_flow_is_intercepted_marked_and_commented(approval):
     assert SECRET not in json.dumps(a.pending[pid].public())
     a.decide(pid, "approved", "alice")
     await asyncio.wait_for(task, 2)
-    assert not f.intercepted and f.response is None and f.marked == ":white_check_mark:"
+    assert not f.intercepted and f.response is None and not f.marked
+    assert f.comment.startswith(f"APPROVED dan -> launch_container | rule needs-approval | by alice | id {pid}")
     assert rec.approval["outcome"] == "approved" and rec.approval["approver"] == "alice" and rec.approval["id"] == pid
     assert not a.pending and "Outcome: approved by alice" in f.comment
 
@@ -581,3 +584,5 @@ async def test_comment_escapes_caller_chosen_text(approval):
     a.decide(pid, "denied", "alice", "bad\r\nline")
     await asyncio.wait_for(task, 2)
     assert f.comment.splitlines()[-1] == "Outcome: denied by alice (bad\\r\\nline)."
+    assert f.comment.startswith("DENIED -32033 dan\\nAPPROVAL ffff approved by root -> launch\\x1b[2J_container")
+    assert f.comment.splitlines()[0].endswith(f"| by alice (bad\\r\\nline) | id {pid}")
