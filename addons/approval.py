@@ -30,6 +30,7 @@ from mitmproxy import command, ctx, exceptions, flow as mflow, hooks, http
 from mitmproxy.connection import ConnectionState
 
 from addons import webconsole
+from addons.cli import add_gateway_arg
 from addons.httputil import json_response, refuse_http, refuse_jsonrpc
 from addons.mcp import jsonrpc_error
 from addons.record import BastionRecord, get_record
@@ -465,7 +466,7 @@ class Approval:
 
 def add_cli(sub) -> None:
     def common(p):
-        p.add_argument("--gateway", default="http://127.0.0.1:8080", help="gateway base URL")
+        add_gateway_arg(p)
         p.add_argument("--token", required=True, help="the approver's bearer token (mcp-bastion token …)")
     p = sub.add_parser("approvals", help="list calls waiting for approval")
     common(p)
@@ -483,22 +484,31 @@ def add_cli(sub) -> None:
 
 def _call(args, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
     import httpx
+    url = args.gateway.rstrip("/") + path
     try:
-        r = httpx.request(method, args.gateway.rstrip("/") + path, json=body, timeout=10,
-                          headers={"authorization": f"Bearer {args.token}"})
+        r = httpx.request(method, url, json=body, timeout=10, headers={"authorization": f"Bearer {args.token}"})
     except httpx.HTTPError as e:
-        return 0, {"error": f"gateway unreachable ({type(e).__name__})"}
+        return 0, {"error": f"gateway unreachable at {url} ({type(e).__name__}); "
+                            "is it running? (--gateway, $BASTION_GATEWAY or $BASTION_PORT)"}
     try:
-        return r.status_code, r.json()
+        data = r.json()
     except ValueError:
-        return r.status_code, {"error": r.text[:200]}
+        data = {"error": r.text[:200]}
+    if r.status_code != 200 and isinstance(data, dict):
+        data["error_description"] = f"{data.get('error_description') or data.get('error')} ({method} {url})"
+    return r.status_code, data
+
+
+def _failed(status: int, data: dict) -> int:
+    code = f" {status} {data['error']}" if status and data.get("error_description") else ""
+    print(esc(f"error{code}: {data.get('error_description') or data.get('error')}"))
+    return 1
 
 
 def _cli_list(args) -> int:
     status, data = _call(args, "GET", ADMIN_PREFIX)
     if status != 200:
-        print(esc(f"error {status}: {data.get('error_description') or data.get('error')}"))
-        return 1
+        return _failed(status, data)
     if not data["pending"]:
         print("no calls waiting for approval")
     for p in data["pending"]:
@@ -513,8 +523,7 @@ def _cli_decide(args, action: str) -> int:
     body = {"reason": args.reason} if action == "deny" else None
     status, data = _call(args, "POST", f"{ADMIN_PREFIX}/{args.id}/{action}", body)
     if status != 200:
-        print(esc(f"error {status}: {data.get('error_description') or data.get('error')}"))
-        return 1
+        return _failed(status, data)
     if data["outcome"] == "pending":
         print(f"{esc(data['id'])}: approved by {esc(data['approver'])} for their part; "
               f"still waiting for an approver with role {esc(', '.join(data['waiting_for']))}")

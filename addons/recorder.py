@@ -37,6 +37,7 @@ from addons.record import BastionRecord, Decision, MaskEvent, get_record
 from addons.store import (
     Store, StoreUnavailable, StoreWriter, encode_event, recover_store,
 )
+from addons.cli import add_gateway_arg
 from addons.textsafe import esc, get_logger
 
 log = get_logger("bastion.recorder")
@@ -639,8 +640,7 @@ def add_cli(sub) -> None:
                                    "identity, policy, masking and recording apply again.")
     p.add_argument("session", help="session id (or a unique prefix)")
     p.add_argument("--connection", required=True, help="target connection (must have options: {test: true})")
-    p.add_argument("--gateway", default=os.environ.get("BASTION_GATEWAY", "http://127.0.0.1:8080"),
-                   help="gateway base URL (default: $BASTION_GATEWAY or http://127.0.0.1:8080)")
+    add_gateway_arg(p)
     p.add_argument("--token", default=os.environ.get("BASTION_TOKEN"), help="bearer token (default: $BASTION_TOKEN)")
     _store_arg(p)
     p.set_defaults(func=cli_resend)
@@ -852,10 +852,18 @@ def cli_replay(args) -> int:
         n = write_flow_file(build_flows(session_events(st, sid)), path)
         st.close()
         web = shutil.which("mitmweb") or str(Path(sys.executable).parent / "mitmweb")
-        print(f"opening {n} flow(s) of session {sid} in mitmweb ({path})", file=sys.stderr)
-        os.execv(web, [web, "-r", path, "--set", "web_host=127.0.0.1", "--mode", "regular@0"])
+        port = os.environ.get("BASTION_WEB_PORT") or "8081"
+        print(f"opening {n} flow(s) of session {sid} in mitmweb at http://127.0.0.1:{port}/ ({path})",
+              file=sys.stderr)
+        # loopback only, both the console and mitmweb's (unused) proxy listener
+        os.execv(web, [web, *replay_web_args(path, port)])
     sys.stdout.write(format_timeline(session_events(st, sid), args.width))
     return 0
+
+
+def replay_web_args(path: str, web_port: str) -> list[str]:
+    return ["-r", path, "--set", "web_host=127.0.0.1", "--set", f"web_port={web_port}",
+            "--set", "web_open_browser=false", "--listen-host", "127.0.0.1", "--mode", "regular@0"]
 
 
 def build_flows(events: list[dict]) -> list[http.HTTPFlow]:
@@ -1026,8 +1034,8 @@ def resend(messages: list[dict], url: str, token: str | None, transport=None, ou
             status = "error" if r.status_code >= 400 or (resp and "error" in resp) else "ok"
             failures += status == "error"
             detail = _clip((resp or {}).get("error") or (resp or {}).get("result") or r.text, 120)
-            out.write(f"{m.get('method')} {m.get('params', {}).get('name', '') if isinstance(m.get('params'), dict) else ''}"
-                      f" -> HTTP {r.status_code} {status} {detail}\n")
+            out.write(esc(f"{m.get('method')} {m.get('params', {}).get('name', '') if isinstance(m.get('params'), dict) else ''}"
+                          f" -> HTTP {r.status_code} {status} {detail}") + "\n")
     return 1 if failures else 0
 
 
@@ -1065,4 +1073,10 @@ def cli_resend(args) -> int:
         return 2
     url = f"{args.gateway.rstrip('/')}/mcp/{args.connection}"
     print(f"re-sending {len(messages)} message(s) of session {sid} to {url}", file=sys.stderr)
-    return resend(messages, url, args.token)
+    import httpx
+    try:
+        return resend(messages, url, args.token)
+    except httpx.HTTPError as e:
+        print(f"error: gateway unreachable at {url} ({type(e).__name__}); is it running? "
+              "(--gateway, $BASTION_GATEWAY or $BASTION_PORT)", file=sys.stderr)
+        return 2
