@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         while isinstance(e, BaseExceptionGroup) and e.exceptions:
             e = e.exceptions[0]
         print(esc(f"error: {type(e).__name__}: {e} ({args.url})"), file=sys.stderr)
-        for status, body in http_errors:            # what the gateway said, e.g. why the token is invalid
+        for status, body in dict.fromkeys(http_errors):   # what the gateway said, e.g. why the token is invalid
             print(esc(f"gateway answered HTTP {status}: {body}"), file=sys.stderr)
         return 2
 
