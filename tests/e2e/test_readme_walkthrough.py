@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 from tests.e2e.conftest import ROOT, free_port
+from tests.e2e.procs import start_run_sh, stop
 
 START, END = "<!-- walkthrough:start -->\n```\n", "```\n<!-- walkthrough:end -->"
 DEFAULTS = {"BASTION_PORT": 8080, "DEMO_PORT": 8931, "BASTION_WEB_PORT": 8081}
@@ -50,25 +49,14 @@ def test_readme_walkthrough_matches_the_real_demo(tmp_path):
     readme = (ROOT / "README.md").read_text()
     cmds = commands(readme)
     assert len(cmds) >= 5
-    log = open(tmp_path / "run.log", "w+")
-    gw = subprocess.Popen(["./run.sh"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
-                          stdin=subprocess.DEVNULL, start_new_session=True)
+    gw, banner = start_run_sh(repo, env, tmp_path / "run.log")
     try:
-        deadline = time.monotonic() + 120
-        while "endpoint" not in (tmp_path / "run.log").read_text() and time.monotonic() < deadline:
-            assert gw.poll() is None, (tmp_path / "run.log").read_text()
-            time.sleep(0.2)
-        assert f"127.0.0.1:{ports['BASTION_PORT']}/mcp/demo" in (tmp_path / "run.log").read_text()
+        assert f"127.0.0.1:{ports['BASTION_PORT']}/mcp/demo" in banner
         script = "".join(f"echo '@@@{i}'\n{cmd.replace(':8080', ':' + str(ports['BASTION_PORT']))} 2>&1\n"
                          for i, cmd in enumerate(cmds))
         out = subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     finally:
-        os.killpg(gw.pid, signal.SIGINT)
-        try:
-            gw.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(gw.pid, signal.SIGKILL)
-        log.close()
+        stop(gw)
     parts = re.split(r"^@@@\d+\n", out.stdout, flags=re.M)[1:]
     assert len(parts) == len(cmds), out.stdout + out.stderr
     got = "".join(f"$ {cmd}\n{normalise(part, ports)}" for cmd, part in zip(cmds, parts))
