@@ -920,7 +920,7 @@ def build_flows(events: list[dict]) -> list[http.HTTPFlow]:
         ident = next((e for e in evs if e.get("sub")), None)
         if ident:
             notes.insert(0, f"identity {ident['sub']} roles={','.join(ident.get('roles') or [])}")
-        f.comment = "\n".join(notes)
+        f.comment = "\n".join(esc(n) for n in notes)   # recorded values are caller-chosen
         f.metadata["bastion_recorded"] = {"session_id": first.get("session_id"), "instance": first.get("instance"),
                                           "flow_id": fid}
         f.live = False

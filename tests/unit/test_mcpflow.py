@@ -485,3 +485,18 @@ def test_decode_bounded_identity_and_unknown():
     for enc in ("compress", "x-gzip", "gzip, br", "br;q=1"):
         with pytest.raises(ValueError):
             decode_bounded(b"{}", enc, 10)
+
+
+def test_legacy_session_ends_with_its_stream(parser):
+    p, _ = parser
+    f, rec = mkflow(method="GET", content=b"", ctype=None, path="/mcp/leg/sse", conn="leg", sub="alice")
+    p.request(f)
+    assert f.response is None
+    rec.notes["bind_session"]("abc")
+    g, _ = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="alice")
+    p.request(g)
+    assert g.response is None
+    p.error(f)                                    # the SSE stream went away: so did the session
+    g, _ = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="alice")
+    p.request(g)
+    assert g.response.status_code == 404 and len(p.sessions) == 0 and not p.sessions.counts

@@ -42,3 +42,13 @@ def test_sql_table_csv_and_json_output_are_escaped():
         out = render(["sub", "params"], rows, fmt)
         assert "\x1b" not in out and "\u202e" not in out, fmt
     assert json.loads(render(["sub", "params"], rows, "json"))[0]["sub"] == "mallory\x1b[2J\nfake row"
+
+
+def test_exported_flow_comments_are_escaped():
+    from addons.recorder import build_flows
+    ev = {"kind": "refusal", "flow_id": "f1", "instance": "i", "seq": 1, "ts": 1.0, "direction": "gateway",
+          "sub": "eve\x1b[2J\nidentity root", "roles": ["x\u202e"], "reason": "denied\rtool\x07",
+          "http_method": "POST", "path": "/mcp/demo", "connection": "demo", "session_id": "s"}
+    (f,) = build_flows([ev])
+    assert "\x1b" not in f.comment and "\x07" not in f.comment and "\u202e" not in f.comment
+    assert f.comment.splitlines()[0] == "identity eve\\x1b[2J\\nidentity root roles=x\\u202e"
