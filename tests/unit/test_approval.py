@@ -191,6 +191,7 @@ async def test_timeout_per_rule(approval):
     assert f.response.status_code == 200 and err["id"] == 7
     assert err["error"]["code"] == APPROVAL_TIMEOUT and "approval timed out" in err["error"]["message"]
     assert rec.approval["outcome"] == "timeout" and rec.approval["approver"] is None
+    assert f.comment.startswith("EXPIRED -32034 dan -> launch_container | rule needs-approval | - | id ")
 
 
 async def test_default_timeout_from_option(approval):
@@ -586,3 +587,11 @@ async def test_comment_escapes_caller_chosen_text(approval):
     assert f.comment.splitlines()[-1] == "Outcome: denied by alice (bad\\r\\nline)."
     assert f.comment.startswith("DENIED -32033 dan\\nAPPROVAL ffff approved by root -> launch\\x1b[2J_container")
     assert f.comment.splitlines()[0].endswith(f"| by alice (bad\\r\\nline) | id {pid}")
+
+
+def test_webconsole_only_changes_mitmweb_and_default_columns():
+    from addons import webconsole
+    assert webconsole.install(object(), lambda f: True) is False           # mitmdump: nothing to take over
+    assert webconsole.approval_columns(webconsole.DEFAULT_COLUMNS) == list(webconsole.APPROVAL_COLUMNS)
+    assert "comment" in webconsole.APPROVAL_COLUMNS
+    assert webconsole.approval_columns(["path", "status"]) is None           # the operator's choice stays
