@@ -6,6 +6,7 @@
 #   ./run.sh bench      benchmarks (see bench/README.md)
 #   ./run.sh replay ID  open a recorded session in mitmweb
 #   ./run.sh <other>    passed to the mcp-bastion CLI (token, check, explain, sql, ...)
+#   ./run.sh --rules DIR <command>   the CLI with its global option (--rules DIR alone: the gateway)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -51,19 +52,39 @@ ensure_venv() {
   echo "$hash" > "$stamp"
 }
 
+run_cli() {
+  ensure_venv 0
+  # the shipped rules name the demo's service token; create it (0600, git-ignored) so
+  # check/explain/pin work on a fresh clone before the demo has ever run
+  [ -s .secrets/demo-service-token ] || "$VENV/bin/python" -c \
+    'from demo.tokens import ensure_token; ensure_token(".secrets/demo-service-token")'
+  exec "$VENV/bin/mcp-bastion" "$@"
+}
+
+run_gateway() {
+  # ./run.sh [--set option=value ...] and ./run.sh web [...]: mitmproxy options pass through
+  local web=""
+  if [ "${1:-}" = web ]; then shift; web="--web"; fi
+  ensure_venv 0
+  exec "$VENV/bin/python" -m addons.launcher $web "$@"
+}
+
 cmd="${1:-}"
 case "$cmd" in
+  --rules|--rules=*)
+    # the CLI's global option when a command follows it (./run.sh --rules DIR check),
+    # else the gateway's (./run.sh --rules DIR [--set ...])
+    n=1; [ "$cmd" = --rules ] && n=2
+    if [ $# -gt "$n" ] && [[ "${@:$((n + 1)):1}" != -* ]]; then run_cli "$@"; fi
+    run_gateway "$@"
+    ;;
   test)
     shift
     ensure_venv 1
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   ""|web|--*)
-    # ./run.sh [--set option=value ...] and ./run.sh web [...]: mitmproxy options pass through
-    web=""
-    if [ "$cmd" = web ]; then shift; web="--web"; fi
-    ensure_venv 0
-    exec "$VENV/bin/python" -m addons.launcher $web "$@"
+    run_gateway "$@"
     ;;
   replay)
     shift
@@ -83,11 +104,6 @@ case "$cmd" in
       tests/fuzz tests/unit/test_mask_property.py tests/unit/test_sse.py -k "fuzz or property" "$@"
     ;;
   *)
-    ensure_venv 0
-    # the shipped rules name the demo's service token; create it (0600, git-ignored) so
-    # check/explain/pin work on a fresh clone before the demo has ever run
-    [ -s .secrets/demo-service-token ] || "$VENV/bin/python" -c \
-      'from demo.tokens import ensure_token; ensure_token(".secrets/demo-service-token")'
-    exec "$VENV/bin/mcp-bastion" "$@"
+    run_cli "$@"
     ;;
 esac

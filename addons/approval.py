@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -30,11 +29,14 @@ from typing import Any
 from mitmproxy import command, ctx, exceptions, flow as mflow, hooks, http
 from mitmproxy.connection import ConnectionState
 
+from addons import webconsole
+from addons.cli import add_gateway_arg
 from addons.httputil import json_response, refuse_http, refuse_jsonrpc
 from addons.mcp import jsonrpc_error
 from addons.record import BastionRecord, get_record
+from addons.textsafe import esc, get_logger
 
-log = logging.getLogger("bastion.approval")
+log = get_logger("bastion.approval")
 
 APPROVAL_DENIED = -32033
 APPROVAL_TIMEOUT = -32034
@@ -43,8 +45,16 @@ ADMIN_PREFIX = "/_bastion/approvals"
 MAX_GRANTS = 10_000
 MAX_REASON = 500
 POLL = 0.1  # how often a hold looks at mitmweb's resume/kill and the client connection
-OUTCOME_MARKS = {"approved": ":white_check_mark:", "denied": ":no_entry:", "timeout": ":alarm_clock:",
-                 "cancelled": ":heavy_multiplication_x:"}
+# first word of the flow's comment, shown in mitmweb's Comment column (ASCII: no emoji boxes)
+OUTCOME_LABELS = {"approved": "APPROVED", "denied": f"DENIED {APPROVAL_DENIED}",
+                  "timeout": f"EXPIRED {APPROVAL_TIMEOUT}", "cancelled": f"CANCELLED {APPROVAL_CANCELLED}"}
+
+
+@dataclass(frozen=True)
+class Need:
+    """One approval a held request needs: a held call's rule and the roles that may give it."""
+    rule: str
+    approvers: tuple[str, ...]
 
 
 @dataclass
@@ -54,7 +64,7 @@ class Pending:
     requester: str
     connection: str
     summary: dict
-    approvers: tuple[str, ...]
+    needs: tuple[Need, ...]           # every held call's approval (a batch can hold several)
     rule: str
     timeout: float
     deadline: float                   # time.monotonic()
@@ -63,6 +73,16 @@ class Pending:
     outcome: str | None = None        # approved / denied / timeout / cancelled
     approver: str | None = None
     reason: str = ""
+    approved_by: dict[int, str] = field(default_factory=dict)   # index in needs -> approver
+
+    @property
+    def approvers(self) -> tuple[str, ...]:
+        """Roles that can still move this request forward (any of the needs not yet given)."""
+        return tuple(sorted({r for i, n in enumerate(self.needs) if i not in self.approved_by for r in n.approvers}))
+
+    def may_decide(self, roles: Sequence[str]) -> list[int]:
+        """Indexes of the needs an identity with these roles may give (never an empty approver list)."""
+        return [i for i, n in enumerate(self.needs) if set(n.approvers) & set(roles)]
 
     @property
     def deadline_utc(self) -> str:
@@ -71,6 +91,8 @@ class Pending:
     def public(self) -> dict:
         return {"id": self.id, "requester": self.requester, "connection": self.connection, "rule": self.rule,
                 "approvers": list(self.approvers), "created": self.created, "deadline": self.deadline_utc,
+                "needs": [{"rule": n.rule, "approvers": list(n.approvers), "approved_by": self.approved_by.get(i)}
+                          for i, n in enumerate(self.needs)],
                 "expires_in": round(max(0.0, self.deadline - time.monotonic()), 1), **self.summary}
 
 
@@ -173,6 +195,17 @@ class Approval:
             if url and not url.startswith(("http://", "https://")):
                 raise exceptions.OptionsError(f"bastion_approval_webhook must be an http(s) URL, not {url!r}")
 
+    def running(self) -> None:
+        # mitmweb: Resume All leaves held calls held; the flow list shows who/what/rule/deadline
+        if webconsole.install(ctx.master, self._is_held) and "web_columns" in ctx.options:
+            cols = webconsole.approval_columns(ctx.options.web_columns)
+            if cols:
+                ctx.options.update(web_columns=cols)
+
+    def _is_held(self, f: mflow.Flow) -> bool:
+        p = self.pending.get(f.metadata.get("bastion_approval_id"))
+        return p is not None and p.outcome is None
+
     def done(self) -> None:
         # pending holds live only in this process: nothing may be forwarded after a restart
         for p in list(self.pending.values()):
@@ -201,7 +234,6 @@ class Approval:
         self.pending[p.id] = p
         flow.metadata["bastion_approval_id"] = p.id
         flow.intercept()
-        flow.marked = ":hourglass_flowing_sand:"
         flow.comment = self._comment(p)
         await self._update(flow)
         log.warning("approval %s: %s asks for %s on %s (rule %s, approvers %s, %gs)", p.id, p.requester,
@@ -227,9 +259,10 @@ class Approval:
         calls = [{"method": m.method, "target": m.target, "arguments": display_arguments(m.arguments, profiles)}
                  for m in rec.messages]
         ident = rec.identity
+        needs = tuple(dict.fromkeys(Need(d.rule or "-", tuple(sorted(d.approvers))) for d in held))
         return Pending(id=uuid.uuid4().hex[:12], flow=flow, requester=ident.sub if ident else "-",
-                       connection=rec.connection or "-", rule=held[0].rule or "-",
-                       approvers=tuple(sorted({r for d in held for r in d.approvers})),
+                       connection=rec.connection or "-", rule=", ".join(dict.fromkeys(n.rule for n in needs)),
+                       needs=needs,
                        timeout=timeout, deadline=time.monotonic() + timeout,
                        summary={"calls": calls, "roles": list(ident.roles) if ident else []})
 
@@ -278,11 +311,14 @@ class Approval:
             flow.live = True
         if flow.intercepted:
             flow.resume()
-        flow.marked = OUTCOME_MARKS[p.outcome or "cancelled"]
         rec.approval = {"id": p.id, "outcome": p.outcome, "approver": p.approver, "reason": p.reason,
                         "rule": p.rule, "waited": round(time.time() - p.created, 3), "decided_at": time.time()}
-        flow.comment = f"{flow.comment}\nOutcome: {p.outcome}" + (f" by {p.approver}" if p.approver else "") + (
-            f" ({p.reason})" if p.reason else "") + "."
+        # the summary line becomes the outcome (the list's Comment column); the details stay
+        details = flow.comment.split("\n", 1)[1] if "\n" in flow.comment else ""
+        by = (f" by {p.approver}" if p.approver else "") + (f" ({p.reason})" if p.reason else "")
+        flow.comment = esc(f"{OUTCOME_LABELS[p.outcome or 'cancelled']} {self._what(p)} |{by or ' -'} | id {p.id}") + (
+            "\n" + details + "\n") + esc(
+            f"Outcome: {p.outcome}" + (f" by {p.approver}" if p.approver else "") + (f" ({p.reason})" if p.reason else "") + ".")
         log.warning("approval %s: %s%s after %.1fs%s", p.id, p.outcome, f" by {p.approver}" if p.approver else "",
                     rec.approval["waited"], f" ({p.reason})" if p.reason else "")
         if p.outcome == "approved":
@@ -301,16 +337,24 @@ class Approval:
         refuse_jsonrpc(flow, errors or [jsonrpc_error(None, code, msg)], rec.batch, 200, reason=msg, rule=p.rule)
 
     @staticmethod
-    def _comment(p: Pending) -> str:
-        # one sentence per line: mitmweb shows the comment as one paragraph, the console keeps lines
-        calls = "\n".join(f"Call: {c['method']} {c['target'] or ''} "
-                          f"{json.dumps(c['arguments'], ensure_ascii=False)[:500]}." for c in p.summary["calls"])
-        return (f"APPROVAL {p.id} needed, rule {p.rule}.\n"
-                f"Requester: {p.requester} (roles {', '.join(p.summary['roles']) or '-'}).\n"
-                f"Connection: {p.connection}.\n{calls}\n"
-                f"Approvers: {', '.join(p.approvers) or 'mitmweb users'}.\n"
-                f"Deadline: {p.deadline_utc} ({p.timeout:g}s).\n"
-                f"Resume = approve; Abort or `bastion.deny @focus \"reason\"` = deny.")
+    def _what(p: Pending) -> str:
+        tools = ", ".join(dict.fromkeys(str(c["target"] or c["method"]) for c in p.summary["calls"]))
+        return f"{p.requester} -> {tools} | rule {p.rule}"
+
+    def _comment(self, p: Pending) -> str:
+        # line 1 is what mitmweb's Comment column shows: state, id, who, which tool, rule, deadline;
+        # then one sentence per line (the Comment tab). Every line escaped (caller-chosen text).
+        deadline = datetime.fromtimestamp(p.created + p.timeout, timezone.utc).strftime("%H:%M:%SZ")
+        calls = [f"Call: {c['method']} {c['target'] or ''} {json.dumps(c['arguments'], ensure_ascii=False)[:500]}."
+                 for c in p.summary["calls"]]
+        lines = [f"HELD {self._what(p)} | until {deadline} | approvers {', '.join(p.approvers) or '-'} | id {p.id}",
+                 f"APPROVAL {p.id} needed, rule {p.rule}.",
+                 f"Requester: {p.requester} (roles {', '.join(p.summary['roles']) or '-'}).",
+                 f"Connection: {p.connection}.", *calls,
+                 f"Approvers: {', '.join(p.approvers) or 'mitmweb users'}.",
+                 f"Deadline: {p.deadline_utc} ({p.timeout:g}s).",
+                 "Resume (the row's play button) = approve; Abort or `bastion.deny @focus \"reason\"` = deny."]
+        return "\n".join(esc(line) for line in lines)
 
     @staticmethod
     async def _update(flow: http.HTTPFlow) -> None:
@@ -376,7 +420,7 @@ class Approval:
         parts = flow.request.path.split("?")[0][len(ADMIN_PREFIX):].strip("/").split("/")
         if parts == [""] and flow.request.method == "GET":
             visible = [p.public() for p in self.pending.values()
-                       if p.outcome is None and (not p.approvers or set(p.approvers) & set(ident.roles))]
+                       if p.outcome is None and set(p.approvers) & set(ident.roles)]
             flow.response = json_response(200, {"pending": visible})
             return
         if len(parts) != 2 or parts[1] not in ("approve", "deny") or flow.request.method != "POST":
@@ -391,27 +435,38 @@ class Approval:
             log.warning("approval %s: %s tried to decide their own request", pid, ident.sub)
             refuse_http(flow, 403, "forbidden", "you cannot decide your own request", rule="approval:self")
             return
-        if p.approvers and not set(p.approvers) & set(ident.roles):
-            log.warning("approval %s: %s lacks an approver role (%s)", pid, ident.sub, ",".join(p.approvers))
-            refuse_http(flow, 403, "insufficient_scope", f"approving needs one of the roles {', '.join(p.approvers)}",
+        mine = p.may_decide(ident.roles)
+        if not mine:
+            log.warning("approval %s: %s lacks an approver role (%s)", pid, esc(ident.sub), ",".join(p.approvers))
+            refuse_http(flow, 403, "insufficient_scope", f"deciding needs one of the roles {', '.join(p.approvers)}",
                         rule="approval:role")
             return
-        reason = ""
         if action == "deny":
             try:
                 body = json.loads(flow.request.get_text() or "{}")
                 reason = str(body.get("reason", "")) if isinstance(body, dict) else ""
             except (ValueError, UnicodeDecodeError):
                 reason = ""
-        self.decide(pid, "approved" if action == "approve" else "denied", ident.sub, reason)
-        flow.response = json_response(200, {"id": pid, "outcome": p.outcome, "approver": ident.sub})
+            self.decide(pid, "denied", ident.sub, reason)      # any one held call refused refuses all
+        else:
+            for i in mine:
+                p.approved_by.setdefault(i, ident.sub)
+            if len(p.approved_by) < len(p.needs):
+                # a batch holding calls under other approvers: each needs its own approver
+                log.warning("approval %s: approved by %s for %s; still waiting for %s", pid, esc(ident.sub),
+                            ", ".join(p.needs[i].rule for i in mine), ",".join(p.approvers))
+                flow.response = json_response(200, {"id": pid, "outcome": "pending", "approver": ident.sub,
+                                                    "waiting_for": list(p.approvers)})
+                return
+            self.decide(pid, "approved", ", ".join(dict.fromkeys(p.approved_by.values())))
+        flow.response = json_response(200, {"id": pid, "outcome": p.outcome, "approver": p.approver})
 
 
 # --- CLI ------------------------------------------------------------------------------------
 
 def add_cli(sub) -> None:
     def common(p):
-        p.add_argument("--gateway", default="http://127.0.0.1:8080", help="gateway base URL")
+        add_gateway_arg(p)
         p.add_argument("--token", required=True, help="the approver's bearer token (mcp-bastion token …)")
     p = sub.add_parser("approvals", help="list calls waiting for approval")
     common(p)
@@ -429,29 +484,38 @@ def add_cli(sub) -> None:
 
 def _call(args, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
     import httpx
+    url = args.gateway.rstrip("/") + path
     try:
-        r = httpx.request(method, args.gateway.rstrip("/") + path, json=body, timeout=10,
-                          headers={"authorization": f"Bearer {args.token}"})
+        r = httpx.request(method, url, json=body, timeout=10, headers={"authorization": f"Bearer {args.token}"})
     except httpx.HTTPError as e:
-        return 0, {"error": f"gateway unreachable ({type(e).__name__})"}
+        return 0, {"error": f"gateway unreachable at {url} ({type(e).__name__}); "
+                            "is it running? (--gateway, $BASTION_GATEWAY or $BASTION_PORT)"}
     try:
-        return r.status_code, r.json()
+        data = r.json()
     except ValueError:
-        return r.status_code, {"error": r.text[:200]}
+        data = {"error": r.text[:200]}
+    if r.status_code != 200 and isinstance(data, dict):
+        data["error_description"] = f"{data.get('error_description') or data.get('error')} ({method} {url})"
+    return r.status_code, data
+
+
+def _failed(status: int, data: dict) -> int:
+    code = f" {status} {data['error']}" if status and data.get("error_description") else ""
+    print(esc(f"error{code}: {data.get('error_description') or data.get('error')}"))
+    return 1
 
 
 def _cli_list(args) -> int:
     status, data = _call(args, "GET", ADMIN_PREFIX)
     if status != 200:
-        print(f"error {status}: {data.get('error_description') or data.get('error')}")
-        return 1
+        return _failed(status, data)
     if not data["pending"]:
         print("no calls waiting for approval")
     for p in data["pending"]:
         calls = "; ".join(f"{c['target'] or c['method']} {json.dumps(c['arguments'], ensure_ascii=False)[:120]}"
                           for c in p["calls"])
-        print(f"{p['id']}  {p['requester']:12} {p['connection']:10} rule={p['rule']}  "
-              f"expires in {p['expires_in']:.0f}s  {calls}")
+        print(esc(f"{p['id']}  {p['requester']:12} {p['connection']:10} rule={p['rule']}  "
+                  f"expires in {p['expires_in']:.0f}s  {calls}"))
     return 0
 
 
@@ -459,7 +523,10 @@ def _cli_decide(args, action: str) -> int:
     body = {"reason": args.reason} if action == "deny" else None
     status, data = _call(args, "POST", f"{ADMIN_PREFIX}/{args.id}/{action}", body)
     if status != 200:
-        print(f"error {status}: {data.get('error_description') or data.get('error')}")
-        return 1
-    print(f"{data['id']}: {data['outcome']} by {data['approver']}")
+        return _failed(status, data)
+    if data["outcome"] == "pending":
+        print(f"{esc(data['id'])}: approved by {esc(data['approver'])} for their part; "
+              f"still waiting for an approver with role {esc(', '.join(data['waiting_for']))}")
+        return 0
+    print(f"{esc(data['id'])}: {esc(data['outcome'])} by {esc(data['approver'])}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Modules that contribute subcommands (each defines add_cli(subparsers)).
@@ -18,6 +19,23 @@ CLI_MODULES = (
     "addons.masking",
     "addons.integrity",
 )
+
+
+def default_gateway() -> str:
+    """The gateway CLI commands talk to: $BASTION_GATEWAY, else the local one on
+    $BASTION_PORT (where ./run.sh starts it; 8080 by default)."""
+    return os.environ.get("BASTION_GATEWAY") or f"http://127.0.0.1:{os.environ.get('BASTION_PORT') or '8080'}"
+
+
+def add_gateway_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gateway", default=default_gateway(),
+                   help="gateway base URL (default: $BASTION_GATEWAY, else http://127.0.0.1:$BASTION_PORT, port 8080)")
+
+
+def command_names() -> set[str]:
+    """The CLI's subcommands (./run.sh tells them from mitmproxy options with this)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
 
 
 def build_parser() -> argparse.ArgumentParser:

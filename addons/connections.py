@@ -9,7 +9,6 @@ Two addons, first and last in the chain:
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import urllib.parse
@@ -27,8 +26,9 @@ from addons.record import get_record
 from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever, rules_files
 from addons.toolintegrity import IntegrityConfig, parse_integrity
 from addons.vault import DEFAULT_KEY, DEFAULT_VAULT, Vault, VaultError, key_path, load_key, updating
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.connections")
+log = get_logger("bastion.connections")
 
 MCP_PREFIX = "/mcp/"
 LOCAL_PREFIXES = ("/.well-known/", "/_bastion/")

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 from typing import Any, Callable
 
 from mitmproxy import hooks, http
 
 from addons.httputil import json_response
 from addons.record import get_record
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.failclosed")
+log = get_logger("bastion.failclosed")
 
 FLOW_HOOKS = frozenset({"requestheaders", "request", "responseheaders", "response"})
 FAILED_KEY = "bastion_failclosed_body"

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import urllib.parse
 from pathlib import Path
@@ -28,8 +27,9 @@ from addons import jwtverify as jv
 from addons.httputil import json_response, refuse_http
 from addons.record import Transient, get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.identity")
+log = get_logger("bastion.identity")
 
 METADATA_PATH = "/.well-known/oauth-protected-resource"
 ADMIN_PREFIX = "/_bastion/"

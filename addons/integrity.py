@@ -11,7 +11,6 @@ JSON bodies and SSE events are covered alike.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import OrderedDict
 
 from mitmproxy import ctx, http
@@ -20,8 +19,9 @@ from addons import toolintegrity as ti
 from addons.httputil import refuse_message
 from addons.record import BastionRecord, get_record
 from addons.rules import RulesError
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.integrity")
+log = get_logger("bastion.integrity")
 
 INTEGRITY_REFUSED = -32036
 MAX_DRIFTED = 10_000

@@ -19,14 +19,14 @@ Injector.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from mitmproxy import http
 
 from addons.record import BastionRecord, get_record
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.legacy")
+log = get_logger("bastion.legacy")
 
 NOTE_STREAM = "legacy_messages"    # set by the Router: POST to an announced legacy endpoint
 NOTE_CARRIER = "refusal_carrier"   # the exact bytes the Injector may forward

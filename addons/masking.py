@@ -9,7 +9,6 @@ a profile itself. Rules come from rules/masking.yaml and are reloaded on change.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import secrets
 import stat
@@ -21,8 +20,9 @@ from mitmproxy import ctx, exceptions, http
 from addons.maskcore import MaskConfig, MaskError, Profile, load_masking, mask_message, mask_value, validate_dir
 from addons.record import BastionRecord, MaskEvent, get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever, rules_files
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.masking")
+log = get_logger("bastion.masking")
 
 MAX_MASK_EVENTS = 1024     # distinct (path, type) pairs kept on one record
 KEY_BYTES = 32

@@ -13,12 +13,15 @@ from mcp.client.streamable_http import streamable_http_client
 
 @asynccontextmanager
 async def connect(url: str, token: str | None = None, *, legacy: bool = False, mode: str | None = None,
-                  headers: dict[str, str] | None = None, timeout: float = 30.0, **client_kw: Any) -> AsyncIterator[Client]:
+                  headers: dict[str, str] | None = None, timeout: float = 30.0,
+                  http_errors: list[tuple[int, str]] | None = None, **client_kw: Any) -> AsyncIterator[Client]:
     """An initialised SDK Client talking to `url` with `Authorization: Bearer token`.
 
     mode: the SDK's ConnectMode; default "auto" on Streamable HTTP and "legacy" (initialize
     handshake) on the legacy HTTP+SSE transport, where clients of that era live. "auto" also
-    works there: the SDK then speaks 2026-07-28 over the SSE stream."""
+    works there: the SDK then speaks 2026-07-28 over the SSE stream.
+    http_errors: collects (status, body) of every HTTP error answer (Streamable HTTP), which
+    the SDK reports without the body, e.g. the gateway's invalid_token explanation."""
     hdrs = dict(headers or {})
     if token:
         hdrs["Authorization"] = f"Bearer {token}"
@@ -27,6 +30,12 @@ async def connect(url: str, token: str | None = None, *, legacy: bool = False, m
         async with Client(transport, mode=mode or "legacy", **client_kw) as c:
             yield c
         return
-    async with httpx2.AsyncClient(headers=hdrs, timeout=httpx2.Timeout(timeout, read=timeout * 2)) as http:
+    async def keep_error(response: httpx2.Response) -> None:
+        if http_errors is not None and response.status_code >= 400:
+            await response.aread()              # error answers are small JSON, never streams
+            http_errors.append((response.status_code, response.text[:2000]))
+
+    async with httpx2.AsyncClient(headers=hdrs, timeout=httpx2.Timeout(timeout, read=timeout * 2),
+                                  event_hooks={"response": [keep_error]}) as http:
         async with Client(streamable_http_client(url, http_client=http), mode=mode or "auto", **client_kw) as c:
             yield c

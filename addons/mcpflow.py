@@ -6,7 +6,6 @@ failures with an HTTP error status; the SDK's ERROR_CODE_HTTP_STATUS table).
 """
 from __future__ import annotations
 
-import logging
 import zlib
 from collections import OrderedDict
 
@@ -22,8 +21,10 @@ from addons import mcp
 from addons.httputil import refuse_http, refuse_message
 from addons.record import get_record
 from addons.responses import readonly
+from addons.sessions import SessionRefused, SessionTable
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.mcp")
+log = get_logger("bastion.mcp")
 
 ERROR_STATUS = {
     mcp.PARSE_ERROR: 400, mcp.INVALID_REQUEST: 400, mcp.INVALID_PARAMS: 400,
@@ -56,37 +57,76 @@ class McpParser:
         # on another flow (legacy SSE stream, or a resumed GET stream): the transforms of a
         # request follow its response wherever it travels. Bounded.
         self.pending: OrderedDict[tuple[str, str, str], list] = OrderedDict()
-        # (connection, session) -> sub of the identity that opened it (bounded)
-        self.owners: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.sessions = SessionTable()
 
-    def _bind(self, conn: str, session: str, rec) -> None:
-        if rec.identity is None or not session:
-            return
-        self.owners.setdefault((conn, session), rec.identity.sub)
-        self.owners.move_to_end((conn, session))
-        while len(self.owners) > MAX_PENDING:
-            self.owners.popitem(last=False)
+    def load(self, loader) -> None:
+        loader.add_option("bastion_session_limit", int, 100,
+                          "Open MCP sessions one identity may hold; one more -> 429.")
+        loader.add_option("bastion_session_max", int, 10_000,
+                          "Open MCP sessions the gateway tracks in all; one more -> 503. Never evicted.")
+        loader.add_option("bastion_session_idle", float, 3600.0,
+                          "Seconds without a request or an open stream after which a session binding "
+                          "expires (the id then gets 404 and the client starts a new session).")
 
-    def _follow(self, rec, key: str | None, bind: bool = False) -> None:
+    def configure(self, updated: set[str]) -> None:
+        from mitmproxy import ctx, exceptions
+        o = ctx.options
+        if updated & {"bastion_session_limit", "bastion_session_max", "bastion_session_idle"}:
+            if o.bastion_session_limit < 1 or o.bastion_session_max < 1 or o.bastion_session_idle <= 0:
+                raise exceptions.OptionsError("bastion_session_limit/_max must be >= 1 and bastion_session_idle > 0")
+            t = self.sessions
+            t.per_identity, t.total, t.idle = o.bastion_session_limit, o.bastion_session_max, o.bastion_session_idle
+
+    def _follow(self, rec, key: str | None) -> None:
         """A GET stream carries the answers to its session's POSTs: give them the
         transforms (masking, list filtering, refusals) of the request they answer."""
         if key is None:
             return
         conn = rec.connection
-        if bind:
-            self._bind(conn, key, rec)
         rec.notes["pending_lookup"] = lambda msg_id: self.pending.get((conn, key, _idkey(msg_id)))
 
-    def _session_owner_ok(self, rec, key: str) -> bool:
-        owner = self.owners.get((rec.connection, key))
-        return owner is None or (rec.identity is not None and rec.identity.sub == owner)
+    def _bind_legacy(self, flow: http.HTTPFlow, rec, sid: str) -> None:
+        """Legacy HTTP+SSE: the stream's endpoint event names the session the stream is."""
+        key = (rec.connection, sid)
+        if rec.identity is not None and self.sessions.bind(flow.id, key, rec.identity.sub):
+            rec.session_key, rec.session_stream = key, True
+            self.sessions.stream(key, +1)
+        self._follow(rec, sid)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Streamable HTTP: the server names the session in the initialize response."""
         rec = get_record(flow.metadata)
-        sid = flow.response.headers.get("mcp-session-id") if flow.response else None
-        if sid and rec.connection and rec.refusal is None:
-            self._bind(rec.connection, sid, rec)
+        resp = flow.response
+        if resp is None or not rec.connection or rec.refusal is not None:
+            return
+        sid = resp.headers.get("mcp-session-id")
+        if sid and rec.identity is not None and self.sessions.bind(flow.id, (rec.connection, sid), rec.identity.sub):
+            rec.session_key = (rec.connection, sid)
+        if rec.session_key is not None and flow.request.method == "GET" and resp.status_code == 200:
+            rec.session_stream = True
+            self.sessions.stream(rec.session_key, +1)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def _done(self, flow: http.HTTPFlow) -> None:
+        """The flow ended: free its reservation and stream; a closed session loses its binding."""
+        rec = get_record(flow.metadata)
+        self.sessions.release(flow.id)
+        key = rec.session_key
+        if key is None:
+            return
+        if rec.session_stream:
+            rec.session_stream = False
+            self.sessions.stream(key, -1)
+            if flow.request.method == "GET" and stream_key(rec, flow.request) is None:
+                self.sessions.forget(key)       # legacy transport: the session ends with its stream
+        status = flow.response.status_code if flow.response is not None and rec.refusal is None else None
+        if status == 404 or (flow.request.method == "DELETE" and status is not None and 200 <= status < 300):
+            self.sessions.forget(key)           # closed by the client, or unknown upstream
 
     def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
@@ -99,10 +139,16 @@ class McpParser:
             return
         rec.session_id = req.headers.get("mcp-session-id")
         key = stream_key(rec, req)
-        if key is not None and not self._session_owner_ok(rec, key):
-            # a session belongs to the identity that opened it: another caller who learnt
-            # the id gets what an unknown session gets (404), and nothing is forwarded
-            refuse_http(flow, 404, "unknown_session", "no such session for this caller")
+        try:
+            if key is not None:
+                # a session belongs to the identity that opened it: another caller who learnt
+                # the id, or any id the gateway does not know, gets 404 and nothing is forwarded
+                self.sessions.use((rec.connection, key), rec.identity.sub if rec.identity else "")
+                rec.session_key = (rec.connection, key)
+            elif req.method == "GET":
+                self._admit(flow, rec)
+        except SessionRefused as e:
+            refuse_http(flow, e.status, e.error, e.message)
             return
         if req.method != "POST":
             if req.content:
@@ -112,7 +158,7 @@ class McpParser:
             if req.method == "GET":
                 self._follow(rec, key)
                 # legacy HTTP+SSE: the session is named later, in the stream's endpoint event
-                rec.notes["bind_session"] = lambda sid, rec=rec: self._follow(rec, sid, bind=True)
+                rec.notes["bind_session"] = lambda sid, flow=flow, rec=rec: self._bind_legacy(flow, rec, sid)
             return
         ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
@@ -143,6 +189,12 @@ class McpParser:
             log.info("refused %s: %s", req.path, e.message)
             refuse_message(flow, e.msg_id, e.code, e.message, status=ERROR_STATUS.get(e.code, 400))
             return
+        if key is None and any(m.method == "initialize" for m in parsed.messages):
+            try:
+                self._admit(flow, rec)
+            except SessionRefused as e:
+                refuse_http(flow, e.status, e.error, e.message)
+                return
         rec.messages = parsed.messages
         rec.batch = parsed.batch
         rec.protocol_version = req.headers.get("mcp-protocol-version") or next(
@@ -161,6 +213,11 @@ class McpParser:
         if any(m.method == "tools/list" for m in parsed.messages):
             conn = rec.connection
             rec.response_transforms.append(readonly(lambda m: self._learn(conn, m)))
+
+    def _admit(self, flow: http.HTTPFlow, rec) -> None:
+        """Room for the session this request may open (initialize, legacy SSE stream)."""
+        if rec.identity is not None:
+            self.sessions.admit(flow.id, rec.identity.sub)
 
     def _learn(self, conn: str, message: dict) -> dict:
         tools = (message.get("result") or {}).get("tools") if isinstance(message.get("result"), dict) else None

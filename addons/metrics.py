@@ -8,7 +8,6 @@ types are capped).
 """
 from __future__ import annotations
 
-import logging
 import re
 import threading
 from typing import Callable, Iterator
@@ -20,8 +19,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from addons import mcp
 from addons.record import BastionRecord, get_record
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.metrics")
+log = get_logger("bastion.metrics")
 
 KNOWN_METHODS = mcp.CLIENT_REQUEST_METHODS | mcp.CLIENT_NOTIFICATION_METHODS
 MAX_MASK_TYPES = 64                  # mask types may be field names from upstream data: bound them

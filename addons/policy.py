@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -21,11 +20,13 @@ from addons import pathguard
 from addons.httputil import refuse_jsonrpc
 from addons.mcp import (LIST_METHODS, SERVER_REQUEST_METHODS, Message, decode_header_value, jsonrpc_error,
                          parse_message)
-from addons.policy_rules import Policy as RulesPolicy, evaluate, explain, filter_list_result, load_policy, policy_files
+from addons.policy_rules import (Policy as RulesPolicy, ScanBudget, evaluate, explain, filter_list_result, load_policy,
+                                  policy_files)
 from addons.record import Decision, Identity, get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.policy")
+log = get_logger("bastion.policy")
 
 # JSON-RPC error codes of policy refusals. The JSON-RPC "server error" range
 # (-32000..-32099) is implementation-defined; MCP uses -32000..-32002 and -32020..-32042,
@@ -79,11 +80,16 @@ class Policy:
         self.blast = RateLimiter()      # items touched per principal x rule (survives reloads)
         self._watcher: ChangeWatcher | None = None
         self._task: asyncio.Task | None = None
+        self.budget = ScanBudget()
 
     def load(self, loader):
         loader.add_option("bastion_environment", str, "",
                           "Environment of this gateway (dev, prod, ...) for rules with `when: environment`; "
                           "a connection's own `environment:` wins.")
+        loader.add_option("bastion_scan_limit", int, ScanBudget.max_chars,
+                          "Characters of argument text the gateway checks per call (blocklist); more -> refused.")
+        loader.add_option("bastion_scan_seconds", float, ScanBudget.seconds,
+                          "Seconds the gateway spends checking one call's arguments; longer -> refused.")
 
     def _environment(self, connection: str) -> str:
         router = ctx.master.addons.get("connections")
@@ -91,6 +97,10 @@ class Policy:
         return (conn.environment if conn is not None else None) or ctx.options.bastion_environment
 
     def configure(self, updated):
+        if updated & {"bastion_scan_limit", "bastion_scan_seconds"}:
+            if ctx.options.bastion_scan_limit < 1 or ctx.options.bastion_scan_seconds <= 0:
+                raise exceptions.OptionsError("bastion_scan_limit and bastion_scan_seconds must be positive")
+            self.budget = ScanBudget(ctx.options.bastion_scan_limit, ctx.options.bastion_scan_seconds)
         if "bastion_rules" in updated:
             rules = Path(ctx.options.bastion_rules)
             try:
@@ -167,7 +177,7 @@ class Policy:
                     lambda msg, method=method: _filter(policy, ident, conn, method, msg, env))
 
     def _decide(self, policy: RulesPolicy, ident: Identity | None, conn: str, m: Message, env: str = "") -> Decision:
-        d = evaluate(policy, ident, conn, m, environment=env)
+        d = evaluate(policy, ident, conn, m, environment=env, budget=self.budget)
         if d.action == "deny" or d.rule is None:
             return d
         rule = next((r for r in policy.rules if r.name == d.rule), None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -29,7 +30,7 @@ from addons.mcp import LIST_METHODS, Message
 from addons.programs import SHIPPED as SHIPPED_PROGRAMS, Model, load_models
 from addons.record import Decision, Identity
 from addons.rules import Located, load_yaml, rules_files
-from addons.shellguard import Pattern, ScanCache, scan, shell_info
+from addons.shellguard import Pattern, ScanBudgetExceeded, ScanCache, scan, shell_info, text_size
 from addons.sqlmask import STYLES, ColumnPolicy, rewrite as sql_rewrite
 
 DEFAULT_METHOD = "tools/call"
@@ -269,21 +270,50 @@ class Rule:
                 protected: tuple[str, ...] = ()) -> bool:
         if not self.matches_subject(identity, connection, environment) or not self.matches_target(msg.method, msg.target):
             return False
-        arguments = msg.arguments
-        if not all(p.test(arguments) for p in self.args):
-            return False
-        if self.shell is not None and not self.shell.test(arguments, protected):
-            return False
-        if self.path is not None and not self.path.test(arguments, protected):
-            return False
-        return self.sql is None or self.sql.test(arguments)
+        return self.failed_condition(msg.arguments, protected) is None
 
-    def meaning_problem(self, msg: Message, protected: tuple[str, ...]) -> str | None:
-        """Why the shell / path predicate refuses this call (for the caller's error message)."""
-        v = self.shell.verdict(msg.arguments, protected) if self.shell is not None else None
-        if v is not None and not v.ok:
-            return v.reason
-        return self.path.problem(msg.arguments, protected) if self.path is not None else None
+    @property
+    def has_conditions(self) -> bool:
+        """Argument conditions (args / shell / path / sql), whose cost grows with the arguments."""
+        return bool(self.args) or self.shell is not None or self.path is not None or self.sql is not None
+
+    def failed_condition(self, arguments: dict, protected: tuple[str, ...] = ()) -> str | None:
+        """Which argument condition does not hold (args / shell / path / sql), or None."""
+        if not all(p.test(arguments) for p in self.args):
+            return "args"
+        if self.shell is not None and not self.shell.test(arguments, protected):
+            return "shell"
+        if self.path is not None and not self.path.test(arguments, protected):
+            return "path"
+        if self.sql is not None and not self.sql.test(arguments):
+            return "sql"
+        return None
+
+    def condition_problem(self, msg: Message, protected: tuple[str, ...], cond: str) -> str:
+        """Why the failed condition `cond` refuses this call (names the option, path, function or table)."""
+        why = None
+        if cond == "shell":
+            v = self.shell.verdict(msg.arguments, protected)
+            why = str(v.reason) if v is not None and not v.ok else None
+        elif cond == "path":
+            why = self.path.problem(msg.arguments, protected)
+        elif cond == "sql":
+            why = self.sql.judge(msg.arguments).why
+        return f"its {cond} condition does not hold for these arguments" + (f": {why}" if why else "")
+
+    def subject_mismatch(self, identity: Identity | None, connection: str, environment: str = "") -> str:
+        """What keeps this rule from applying to the caller (for refusals and explain)."""
+        if self.connections and not _any_glob(connection, self.connections):
+            return f"it is for connection(s) {', '.join(self.connections)}"
+        if self.environments and not _any_glob(environment, self.environments):
+            return f"it is for environment(s) {', '.join(self.environments)}"
+        if self.roles and not (identity and set(identity.roles) & set(self.roles)):
+            return f"it needs one of the roles {', '.join(self.roles)}"
+        if self.subs and not (identity and _any_glob(identity.sub, self.subs)):
+            return "it is for other callers (sub)"
+        if self.client_ids:
+            return "it is for other clients (client_id)"
+        return "it is for authenticated callers"
 
 
 @dataclass
@@ -579,15 +609,19 @@ def parse_rule(loc: Located, node: Any, index: int, dialect: str, models: dict[s
             raise loc.error(node, f"rule {name}: 'deny' takes true or a reason", "deny")
     if action == "approve":
         a = node["approve"]
-        if a is True:
-            a = {}
         if not isinstance(a, dict):
-            raise loc.error(node, f"rule {name}: 'approve' takes true or {{approvers, timeout}}", "approve")
+            raise loc.error(node, f"rule {name}: 'approve' takes {{approvers: [roles], timeout}}; "
+                            "it needs approvers (the roles whose holders may decide)", "approve")
         approvers = _strs(loc, a, "approvers")
         t = a.get("timeout", DEFAULT_APPROVAL_TIMEOUT)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
             raise loc.error(a, f"rule {name}: approval timeout must be a positive number of seconds", "timeout")
         timeout = float(t)
+        if not approvers:
+            # nobody named = anybody could decide: not a safe default for a high-risk call
+            where, key = (a, "approvers") if "approvers" in a else (node, "approve")
+            raise loc.error(where, f"rule {name}: 'approve' needs approvers: [roles] "
+                            "(the roles whose holders may decide)", key)
     when = node.get("when") or {}
     if not isinstance(when, dict):
         raise loc.error(node, f"rule {name}: 'when' must be a mapping", "when")
@@ -736,17 +770,6 @@ def _literals_masked(info: sqlclass.SqlInfo | None) -> str:
     return ";\n".join(t.sql(dialect=info.dialect, comments=False) for t in trees)[:2000]
 
 
-def _sql_miss(rules: list[Rule], identity: Identity | None, connection: str, msg: Message, environment: str) -> str:
-    """Why the first allow/approve SQL rule for this target did not match (names the
-    function, table or column), for the default-deny message."""
-    for r in rules:
-        if r.action != "deny" and r.sql is not None and r.direction == "client_to_server" \
-                and r.matches_subject(identity, connection, environment) and r.matches_target(msg.method, msg.target):
-            v = r.sql.judge(msg.arguments)
-            if not v.ok and v.why:
-                return f" (rule {r.name}: {v.why})"
-    return ""
-
 
 def matching_rules(policy: Policy, identity: Identity | None, connection: str, msg: Message,
                    direction: str = "client_to_server", environment: str = "") -> list[Rule]:
@@ -754,45 +777,90 @@ def matching_rules(policy: Policy, identity: Identity | None, connection: str, m
             if r.direction == direction and r.matches(identity, connection, msg, environment, policy.protected)]
 
 
-def meaning_refusal(policy: Policy, identity: Identity | None, connection: str, msg: Message,
-                    environment: str = "") -> tuple[Rule, str] | None:
-    """The first allow/approve rule that would match but for its shell/path predicate, and why."""
-    for r in policy.rules:
-        if (r.action != "deny" and r.direction == "client_to_server" and (r.shell or r.path)
-                and r.matches_subject(identity, connection, environment) and r.matches_target(msg.method, msg.target)
-                and all(p.test(msg.arguments) for p in r.args)):
-            why = r.meaning_problem(msg, policy.protected)
-            if why:
-                return r, why
-    return None
+
+@dataclass(frozen=True)
+class ScanBudget:
+    """How much argument text one message may make the gateway check, and for how long."""
+    max_chars: int = 1 << 20
+    seconds: float = 0.5
+
+
+DEFAULT_SCAN_BUDGET = ScanBudget()
 
 
 def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Message,
-             direction: str = "client_to_server", environment: str = "") -> Decision:
-    """The decision for one message. See the module docstring for precedence."""
+             direction: str = "client_to_server", environment: str = "",
+             budget: ScanBudget = DEFAULT_SCAN_BUDGET) -> Decision:
+    """The decision for one message. See the module docstring for precedence.
+
+    Cheap checks first: when no allow/approve rule can apply to this caller, method and
+    tool (whatever the arguments), the call is refused before anything whose cost grows
+    with the body (blocklist scan, SQL/shell parsing) looks at it. What is scanned is
+    bounded by `budget`: more text, or more time, and the call is refused."""
     if msg.kind in ("response", "error"):
         # a client answering a server request (sampling, elicitation): the request itself
         # was governed when it travelled server->client
         return Decision("allow", "baseline", "", message_id=msg.id)
+    candidates = [r for r in policy.rules if r.direction == direction
+                  and r.matches_subject(identity, connection, environment) and r.matches_target(msg.method, msg.target)]
+    baseline = direction == "client_to_server" and identity is not None and _any_glob(msg.method or "", policy.baseline)
+    if not baseline and not any(r.action in ("allow", "approve") for r in candidates):
+        plain_deny = next((r for r in candidates if r.action == "deny" and not r.has_conditions), None)
+        if plain_deny is not None:
+            return _decision(plain_deny, msg)
+        return _default_deny(policy, identity, connection, msg, direction, environment, candidates)
     if direction == "client_to_server" and msg.method in SCANNED_METHODS and policy.blocklist:
-        hit = scan({k: v for k, v in msg.params.items() if k != "_meta"}, policy.blocklist,
-                   policy.scan_cache)
+        params = {k: v for k, v in msg.params.items() if k != "_meta"}
+        size = text_size(params, budget.max_chars)
+        if size > budget.max_chars:
+            return Decision("deny", "scan-budget", f"arguments too large to check: more than {budget.max_chars} "
+                            "characters of text", message_id=msg.id)
+        try:
+            hit = scan(params, policy.blocklist, policy.scan_cache, time.monotonic() + budget.seconds)
+        except ScanBudgetExceeded:
+            return Decision("deny", "scan-budget", f"arguments could not be checked within {budget.seconds:g}s",
+                            message_id=msg.id)
         if hit is not None:
             return Decision("deny", f"blocklist:{hit.pattern}", f"blocked {hit.category} pattern in {hit.path}",
                             message_id=msg.id)
-    matched = matching_rules(policy, identity, connection, msg, direction, environment)
+    matched = [r for r in candidates if r.failed_condition(msg.arguments, policy.protected) is None]
     for action in ("deny", "approve", "allow"):
         for r in matched:
             if r.action == action:
                 return _decision(r, msg)
-    if direction == "client_to_server" and identity is not None and _any_glob(msg.method or "", policy.baseline):
+    if baseline:
         return Decision("allow", "baseline", "", message_id=msg.id)
-    near = meaning_refusal(policy, identity, connection, msg, environment) if direction == "client_to_server" else None
-    if near is not None:
-        return Decision("deny", None, f"no rule allows this call (default deny); rule {near[0].name} refused it: "
-                        f"{near[1]}", message_id=msg.id)
-    miss = _sql_miss(policy.rules, identity, connection, msg, environment) if msg.method in SCANNED_METHODS else ""
-    return Decision("deny", None, "no rule allows this call (default deny)" + miss, message_id=msg.id)
+    return _default_deny(policy, identity, connection, msg, direction, environment, candidates)
+
+
+def nearest_rule(policy: Policy, identity: Identity | None, connection: str, msg: Message,
+                 direction: str = "client_to_server", environment: str = "",
+                 candidates: list[Rule] | None = None) -> tuple[Rule, str] | None:
+    """The allow/approve rule that came closest to allowing a refused call, and what failed:
+    one for this caller and tool whose argument condition failed, else one for this tool
+    whose subject (roles, sub, client, connection, environment) is not the caller's."""
+    if candidates is None:
+        candidates = [r for r in policy.rules if r.direction == direction
+                      and r.matches_subject(identity, connection, environment)
+                      and r.matches_target(msg.method, msg.target)]
+    for r in candidates:
+        if r.action in ("allow", "approve"):
+            cond = r.failed_condition(msg.arguments, policy.protected)
+            if cond is not None:
+                return r, r.condition_problem(msg, policy.protected, cond)
+    for r in policy.rules:
+        if r.direction == direction and r.action in ("allow", "approve") and r.matches_target(msg.method, msg.target):
+            return r, r.subject_mismatch(identity, connection, environment)
+    return None
+
+
+def _default_deny(policy: Policy, identity: Identity | None, connection: str, msg: Message, direction: str,
+                  environment: str, candidates: list[Rule]) -> Decision:
+    near = nearest_rule(policy, identity, connection, msg, direction, environment, candidates)
+    what = f"{msg.method} {msg.target}" if msg.target else str(msg.method)
+    reason = "no rule allows this call (default deny); " + (
+        f"nearest rule {near[0].name}: {near[1]}" if near else f"no rule allows {what} for anyone")
+    return Decision("deny", None, reason, message_id=msg.id)
 
 
 LIST_CALL_METHOD = {"tools/list": "tools/call", "resources/list": "resources/read",
@@ -859,6 +927,9 @@ def explain(policy: Policy, identity: Identity | None, connection: str, msg: Mes
                 lines.append(f"  path check of {r.name}: {why or 'ok'}")
     d = evaluate(policy, identity, connection, msg, environment=environment)
     lines += _explain_sql(policy, identity, connection, msg, environment, d)
+    near = nearest_rule(policy, identity, connection, msg, environment=environment) if d.rule is None else None
+    if near is not None:
+        lines.append(f"  nearest {near[0].action:7} {near[0].name}  ({near[0].file}:{near[0].line}): {near[1]}")
     lines.append(f"decision: {d.action.upper()}  rule: {d.rule or '(default deny)'}"
                  + (f"  reason: {d.reason}" if d.reason else "")
                  + (f"  approvers: {', '.join(d.approvers)}  timeout: {d.timeout:g}s" if d.action == "approve" else ""))

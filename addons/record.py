@@ -81,6 +81,8 @@ class BastionRecord:
     messages: list[Message] = field(default_factory=list)   # parsed client->server messages
     batch: bool = False
     session_id: str | None = None
+    session_key: tuple[str, str] | None = None  # (connection, session) this flow uses, owner checked
+    session_stream: bool = False           # an open stream of session_key (keeps it from idling out)
     protocol_version: str | None = None
     decisions: list[Decision] = field(default_factory=list)
     refusal: str | None = None             # why the gateway answered itself (refused)

@@ -20,7 +20,6 @@ import csv
 import io
 import itertools
 import json
-import logging
 import os
 import re
 import socket
@@ -38,8 +37,10 @@ from addons.record import BastionRecord, Decision, MaskEvent, get_record
 from addons.store import (
     Store, StoreUnavailable, StoreWriter, encode_event, recover_store,
 )
+from addons.cli import add_gateway_arg
+from addons.textsafe import esc, get_logger
 
-log = logging.getLogger("bastion.recorder")
+log = get_logger("bastion.recorder")
 
 # Never stored: values of these headers (and of any connection's credential header).
 REDACT_HEADERS = frozenset({
@@ -639,8 +640,7 @@ def add_cli(sub) -> None:
                                    "identity, policy, masking and recording apply again.")
     p.add_argument("session", help="session id (or a unique prefix)")
     p.add_argument("--connection", required=True, help="target connection (must have options: {test: true})")
-    p.add_argument("--gateway", default=os.environ.get("BASTION_GATEWAY", "http://127.0.0.1:8080"),
-                   help="gateway base URL (default: $BASTION_GATEWAY or http://127.0.0.1:8080)")
+    add_gateway_arg(p)
     p.add_argument("--token", default=os.environ.get("BASTION_TOKEN"), help="bearer token (default: $BASTION_TOKEN)")
     _store_arg(p)
     p.set_defaults(func=cli_resend)
@@ -681,15 +681,18 @@ def _cell(v: Any) -> str:
 
 
 def render(columns: list[str], rows: list[tuple], fmt: str, max_width: int = 60) -> str:
+    # recorded values are caller-chosen: no raw control or escape characters reach a terminal
     if fmt == "json":
-        return json.dumps([dict(zip(columns, r)) for r in rows], ensure_ascii=False, default=str, indent=1) + "\n"
+        return esc(json.dumps([dict(zip(columns, r)) for r in rows], ensure_ascii=False, default=str, indent=1),
+                   json_text=True) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(columns)
-        w.writerows([[_cell(v) for v in r] for r in rows])
+        w.writerow([esc(c) for c in columns])
+        w.writerows([[esc(_cell(v)) for v in r] for r in rows])
         return buf.getvalue()
-    cells = [[_cell(v).replace("\n", " ") for v in r] for r in rows]
+    columns = [esc(c) for c in columns]
+    cells = [[esc(_cell(v)) for v in r] for r in rows]
     cells = [[c if len(c) <= max_width else c[:max_width - 1] + "…" for c in r] for r in cells]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     line = lambda vals: " | ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
@@ -830,7 +833,7 @@ def format_timeline(events: list[dict], width: int = 160) -> str:
         else:
             line = f"  {kind}"
         out.append(f"{rel}  {line}")
-    return "\n".join(out) + "\n"
+    return "\n".join(esc(line) for line in out) + "\n"
 
 
 def cli_replay(args) -> int:
@@ -849,10 +852,18 @@ def cli_replay(args) -> int:
         n = write_flow_file(build_flows(session_events(st, sid)), path)
         st.close()
         web = shutil.which("mitmweb") or str(Path(sys.executable).parent / "mitmweb")
-        print(f"opening {n} flow(s) of session {sid} in mitmweb ({path})", file=sys.stderr)
-        os.execv(web, [web, "-r", path, "--set", "web_host=127.0.0.1", "--mode", "regular@0"])
+        port = os.environ.get("BASTION_WEB_PORT") or "8081"
+        print(f"opening {n} flow(s) of session {sid} in mitmweb at http://127.0.0.1:{port}/ ({path})",
+              file=sys.stderr)
+        # loopback only, both the console and mitmweb's (unused) proxy listener
+        os.execv(web, [web, *replay_web_args(path, port)])
     sys.stdout.write(format_timeline(session_events(st, sid), args.width))
     return 0
+
+
+def replay_web_args(path: str, web_port: str) -> list[str]:
+    return ["-r", path, "--set", "web_host=127.0.0.1", "--set", f"web_port={web_port}",
+            "--set", "web_open_browser=false", "--listen-host", "127.0.0.1", "--mode", "regular@0"]
 
 
 def build_flows(events: list[dict]) -> list[http.HTTPFlow]:
@@ -909,7 +920,7 @@ def build_flows(events: list[dict]) -> list[http.HTTPFlow]:
         ident = next((e for e in evs if e.get("sub")), None)
         if ident:
             notes.insert(0, f"identity {ident['sub']} roles={','.join(ident.get('roles') or [])}")
-        f.comment = "\n".join(notes)
+        f.comment = "\n".join(esc(n) for n in notes)   # recorded values are caller-chosen
         f.metadata["bastion_recorded"] = {"session_id": first.get("session_id"), "instance": first.get("instance"),
                                           "flow_id": fid}
         f.live = False
@@ -1023,8 +1034,8 @@ def resend(messages: list[dict], url: str, token: str | None, transport=None, ou
             status = "error" if r.status_code >= 400 or (resp and "error" in resp) else "ok"
             failures += status == "error"
             detail = _clip((resp or {}).get("error") or (resp or {}).get("result") or r.text, 120)
-            out.write(f"{m.get('method')} {m.get('params', {}).get('name', '') if isinstance(m.get('params'), dict) else ''}"
-                      f" -> HTTP {r.status_code} {status} {detail}\n")
+            out.write(esc(f"{m.get('method')} {m.get('params', {}).get('name', '') if isinstance(m.get('params'), dict) else ''}"
+                          f" -> HTTP {r.status_code} {status} {detail}") + "\n")
     return 1 if failures else 0
 
 
@@ -1062,4 +1073,10 @@ def cli_resend(args) -> int:
         return 2
     url = f"{args.gateway.rstrip('/')}/mcp/{args.connection}"
     print(f"re-sending {len(messages)} message(s) of session {sid} to {url}", file=sys.stderr)
-    return resend(messages, url, args.token)
+    import httpx
+    try:
+        return resend(messages, url, args.token)
+    except httpx.HTTPError as e:
+        print(f"error: gateway unreachable at {url} ({type(e).__name__}); is it running? "
+              "(--gateway, $BASTION_GATEWAY or $BASTION_PORT)", file=sys.stderr)
+        return 2

@@ -12,7 +12,6 @@ that raises, is replaced by a JSON-RPC error and the stream ends.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, Callable
 
 from mitmproxy import ctx, http
@@ -21,8 +20,9 @@ from addons import mcp
 from addons.connections import rewrite_endpoint
 from addons.httputil import json_response
 from addons.record import BastionRecord, get_record
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.responses")
+log = get_logger("bastion.responses")
 
 MAX_RECORDED_MESSAGES = 10_000
 

@@ -6,7 +6,6 @@ loads through `load_yaml` so errors always read `rules/x.yaml:12: message`.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Callable, Iterable
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from addons.textsafe import get_logger
 
 
 class RulesError(Exception):
@@ -135,4 +135,4 @@ async def poll_forever(check: Callable[[], object], interval: float = RELOAD_INT
         try:
             check()
         except Exception:  # noqa: BLE001 - a reload bug must not end reloading
-            logging.getLogger("bastion.rules").exception("reload check failed")
+            get_logger("bastion.rules").exception("reload check failed")

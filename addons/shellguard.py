@@ -16,6 +16,7 @@ import fnmatch
 import json
 import re
 import shlex
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -238,11 +239,33 @@ def _first_match(s: str, pats: list[Pattern]) -> tuple[str, str] | None:
     return None
 
 
-def scan(arguments: Any, patterns: Iterable[Pattern], cache: ScanCache | None = None) -> Hit | None:
+class ScanBudgetExceeded(Exception):
+    """The scan ran past its deadline: the arguments were not checked, so the call is refused."""
+
+
+def text_size(obj: Any, limit: int) -> int:
+    """Characters of all strings (keys too) in a JSON value; stops counting past `limit`."""
+    total, stack = 0, [obj]
+    while stack and total <= limit:
+        node = stack.pop()
+        if isinstance(node, str):
+            total += len(node)
+        elif isinstance(node, dict):
+            total += sum(len(str(k)) for k in node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return total
+
+
+def scan(arguments: Any, patterns: Iterable[Pattern], cache: ScanCache | None = None,
+         deadline: float | None = None) -> Hit | None:
     """First blocklist hit in any string of `arguments`, or None. `cache` must belong to
-    this pattern set."""
+    this pattern set. Past `deadline` (time.monotonic()) raises ScanBudgetExceeded."""
     pats = list(patterns)
     for path, s in iter_strings(arguments):
+        if deadline is not None and time.monotonic() > deadline:
+            raise ScanBudgetExceeded()
         v = cache.verdict(s, pats) if cache is not None else _first_match(s, pats)
         if v is not None:
             return Hit(v[0], v[1], path)

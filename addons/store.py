@@ -22,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import fcntl
 import json
-import logging
 import os
 import queue
 import re
@@ -31,8 +30,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+from addons.textsafe import get_logger
 
-log = logging.getLogger("bastion.store")
+log = get_logger("bastion.store")
 
 # One flat table: every event kind uses the columns that apply to it (others are NULL).
 SCHEMA: dict[str, str] = {

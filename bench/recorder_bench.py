@@ -166,6 +166,8 @@ def bench_gateway(base: Path, calls: int, concurrency: int, rounds: int = 2) -> 
         on = Gateway(base / "on", port).start("bench-on")
         off = Gateway(base / "off", port).start("bench-off", env={"E2E_NO_RECORDER": "1"})
         gws = [on, off]
+        on.open_session()                             # the gateway only accepts sessions it saw opened
+        off.open_session()
         asyncio.run(_load(on.url, 200, 8))            # warm up both
         asyncio.run(_load(off.url, 200, 8))
         res_off, res_on = [], []

@@ -13,14 +13,15 @@ import sys
 from typing import Any
 
 from addons.mcpclient import connect  # noqa: F401 - re-exported: tests and docs use demo.client.connect
+from addons.textsafe import esc
 
 
 def result_json(result: Any) -> Any:
     return result.model_dump(mode="json", exclude_none=True, by_alias=True)
 
 
-async def _run(args) -> int:
-    async with connect(args.url, args.token, legacy=args.legacy, mode=args.mode) as c:
+async def _run(args, http_errors: list[tuple[int, str]]) -> int:
+    async with connect(args.url, args.token, legacy=args.legacy, mode=args.mode, http_errors=http_errors) as c:
         if args.action == "list":
             res = await c.list_tools()
             for t in res.tools:
@@ -43,12 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("tool")
     c.add_argument("arguments", nargs="?")
     args = ap.parse_args(argv)
+    http_errors: list[tuple[int, str]] = []
     try:
-        return asyncio.run(_run(args))
+        return asyncio.run(_run(args, http_errors))
     except Exception as e:  # noqa: BLE001 - a CLI: say what failed
         while isinstance(e, BaseExceptionGroup) and e.exceptions:
             e = e.exceptions[0]
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(esc(f"error: {type(e).__name__}: {e} ({args.url})"), file=sys.stderr)
+        for status, body in dict.fromkeys(http_errors):   # what the gateway said, e.g. why the token is invalid
+            print(esc(f"gateway answered HTTP {status}: {body}"), file=sys.stderr)
         return 2
 
 

@@ -37,3 +37,17 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def start_run_sh(cwd, env: dict, log_path, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """`./run.sh` (the demo stack) in its own process group; returns it once it printed its
+    endpoint banner, and the banner. Output goes to log_path."""
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(["./run.sh"], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while "endpoint" not in (text := open(log_path).read()) and time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError(f"./run.sh exited with {p.returncode}:\n{text}")
+        time.sleep(0.2)
+    return p, text

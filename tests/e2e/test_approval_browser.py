@@ -55,7 +55,7 @@ async def test_resume_in_mitmweb_approves(chromium, demo_server, rules_dir, gate
                 await page.wait_for_timeout(200)
             assert await row.count() >= 1, "held flow not shown in mitmweb"
             await row.last.click()
-            await page.get_by_text("Comment", exact=True).click()
+            await page.get_by_text("Comment", exact=True).last.click()      # the tab (first: the column)
             comment = page.get_by_text("APPROVAL", exact=False)
             await comment.first.wait_for(timeout=10000)
             text = await page.locator("body").inner_text()
@@ -73,6 +73,92 @@ async def test_resume_in_mitmweb_approves(chromium, demo_server, rules_dir, gate
             await browser.close()
     assert not result.is_error and result.structured_content["image"] == "redis:7"
     assert [l["image"] for l in launches(demo)] == ["redis:7"]
+
+
+async def login(browser, gw):
+    page = await browser.new_page(viewport={"width": 1600, "height": 900})
+    await page.goto(f"http://127.0.0.1:{gw.web_port}/")
+    await page.fill("input[name=token]", gw.web_password)
+    await page.click("input[type=submit]")
+    return page
+
+
+async def wait_rows(page, text: str, n: int, timeout: float = 20) -> None:
+    rows = page.locator("tr", has_text=text)
+    deadline = time.monotonic() + timeout
+    while await rows.count() < n and time.monotonic() < deadline:
+        await page.wait_for_timeout(200)
+    assert await rows.count() >= n, f"{n} row(s) with {text!r} not shown in mitmweb"
+
+
+async def command(page, line: str) -> None:
+    """Type a command into mitmweb's command bar (opened once from the Options menu)."""
+    bar = page.locator(".command-input input, .command input").first
+    if not await bar.count() or not await bar.is_visible():
+        await page.get_by_text("Options", exact=True).first.click()
+        await page.get_by_text("Display Command Bar", exact=True).click()
+        await page.keyboard.press("Escape")
+    await bar.click()
+    await bar.fill(line)
+    await bar.press("Enter")
+
+
+async def test_approver_works_from_the_flow_list(chromium, demo_server, rules_dir, gateway):
+    """Who, which tool, rule and deadline in the list; Resume All leaves held calls held;
+    the row's resume button approves; bastion.deny/approve @focus act on the selected flow;
+    denied calls show DENIED. Screenshots go to docs/img for docs/approval.md."""
+    from playwright.async_api import async_playwright
+
+    demo = demo_server("json")
+    gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 120}}), web=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    img = ROOT / "docs" / "img"
+    async with connect(gw.mcp_url(), gw.token("dan", ["dev"])) as c1, \
+            connect(gw.mcp_url(), gw.token("dina", ["dev"])) as c2, \
+            connect(gw.mcp_url(), gw.token("dora", ["dev"])) as c3, async_playwright() as p:
+        calls = {}
+        for name, c in (("dan", c1), ("dina", c2), ("dora", c3)):        # dora's is the newest flow
+            calls[name] = asyncio.create_task(c.call_tool("launch_container", {"image": f"{name}:1"}))
+            await asyncio.sleep(0.3)
+        browser = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = await login(browser, gw)
+        await wait_rows(page, "HELD", 3)
+        row = lambda who: page.locator("tr", has_text=f" {who} -> launch_container")  # noqa: E731
+        text = await row("dina").inner_text()
+        assert "HELD" in text and "until" in text and "dev-container-needs-approval" in text, text
+        await page.wait_for_timeout(300)
+        await page.screenshot(path=str(img / "approval-list.png"))
+        # Resume All: every held call stays held
+        await page.get_by_text("Resume All", exact=True).first.click()
+        await page.wait_for_timeout(1000)
+        assert not any(t.done() for t in calls.values()) and launches(demo) == []
+        # the row's resume button approves that call only
+        await row("dan").hover()                          # mitmweb shows the row's quick actions on hover
+        await row("dan").locator(".col-quickactions a").click()
+        assert not (await asyncio.wait_for(calls["dan"], 20)).is_error
+        assert not calls["dina"].done() and not calls["dora"].done()
+        # select dina's (not the newest) flow; @focus is that flow
+        await row("dina").locator("td.col-path").click()
+        await command(page, 'bastion.deny @focus "not today"')
+        with pytest.raises(Exception) as e:
+            await asyncio.wait_for(calls["dina"], 20)
+        assert "approval denied" in str(e.value) and "not today" in str(e.value)
+        assert not calls["dora"].done()
+        await row("dora").locator("td.col-path").click()
+        await command(page, "bastion.approve @focus")
+        assert not (await asyncio.wait_for(calls["dora"], 20)).is_error
+        await wait_rows(page, "DENIED -32033", 1)
+        await page.wait_for_timeout(300)
+        assert "DENIED -32033" in await row("dina").inner_text()
+        badge = row("dina").locator(".status-badge")
+        assert "bastion-refused" in (await badge.get_attribute("class")) and "-32033" in await badge.get_attribute("title")
+        assert "bastion-refused" not in (await row("dora").locator(".status-badge").get_attribute("class"))
+        await page.locator(".flow-table").click(position={"x": 400, "y": 400})
+        await page.keyboard.press("Escape")                # deselect: the list at full width
+        await page.wait_for_timeout(300)
+        await page.screenshot(path=str(img / "approval-decided.png"))
+        await browser.close()
+    assert sorted(l["image"] for l in launches(demo)) == ["dan:1", "dora:1"]
 
 
 class MitmwebApi:
@@ -129,9 +215,30 @@ async def test_deny_command_from_the_command_bar(demo_server, rules_dir, gateway
         call = asyncio.create_task(c.call_tool("launch_container", {"image": "cmd:1"}))
         held = await web.held_flow()
         r = await web.http.post("/commands/bastion.deny",
-                                json={"arguments": [f"~comment {held['comment'].split()[1].rstrip(',')}", "ask on Monday"]})
+                                json={"arguments": [f"~comment {held['comment'].splitlines()[0].split()[-1]}", "ask on Monday"]})
         assert r.status_code == 200 and "error" not in r.json(), r.text
         with pytest.raises(Exception) as e:
             await asyncio.wait_for(call, 20)
         assert "approval denied" in str(e.value) and "ask on Monday" in str(e.value)
     assert launches(demo) == []
+
+
+async def test_resume_all_leaves_held_calls_held(demo_server, rules_dir, gateway):
+    """mitmweb's Resume All (POST /flows/resume) must not approve held calls: each one needs
+    its own decision. The flow's own resume still approves."""
+    demo = demo_server("json")
+    gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 60}}), web=True)
+    async with connect(gw.mcp_url(), gw.token("dan", ["dev"])) as c, MitmwebApi(gw) as web:
+        call = asyncio.create_task(c.call_tool("launch_container", {"image": "all:1"}))
+        held = await web.held_flow()
+        r = await web.http.post("/flows/resume")
+        assert r.status_code == 200, r.text
+        await asyncio.sleep(1.0)
+        assert not call.done() and launches(demo) == []
+        still = await web.held_flow(timeout=2)
+        assert still["id"] == held["id"] and still["intercepted"]
+        assert "Resume All left 1 call(s) waiting for approval" in gw.log_text()
+        r = await web.http.post(f"/flows/{held['id']}/resume")
+        assert r.status_code == 200, r.text
+        result = await asyncio.wait_for(call, 20)
+    assert not result.is_error and [l["image"] for l in launches(demo)] == ["all:1"]

@@ -183,3 +183,49 @@ async def test_client_disconnect_cancels_the_hold(stack):
     await asyncio.sleep(0.5)
     assert launches(demo) == [] and all("gone:1" not in r["body"] for r in demo.received())
     assert "client disconnected" in gw.log_text()
+
+
+BATCH_POLICY = """\
+rules:
+  - name: sql-needs-dba
+    when: {roles: [dev], tool: query_sql}
+    approve: {approvers: [dba], timeout: 30}
+  - name: launch-needs-secops
+    when: {roles: [dev], tool: launch_container}
+    approve: {approvers: [secops], timeout: 30}
+"""
+
+
+async def test_batch_holding_two_calls_needs_an_approver_for_each(stack):
+    """Attack: a batch mixing calls held under different approver lists, released by an
+    approver allowed for only one of them."""
+    demo, gw = stack("stateless", policy=BATCH_POLICY)
+    dev, dba, secops = gw.token("dan", ["dev"]), gw.token("dora", ["dba"]), gw.token("sam", ["secops"])
+    batch = [{"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+              "params": {"name": "query_sql", "arguments": {"sql": "SELECT 1"}}},
+             {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+              "params": {"name": "launch_container", "arguments": {"image": "batch:1"}}}]
+    hdr = {"authorization": f"Bearer {dev}", "content-type": "application/json",
+           "accept": "application/json, text/event-stream", "mcp-protocol-version": "2025-03-26"}
+    async with httpx.AsyncClient(timeout=40) as http:
+        call = asyncio.create_task(http.post(gw.mcp_url(), json=batch, headers=hdr))
+        items = await pending(gw, dba)
+        half = cli(gw, "approve", items[0]["id"], "--token", dba)
+        assert half.returncode == 0 and "still waiting" in half.stdout and "secops" in half.stdout, half.stdout
+        await asyncio.sleep(1.0)
+        assert not call.done() and launches(demo) == [] and demo.received() == []
+        assert [i["id"] for i in await pending(gw, secops)] == [items[0]["id"]]
+        full = cli(gw, "approve", items[0]["id"], "--token", secops)
+        assert full.returncode == 0 and "approved by dora, sam" in full.stdout, full.stdout
+        await asyncio.wait_for(call, 20)
+    # released only now, to the upstream (the SDK server then refuses batches itself: 2025-06-18
+    # dropped them, and that answer is its own)
+    assert "batch:1" in demo.received_bodies()
+
+
+def test_approve_rule_without_approvers_is_a_config_error(tmp_path):
+    (tmp_path / "policy.yaml").write_text("rules:\n  - name: anyone\n    when: {tool: launch_container}\n"
+                                          "    approve: {timeout: 30}\n")
+    p = subprocess.run([sys.executable, "-m", "addons.cli", "--rules", str(tmp_path), "check"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "policy.yaml:4" in p.stdout + p.stderr and "needs approvers" in p.stdout + p.stderr

@@ -175,6 +175,13 @@ class Gateway:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/mcp/demo"
 
+    def open_session(self) -> None:
+        """initialize through the gateway, which binds the upstream's session id (HEADERS'
+        e2e-session) to the caller: the gateway refuses session ids it did not see opened."""
+        r = httpx.post(self.url, json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}},
+                       headers={k: v for k, v in HEADERS.items() if k != "mcp-session-id"}, timeout=30)
+        assert r.status_code == 200 and r.headers["mcp-session-id"] == HEADERS["mcp-session-id"], r.text
+
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc)
@@ -226,6 +233,7 @@ async def test_crash_loses_no_acknowledged_call(gateway):
     """2,000 calls at load, kill -9 mid-run: every call whose response reached the
     client is in the store (and is still there after recovery on restart)."""
     gw = gateway("gw-crash")
+    gw.open_session()
     received: set[int] = set()
     total, concurrency, kill_after = 2000, 64, 700
     killed = asyncio.Event()
@@ -266,6 +274,7 @@ async def test_crash_loses_no_acknowledged_call(gateway):
     # restart with the same instance name: the leftover journal becomes a segment
     gw.proc = None
     gw2 = gateway("gw-crash")
+    gw2.open_session()
     async with httpx.AsyncClient(timeout=30) as client:
         r = await client.post(gw2.url, json=tool_call(999_999), headers=HEADERS)
         assert r.status_code == 200
@@ -275,6 +284,7 @@ async def test_crash_loses_no_acknowledged_call(gateway):
 
 async def test_sql_while_gateway_serves_and_records(gateway):
     gw = gateway("gw-live")
+    gw.open_session()
     stop_load = asyncio.Event()
     done = 0
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 from tests.e2e.conftest import ROOT, free_port
+from tests.e2e.procs import start_run_sh
 
 
 def _children(pid: int) -> set[int]:
@@ -19,15 +20,8 @@ def _children(pid: int) -> set[int]:
 def test_run_sh_starts_serves_and_stops_cleanly(tmp_path):
     port, demo_port = free_port(), free_port()
     env = {**os.environ, "BASTION_PORT": str(port), "DEMO_PORT": str(demo_port)}
-    log = open(tmp_path / "run.log", "w+")
-    p = subprocess.Popen(["./run.sh"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                         stdin=subprocess.DEVNULL, start_new_session=True)
+    p, banner = start_run_sh(ROOT, env, tmp_path / "run.log")
     try:
-        deadline = time.monotonic() + 120
-        while "endpoint" not in (tmp_path / "run.log").read_text() and time.monotonic() < deadline:
-            assert p.poll() is None, (tmp_path / "run.log").read_text()
-            time.sleep(0.2)
-        banner = (tmp_path / "run.log").read_text()
         assert f"http://127.0.0.1:{port}/mcp/demo" in banner and "run.sh token --sub" in banner
         token = subprocess.run(["./run.sh", "token", "--sub", "newuser", "--roles", "analyst"], cwd=ROOT,
                                capture_output=True, text=True, timeout=60).stdout.strip()
@@ -44,7 +38,6 @@ def test_run_sh_starts_serves_and_stops_cleanly(tmp_path):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-        log.close()
     time.sleep(0.5)
     alive = [k for k in kids if os.path.exists(f"/proc/{k}") and "zombie" not in open(f"/proc/{k}/status").read()]
     assert alive == [], f"orphans left: {alive}"

@@ -70,7 +70,7 @@ async def test_gateway_files_never_readable_and_nothing_written_or_started(shipp
             assert "denied by mcp-bastion policy" in why, (a, why)
         for path in (f"{rules}/policy.yaml", "../../service-token", "/etc/passwd", f"{ROOT}/.secrets/x"):
             why = await _refused(c, "read_file", {"path": path})
-            assert "dev-files refused it" in why, (path, why)
+            assert "nearest rule dev-files: its path condition does not hold" in why, (path, why)
     assert not marker.exists()
     sent = _calls(demo, "run_command") + _calls(demo, "read_file")
     assert sent == [], sent
@@ -148,7 +148,7 @@ def test_explain_shows_each_command_and_path(demo_server, rules_dir):
     assert "command `grep -c x /etc/hostname`: model ok" in out, out
     assert "read /etc/hostname (operand): ok" in out
     assert "write /tmp/out (-o): /tmp/out: outside the write roots" in out
-    assert "decision: DENY" in out and "rule dev-shell refused it" in out
+    assert "decision: DENY" in out and "nearest rule dev-shell: its shell condition does not hold" in out
 
 
 READ_EVERYTHING = """\

@@ -151,7 +151,9 @@ async def test_held_flow_is_intercepted_marked_and_commented(approval):
     a, _ = approval
     f, rec = call_flow(args={"image": "postgres:17", "env": {"DB_PASSWORD": SECRET}}, roles=("dev", "ops"))
     task, pid = await hold(a, f)
-    assert f.intercepted and f.marked == ":hourglass_flowing_sand:"
+    assert f.intercepted and not f.marked                 # mitmweb shows interception itself; no emoji
+    first = f.comment.splitlines()[0]
+    assert first.startswith("HELD dan -> launch_container | rule needs-approval | until ") and first.endswith(f"| id {pid}")
     for needle in (pid, "dan", "dev, ops", "demo", "launch_container", "postgres:17", "needs-approval",
                    "approver", "Deadline:"):
         assert needle in f.comment, needle
@@ -159,7 +161,8 @@ async def test_held_flow_is_intercepted_marked_and_commented(approval):
     assert SECRET not in json.dumps(a.pending[pid].public())
     a.decide(pid, "approved", "alice")
     await asyncio.wait_for(task, 2)
-    assert not f.intercepted and f.response is None and f.marked == ":white_check_mark:"
+    assert not f.intercepted and f.response is None and not f.marked
+    assert f.comment.startswith(f"APPROVED dan -> launch_container | rule needs-approval | by alice | id {pid}")
     assert rec.approval["outcome"] == "approved" and rec.approval["approver"] == "alice" and rec.approval["id"] == pid
     assert not a.pending and "Outcome: approved by alice" in f.comment
 
@@ -188,6 +191,7 @@ async def test_timeout_per_rule(approval):
     assert f.response.status_code == 200 and err["id"] == 7
     assert err["error"]["code"] == APPROVAL_TIMEOUT and "approval timed out" in err["error"]["message"]
     assert rec.approval["outcome"] == "timeout" and rec.approval["approver"] is None
+    assert f.comment.startswith("EXPIRED -32034 dan -> launch_container | rule needs-approval | - | id ")
 
 
 async def test_default_timeout_from_option(approval):
@@ -519,3 +523,75 @@ async def test_twenty_waiting_calls_do_not_slow_unrelated_flows(approval, capsys
         print(f"\n[approval] unrelated flow through the hook: {idle:.3f} ms idle, {loaded:.3f} ms with 20 held; "
               f"loop lag {lag:.2f} ms; 20 decisions released in {drain:.1f} ms")
     assert loaded < idle * 5 + 0.5 and lag < 50 and drain < 500
+
+
+# --- batches holding calls under different approvers -----------------------------------------
+
+TWO_HELD = [{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "query_sql", "arguments": {}}},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "launch_container", "arguments": {}}}]
+
+
+def two_held_flow():
+    f, rec = call_flow(batch=TWO_HELD)
+    rec.decisions = [Decision("approve", "sql-writes", approvers=("dba",), message_id=1),
+                     Decision("approve", "launches", approvers=("secops",), message_id=2)]
+    return f, rec
+
+
+async def test_batch_needs_an_allowed_approver_for_every_held_call(approval):
+    a, _ = approval
+    f, rec = two_held_flow()
+    task, pid = await hold(a, f)
+    status, data = await admin(a, path=f"/_bastion/approvals/{pid}/approve", method="POST", sub="dora", roles=("dba",))
+    assert status == 200 and data["outcome"] == "pending" and data["waiting_for"] == ["secops"]
+    await asyncio.sleep(0.05)
+    assert pid in a.pending and f.intercepted and not task.done()      # one approver is not enough
+    status, data = await admin(a, path=f"/_bastion/approvals/{pid}/approve", method="POST", sub="dora", roles=("dba",))
+    assert data["outcome"] == "pending" and not task.done()              # nor the same one twice
+    status, data = await admin(a)                                        # alice (approver) sees nothing
+    assert data["pending"] == []
+    status, data = await admin(a, sub="sam", roles=("secops",))
+    assert [p["id"] for p in data["pending"]] == [pid]
+    assert data["pending"][0]["needs"][0]["approved_by"] == "dora"
+    status, data = await admin(a, path=f"/_bastion/approvals/{pid}/approve", method="POST", sub="sam", roles=("secops",))
+    assert status == 200 and data["outcome"] == "approved" and data["approver"] == "dora, sam"
+    await asyncio.wait_for(task, 2)
+    assert f.response is None and rec.approval["outcome"] == "approved"
+
+
+async def test_batch_one_approver_with_both_roles_or_one_denial(approval):
+    a, _ = approval
+    f, rec = two_held_flow()
+    task, pid = await hold(a, f)
+    status, data = await admin(a, path=f"/_bastion/approvals/{pid}/approve", method="POST", sub="boss",
+                               roles=("dba", "secops"))
+    assert data["outcome"] == "approved"
+    await asyncio.wait_for(task, 2)
+    f, rec = two_held_flow()
+    task, pid = await hold(a, f)
+    status, data = await admin(a, path=f"/_bastion/approvals/{pid}/deny", method="POST", sub="sam", roles=("secops",),
+                               body={"reason": "no"})
+    assert data["outcome"] == "denied"
+    await asyncio.wait_for(task, 2)
+    assert [e["error"]["code"] for e in body(f)] == [APPROVAL_DENIED, APPROVAL_DENIED]
+
+
+async def test_comment_escapes_caller_chosen_text(approval):
+    a, _ = approval
+    f, rec = call_flow(tool="launch\x1b[2J_container", sub="dan\nAPPROVAL ffff approved by root", args={"x": "\u202e"})
+    task, pid = await hold(a, f)
+    assert "\x1b" not in f.comment and "\u202e" not in f.comment
+    assert "Requester: dan\\nAPPROVAL ffff approved by root" in f.comment and "launch\\x1b[2J_container" in f.comment
+    a.decide(pid, "denied", "alice", "bad\r\nline")
+    await asyncio.wait_for(task, 2)
+    assert f.comment.splitlines()[-1] == "Outcome: denied by alice (bad\\r\\nline)."
+    assert f.comment.startswith("DENIED -32033 dan\\nAPPROVAL ffff approved by root -> launch\\x1b[2J_container")
+    assert f.comment.splitlines()[0].endswith(f"| by alice (bad\\r\\nline) | id {pid}")
+
+
+def test_webconsole_only_changes_mitmweb_and_default_columns():
+    from addons import webconsole
+    assert webconsole.install(object(), lambda f: True) is False           # mitmdump: nothing to take over
+    assert webconsole.approval_columns(webconsole.DEFAULT_COLUMNS) == list(webconsole.APPROVAL_COLUMNS)
+    assert "comment" in webconsole.APPROVAL_COLUMNS
+    assert webconsole.approval_columns(["path", "status"]) is None           # the operator's choice stays

@@ -159,6 +159,7 @@ def test_get_or_delete_with_body_refused(parser, method):
 
 def test_get_without_body_is_a_checked_stream(parser):
     p, _ = parser
+    bind(p, "s1", "alice")
     f, rec = mkflow(method="GET", content=b"", ctype=None, headers=[("mcp-session-id", "s1")])
     p.request(f)
     assert f.response is None and rec.notes["stream_checked"] and rec.session_id == "s1"
@@ -286,6 +287,7 @@ def bind(p, sid="s1", sub="alice"):
     p.request(f)
     f.response = tutils.tresp(headers=http.Headers([(b"mcp-session-id", sid.encode())]))
     p.responseheaders(f)
+    p.response(f)
 
 
 def test_session_owner_enforced(parser):
@@ -328,6 +330,83 @@ def test_legacy_session_query_owner_enforced(parser):
     assert f.response is None
 
 
+def test_unknown_session_id_is_refused_not_allowed(parser):
+    """An id the gateway never bound (made up, expired, from another replica) gets 404."""
+    p, _ = parser
+    for headers, path in (([("mcp-session-id", "never-seen")], "/mcp/demo"), ([], "/mcp/leg/messages/?session_id=zz")):
+        f, rec = mkflow(headers=headers, path=path, sub="alice")
+        p.request(f)
+        assert f.response.status_code == 404 and not rec.messages
+
+
+def test_opening_and_closing_many_sessions_never_evicts_a_victim(parser):
+    p, tctx = parser
+    tctx.configure(p, bastion_session_limit=3, bastion_session_max=5)
+    bind(p, "victim", "alice")
+    for i in range(50):                          # the attack: open, close, repeat
+        bind(p, f"m{i}", "mallory")
+        f, _ = mkflow(method="DELETE", content=b"", ctype=None, headers=[("mcp-session-id", f"m{i}")], sub="mallory")
+        p.request(f)
+        assert f.response is None
+        f.response = tutils.tresp(status_code=200)
+        p.responseheaders(f)
+        p.response(f)
+    assert len(p.sessions) == 1
+    f, rec = mkflow(headers=[("mcp-session-id", "victim")], sub="mallory")
+    p.request(f)
+    assert f.response.status_code == 404
+    f, rec = mkflow(headers=[("mcp-session-id", "victim")], sub="alice")
+    p.request(f)
+    assert f.response is None
+
+
+def test_session_limits_refuse_instead_of_evicting(parser):
+    p, tctx = parser
+    tctx.configure(p, bastion_session_limit=2, bastion_session_max=3)
+    bind(p, "a1", "alice")
+    bind(p, "m1", "mallory")
+    bind(p, "m2", "mallory")
+    f, _ = mkflow(obj={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}, sub="mallory")
+    p.request(f)
+    assert f.response.status_code == 429 and json.loads(f.response.content)["error"] == "too_many_sessions"
+    f, _ = mkflow(obj={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}, sub="bob")
+    p.request(f)
+    assert f.response.status_code == 503 and json.loads(f.response.content)["error"] == "session_table_full"
+    for sid, sub in (("a1", "alice"), ("m1", "mallory"), ("m2", "mallory")):
+        f, _ = mkflow(headers=[("mcp-session-id", sid)], sub=sub)
+        p.request(f)
+        assert f.response is None, sid
+    # a reservation whose initialize failed upstream is given back
+    tctx.configure(p, bastion_session_max=4)
+    f, _ = mkflow(obj={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}, sub="alice")
+    p.request(f)
+    assert f.response is None
+    p.error(f)
+    f, _ = mkflow(obj={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}, sub="alice")
+    p.request(f)
+    assert f.response is None
+
+
+def test_session_binding_expires_only_when_idle():
+    from addons.sessions import SessionRefused, SessionTable
+    now = [0.0]
+    t = SessionTable(per_identity=5, total=5, idle=10, clock=lambda: now[0])
+    t.admit("f1", "alice")
+    assert t.bind("f1", ("c", "s"), "alice")
+    t.admit("f2", "alice")
+    assert t.bind("f2", ("c", "stream"), "alice")
+    t.stream(("c", "stream"), +1)
+    for _ in range(5):
+        now[0] += 8
+        t.use(("c", "s"), "alice")               # used: kept
+    now[0] += 11
+    with pytest.raises(SessionRefused) as e:
+        t.use(("c", "s"), "alice")               # idle: forgotten, now unknown (404), never someone else's
+    assert e.value.status == 404
+    t.use(("c", "stream"), "alice")              # an open stream keeps its session
+    assert not t.bind("nothing-reserved", ("c", "x"), "alice")
+
+
 def test_stream_key():
     class R:
         session_id = None
@@ -344,13 +423,14 @@ def test_pending_transforms_follow_the_response_and_are_bounded(parser, monkeypa
     from addons import mcpflow
     p, _ = parser
     monkeypatch.setattr(mcpflow, "MAX_PENDING", 5)
+    bind(p, "s", "alice")
     for i in range(8):
-        f, rec = mkflow(obj={**CALL, "id": i}, headers=[("mcp-session-id", "s")], sub=None)
+        f, rec = mkflow(obj={**CALL, "id": i}, headers=[("mcp-session-id", "s")])
         p.request(f)
         marker = lambda m, i=i: m  # noqa: E731
         rec.response_transforms.append(marker)
     assert len(p.pending) == 5
-    g, grec = mkflow(method="GET", content=b"", headers=[("mcp-session-id", "s")], sub=None)
+    g, grec = mkflow(method="GET", content=b"", headers=[("mcp-session-id", "s")])
     p.request(g)
     assert grec.notes["pending_lookup"](7) and grec.notes["pending_lookup"](0) is None
     assert grec.notes["pending_lookup"]("7") is None            # ids of another type never collide
@@ -405,3 +485,18 @@ def test_decode_bounded_identity_and_unknown():
     for enc in ("compress", "x-gzip", "gzip, br", "br;q=1"):
         with pytest.raises(ValueError):
             decode_bounded(b"{}", enc, 10)
+
+
+def test_legacy_session_ends_with_its_stream(parser):
+    p, _ = parser
+    f, rec = mkflow(method="GET", content=b"", ctype=None, path="/mcp/leg/sse", conn="leg", sub="alice")
+    p.request(f)
+    assert f.response is None
+    rec.notes["bind_session"]("abc")
+    g, _ = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="alice")
+    p.request(g)
+    assert g.response is None
+    p.error(f)                                    # the SSE stream went away: so did the session
+    g, _ = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="alice")
+    p.request(g)
+    assert g.response.status_code == 404 and len(p.sessions) == 0 and not p.sessions.counts

@@ -225,7 +225,10 @@ def test_default_deny_and_baseline(tmp_path):
     ("rules:\n  - name: a\n    when:\n      args: [{path: '$..[', equals: 1}]\n    allow: true\n", 4, "JSONPath"),
     ("rules:\n  - name: a\n    when:\n      sql: {class: [reads]}\n    allow: true\n", 4, "unknown SQL class"),
     ("rules:\n  - name: a\n    when:\n      shell: {operators: true}\n    allow: true\n", 4, "commands"),
-    ("rules:\n  - name: a\n    approve: {timeout: -1}\n", 3, "timeout"),
+    ("rules:\n  - name: a\n    approve: {approvers: [x], timeout: -1}\n", 3, "timeout"),
+    ("rules:\n  - name: a\n    approve: true\n", 3, "needs approvers"),
+    ("rules:\n  - name: a\n    when: {tool: x}\n    approve: {timeout: 30}\n", 4, "needs approvers"),
+    ("rules:\n  - name: a\n    approve:\n      approvers: []\n", 4, "needs approvers"),
     ("rules:\n  - name: a\n    allow: true\n    rate_limit: {calls: 0}\n", 4, "rate_limit"),
     ("rules:\n  - name: a\n    allow: yes please\n", 3, "'allow' must be true"),
 ])
@@ -256,7 +259,7 @@ def test_list_filtering(tmp_path):
     p = policy(tmp_path, """
     rules:
       - {name: ana-sql, when: {roles: [analyst], tool: query_sql, sql: {class: [read]}}, allow: true}
-      - {name: dev-launch, when: {roles: [dev], tool: launch_container}, approve: true}
+      - {name: dev-launch, when: {roles: [dev], tool: launch_container}, approve: {approvers: [lead]}}
       - {name: hide, when: {tool: run_command}, deny: true}
       - {name: all-run, when: {roles: [dev], tool: run_command}, allow: true}
       - {name: docs, when: {roles: [analyst], method: resources/read, resource: "docs://*"}, allow: true}
@@ -465,3 +468,51 @@ def test_blast_radius_counts_numbers_and_validates(tmp_path):
         with pytest.raises(RulesError) as e:
             load_policy(tmp_path)
         assert frag in str(e.value) and e.value.line is not None
+
+
+# --- cheap checks before scans; scan budget; the nearest rule in a refusal -------------------
+
+BUDGET_POLICY = """
+rules:
+  - name: ana-sql
+    when: {roles: [analyst], tool: query_sql, sql: {arg: sql, class: [read]}}
+    allow: true
+  - name: dev-shell
+    when: {roles: [dev], tool: run_command}
+    allow: true
+"""
+BLOCKLIST = (Path(__file__).resolve().parents[2] / "rules" / "blocklist.yaml").read_text()
+
+
+def test_no_rule_for_the_caller_refuses_before_scanning(tmp_path, monkeypatch):
+    from addons import policy_rules
+    p = policy(tmp_path, BUDGET_POLICY, BLOCKLIST)
+    scanned = []
+    monkeypatch.setattr(policy_rules, "scan", lambda *a, **k: scanned.append(1))
+    d = evaluate(p, ANA, "demo", call("run_command", {"command": "x" * 5_000_000}))
+    assert d.action == "deny" and d.rule is None and scanned == []
+    assert "nearest rule dev-shell: it needs one of the roles dev" in d.reason
+    d = evaluate(p, DEV, "demo", call("run_command", {"command": "ls"}))
+    assert d.action == "allow" and scanned == [1]                  # allowed callers are still scanned
+
+
+def test_scan_budget_refuses_too_much_text_and_too_much_time(tmp_path):
+    from addons.policy_rules import ScanBudget
+    p = policy(tmp_path, BUDGET_POLICY, BLOCKLIST)
+    d = evaluate(p, DEV, "demo", call("run_command", {"command": "ls " * 400}), budget=ScanBudget(max_chars=1000))
+    assert d.action == "deny" and d.rule == "scan-budget" and "too large to check" in d.reason
+    d = evaluate(p, DEV, "demo", call("run_command", {"command": "ls " * 300}), budget=ScanBudget(max_chars=1000))
+    assert d.action == "allow"
+    many = {f"k{i}": f"value {i}" for i in range(2000)}
+    d = evaluate(p, DEV, "demo", call("run_command", many), budget=ScanBudget(seconds=1e-9))
+    assert d.action == "deny" and d.rule == "scan-budget" and "within" in d.reason
+
+
+def test_default_deny_names_the_nearest_rule_and_what_failed(tmp_path):
+    p = policy(tmp_path, BUDGET_POLICY, BLOCKLIST)
+    d = evaluate(p, ANA, "demo", call("query_sql", {"sql": "DELETE FROM customers"}))
+    assert d.action == "deny" and "nearest rule ana-sql: its sql condition does not hold" in d.reason
+    d = evaluate(p, ANA, "demo", call("launch_container", {}))
+    assert "no rule allows tools/call launch_container for anyone" in d.reason
+    lines = explain(p, ANA, "demo", call("query_sql", {"sql": "DELETE FROM customers"}))
+    assert any(line.startswith("  nearest allow   ana-sql") and "sql condition" in line for line in lines), lines

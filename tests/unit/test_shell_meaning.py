@@ -201,7 +201,7 @@ def test_read_file_path_predicate(path, ok):
     d = evaluate(POLICY, DEV, "demo", _call(path, "read_file", "path"))
     assert (d.action == "allow") is ok, (path, d)
     if not ok:
-        assert "rule dev-files refused it" in d.reason
+        assert "nearest rule dev-files: its path condition does not hold" in d.reason
 
 
 def test_long_argument_lists_are_bounded():
