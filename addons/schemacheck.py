@@ -146,6 +146,10 @@ class ArgSchema:
         conn = getattr(router, "wrapped", router).connections.get(connection) if router else None
         if conn is None:
             raise LookupError(connection)
+        if getattr(conn.credential, "kind", "service") != "service":
+            # per-user credentials (token exchange, vault): the gateway has no credential of
+            # its own to list with; the caller's own tools/list teaches the schemas
+            raise PermissionError(f"{connection} has per-user credentials")
         return await asyncio.wait_for(_list_tools(conn, USER_AGENT), 20)
 
 

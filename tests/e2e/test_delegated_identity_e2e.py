@@ -98,6 +98,7 @@ async def test_two_users_get_their_own_exchanged_tokens(exchange_stack):
     callers = {sub: gw.token(sub, ["e2e-all"]) for sub in ("alice", "bob")}
     for sub, token in callers.items():
         async with connect(gw.mcp_url(), token) as c:
+            await c.list_tools()         # per-user credentials: the gateway learns schemas from the caller's list
             for _ in range(3):
                 res = await c.call_tool("whoami", {})
                 assert not res.is_error, res
@@ -173,6 +174,7 @@ async def test_vault_per_user_credentials_consent_and_revocation(vault_stack):
     demo, gw, vault, key, keys = vault_stack
     for sub in ("alice", "bob"):
         async with connect(gw.mcp_url(), gw.token(sub, ["e2e-all"])) as c:
+            await c.list_tools()
             res = await c.call_tool("whoami", {})
             assert not res.is_error and res.structured_content == {"sub": sub}
     assert set(upstream_auth(demo)) == {fp(f"Bearer {keys['alice']}"), fp(f"Bearer {keys['bob']}")}
@@ -239,6 +241,7 @@ async def test_oauth_vault_entry_refreshed_with_rotation(tmp_path, procs, demo_s
     gw = gateway(rules, key_dir=key_dir,
                  extra_args=("--set", f"bastion_vault={vault}", "--set", f"bastion_vault_key=file:{key}"))
     async with connect(gw.mcp_url(), gw.token("alice", ["e2e-all"])) as c:
+        await c.list_tools()
         for _ in range(3):
             res = await c.call_tool("whoami", {})
             assert not res.is_error and res.structured_content["sub"] == "alice"
