@@ -71,6 +71,8 @@ class BastionRecord:
     # filtering) and masking. Raising = fail closed (message replaced by an error).
     response_transforms: list[Callable[[dict], dict]] = field(default_factory=list)
     mask_required: bool = False            # unparsable response must not pass raw
+    # masks one text with this request's profiles (SSE id fields); None: nothing to mask
+    mask_text: Callable[[str], str] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
     def refuse(self, reason: str, rule: str | None = None) -> None:

@@ -511,31 +511,33 @@ class StreamTap:
         self.parser = mcp.SSEParser(max_event=64 * 1024 * 1024)
         self.closed = False
 
-    def __call__(self, data: bytes) -> bytes | Iterable[bytes]:
+    def __call__(self, data: bytes) -> list[bytes]:
+        """Chunks for the client; never an empty one (on a chunked body, the end)."""
         if self.closed:
-            return b""
+            return []
         out = self.inner(data) if self.inner is not None else data
         if not isinstance(out, bytes):
             out = b"".join(out)
+        sent = [out] if out else []
         self.st.response_bytes += len(out)
         try:
             events, final = self._events(out, final=not data)
         except Exception as e:  # noqa: BLE001 - unparseable output is passed as is, but noted
             events, final = [self.st.events.http(time.time(), note=f"unrecorded SSE bytes: {type(e).__name__}")], False
         if not events:
-            return out
+            return sent
         fut = self.recorder._submit(events, wait=final)
         if fut is None:
-            return out
+            return sent
         try:
             fut.result(timeout=STREAM_COMMIT_TIMEOUT)   # the caller must not see what is not durable
-            return out
+            return sent
         except Exception as e:  # noqa: BLE001 - StoreUnavailable, timeout: fail closed
             log.error("SSE response not recorded (%s); stream cut", e)
             self.closed = True
             self.rec.refuse("audit store unavailable", None)
             err = mcp.jsonrpc_error(None, mcp.INTERNAL_ERROR, "the gateway could not record the response")
-            return mcp.SSEEvent(event="message", data=json.dumps(err)).encode()
+            return [mcp.SSEEvent(event="message", data=json.dumps(err)).encode()]
 
     def _events(self, out: bytes, final: bool) -> tuple[list[dict], bool]:
         now = time.time()
