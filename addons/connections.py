@@ -4,8 +4,13 @@ Two addons, first and last in the chain:
 - Router (first): resolves the connection from the path, refuses unknown names and path
   tricks, records the target on the bastion record. Leaves headers alone so identity can
   read the caller's token.
-- Injector (last): once every check passed, points the request at the upstream, removes
-  every client credential header and adds the connection's service credential.
+- Injector (last): once every check passed, and only if the request is still the one
+  the checks saw (rec.checked), points it at the upstream and removes every client
+  credential header.
+- Forwarder (added behind every other addon, mitmweb's Intercept and View included):
+  refuses a request changed after the Injector (mitmweb's intercept filter lets a user
+  edit it), and adds the service credential to the request's wire form only, so no flow
+  the UI lists, exports or saves ever holds it.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from addons.httputil import refuse_http
+from addons.httputil import checked_snapshot, refuse_http
 from addons.legacyrefusal import carrier_ok
 from addons.record import get_record
 from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever, rules_files
@@ -359,9 +364,16 @@ class Router:
 
 
 class Injector:
-    """Last in the chain: send the checked request to its upstream with the service credential."""
+    """Last in the chain: send the checked request to its upstream (the Forwarder adds the
+    service credential)."""
 
     name = "injector"
+
+    def running(self) -> None:
+        # the Forwarder must come after mitmweb's own addons, which are loaded after scripts
+        if ctx.master.addons.get(Forwarder.name) is None:
+            from addons.failclosed import FailClosed
+            ctx.master.addons.add(FailClosed(Forwarder()))
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -386,23 +398,87 @@ class Injector:
             refuse_http(flow, 502, "gateway_error", "the gateway could not check this request")
             return
         req = flow.request
-        inject = conn.credential is not None and conn.secret
+        if rec.checked is None or checked_snapshot(req) != rec.checked:
+            refuse_changed(flow, "after the checks")
+            return
         drop = STRIPPED_REQUEST_HEADERS | connection_listed(req.headers)
-        if inject:
+        if conn.credential is not None:
             drop |= {conn.credential.header.lower().encode()}
         strip_headers(req.headers, drop)
-        if inject:
-            req.headers[conn.credential.header] = conn.secret
-            rec.notes["injected_header"] = conn.credential.header
         req.scheme, req.host, req.port = conn.scheme, conn.host, conn.port
         req.path = rec.upstream_path
         req.headers["host"] = conn.host if conn.port in (80, 443) else f"{conn.host}:{conn.port}"
+        rec.outgoing = checked_snapshot(req)
+        if conn.credential is not None and conn.secret:
+            rec.credential = (conn.credential.header, conn.secret)
+            rec.notes["injected_header"] = conn.credential.header
+
+
+def refuse_changed(flow: http.HTTPFlow, when: str) -> None:
+    rec = get_record(flow.metadata)
+    log.error("refusing to forward %s: the request was changed %s (mitmweb edit, script or replay)",
+              flow.request.path, when)
+    rec.credential = rec.outgoing = None
+    refuse_http(flow, 409, "request_changed",
+                "the request was changed after the gateway checked it; send it again", rule="integrity:request-changed")
+
+
+class WireHeaders(http.Headers):
+    """Request headers whose wire form (bytes(), what mitmproxy's HTTP/1 client writes
+    upstream) carries one more field than the headers themselves: the service credential.
+    Everything that lists, shows, exports or saves headers (mitmweb's flow JSON and
+    websocket updates, Flow.get_state, copies, replays) reads `fields` and never sees it.
+    An HTTP/2 upstream builds its frames from `fields`: it gets no credential (a 401),
+    never a leak."""
+
+    def __init__(self, fields, credential: tuple[bytes, bytes]):
+        super().__init__(fields)
+        self._credential = credential
+
+    def __bytes__(self) -> bytes:
+        name, value = self._credential
+        return super().__bytes__() + name + b": " + value + b"\r\n"
+
+
+class Forwarder:
+    """Behind every other addon (mitmweb's Intercept and View included): the last word
+    before a request goes upstream.
+
+    - A flow that mitmweb's intercept filter held after the Injector is awaited here and
+      refused if it was edited meanwhile (rec.outgoing is what the Injector made).
+    - The service credential is added to the request's wire form only (WireHeaders), never
+      to the headers a flow shows; once the response starts, plain headers come back.
+    """
+
+    name = "bastion_forwarder"
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        rec = get_record(flow.metadata)
+        if rec.outgoing is None or flow.response is not None:
+            return
+        if flow.intercepted:
+            await flow.wait_for_resume()
+        if flow.response is not None or flow.error is not None:
+            return
+        if checked_snapshot(flow.request) != rec.outgoing:
+            refuse_changed(flow, "while intercepted in mitmweb")
+            return
+        if rec.credential is not None:
+            name, value = rec.credential
+            rec.credential = None
+            flow.request.headers = WireHeaders(flow.request.headers.fields, (name.encode(), value.encode()))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        redact_injected(flow)
+        plain_headers(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        redact_injected(flow)
+        plain_headers(flow)
+
+
+def plain_headers(flow: http.HTTPFlow) -> None:
+    """Sent (or failed): the request keeps its headers without the credential's wire form."""
+    if isinstance(flow.request.headers, WireHeaders):
+        flow.request.headers = http.Headers(flow.request.headers.fields)
 
 
 # Never dropped because the client listed them in Connection: framing (without
@@ -426,13 +502,6 @@ def strip_headers(headers, names: frozenset[bytes]) -> None:
     kept = tuple(f for f in fields if f[0].lower() not in names)
     if len(kept) != len(fields):
         headers.fields = kept
-
-
-def redact_injected(flow: http.HTTPFlow) -> None:
-    """The credential has been sent; drop it from the stored flow (UI, flow files)."""
-    header = get_record(flow.metadata).notes.get("injected_header")
-    if header and header in flow.request.headers:
-        flow.request.headers[header] = "[injected credential]"
 
 
 def unchecked_reason(rec, http_method: str, identity_required: bool = True) -> str | None:
