@@ -27,7 +27,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.httputil import checked_snapshot, refuse_http
 from addons.legacyrefusal import carrier_ok
-from addons.record import get_record
+from addons.record import METADATA_KEY, BastionRecord, get_record
 from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever, rules_files
 from addons.toolintegrity import IntegrityConfig, parse_integrity
 
@@ -302,7 +302,9 @@ class Router:
         log.info("connections reloaded: %s", ", ".join(new) or "-")
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        rec = get_record(flow.metadata)
+        # every pass through the chain starts from nothing: a replay in mitmweb sends the
+        # same flow object again, and must earn every check (and the credential) anew
+        rec = flow.metadata[METADATA_KEY] = BastionRecord()
         req = flow.request
         if req.path.startswith(LOCAL_PREFIXES):
             return  # served by the gateway itself (identity metadata, approval admin API)

@@ -368,6 +368,7 @@ class Recorder:
                                             http_method=st.http_method, path=st.path))
         msg = flow.error.msg if flow.error else "error"
         events.append(st.events.http(now, http_method=st.http_method, path=st.path, request_bytes=st.request_bytes,
+                                     request_sha256=_forwarded_sha256(rec),
                                      response_bytes=st.response_bytes or None, latency_ms=_ms(st.events.t0, now),
                                      req_headers=st.req_headers, note=msg[:500]))
         self._submit(events, wait=False)
@@ -492,10 +493,16 @@ class Recorder:
             note = f"{rec.notes['response_messages_dropped']} response message(s) not recorded (limit)"
         events.append(ev.http(
             now, http_method=st.http_method, path=st.path, status=status, request_bytes=st.request_bytes,
-            response_bytes=st.response_bytes, latency_ms=_ms(ev.t0, (resp.timestamp_end if resp else None) or now),
+            request_sha256=_forwarded_sha256(rec), response_bytes=st.response_bytes, latency_ms=_ms(ev.t0, (resp.timestamp_end if resp else None) or now),
             req_headers=st.req_headers, note=note,
             resp_headers=redact_headers(resp.headers.fields, st.extra_redact) if resp is not None else None))
         return events
+
+
+def _forwarded_sha256(rec: BastionRecord) -> str | None:
+    """The Injector and the Forwarder let a request go only while it matches rec.outgoing,
+    so its body digest is the digest of what reached the upstream."""
+    return rec.outgoing.body_sha256 if rec.outgoing is not None else None
 
 
 class StreamTap:
