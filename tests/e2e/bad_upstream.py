@@ -89,6 +89,16 @@ async def _sse_byte_by_byte(writer: asyncio.StreamWriter, rid, eol: str) -> None
     writer.close()
 
 
+def start(tmp_path, procs: list) -> int:
+    """Run this upstream for a test (its process joins `procs`); returns its port."""
+    from tests.e2e.conftest import Proc, free_port
+    port = free_port()
+    p = Proc("bad-upstream", [sys.executable, "-m", "tests.e2e.bad_upstream", str(port)], tmp_path / "bad.log").start()
+    procs.append(p)
+    p.wait_port(port, marker="READY")
+    return port
+
+
 async def main(port: int) -> None:
     server = await asyncio.start_server(handle, "127.0.0.1", port)
     print(f"READY {port}", flush=True)

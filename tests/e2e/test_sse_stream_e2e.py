@@ -4,15 +4,15 @@ and the demo server in SSE mode with multi-MB results (official SDK client)."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import httpx
 import pytest
 from httpx2._sse import _SSEParser as ClientSSEParser
 
+from tests.e2e import bad_upstream
 from tests.e2e.bad_upstream import SECRET
-from tests.e2e.conftest import ALLOW_ALL_POLICY, Proc, free_port
+from tests.e2e.conftest import ALLOW_ALL_POLICY
 
 CALL = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "get_customer", "arguments": {"id": 1}}}
 HDRS = {"content-type": "application/json", "accept": "application/json, text/event-stream",
@@ -21,10 +21,7 @@ HDRS = {"content-type": "application/json", "accept": "application/json, text/ev
 
 @pytest.fixture
 def raw_upstream(tmp_path, procs, rules_dir, gateway):
-    port = free_port()
-    p = Proc("bad-upstream", [sys.executable, "-m", "tests.e2e.bad_upstream", str(port)], tmp_path / "bad.log").start()
-    procs.append(p)
-    p.wait_port(port, marker="READY")
+    port = bad_upstream.start(tmp_path, procs)
     conns = {"connections": {name: {"upstream": f"http://127.0.0.1:{port}/{name}"} for name in ("sse-bytes", "sse-cr")}}
     gw = gateway(rules_dir(**{"policy.yaml": ALLOW_ALL_POLICY, "connections.yaml": json.dumps(conns)}))
     return gw, gw.token("eve", ["e2e-all"])
