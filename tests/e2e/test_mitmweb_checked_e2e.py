@@ -243,3 +243,32 @@ async def test_replay_and_duplicate_from_mitmweb_are_checked_again_and_refused(w
     # and holds no caller token (401), so it has no identity either way
     assert len(statuses) == 2 and all(s in (401, 404) for s in statuses), statuses
     assert len(demo.received()) == before                                     # nothing reached the upstream
+
+
+async def test_saved_flows_hold_no_secret_and_replaying_them_with_mitmdump_is_refused(demo_server, rules_dir, gateway,
+                                                                                      tmp_path):
+    """`mitmdump -w` writes the flows (no record, no token, no credential); `mitmdump -C`
+    replays them through the whole chain: no caller identity, so nothing is forwarded."""
+    from mitmproxy import io as mio
+    demo = demo_server("json")
+    rules = rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 60}})
+    saved = tmp_path / "flows.mitm"
+    gw = gateway(rules, extra_args=("-w", str(saved)))
+    dev = gw.token("dan", ["dev"])
+    async with connect(gw.mcp_url(), dev) as c:
+        assert not (await c.call_tool("run_command", {"command": "echo saved"})).is_error
+    gw.proc.stop()
+    data = saved.read_bytes()
+    assert dev.encode() not in data and demo.token.encode() not in data
+    flows = list(mio.FlowReader(open(saved, "rb")).stream())
+    assert any(b"echo saved" in (f.request.raw_content or b"") for f in flows)
+    before = len(demo.received())
+    replay = gateway(rules, extra_args=("-C", str(saved)), recordings=tmp_path / "rec2")
+    for _ in range(100):
+        if replay.log_text().count("<< ") >= len(flows):
+            break
+        await asyncio.sleep(0.1)
+    log = replay.log_text()
+    assert log.count("<< ") >= len(flows), log
+    assert len(demo.received()) == before, demo.received()[before:]
+    assert "<< 200" not in log
