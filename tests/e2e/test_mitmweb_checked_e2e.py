@@ -262,8 +262,16 @@ async def test_saved_flows_hold_no_secret_and_replaying_them_with_mitmdump_is_re
     assert dev.encode() not in data and demo.token.encode() not in data
     flows = list(mio.FlowReader(open(saved, "rb")).stream())
     assert any(b"echo saved" in (f.request.raw_content or b"") for f in flows)
+    # pointed back at the gateway's own path (as someone replaying on purpose would), so the
+    # replay is judged by identity rather than refused as an unknown path
+    with open(saved, "wb") as fh:
+        w = mio.FlowWriter(fh)
+        for f in flows:
+            f.request.path, f.request.host, f.request.port = "/mcp/demo", "127.0.0.1", 1
+            w.add(f)
     before = len(demo.received())
-    replay = gateway(rules, extra_args=("-C", str(saved)), recordings=tmp_path / "rec2")
+    replay = gateway(rules, extra_args=("-C", str(saved), "--set", "client_replay_concurrency=-1"),
+                     recordings=tmp_path / "rec2")
     for _ in range(100):
         if replay.log_text().count("<< ") >= len(flows):
             break
@@ -271,4 +279,4 @@ async def test_saved_flows_hold_no_secret_and_replaying_them_with_mitmdump_is_re
     log = replay.log_text()
     assert log.count("<< ") >= len(flows), log
     assert len(demo.received()) == before, demo.received()[before:]
-    assert "<< 200" not in log
+    assert "<< 200" not in log and log.count("<< 401") >= len(flows) - 1, log   # no caller identity
