@@ -86,7 +86,6 @@ def web_stack(demo_server, rules_dir, gateway):
     def start(*extra: str):
         demo = demo_server("json")
         gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 60}}), web=True, extra_args=extra)
-        gw.proc.wait_port(gw.web_port)       # mitmweb's UI may come up after the proxy listener
         return demo, gw
     return start
 
