@@ -1,6 +1,6 @@
 """Connections: route /mcp/<name>/… to the registered upstream, and inject its credential.
 
-Two addons, first and last in the chain:
+Addons at both ends of the chain:
 - Router (first): resolves the connection from the path, refuses unknown names and path
   tricks, records the target on the bastion record. Leaves headers alone so identity can
   read the caller's token.
