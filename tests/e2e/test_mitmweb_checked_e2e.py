@@ -81,11 +81,19 @@ class Watcher:
             assert s.encode() not in blob, f"secret …{s[-8:]} seen by a mitmweb watcher"
 
 
+# plus a slow tool: a call that stays in flight (JSON answer after ~2 s) while watched
+WEB_POLICY = POLICY % {"timeout": 60} + """\
+  - name: dev-report
+    when: {roles: [dev], tool: stream_report}
+    allow: true
+"""
+
+
 @pytest.fixture
 def web_stack(demo_server, rules_dir, gateway):
     def start(*extra: str):
         demo = demo_server("json")
-        gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 60}}), web=True, extra_args=extra)
+        gw = gateway(rules_dir(demo, **{"policy.yaml": WEB_POLICY}), web=True, extra_args=extra)
         return demo, gw
     return start
 
@@ -97,6 +105,9 @@ async def test_mitmweb_watchers_never_see_a_token_or_the_service_credential_and_
     async with MitmwebApi(gw) as web, Watcher(gw, web) as watch, connect(gw.mcp_url(), dev) as c:
         ok = await c.call_tool("run_command", {"command": "echo hi"})                 # in flight, finished
         assert not ok.is_error
+        n = len(watch.rest)
+        slow = await c.call_tool("stream_report", {"steps": 4, "delay": 0.5})         # ~2 s upstream
+        assert not slow.is_error and len(watch.rest) - n > 20                       # read while in flight
         call = asyncio.create_task(c.call_tool("launch_container", {"image": "redis:7"}))   # held
         held = await web.held_flow()
         pid = held["comment"].split()[1]
