@@ -34,7 +34,7 @@ from mitmproxy.connection import ConnectionState
 
 from addons.httputil import checked_snapshot, json_response, refuse_http, refuse_jsonrpc
 from addons.mcp import jsonrpc_error
-from addons.record import BastionRecord, get_record
+from addons.record import METADATA_KEY, BastionRecord, get_record
 
 log = logging.getLogger("bastion.approval")
 
@@ -227,6 +227,8 @@ class Approval:
             raise
         finally:
             self.pending.pop(p.id, None)
+            # mitmweb's Revert restores the flow from a copy, which has no record
+            flow.metadata[METADATA_KEY] = rec
             if p.outcome == "approved" and checked_snapshot(flow.request) != rec.checked:
                 # an approval covers exactly the request shown: an edit while held voids it
                 p.outcome, p.reason = "cancelled", "the request was changed while it was held; send it again"

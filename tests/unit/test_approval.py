@@ -559,3 +559,16 @@ async def test_twenty_waiting_calls_do_not_slow_unrelated_flows(approval, capsys
         print(f"\n[approval] unrelated flow through the hook: {idle:.3f} ms idle, {loaded:.3f} ms with 20 held; "
               f"loop lag {lag:.2f} ms; 20 decisions released in {drain:.1f} ms")
     assert loaded < idle * 5 + 0.5 and lag < 50 and drain < 500
+
+
+async def test_an_edit_reverted_while_held_is_the_request_shown_again(approval):
+    a, _ = approval
+    f, rec = call_flow()
+    task, pid = await hold(a, f)
+    f.backup()
+    f.request.content = f.request.content.replace(b"postgres:17", b"evil:1")
+    f.revert()                                     # mitmweb's Revert: the flow's state from a copy
+    status, _ = await admin(a, path=f"/_bastion/approvals/{pid}/approve", method="POST")
+    assert status == 200
+    await asyncio.wait_for(task, 2)
+    assert rec.approval["outcome"] == "approved" and get_record(f.metadata) is rec and b"postgres:17" in f.request.content
