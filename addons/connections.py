@@ -460,6 +460,7 @@ class Forwarder:
             return
         if flow.intercepted:
             await flow.wait_for_resume()
+            flow.metadata[METADATA_KEY] = rec      # a Revert in mitmweb restores a copy without it
         if flow.response is not None or flow.error is not None:
             return
         if checked_snapshot(flow.request) != rec.outgoing:

@@ -646,6 +646,22 @@ async def test_forwarder_puts_the_credential_on_the_wire_only(chain):
     assert SECRET.encode() not in assemble_request_head(f.request)
 
 
+async def test_forwarder_keeps_the_record_through_a_revert(chain):
+    router, injector, _ = chain
+    f, rec = checked_post(router)
+    injector.request(f)
+    f.intercept()
+    task = asyncio.create_task(Forwarder().request(f))
+    await asyncio.sleep(0.01)
+    f.backup()
+    f.request.content = b"{}"
+    f.revert()                            # mitmweb's Revert: state from a copy (no record)
+    f.resume()
+    await task
+    assert f.response is None and get_record(f.metadata) is rec
+    assert SECRET.encode() in bytes(f.request.headers)
+
+
 async def test_forwarder_refuses_a_request_edited_after_the_injector(chain):
     router, injector, _ = chain
     f, rec = checked_post(router)
