@@ -6,9 +6,11 @@ run only once a decision is made. A held call can be decided by
 - an approver identity through the admin API (`mcp-bastion approve/deny`, JWT verified by
   the identity addon; the approver needs one of the rule's approver roles and can never
   be the requester),
-- mitmweb (`./run.sh web`): Resume = approve, Kill = deny, or the commands
-  `bastion.approve @focus` / `bastion.deny @focus "reason"` in the command bar — mitmweb's
-  own authentication (web_password / token) is what identifies that console,
+- mitmweb (`./run.sh web`): Kill or `bastion.deny @focus "reason"` = deny. mitmweb has one
+  shared password and no users, so by default (bastion_web_approvals=identified) Resume
+  and `bastion.approve` do not approve: the call stays held until an identified approver
+  approves it through the admin API. `bastion_web_approvals=console` restores console
+  approvals, recorded as made by "mitmweb (shared web password)",
 - the deadline: the call is refused with "approval timed out",
 - the caller going away or the gateway shutting down: the hold is cancelled.
 A denial is always a JSON-RPC error for the caller, never a dropped connection.
@@ -31,9 +33,9 @@ from mitmproxy.connection import ConnectionState
 
 from addons import webconsole
 from addons.cli import add_gateway_arg
-from addons.httputil import json_response, refuse_http, refuse_jsonrpc
+from addons.httputil import checked_snapshot, json_response, refuse_http, refuse_jsonrpc
 from addons.mcp import jsonrpc_error
-from addons.record import BastionRecord, get_record
+from addons.record import METADATA_KEY, BastionRecord, get_record
 from addons.textsafe import esc, get_logger
 
 log = get_logger("bastion.approval")
@@ -45,6 +47,8 @@ ADMIN_PREFIX = "/_bastion/approvals"
 MAX_GRANTS = 10_000
 MAX_REASON = 500
 POLL = 0.1  # how often a hold looks at mitmweb's resume/kill and the client connection
+WEB_CONSOLE = "mitmweb (shared web password)"   # who decided, when mitmweb decided
+WEB_APPROVALS = ("identified", "console")
 # first word of the flow's comment, shown in mitmweb's Comment column (ASCII: no emoji boxes)
 OUTCOME_LABELS = {"approved": "APPROVED", "denied": f"DENIED {APPROVAL_DENIED}",
                   "timeout": f"EXPIRED {APPROVAL_TIMEOUT}", "cancelled": f"CANCELLED {APPROVAL_CANCELLED}"}
@@ -181,6 +185,11 @@ class Approval:
         loader.add_option("bastion_approval_grant_ttl", float, 0.0,
                           "Seconds an approved call (same identity, connection, tool, arguments) may be "
                           "repeated without a new approval; 0 = off.")
+        loader.add_option("bastion_web_approvals", str, "identified",
+                          "identified: approving needs an approver token through the admin API (mitmweb's "
+                          "Resume does not approve; Kill still denies); console: mitmweb's Resume and "
+                          "bastion.approve approve, recorded as the shared web console.",
+                          choices=WEB_APPROVALS)
         loader.add_option("bastion_approval_webhook", str, "",
                           "URL that receives a JSON summary (masked arguments) when a call starts waiting; "
                           "empty = off. Failures are logged and approve nothing.")
@@ -250,6 +259,11 @@ class Approval:
             raise
         finally:
             self.pending.pop(p.id, None)
+            # mitmweb's Revert restores the flow from a copy, which has no record
+            flow.metadata[METADATA_KEY] = rec
+            if p.outcome == "approved" and checked_snapshot(flow.request) != rec.checked:
+                # an approval covers exactly the request shown: an edit while held voids it
+                p.outcome, p.reason = "cancelled", "the request was changed while it was held; send it again"
             self._finish(p, rec)
         await self._update(flow)
 
@@ -298,8 +312,15 @@ class Approval:
                 pass
             if not flow.intercepted:
                 killed = flow.error is not None and flow.error.msg == mflow.Error.KILLED_MESSAGE
-                p.outcome, p.approver = ("denied", "mitmweb") if killed else ("approved", "mitmweb")
-                p.reason = "killed in mitmweb" if killed else ""
+                if killed:
+                    p.outcome, p.approver, p.reason = "denied", WEB_CONSOLE, "killed in mitmweb"
+                elif ctx.options.bastion_web_approvals == "console":
+                    p.outcome, p.approver = "approved", WEB_CONSOLE
+                else:
+                    flow.intercept()     # a resume by the shared console is not an approval
+                    log.warning("approval %s: resumed in mitmweb, still held: approve with an approver token "
+                                "(mcp-bastion approve %s --token ...)", p.id, p.id)
+                    await self._update(flow)
             elif client_gone(flow):
                 p.outcome, p.reason = "cancelled", "client disconnected"
 
@@ -312,7 +333,9 @@ class Approval:
         if flow.intercepted:
             flow.resume()
         rec.approval = {"id": p.id, "outcome": p.outcome, "approver": p.approver, "reason": p.reason,
-                        "rule": p.rule, "waited": round(time.time() - p.created, 3), "decided_at": time.time()}
+                        "rule": p.rule, "waited": round(time.time() - p.created, 3), "decided_at": time.time(),
+                        # the body the approver was shown (and, if approved, the one forwarded)
+                        "request_sha256": rec.checked.body_sha256 if rec.checked else None}
         # the summary line becomes the outcome (the list's Comment column); the details stay
         details = flow.comment.split("\n", 1)[1] if "\n" in flow.comment else ""
         by = (f" by {p.approver}" if p.approver else "") + (f" ({p.reason})" if p.reason else "")
@@ -353,7 +376,9 @@ class Approval:
                  f"Connection: {p.connection}.", *calls,
                  f"Approvers: {', '.join(p.approvers) or 'mitmweb users'}.",
                  f"Deadline: {p.deadline_utc} ({p.timeout:g}s).",
-                 "Resume (the row's play button) = approve; Abort or `bastion.deny @focus \"reason\"` = deny."]
+                 f"Approve: mcp-bastion approve {p.id} --token <approver token>"
+                 f"{' (or Resume here)' if ctx.options.bastion_web_approvals == 'console' else ''}; "
+                 "Abort or `bastion.deny @focus \"reason\"` = deny."]
         return "\n".join(esc(line) for line in lines)
 
     @staticmethod
@@ -390,10 +415,14 @@ class Approval:
         return p
 
     def _decide_flows(self, flows: Sequence[mflow.Flow], outcome: str, reason: str = "") -> None:
+        if outcome == "approved" and ctx.options.bastion_web_approvals != "console":
+            log.warning("bastion.approve: the web console is not an identified approver "
+                        "(bastion_web_approvals=identified); use mcp-bastion approve ID --token ...")
+            return
         for f in flows:
             pid = f.metadata.get("bastion_approval_id")
             if pid in self.pending and self.pending[pid].outcome is None:
-                self.decide(pid, outcome, "mitmweb", reason)
+                self.decide(pid, outcome, WEB_CONSOLE, reason)
             else:
                 log.warning("flow %s is not waiting for approval", f.id)
 

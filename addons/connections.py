@@ -1,11 +1,16 @@
 """Connections: route /mcp/<name>/… to the registered upstream, and inject its credential.
 
-Two addons, first and last in the chain:
+Addons at both ends of the chain:
 - Router (first): resolves the connection from the path, refuses unknown names and path
   tricks, records the target on the bastion record. Leaves headers alone so identity can
   read the caller's token.
-- Injector (last): once every check passed, points the request at the upstream, removes
-  every client credential header and adds the connection's service credential.
+- Injector (last): once every check passed, and only if the request is still the one
+  the checks saw (rec.checked), points it at the upstream and removes every client
+  credential header.
+- Forwarder (added behind every other addon, mitmweb's Intercept and View included):
+  refuses a request changed after the Injector (mitmweb's intercept filter lets a user
+  edit it), and adds the service credential to the request's wire form only, so no flow
+  the UI lists, exports or saves ever holds it.
 """
 from __future__ import annotations
 
@@ -20,9 +25,9 @@ from typing import Any, Union
 from mitmproxy import ctx, exceptions, http
 
 from addons import credentials as creds
-from addons.httputil import json_response, refuse_http, refuse_jsonrpc
+from addons.httputil import checked_snapshot, json_response, refuse_http, refuse_jsonrpc
 from addons.legacyrefusal import carrier_ok
-from addons.record import get_record
+from addons.record import METADATA_KEY, BastionRecord, get_record
 from addons.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever, rules_files
 from addons.toolintegrity import IntegrityConfig, parse_integrity
 from addons.vault import DEFAULT_KEY, DEFAULT_VAULT, Vault, VaultError, key_path, load_key, updating
@@ -339,7 +344,9 @@ class Router:
         log.info("connections reloaded: %s", ", ".join(new) or "-")
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        rec = get_record(flow.metadata)
+        # every pass through the chain starts from nothing: a replay in mitmweb sends the
+        # same flow object again, and must earn every check (and the credential) anew
+        rec = flow.metadata[METADATA_KEY] = BastionRecord()
         req = flow.request
         if req.path.startswith(LOCAL_PREFIXES):
             return  # served by the gateway itself (identity metadata, approval admin API)
@@ -401,8 +408,9 @@ class Router:
 
 
 class Injector:
-    """Last in the chain: send the checked request to its upstream with its credential
-    (the service secret, a token exchanged for the caller, or the caller's vault entry)."""
+    """Last in the chain: send the checked request to its upstream and choose its credential
+    (the service secret, a token exchanged for the caller, or the caller's vault entry), which
+    the Forwarder adds to the wire form only."""
 
     name = "injector"
 
@@ -464,10 +472,6 @@ class Injector:
                                           description="the gateway cannot write its credential vault",
                                           rule="credential:vault-unavailable") from None
 
-    def running(self):
-        import asyncio
-        self._task = asyncio.get_running_loop().create_task(poll_forever(self._check_vault))
-
     def _check_vault(self) -> None:
         if self._vault_watcher is not None and self._vault_watcher.changed():
             self._load_vault()
@@ -476,6 +480,14 @@ class Injector:
         if self._task:
             self._task.cancel()
         await self.exchanger.aclose()
+
+    def running(self):
+        import asyncio
+        self._task = asyncio.get_running_loop().create_task(poll_forever(self._check_vault))
+        # the Forwarder must come after mitmweb's own addons, which are loaded after scripts
+        if ctx.master.addons.get(Forwarder.name) is None:
+            from addons.failclosed import FailClosed
+            ctx.master.addons.add(FailClosed(Forwarder()))
 
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
@@ -510,23 +522,89 @@ class Injector:
             refuse_credential(flow, rec, e)
             return
         req = flow.request
+        if rec.checked is None or checked_snapshot(req) != rec.checked:
+            refuse_changed(flow, "after the checks")
+            return
         drop = STRIPPED_REQUEST_HEADERS | connection_listed(req.headers)
         if injected:
             drop |= {injected.header.lower().encode()}
         strip_headers(req.headers, drop)
-        if injected:
-            req.headers[injected.header] = injected.value
-            rec.notes["injected_header"] = injected.header
-            rec.credential_kind = injected.kind
         req.scheme, req.host, req.port = conn.scheme, conn.host, conn.port
         req.path = rec.upstream_path
         req.headers["host"] = conn.host if conn.port in (80, 443) else f"{conn.host}:{conn.port}"
+        rec.outgoing = checked_snapshot(req)
+        if injected:
+            rec.credential = (injected.header, injected.value)
+            rec.notes["injected_header"] = injected.header
+            rec.credential_kind = injected.kind
+
+
+def refuse_changed(flow: http.HTTPFlow, when: str) -> None:
+    rec = get_record(flow.metadata)
+    log.error("refusing to forward %s: the request was changed %s (mitmweb edit, script or replay)",
+              flow.request.path, when)
+    rec.credential = rec.outgoing = None
+    refuse_http(flow, 409, "request_changed",
+                "the request was changed after the gateway checked it; send it again", rule="integrity:request-changed")
+
+
+class WireHeaders(http.Headers):
+    """Request headers whose wire form (bytes(), what mitmproxy's HTTP/1 client writes
+    upstream) carries one more field than the headers themselves: the service credential.
+    Everything that lists, shows, exports or saves headers (mitmweb's flow JSON and
+    websocket updates, Flow.get_state, copies, replays) reads `fields` and never sees it.
+    An HTTP/2 upstream builds its frames from `fields`: it gets no credential (a 401),
+    never a leak."""
+
+    def __init__(self, fields, credential: tuple[bytes, bytes]):
+        super().__init__(fields)
+        self._credential = credential
+
+    def __bytes__(self) -> bytes:
+        name, value = self._credential
+        return super().__bytes__() + name + b": " + value + b"\r\n"
+
+
+class Forwarder:
+    """Behind every other addon (mitmweb's Intercept and View included): the last word
+    before a request goes upstream.
+
+    - A flow that mitmweb's intercept filter held after the Injector is awaited here and
+      refused if it was edited meanwhile (rec.outgoing is what the Injector made).
+    - The service credential is added to the request's wire form only (WireHeaders), never
+      to the headers a flow shows; once the response starts, plain headers come back.
+    """
+
+    name = "bastion_forwarder"
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        rec = get_record(flow.metadata)
+        if rec.outgoing is None or flow.response is not None:
+            return
+        if flow.intercepted:
+            await flow.wait_for_resume()
+            flow.metadata[METADATA_KEY] = rec      # a Revert in mitmweb restores a copy without it
+        if flow.response is not None or flow.error is not None:
+            return
+        if checked_snapshot(flow.request) != rec.outgoing:
+            refuse_changed(flow, "while intercepted in mitmweb")
+            return
+        if rec.credential is not None:
+            name, value = rec.credential
+            rec.credential = None
+            flow.request.headers = WireHeaders(flow.request.headers.fields, (name.encode(), value.encode()))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        redact_injected(flow)
+        plain_headers(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        redact_injected(flow)
+        plain_headers(flow)
+
+
+def plain_headers(flow: http.HTTPFlow) -> None:
+    """Sent (or failed): the request keeps its headers without the credential's wire form."""
+    if isinstance(flow.request.headers, WireHeaders):
+        flow.request.headers = http.Headers(flow.request.headers.fields)
 
 
 def refuse_credential(flow: http.HTTPFlow, rec, e: creds.CredentialRefused) -> None:
@@ -568,13 +646,6 @@ def strip_headers(headers, names: frozenset[bytes]) -> None:
     kept = tuple(f for f in fields if f[0].lower() not in names)
     if len(kept) != len(fields):
         headers.fields = kept
-
-
-def redact_injected(flow: http.HTTPFlow) -> None:
-    """The credential has been sent; drop it from the stored flow (UI, flow files)."""
-    header = get_record(flow.metadata).notes.get("injected_header")
-    if header and header in flow.request.headers:
-        flow.request.headers[header] = "[injected credential]"
 
 
 def unchecked_reason(rec, http_method: str, identity_required: bool = True) -> str | None:

@@ -26,7 +26,7 @@ def _fail(flow: Any, addon_name: str, hook: str) -> None:
     body = json_response(502, {"error": "gateway_error", "error_description": "the gateway could not check this request"})
     if flow.response is not None and hook in ("responseheaders", "response") and flow.response.stream:
         # bytes may already be on the wire: cut the stream rather than send unchecked data
-        flow.response.stream = lambda data: b""
+        flow.response.stream = lambda data: []   # nothing more (b"" would end a chunked body)
         if flow.killable:
             flow.kill()
         return
@@ -36,11 +36,11 @@ def _fail(flow: Any, addon_name: str, hook: str) -> None:
         payload = body.content or b""
         sent: list[bool] = []
 
-        def discard(data: bytes) -> bytes:
+        def discard(data: bytes) -> list[bytes]:
             if sent:
-                return b""
+                return []
             sent.append(True)
-            return payload
+            return [payload]
         body.stream = discard
         flow.metadata[FAILED_KEY] = payload
     flow.response = body

@@ -1,13 +1,14 @@
 """Small helpers to answer a flow from the gateway itself (pure apart from mitmproxy types)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 from mitmproxy import http
 
 from addons.mcp import jsonrpc_error
-from addons.record import get_record
+from addons.record import CheckedRequest, get_record
 
 JSON_HEADERS = {"content-type": "application/json", "cache-control": "no-store"}
 
@@ -35,3 +36,16 @@ def refuse_jsonrpc(flow: http.HTTPFlow, errors: list[dict], batch: bool, status:
 def refuse_message(flow: http.HTTPFlow, msg_id: Any, code: int, message: str, status: int = 200,
                    rule: str | None = None) -> None:
     refuse_jsonrpc(flow, [jsonrpc_error(msg_id, code, message)], batch=False, status=status, rule=rule)
+
+
+_UNHASHED = (b"host", b"content-length")    # set by the Injector / recomputed by mitmproxy
+
+
+def checked_snapshot(req: http.Request) -> CheckedRequest:
+    """What a later stage compares against to know the request is still the one checked."""
+    h = hashlib.sha256()
+    for name, value in req.headers.fields:
+        if name.lower() not in _UNHASHED:
+            h.update(name.lower() + b"\0" + value + b"\n")
+    return CheckedRequest(req.method, req.scheme, req.host, req.port, req.path, h.hexdigest(),
+                          hashlib.sha256(req.raw_content or b"").hexdigest())

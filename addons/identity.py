@@ -57,6 +57,16 @@ def redact_authorization(req: http.Request) -> None:
         req.headers.set_all("authorization", [v.split(" ", 1)[0] + " [redacted]" for v in values])
 
 
+def take_authorization(flow: http.HTTPFlow) -> tuple[str, ...]:
+    """The caller's Authorization values, moved from the headers to the per-flow record the
+    first time a hook sees the flow (requestheaders: mitmweb lists the flow right after)."""
+    rec = get_record(flow.metadata)
+    if rec.caller_authorization is None:
+        rec.caller_authorization = tuple(flow.request.headers.get_all("authorization"))
+        redact_authorization(flow.request)
+    return rec.caller_authorization
+
+
 def scrub_query_token(req: http.Request) -> bool:
     """RFC 6750 query tokens are never accepted; blank the value in place. True if found."""
     path, sep, query = req.path.partition("?")
@@ -218,9 +228,15 @@ class Identity:
 
     # ------------------------------------------------------------ hooks
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # before mitmweb's View lists the flow (it runs after every script's requestheaders)
+        take_authorization(flow)
+        scrub_query_token(flow.request)
+
     async def request(self, flow: http.HTTPFlow) -> None:
         # even when an earlier addon already refused it: the token must not survive in
         # the flow (mitmdump's log line, recordings, flow files)
+        take_authorization(flow)
         scrub_query_token(flow.request)
         if flow.response is not None:
             return
@@ -229,18 +245,18 @@ class Identity:
         if rec.connection is None:
             if path.split("?")[0] == METADATA_PATH or path.startswith(METADATA_PATH + "/"):
                 self.serve_metadata(flow)
-            elif path.startswith(ADMIN_PREFIX) and "authorization" in flow.request.headers:
+            elif path.startswith(ADMIN_PREFIX) and rec.caller_authorization:
                 # admin API (approvals): identify the caller if it presents a token; the
                 # addon serving the path decides whether one is required
                 try:
                     await self.authenticate(flow, None)
                 finally:
-                    redact_authorization(flow.request)
+                    rec.caller_authorization = ()
             return
         try:
             await self.authenticate(flow, rec.connection)
         finally:
-            redact_authorization(flow.request)
+            rec.caller_authorization = ()
 
     async def authenticate(self, flow: http.HTTPFlow, connection: str | None) -> None:
         rec = get_record(flow.metadata)
@@ -251,7 +267,7 @@ class Identity:
             self._refuse(flow, 400, "invalid_request", "access tokens are not accepted in the query string",
                          "token in query string", meta_url)
             return
-        values = req.headers.get_all("authorization")
+        values = rec.caller_authorization or ()
         if not values:
             self._refuse(flow, 401, None, "a bearer token is required", "no Authorization header", meta_url)
             return

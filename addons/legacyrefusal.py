@@ -23,6 +23,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from addons.httputil import checked_snapshot
 from addons.record import BastionRecord, get_record
 from addons.textsafe import get_logger
 
@@ -89,6 +90,7 @@ class LegacyRefusals:
         rec.response_transforms.append(answer_with(errors))
         rec.notes[NOTE_CARRIER] = carrier
         flow.request.content = carrier
+        rec.checked = checked_snapshot(flow.request)   # the carrier is what goes upstream now
         flow.response = None
         log.info("refusal for %s sent on the legacy event stream (carrier ping upstream)", rec.connection)
 

@@ -89,6 +89,14 @@ class MaskTransform:
         self.readonly = out is msg
         return out
 
+    def mask_text(self, text: str) -> str:
+        """A text outside any JSON-RPC message (an SSE id field), masked with every profile."""
+        for prof in self.default:
+            text, events = mask_value(prof, text, root="$sse")
+            if events:
+                record_masks(self.rec, events)
+        return text if isinstance(text, str) else str(text)
+
 
 def _idkey(mid: Any) -> str:
     return f"{type(mid).__name__}:{mid}"
@@ -173,6 +181,7 @@ class Masking:
             return
         rec.mask_required = True
         rec.response_transforms.append(transform)
+        rec.mask_text = transform.mask_text
 
     def plan(self, rec: BastionRecord) -> MaskTransform | None:
         """Profiles for every message of this request; None when nothing is to be masked."""

@@ -446,6 +446,9 @@ class SSEEvent:
     data: str | None = None          # None when the block had no data field
     id: str | None = None
     retry: str | None = None
+    # the block had lines encode() does not reproduce: comments, unknown fields, a retry
+    # that is not digits, an id holding NUL (a client ignores them; a checked stream drops them)
+    extra: bool = False
 
     @property
     def type(self) -> str:
@@ -480,6 +483,9 @@ class SSEParser:
         self._start = 0           # start of the current event in _buf
         self._max = max_event
         self._first_line = True   # a BOM may start the stream (WHATWG), nowhere else
+        self._scan = 0            # _buf[_pos:_scan] holds no CR or LF (resume the search there)
+        self._skip_lf = False     # the last read ended in CR: an LF first in the next is its pair
+        self._stray_lf = False    # the current block starts with such an LF (not a blank line)
 
     def feed(self, chunk: bytes, final: bool = False) -> list[SSEEvent]:
         self._buf += chunk
@@ -499,6 +505,8 @@ class SSEParser:
             self._field(line)
         if self._pos - self._start > self._max or len(self._buf) - self._start > self._max:
             raise McpParseError(PARSE_ERROR, f"SSE event larger than {self._max} bytes")
+        if final and self._stray_lf and len(self._buf) - self._start == 1:
+            return events  # the LF of the stream's last CRLF: its CR already ended the line
         if final and self._start < len(self._buf):
             # unterminated last block: dispatch what it had
             if self._pos < len(self._buf):
@@ -511,17 +519,25 @@ class SSEParser:
 
     def _find_eol(self, final: bool) -> tuple[int, int]:
         buf, i = self._buf, self._pos
-        n_idx = buf.find(b"\n", i)
+        if self._skip_lf and i < len(buf):
+            # a CRLF split across reads: the CR already ended the line (WHATWG), so a CR-only
+            # stream is never held back waiting for a byte that may not come
+            self._skip_lf = False
+            if buf[i] == 0x0A:
+                self._stray_lf = i == self._start
+                i = self._pos = i + 1
+        start = max(i, self._scan)
+        n_idx = buf.find(b"\n", start)
         # look for CR only before the next LF: a full-buffer scan per line is quadratic
-        r_idx = buf.find(b"\r", i, n_idx if n_idx >= 0 else len(buf))
+        r_idx = buf.find(b"\r", start, n_idx if n_idx >= 0 else len(buf))
         if r_idx >= 0:
             if r_idx + 1 < len(buf):
                 return r_idx, r_idx + (2 if buf[r_idx + 1] == 0x0A else 1)
-            if final:
-                return r_idx, r_idx + 1
-            return -1, -1  # "\r" at the end: wait, "\n" may follow
+            self._skip_lf = not final
+            return r_idx, r_idx + 1
         if n_idx >= 0:
             return n_idx, n_idx + 1
+        self._scan = len(buf)      # a long line arriving in many reads is scanned once
         return -1, -1
 
     def _field(self, line: bytes) -> None:
@@ -533,6 +549,7 @@ class SSEParser:
             self._first_line = False
             text = text.removeprefix("\ufeff")
         if text.startswith(":"):
+            self._cur.extra = True
             return
         name, sep, value = text.partition(":")
         if sep and value.startswith(" "):
@@ -541,11 +558,12 @@ class SSEParser:
             self._data.append(value)
         elif name == "event":
             self._cur.event = value
-        elif name == "id":
-            if "\x00" not in value:
-                self._cur.id = value
-        elif name == "retry":
+        elif name == "id" and "\x00" not in value:
+            self._cur.id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
             self._cur.retry = value
+        else:
+            self._cur.extra = True
 
     def _dispatch(self) -> SSEEvent | None:
         ev = self._cur
@@ -558,7 +576,8 @@ class SSEParser:
         self._cur, self._data = SSEEvent(), []
         # drop consumed bytes so the buffer stays bounded by one event
         del self._buf[:self._pos]
-        self._pos = self._start = 0
+        self._pos = self._start = self._scan = 0
+        self._stray_lf = False
         if not ev.raw.strip(b"\r\n"):
             return None if not ev.raw else SSEEvent(raw=ev.raw)  # keep blank keep-alive bytes
         return ev

@@ -18,7 +18,7 @@ except ImportError:
 from mitmproxy import http
 
 from addons import mcp
-from addons.httputil import refuse_http, refuse_message
+from addons.httputil import checked_snapshot, refuse_http, refuse_message
 from addons.record import get_record
 from addons.responses import readonly
 from addons.sessions import SessionRefused, SessionTable
@@ -155,6 +155,7 @@ class McpParser:
                 refuse_http(flow, 400, "invalid_request", f"{req.method} requests carry no body")
                 return
             rec.notes["stream_checked"] = True
+            rec.checked = checked_snapshot(req)
             if req.method == "GET":
                 self._follow(rec, key)
                 # legacy HTTP+SSE: the session is named later, in the stream's endpoint event
@@ -204,6 +205,7 @@ class McpParser:
             req.content = body  # upstream gets exactly the bytes that were inspected
         if req.headers.get("content-type") != "application/json":
             req.headers["content-type"] = "application/json"  # what was inspected: UTF-8 JSON
+        rec.checked = checked_snapshot(req)     # what policy and approval decide on
         if key is not None:
             for m in parsed.messages:
                 if m.kind == "request":

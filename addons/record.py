@@ -72,6 +72,20 @@ class Transient:
         return (type(None), ())
 
 
+@dataclass(frozen=True)
+class CheckedRequest:
+    """The request as the checks saw it. The Injector forwards only a request that still
+    matches it (an edit in mitmweb, a script or a replay after the checks is refused)."""
+
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    headers_sha256: str      # every header field except Host and Content-Length, in order
+    body_sha256: str         # the body as inspected (the audit's request_sha256)
+
+
 @dataclass
 class BastionRecord:
     started: float = field(default_factory=time.time)
@@ -99,7 +113,22 @@ class BastionRecord:
     # subject_token) and cleared there; never recorded, never forwarded.
     subject_token: Transient | None = field(default=None, repr=False)
     credential_kind: str | None = None     # service | exchange | vault: what went upstream (audit)
+    # masks one text with this request's profiles (SSE id fields); None: nothing to mask
+    mask_text: Callable[[str], str] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    # the caller's Authorization header values, taken out of the flow before anything
+    # (mitmweb, flow files) sees it; cleared once the identity addon has verified them
+    caller_authorization: tuple[str, ...] | None = field(default=None, repr=False)
+    checked: CheckedRequest | None = None     # fixed when the body was parsed (McpParser)
+    outgoing: CheckedRequest | None = None    # as the Injector made it: host, path, no credentials
+    # (header, value) the forwarder adds at the last moment, outside any flow the UI shows
+    credential: tuple[str, str] | None = field(default=None, repr=False)
+
+    def __deepcopy__(self, memo: dict) -> None:
+        # mitmproxy copies flow.metadata for flow files, exports, duplicates and replays
+        # (Flow.get_state): the record holds callables and secrets and belongs to this one
+        # pass through the chain, so a copy starts without one
+        return None
 
     def refuse(self, reason: str, rule: str | None = None) -> None:
         if self.refusal is None:

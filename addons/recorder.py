@@ -369,6 +369,7 @@ class Recorder:
                                             http_method=st.http_method, path=st.path))
         msg = flow.error.msg if flow.error else "error"
         events.append(st.events.http(now, http_method=st.http_method, path=st.path, request_bytes=st.request_bytes,
+                                     request_sha256=_forwarded_sha256(rec),
                                      response_bytes=st.response_bytes or None, latency_ms=_ms(st.events.t0, now),
                                      req_headers=st.req_headers, note=msg[:500], credential=rec.credential_kind))
         self._submit(events, wait=False)
@@ -493,10 +494,17 @@ class Recorder:
             note = f"{rec.notes['response_messages_dropped']} response message(s) not recorded (limit)"
         events.append(ev.http(
             now, http_method=st.http_method, path=st.path, status=status, request_bytes=st.request_bytes,
-            response_bytes=st.response_bytes, latency_ms=_ms(ev.t0, (resp.timestamp_end if resp else None) or now),
+            request_sha256=_forwarded_sha256(rec), response_bytes=st.response_bytes,
+            latency_ms=_ms(ev.t0, (resp.timestamp_end if resp else None) or now),
             req_headers=st.req_headers, note=note, credential=rec.credential_kind,
             resp_headers=redact_headers(resp.headers.fields, st.extra_redact) if resp is not None else None))
         return events
+
+
+def _forwarded_sha256(rec: BastionRecord) -> str | None:
+    """The Injector and the Forwarder let a request go only while it matches rec.outgoing,
+    so its body digest is the digest of what reached the upstream."""
+    return rec.outgoing.body_sha256 if rec.outgoing is not None else None
 
 
 class StreamTap:
@@ -512,31 +520,33 @@ class StreamTap:
         self.parser = mcp.SSEParser(max_event=64 * 1024 * 1024)
         self.closed = False
 
-    def __call__(self, data: bytes) -> bytes | Iterable[bytes]:
+    def __call__(self, data: bytes) -> list[bytes]:
+        """Chunks for the client; never an empty one (on a chunked body, the end)."""
         if self.closed:
-            return b""
+            return []
         out = self.inner(data) if self.inner is not None else data
         if not isinstance(out, bytes):
             out = b"".join(out)
+        sent = [out] if out else []
         self.st.response_bytes += len(out)
         try:
             events, final = self._events(out, final=not data)
         except Exception as e:  # noqa: BLE001 - unparseable output is passed as is, but noted
             events, final = [self.st.events.http(time.time(), note=f"unrecorded SSE bytes: {type(e).__name__}")], False
         if not events:
-            return out
+            return sent
         fut = self.recorder._submit(events, wait=final)
         if fut is None:
-            return out
+            return sent
         try:
             fut.result(timeout=STREAM_COMMIT_TIMEOUT)   # the caller must not see what is not durable
-            return out
+            return sent
         except Exception as e:  # noqa: BLE001 - StoreUnavailable, timeout: fail closed
             log.error("SSE response not recorded (%s); stream cut", e)
             self.closed = True
             self.rec.refuse("audit store unavailable", None)
             err = mcp.jsonrpc_error(None, mcp.INTERNAL_ERROR, "the gateway could not record the response")
-            return mcp.SSEEvent(event="message", data=json.dumps(err)).encode()
+            return [mcp.SSEEvent(event="message", data=json.dumps(err)).encode()]
 
     def _events(self, out: bytes, final: bool) -> tuple[list[dict], bool]:
         now = time.time()

@@ -87,7 +87,12 @@ def transform_json_body(rec: BastionRecord, body: bytes) -> bytes | None:
 
 
 class SSERewriter:
-    """flow.response.stream callable: bytes in, bytes out, b'' marks the end."""
+    """flow.response.stream callable: bytes in, a list of chunks out.
+
+    mitmproxy sends every returned chunk as it is, and on a chunked response an empty
+    chunk is the end of the body: so nothing to emit is an empty list, never b"" (an
+    event arriving in several reads would otherwise end the client's response early).
+    """
 
     def __init__(self, rec: BastionRecord, endpoint_rewriter: Callable[[str], str] | None, error_id: Any):
         self.rec = rec
@@ -96,24 +101,31 @@ class SSERewriter:
         self.error_id = error_id
         self.closed = False
         self.events = 0
+        # a masked stream passes only what was checked: comments, unknown fields and ids
+        # the masking rules would change are dropped
+        self.strict = rec.mask_required
 
-    def __call__(self, data: bytes) -> bytes:
+    def __call__(self, data: bytes) -> list[bytes]:
         if self.closed:
-            return b""
+            return []
         try:
             events = self.parser.feed(data, final=not data)
-            return b"".join(self._event(ev) for ev in events)
+            return [out for out in map(self._event, events) if out]
         except Exception as e:  # noqa: BLE001 - fail closed on anything
             log.warning("SSE response refused mid-stream: %s", e)
             self.rec.refuse(f"unsafe SSE response: {type(e).__name__}")
             self.closed = True
             err = mcp.jsonrpc_error(self.error_id, mcp.INTERNAL_ERROR, "the gateway could not check the response")
-            return mcp.SSEEvent(event="message", data=json.dumps(err)).encode()
+            return [mcp.SSEEvent(event="message", data=json.dumps(err)).encode()]
 
     def _event(self, ev: mcp.SSEEvent) -> bytes:
         self.events += 1
+        changed = self._check_fields(ev)
         if ev.data is None:
-            return ev.raw                          # comment / keep-alive / retry-only
+            # comment / keep-alive / retry-only: a checked stream keeps the keep-alive, not the text
+            if not changed:
+                return ev.raw
+            return ev.encode() if ev.id is not None or ev.retry is not None or ev.event is not None else b":\n\n"
         if ev.type == "endpoint":
             if self.rewrite_endpoint is None:
                 raise TransformError("endpoint event on a non-legacy connection")
@@ -124,28 +136,38 @@ class SSERewriter:
                 bind(sid)
             return ev.encode()
         if ev.type != "message":
-            if self.rec.mask_required:
+            if self.strict:
                 raise TransformError(f"unexpected SSE event type {ev.type!r}")
             return ev.raw
         if not ev.data.strip():
-            return ev.raw                          # priming event (2025-11-25)
+            return ev.encode() if changed else ev.raw     # priming event (2025-11-25)
         try:
             obj = mcp.strict_loads(ev.data)
         except mcp.McpParseError:
-            if self.rec.mask_required or self.rec.response_transforms:
+            if self.strict:
                 raise
             return ev.raw
         items = obj if isinstance(obj, list) else [obj]
         out, any_changed = [], False
         for item in items:
-            new, changed = transform_message(self.rec, item)
-            any_changed |= changed
+            new, item_changed = transform_message(self.rec, item)
+            any_changed |= item_changed
             out.append(new)
             _remember(self.rec, new)
-        if not any_changed:
-            return ev.raw
-        ev.data = json.dumps(out if isinstance(obj, list) else out[0], ensure_ascii=False, separators=(",", ":"))
-        return ev.encode()
+        if any_changed:
+            ev.data = json.dumps(out if isinstance(obj, list) else out[0], ensure_ascii=False, separators=(",", ":"))
+        return ev.encode() if any_changed or changed else ev.raw
+
+    def _check_fields(self, ev: mcp.SSEEvent) -> bool:
+        """On a checked stream, drop what the masking rules cannot vouch for; True if changed."""
+        if not self.strict:
+            return False
+        changed = ev.extra                       # comments / unknown fields: dropped by encode()
+        if ev.id is not None and self.rec.mask_text is not None and self.rec.mask_text(ev.id) != ev.id:
+            # a masked id could not resume the stream anyway (Last-Event-ID): drop it
+            log.info("SSE event id dropped: the masking rules would change it")
+            ev.id, changed = None, True
+        return changed
 
 
 def _query_session(url: str) -> str | None:

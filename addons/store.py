@@ -76,6 +76,7 @@ SCHEMA: dict[str, str] = {
     "status": "BIGINT",             # HTTP status the caller received
     "latency_ms": "DOUBLE",
     "request_bytes": "BIGINT",
+    "request_sha256": "VARCHAR",    # SHA-256 of the request body forwarded upstream (null: not forwarded)
     "response_bytes": "BIGINT",
     "req_headers": "JSON",          # redacted
     "resp_headers": "JSON",         # redacted
@@ -631,7 +632,7 @@ CREATE OR REPLACE VIEW masks AS
   FROM events WHERE kind = 'mask';
 CREATE OR REPLACE VIEW exchanges AS
   SELECT time, instance, seq, session_id, connection, flow_id, sub, http_method, path, status, latency_ms,
-         request_bytes, response_bytes, req_headers, resp_headers, note, credential
+         request_bytes, request_sha256, response_bytes, req_headers, resp_headers, note, credential
   FROM events WHERE kind = 'http';
 CREATE OR REPLACE VIEW sessions AS
   SELECT session_id,

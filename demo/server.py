@@ -150,8 +150,8 @@ def build_server(data_dir: Path, many_tools: int = 0, rug_pull: bool = False, in
                  big_output: int = 0, who: dict[str, dict] | None = None) -> MCPServer:
     """rug_pull: run_command's description changes after review (integrity tests);
     inject: an injection phrase in a tool description and in echo_text results;
-    big_output: a `big_text` tool returning that many characters; who: what the gate
-    verified per credential fingerprint (whoami)."""
+    big_output: a `big_text` tool returning that many characters, and `big_records` (about as
+    long, one fake SSN per line); who: what the gate verified per credential fingerprint (whoami)."""
     db_path = ensure_db(data_dir)
     scratch = data_dir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -247,6 +247,11 @@ def build_server(data_dir: Path, many_tools: int = 0, rug_pull: bool = False, in
         @mcp.tool(description="A long text result.")
         def big_text() -> str:
             return ("0123456789abcdef" * (big_output // 16 + 1))[:big_output]
+
+        @mcp.tool(description="A long text result of numbered records, each with a (fake) SSN.")
+        def big_records() -> str:
+            line = "record {:07d} ssn 123-45-6789 ok\n"
+            return "".join(line.format(i) for i in range(max(1, big_output // len(line.format(0)))))
     return mcp
 
 

@@ -6,6 +6,9 @@
   /reset      200 text/event-stream, one event, then the connection is reset
   /slow       answers correctly after 1.5 s
   /close      closes the connection without answering
+  /sse-bytes  200 text/event-stream: comment, progress, id'd result events (each carrying the
+              secret), written one byte per chunk, a pause before the last event, then the end
+  /sse-cr     the same with CR-only line endings
 Run: python -m tests.e2e.bad_upstream PORT
 """
 from __future__ import annotations
@@ -50,11 +53,50 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # RST on close
         writer.close()
         return
+    elif path.startswith("/sse-"):
+        await _sse_byte_by_byte(writer, rid, "\r" if path.startswith("/sse-cr") else "\n")
+        return
     elif path.startswith("/close"):
         writer.close()
         return
     await writer.drain()
     writer.close()
+
+
+def sse_events(rid, eol: str) -> list[str]:
+    """The events /sse-* sends; every one carries SECRET somewhere a client could read it."""
+    note = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": f"ssn {SECRET}"}}
+    ok = {"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": f"ssn {SECRET}"}]}}
+    blocks = [[f": keep-alive {SECRET}"],
+              [f": {SECRET}", f"id: {SECRET}", "event: message", f"data: {json.dumps(note)}"],
+              ["retry: 500", f"x-extra: {SECRET}"],
+              ["id: evt-2", "event: message", f"data: {json.dumps(ok)}"]]
+    return [eol.join(b) + eol + eol for b in blocks]
+
+
+async def _sse_byte_by_byte(writer: asyncio.StreamWriter, rid, eol: str) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    events = sse_events(rid, eol)
+    for i, ev in enumerate(events):
+        if i == len(events) - 1:
+            await asyncio.sleep(1.0)      # the client must still be waiting: nothing ended the body
+        for b in ev.encode():
+            writer.write(b"1\r\n" + bytes([b]) + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.0005)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+def start(tmp_path, procs: list) -> int:
+    """Run this upstream for a test (its process joins `procs`); returns its port."""
+    from tests.e2e.conftest import Proc, free_port
+    port = free_port()
+    p = Proc("bad-upstream", [sys.executable, "-m", "tests.e2e.bad_upstream", str(port)], tmp_path / "bad.log").start()
+    procs.append(p)
+    p.wait_port(port, marker="READY")
+    return port
 
 
 async def main(port: int) -> None:

@@ -259,6 +259,8 @@ def gateway_starter(tmp_path: Path, procs: list):
         p = Proc(tool, cmd, tmp_path / f"{tool}-{port}.log", env=env).start()
         procs.append(p)
         p.wait_port(port, marker="listening at")
+        if web_port is not None:
+            p.wait_port(web_port)        # mitmweb's UI may come up after the proxy listener
         if has_module("addons.identity"):
             # the embedded issuer creates its key on load; wait for it so tests can mint tokens
             deadline = time.monotonic() + 10

@@ -33,7 +33,8 @@ def chromium() -> str:
     return path
 
 
-async def test_resume_in_mitmweb_approves(chromium, demo_server, rules_dir, gateway):
+async def test_mitmweb_shows_the_held_call_and_an_identified_approver_approves(chromium, demo_server, rules_dir,
+                                                                               gateway):
     from playwright.async_api import async_playwright
 
     demo = demo_server("json")
@@ -66,7 +67,15 @@ async def test_resume_in_mitmweb_approves(chromium, demo_server, rules_dir, gate
             shown = await page.locator("body").inner_text()
             assert dev_token not in shown and dev_token[-20:] not in shown  # the token was consumed
             assert not call.done() and launches(demo) == []
+            # the shared web password identifies nobody: Resume alone is not an approval
             await page.get_by_text("Resume", exact=True).click()
+            await asyncio.sleep(1.0)
+            assert not call.done() and launches(demo) == []
+            pid = text.split("APPROVAL ", 1)[1].split()[0]
+            ok = subprocess.run([os.sys.executable, "-m", "addons.cli", "approve", pid, "--gateway", gw.url,
+                                 "--token", gw.token("alice", ["approver"])], capture_output=True, text=True,
+                                cwd=ROOT, timeout=30)
+            assert ok.returncode == 0 and "approved by alice" in ok.stdout, ok.stdout + ok.stderr
             result = await asyncio.wait_for(call, 20)
             await page.wait_for_timeout(500)
             await page.screenshot(path=str(ARTIFACTS / "approval-resumed.png"))

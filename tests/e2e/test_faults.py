@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import ROOT, Proc, free_port
+from tests.e2e import bad_upstream
+from tests.e2e.conftest import ROOT, free_port
 
 POLICY = """\
 rules:
@@ -93,10 +94,7 @@ def test_exception_in_a_response_hook_never_releases_the_unchecked_answer(demo_s
 
 @pytest.fixture
 def bad(tmp_path, procs, rules_dir, gateway):
-    port = free_port()
-    p = Proc("bad-upstream", [sys.executable, "-m", "tests.e2e.bad_upstream", str(port)], tmp_path / "bad.log").start()
-    procs.append(p)
-    p.wait_port(port, marker="READY")
+    port = bad_upstream.start(tmp_path, procs)
     dead = free_port()
     conns = {"connections": {name: {"upstream": f"http://127.0.0.1:{port}/{name}"}
                              for name in ("garbage", "html", "truncated", "reset", "slow", "close")}}

@@ -13,9 +13,10 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons import maskcore, mcp
-from addons.approval import (APPROVAL_CANCELLED, APPROVAL_DENIED, APPROVAL_TIMEOUT, Approval, Grants,
+from addons.approval import (APPROVAL_CANCELLED, APPROVAL_DENIED, APPROVAL_TIMEOUT, WEB_CONSOLE, Approval, Grants,
                              display_arguments, fingerprint, redact_secret_keys)
 from addons.failclosed import FailClosed
+from addons.httputil import checked_snapshot
 from addons.record import Decision, Identity, get_record
 
 SECRET = "hunter2-Sup3rSecret"
@@ -34,6 +35,7 @@ def call_flow(tool="launch_container", args=None, sub="dan", roles=("dev",), msg
     rec.messages, rec.batch = parsed.messages, parsed.batch
     rec.decisions = [Decision(action, "needs-approval" if action == "approve" else "r", approvers=tuple(approvers),
                               timeout=timeout, message_id=m.id) for m in parsed.messages]
+    rec.checked = checked_snapshot(f.request)
     return f, rec
 
 
@@ -202,13 +204,50 @@ async def test_default_timeout_from_option(approval):
     assert rec.approval["outcome"] == "timeout"
 
 
-async def test_mitmweb_resume_approves(approval):
+async def test_mitmweb_resume_is_not_an_approval_by_default(approval):
     a, _ = approval
     f, rec = call_flow()
-    task, _ = await hold(a, f)
+    task, pid = await hold(a, f)
     f.resume()                                     # what mitmweb's Resume button does
+    await asyncio.sleep(0.3)
+    assert not task.done() and f.intercepted and a.pending[pid].outcome is None   # still held
+    a.approve_cmd([f])                             # nor is the command bar (shared password)
+    await asyncio.sleep(0.15)
+    assert not task.done()
+    status, out = await admin(a, path=f"/_bastion/approvals/{pid}/approve", method="POST")
+    assert status == 200
     await asyncio.wait_for(task, 2)
-    assert f.response is None and rec.approval["outcome"] == "approved" and rec.approval["approver"] == "mitmweb"
+    assert f.response is None and rec.approval["outcome"] == "approved" and rec.approval["approver"] == "alice"
+    assert rec.approval["request_sha256"] == rec.checked.body_sha256
+
+
+async def test_mitmweb_resume_approves_in_console_mode(approval):
+    a, tctx = approval
+    tctx.configure(a, bastion_web_approvals="console")
+    f, rec = call_flow()
+    task, _ = await hold(a, f)
+    f.resume()
+    await asyncio.wait_for(task, 2)
+    assert f.response is None and rec.approval["outcome"] == "approved"
+    assert rec.approval["approver"] == WEB_CONSOLE
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: setattr(r, "content", r.content.replace(b"postgres:17", b"alpine:3\",\"privileged\":true,\"x\":\"")),
+    lambda r: setattr(r, "path", "/mcp/other"),
+    lambda r: r.headers.__setitem__("mcp-name", "run_command"),
+])
+async def test_an_edit_while_held_voids_the_approval(approval, edit):
+    a, _ = approval
+    f, rec = call_flow()
+    task, pid = await hold(a, f)
+    f.backup()
+    edit(f.request)                                # mitmweb's flow editor, while held
+    status, _ = await admin(a, path=f"/_bastion/approvals/{pid}/approve", method="POST")
+    assert status == 200
+    await asyncio.wait_for(task, 2)
+    assert rec.approval["outcome"] == "cancelled" and "changed while it was held" in rec.approval["reason"]
+    assert body(f)["error"]["code"] == APPROVAL_CANCELLED and body(f)["id"] == 7
 
 
 async def test_mitmweb_kill_denies_with_jsonrpc_error_not_a_reset(approval):
@@ -219,11 +258,12 @@ async def test_mitmweb_kill_denies_with_jsonrpc_error_not_a_reset(approval):
     await asyncio.wait_for(task, 2)
     assert f.error is None and f.live               # the proxy will send our answer instead of resetting
     assert body(f)["error"]["code"] == APPROVAL_DENIED and rec.approval["outcome"] == "denied"
-    assert rec.approval["approver"] == "mitmweb" and "killed" in rec.approval["reason"]
+    assert rec.approval["approver"] == WEB_CONSOLE and "killed" in rec.approval["reason"]
 
 
 async def test_commands_approve_and_deny(approval):
     a, tctx = approval
+    tctx.configure(a, bastion_web_approvals="console")
     f1, r1 = call_flow()
     f2, r2 = call_flow()
     t1, _ = await hold(a, f1)
@@ -595,3 +635,16 @@ def test_webconsole_only_changes_mitmweb_and_default_columns():
     assert webconsole.approval_columns(webconsole.DEFAULT_COLUMNS) == list(webconsole.APPROVAL_COLUMNS)
     assert "comment" in webconsole.APPROVAL_COLUMNS
     assert webconsole.approval_columns(["path", "status"]) is None           # the operator's choice stays
+
+
+async def test_an_edit_reverted_while_held_is_the_request_shown_again(approval):
+    a, _ = approval
+    f, rec = call_flow()
+    task, pid = await hold(a, f)
+    f.backup()
+    f.request.content = f.request.content.replace(b"postgres:17", b"evil:1")
+    f.revert()                                     # mitmweb's Revert: the flow's state from a copy
+    status, _ = await admin(a, path=f"/_bastion/approvals/{pid}/approve", method="POST")
+    assert status == 200
+    await asyncio.wait_for(task, 2)
+    assert rec.approval["outcome"] == "approved" and get_record(f.metadata) is rec and b"postgres:17" in f.request.content

@@ -12,8 +12,9 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons import connections as cx
-from addons.connections import (Connection, Injector, Router, load_connections, parse_connections, plain_query,
-                                redact_injected, rewrite_endpoint, split_path, unchecked_reason)
+from addons.connections import (Connection, Forwarder, Injector, Router, load_connections, parse_connections,
+                                plain_query, rewrite_endpoint, split_path, unchecked_reason)
+from addons.httputil import checked_snapshot
 from addons.failclosed import FailClosed
 from addons.mcp import parse_body
 from addons.record import BastionRecord, Decision, Identity, get_record
@@ -564,6 +565,7 @@ def checked_post(router, path="/mcp/demo", headers=(), body=None):
     parsed = parse_body(f.request.content)
     rec.messages, rec.batch = parsed.messages, parsed.batch
     rec.decisions = [Decision("allow", "r", message_id=m.id) for m in parsed.messages]
+    rec.checked = checked_snapshot(f.request)
     return f, rec
 
 
@@ -585,7 +587,8 @@ async def test_injector_strips_client_credentials_and_injects(chain):
     await injector.request(f)
     h = f.request.headers
     assert f.response is None
-    assert h.get_all("authorization") == [f"Bearer {SECRET}"]
+    # the credential waits on the record for the Forwarder; the flow never holds it
+    assert "authorization" not in h and rec.credential == ("Authorization", f"Bearer {SECRET}")
     for name in ("cookie", "x-api-key", "forwarded", "x-forwarded-for", "x-real-ip", "x-forwarded-host",
                  "proxy-authorization", "accept-encoding", "connection", "te", "upgrade", "x-original-url",
                  "x-forwarded-prefix", "x-http-method-override", "x-foo"):
@@ -620,27 +623,101 @@ async def test_injector_custom_header_credential(chain):
     f, rec = checked_post(router, "/mcp/leg/messages/?session_id=a", headers=CLIENT_HEADERS)
     await injector.request(f)
     h = f.request.headers
-    assert h.get_all("x-service-token") == [SECRET]          # raw value, no scheme; client's copy gone
+    assert "x-service-token" not in h and rec.credential == ("X-Service-Token", SECRET)  # raw value, no scheme
     assert "authorization" not in h
     assert f.request.path == "/messages/?session_id=a" and f.request.port == 9200
 
 
-async def test_injector_redacts_credential_after_sending(chain):
+async def test_forwarder_puts_the_credential_on_the_wire_only(chain):
+    from mitmproxy.net.http.http1 import assemble_request_head
+    from mitmproxy.tools.web.app import flow_to_json
     router, injector, _ = chain
     f, rec = checked_post(router, headers=CLIENT_HEADERS)
     await injector.request(f)
+    await Forwarder().request(f)
+    wire = assemble_request_head(f.request)           # what mitmproxy's HTTP/1 client writes
+    assert wire.count(f"Authorization: Bearer {SECRET}".encode()) == 1 and b"caller-jwt" not in wire
+    # what mitmweb shows and saves, and what a copy or replay starts from
+    assert "authorization" not in f.request.headers and rec.credential is None
+    assert SECRET not in json.dumps(flow_to_json(f)) and SECRET not in str(f.get_state())
+    assert SECRET.encode() not in assemble_request_head(f.copy().request)
     f.response = tutils.tresp()
-    injector.responseheaders(f)
-    assert f.request.headers["authorization"] == "[injected credential]"
-    assert SECRET not in str(f.get_state())
-    f2, _ = checked_post(router)
-    await injector.request(f2)
-    injector.error(f2)
-    assert f2.request.headers["authorization"] == "[injected credential]"
-    f3 = mkflow()                         # nothing injected: nothing touched
-    f3.request.headers["authorization"] = "Bearer x"
-    redact_injected(f3)
-    assert f3.request.headers["authorization"] == "Bearer x"
+    Forwarder().responseheaders(f)                    # sent: plain headers again
+    assert SECRET.encode() not in assemble_request_head(f.request)
+
+
+async def test_forwarder_keeps_the_record_through_a_revert(chain):
+    router, injector, _ = chain
+    f, rec = checked_post(router)
+    await injector.request(f)
+    f.intercept()
+    task = asyncio.create_task(Forwarder().request(f))
+    await asyncio.sleep(0.01)
+    f.backup()
+    f.request.content = b"{}"
+    f.revert()                            # mitmweb's Revert: state from a copy (no record)
+    f.resume()
+    await task
+    assert f.response is None and get_record(f.metadata) is rec
+    assert SECRET.encode() in bytes(f.request.headers)
+
+
+async def test_forwarder_refuses_a_request_edited_after_the_injector(chain):
+    router, injector, _ = chain
+    f, rec = checked_post(router)
+    await injector.request(f)
+    f.intercept()                         # mitmweb's intercept filter holds it
+    fw = Forwarder()
+    task = asyncio.create_task(fw.request(f))
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    f.request.content = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"other"}}'
+    f.resume()
+    await task
+    assert f.response.status_code == 409 and error_body(f)["error"] == "request_changed"
+    assert rec.credential is None and rec.refusal_rule == "integrity:request-changed"
+    assert SECRET.encode() not in bytes(f.request.headers)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: setattr(r, "content", b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}'),
+    lambda r: setattr(r, "path", "/mcp/leg"),
+    lambda r: r.headers.__setitem__("mcp-session-id", "other"),
+    lambda r: r.headers.__setitem__("x-new", "1"),
+    lambda r: setattr(r, "method", "DELETE"),
+    lambda r: setattr(r, "port", 9999),
+])
+async def test_injector_refuses_a_request_changed_after_the_checks(chain, edit):
+    router, injector, _ = chain
+    f, rec = checked_post(router, headers=[("Mcp-Session-Id", "s1")])
+    edit(f.request)
+    await injector.request(f)
+    # a changed method is already refused as an unchecked stream request (502)
+    assert (f.response.status_code, error_body(f)["error"]) in ((409, "request_changed"), (502, "gateway_error"))
+    assert rec.credential is None and rec.outgoing is None
+
+
+async def test_injector_refuses_a_request_nobody_snapshotted(chain):
+    router, injector, _ = chain
+    f, rec = checked_post(router)
+    rec.checked = None
+    await injector.request(f)
+    assert f.response.status_code == 409
+
+
+async def test_record_is_left_out_of_flow_copies_and_files(chain):
+    import io
+
+    from mitmproxy import io as mio
+    router, injector, _ = chain
+    f, rec = checked_post(router)
+    await injector.request(f)
+    assert rec.credential is not None
+    buf = io.BytesIO()
+    mio.FlowWriter(buf).add(f)            # flow files / mitmweb's export: no error, no secret
+    assert SECRET.encode() not in buf.getvalue()
+    copy = f.copy()                       # duplicate / replay: starts without a record
+    assert get_record(copy.metadata) is not rec and get_record(copy.metadata).identity is None
 
 
 @pytest.mark.parametrize("tamper,reason", [
@@ -691,6 +768,7 @@ async def test_injector_refuses_unrouted_and_get_without_check(chain):
     f = mkflow(method="GET", content=b"")
     router.requestheaders(f)
     get_record(f.metadata).notes["stream_checked"] = True
+    get_record(f.metadata).checked = checked_snapshot(f.request)
     await injector.request(f)
     assert f.response is None and f.request.host == "127.0.0.1"
     # a connection removed by a reload after routing: not forwarded
@@ -724,6 +802,6 @@ async def test_injector_works_with_an_unwrapped_router(rules):
     router, injector = Router(), Injector()
     with taddons.context(router, injector) as tctx:
         tctx.configure(router, bastion_rules=str(rules))
-        f, _ = checked_post(router)
+        f, rec = checked_post(router)
         await injector.request(f)
-        assert f.response is None and f.request.headers["authorization"] == f"Bearer {SECRET}"
+        assert f.response is None and rec.credential == ("Authorization", f"Bearer {SECRET}")

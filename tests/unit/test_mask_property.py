@@ -151,9 +151,10 @@ def test_sse_stream_any_chunking_valid_and_no_secret_survives(cases, cut_points,
     rw = responses.SSERewriter(rec, None, 1)
     out, prev = [], 0
     for c in sorted({c % (len(stream) + 1) for c in cut_points}) + [len(stream)]:
-        out.append(rw(stream[prev:c]))
+        out += rw(stream[prev:c])
         prev = c
-    out.append(rw(b""))
+    out += rw(b"")
+    assert all(out)                  # an empty chunk would end a chunked body
     data = b"".join(out)
     text = data.decode("utf-8")
     events = [e for e in mcp.SSEParser().feed(data, final=True) if e.data]

@@ -288,9 +288,10 @@ def run_sse(rec, stream: bytes, cuts: list[int]) -> bytes:
     rw = responses.SSERewriter(rec, None, 1)
     out, prev = [], 0
     for c in sorted(set(cuts)) + [len(stream)]:
-        out.append(rw(stream[prev:c]))
+        out += rw(stream[prev:c])
         prev = c
-    out.append(rw(b""))
+    out += rw(b"")
+    assert all(out)                 # an empty chunk would end a chunked body
     return b"".join(out)
 
 
@@ -448,3 +449,17 @@ def test_new_key_file_changes_hashes(masking, tmp_path):
     m.request(f)
     h2 = rec.response_transforms[-1](result_msg())["result"]["structuredContent"]["email"]
     assert h1.startswith("[HASH:") and h2.startswith("[HASH:") and h1 != h2
+
+
+def test_sse_event_id_masked_with_the_request_profiles_and_dropped(masking):
+    m, _ = masking
+    f, rec = call_flow()
+    m.request(f)
+    assert rec.mask_text is not None and rec.mask_text("abc-1") == "abc-1"
+    assert "123-45-6789" not in rec.mask_text("123-45-6789")
+    stream = (b"id: 123-45-6789\n: 123-45-6789\n" + sse(result_msg())
+              + b"id: resume-7\n" + sse(result_msg()))
+    out = run_sse(rec, stream, list(range(1, len(stream))))
+    assert b"123-45-6789" not in out
+    evs = mcp.SSEParser().feed(out, final=True)
+    assert [e.id for e in evs] == [None, "resume-7"]

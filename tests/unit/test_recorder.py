@@ -275,7 +275,9 @@ async def test_sse_events_recorded_per_event_as_the_caller_saw_them(rec_ctx):
     progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
     final = {"jsonrpc": "2.0", "id": 9, "result": {"content": [{"type": "text", "text": "alice@example.com"}]}}
     wire = sse(progress, final)
-    out = tap(wire[:30]) + tap(wire[30:]) + tap(b"")
+    chunks = tap(wire[:30]) + tap(wire[30:]) + tap(b"")
+    assert all(chunks)                     # never an empty chunk (the end of a chunked body)
+    out = b"".join(chunks)
     assert b"[email]" in out and b"alice@example.com" not in out
     # the final response was durable before the tap returned its bytes
     rows = q(root, "SELECT kind, via, result FROM messages WHERE direction = 's2c' ORDER BY seq")
@@ -334,9 +336,9 @@ async def test_sse_stream_is_cut_when_final_response_cannot_be_recorded(rec_ctx)
     f.response.stream = True
     r.responseheaders(f)
     r.writer.close()
-    out = f.response.stream(sse({"jsonrpc": "2.0", "id": 1, "result": {"x": "unaudited"}}))
+    out = b"".join(f.response.stream(sse({"jsonrpc": "2.0", "id": 1, "result": {"x": "unaudited"}})))
     assert b"unaudited" not in out and b"could not record" in out
-    assert f.response.stream(b"more") == b""
+    assert f.response.stream(b"more") == []
 
 
 async def test_error_hook_records_transport_errors(rec_ctx):

@@ -223,8 +223,11 @@ def sse_flow(rw, transforms=(), mask_required=False, conn="demo", ctype="text/ev
 
 
 def run_stream(stream, chunks: list[bytes]) -> bytes:
-    out = b"".join(stream(c) for c in chunks if c)
-    return out + stream(b"")
+    """What the client receives; no chunk the rewriter returns may be empty (on a chunked
+    response an empty chunk is the end of the body)."""
+    out = [c for data in chunks if data for c in stream(data)] + list(stream(b""))
+    assert all(out), out
+    return b"".join(out)
 
 
 def events_of(data: bytes) -> list[mcp.SSEEvent]:
@@ -260,7 +263,7 @@ def test_compressed_sse_refused(rw):
     rewriter.responseheaders(f)                    # wrapped: fail closed
     assert f.response.status_code == 502 and rec.refusal
     # whatever the upstream then sends is discarded; the client gets the 502 body
-    body = f.response.stream(gzip.compress(ev(RESULT))) + f.response.stream(b"more") + f.response.stream(b"")
+    body = b"".join(f.response.stream(gzip.compress(ev(RESULT))) + f.response.stream(b"more") + f.response.stream(b""))
     assert json.loads(body)["error"] == "gateway_error"
 
 
@@ -303,12 +306,12 @@ def test_sse_transform_raising_ends_stream_with_error_event(rw):
     f, rec = sse_flow(rw, transforms=[fails_second], mask_required=True)
     s = f.response.stream
     first = s(ev({"jsonrpc": "2.0", "method": "notifications/progress", "params": {}}))
-    err = s(ev(RESULT))
+    err = b"".join(s(ev(RESULT)))
     assert b"123-45-6789" not in err
     errs = events_of(err)
     assert len(errs) == 1 and json.loads(errs[0].data)["error"]["code"] == mcp.INTERNAL_ERROR
     assert json.loads(errs[0].data)["id"] == 5
-    assert s(ev(RESULT)) == b"" and s(b"") == b""        # stream closed: nothing more passes
+    assert s(ev(RESULT)) == [] and s(b"") == []          # stream closed: nothing more passes
     assert rec.refusal and first
 
 
@@ -337,8 +340,8 @@ def test_sse_event_split_secret_never_leaks(rw):
         f, rec = sse_flow(rw, transforms=[mask], mask_required=True)
         s = f.response.stream
         first = s(data[:i])
-        assert first == b""                               # nothing of an unfinished event leaves
-        assert b"123-45-6789" not in first + s(data[i:]) + s(b"")
+        assert first == []          # nothing of an unfinished event leaves, not even an empty chunk
+        assert b"123-45-6789" not in b"".join(first + s(data[i:]) + s(b""))
 
 
 def test_legacy_endpoint_event_rewritten(rw):
@@ -379,3 +382,37 @@ def test_get_stream_applies_transforms_of_the_originating_request(rw):
     out = run_stream(f.response.stream, [ev(RESULT), ev({**RESULT, "id": 6})])
     evs = events_of(out)
     assert "MASKED" in evs[0].data and "123-45-6789" in evs[1].data   # id 6 came from an unmasked request
+
+
+def test_masked_stream_drops_comments_unknown_fields_and_ids_the_rules_would_change(rw):
+    data = (b": ssn 123-45-6789\n\n"                                    # comment-only block
+            + b": note 123-45-6789\nfoo: 123-45-6789\n" + ev(RESULT, id="ok-1")   # comment + unknown field
+            + ev(RESULT, id="123-45-6789")                             # id holding a secret
+            + b"retry: 123-45-6789\nretry: 250\n\n")                   # retry must be digits
+    for cut in range(len(data) + 1):
+        f, rec = sse_flow(rw, transforms=[mask], mask_required=True)
+        rec.mask_text = lambda t: t.replace("123-45-6789", "[MASKED:ssn]")
+        out = run_stream(f.response.stream, [data[:cut], data[cut:]])
+        assert b"123-45-6789" not in out, cut
+        evs = events_of(out)
+        assert [(e.data is not None, e.id, e.retry) for e in evs] == [
+            (False, None, None), (True, "ok-1", None), (True, None, None), (False, None, "250")], cut
+        assert out.startswith(b":\n\n") and rec.refusal is None
+
+
+def test_unmasked_stream_keeps_comments_and_ids_byte_for_byte(rw):
+    data = b": hello\n\n" + ev(RESULT, id="abc") + b"retry: 250\n\n"
+    f, rec = sse_flow(rw)
+    assert run_stream(f.response.stream, [bytes([b]) for b in data]) == data
+
+
+def test_masked_stream_cr_only_byte_by_byte_each_event_leaves_on_its_last_byte(rw):
+    one = ev(RESULT).replace(b"\n", b"\r")
+    data = one * 3
+    f, rec = sse_flow(rw, transforms=[mask], mask_required=True)
+    sent_at = []
+    for i in range(len(data)):
+        if f.response.stream(data[i:i + 1]):
+            sent_at.append(i)
+    assert sent_at == [len(one) - 1, 2 * len(one) - 1, 3 * len(one) - 1]
+    assert f.response.stream(b"") == []

@@ -59,6 +59,13 @@ EXPECTED = [
 ]
 
 
+def same_bytes(events: list[SSEEvent], data: bytes) -> bool:
+    """The raw bytes of the events are the stream's, except the LF of a final CRLF that
+    arrived in a read of its own: the CR before it already ended the line (and was sent)."""
+    out = b"".join(e.raw for e in events)
+    return out == data or (data.endswith(b"\r\n") and out == data[:-1])
+
+
 def feed_all(chunks: list[bytes], **kw) -> list[SSEEvent]:
     p = SSEParser(**kw)
     out: list[SSEEvent] = []
@@ -83,7 +90,7 @@ def test_every_two_way_split(eol):
     for i in range(len(data) + 1):
         events = feed_all([data[:i], data[i:]])
         assert summary(events) == EXPECTED, i
-        assert b"".join(e.raw for e in events) == data, i
+        assert same_bytes(events, data), i
 
 
 @pytest.mark.parametrize("eol", EOLS)
@@ -94,7 +101,7 @@ def test_every_three_way_split(eol):
         for j in range(i, n + 1):
             events = feed_all([data[:i], data[i:j], data[j:]])
             assert summary(events) == EXPECTED, (i, j)
-            assert b"".join(e.raw for e in events) == data, (i, j)
+            assert same_bytes(events, data), (i, j)
 
 
 def test_byte_by_byte_with_mixed_line_endings():
@@ -109,9 +116,35 @@ def test_events_are_returned_as_soon_as_complete():
     assert p.feed(b"data: 1\n") == []
     ev = p.feed(b"\ndata: 2")
     assert [e.data for e in ev] == ["1"]
-    # a trailing CR may be half of CRLF: the event waits for the next byte
-    assert p.feed(b"\n\r") == []
-    assert [e.data for e in p.feed(b"\n")] == ["2"]
+    # a trailing CR ends the line at once (a CR-only stream is never held back); an LF
+    # arriving next is the second half of that CRLF, not a blank line
+    assert [e.data for e in p.feed(b"\n\r")] == ["2"]
+    assert p.feed(b"\n") == [] and p.feed(b"data: 3\r") == []
+    assert [e.data for e in p.feed(b"\r")] == ["3"]
+
+
+def test_cr_only_stream_byte_by_byte_dispatches_each_event_on_its_last_byte():
+    data = b"data: a\r\rid: 7\revent: message\rdata: b\r\r"
+    p, got = SSEParser(), []
+    for i in range(len(data)):
+        evs = p.feed(data[i:i + 1])
+        got += [(i, e.data, e.id) for e in evs]
+    assert got == [(8, "a", None), (len(data) - 1, "b", "7")]
+
+
+def test_extra_lines_are_flagged_for_a_checked_stream():
+    evs = feed_all([b": c\ndata: x\n\nretry: soon\ndata: y\n\nfoo: bar\ndata: z\n\nid: 1\nretry: 5\ndata: w\n\n"])
+    assert [(e.data, e.extra, e.retry) for e in evs] == [("x", True, None), ("y", True, None), ("z", True, None),
+                                                         ("w", False, "5")]
+
+
+def test_long_line_in_many_reads_is_scanned_once():
+    p = SSEParser()
+    assert p.feed(b"data: ") == []
+    for _ in range(2000):
+        assert p.feed(b"x" * 1000) == []
+    assert p._scan == 2_000_006
+    assert [len(e.data) for e in p.feed(b"\n\n")] == [2_000_000]
 
 
 def test_final_unterminated_block_kept():
@@ -245,7 +278,7 @@ def client_events(data: bytes) -> list[tuple[str, str]]:
 def test_property_any_chunking_same_events_and_bytes(case):
     data, chunks, expected = case
     events = feed_all(chunks)
-    assert b"".join(e.raw for e in events) == data
+    assert same_bytes(events, data)
     got = [(e.type, e.data) for e in events if e.data is not None]
     assert got == expected
     # the gateway sees exactly the events the SDK client will dispatch
@@ -263,5 +296,5 @@ def test_property_arbitrary_bytes_never_crash_and_keep_bytes(data, cuts):
         with pytest.raises(McpParseError):
             feed_all([data])          # refusal does not depend on the chunking
         return
-    assert b"".join(e.raw for e in events) == data
+    assert same_bytes(events, data)
     assert summary(events) == summary(feed_all([data]))
