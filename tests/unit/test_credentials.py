@@ -14,6 +14,7 @@ import pytest
 
 from addons import credentials as creds
 from addons.connections import Injector, Router, parse_connections
+from addons.httputil import checked_snapshot
 from addons.mcp import parse_body
 from addons.record import Decision, Identity, Transient, get_record
 from addons.rules import RulesError
@@ -289,6 +290,7 @@ def routed(router, conn: str, sub="alice", token="caller.jwt", version="2025-06-
     parsed = parse_body(body)
     rec.messages, rec.batch = parsed.messages, parsed.batch
     rec.decisions = [Decision("allow", "r", message_id=m.id) for m in parsed.messages]
+    rec.checked = checked_snapshot(f.request)
     return f, rec
 
 
@@ -298,7 +300,7 @@ async def test_injector_sends_exchanged_token_and_drops_the_subject_token(inject
     injector.wrapped.exchanger._client = httpx.AsyncClient(transport=httpx.MockTransport(fake.handler))
     f, rec = routed(router, "ex")
     await injector.request(f)
-    assert f.response is None and f.request.headers.get_all("authorization") == ["Bearer exchanged-1"]
+    assert f.response is None and rec.credential == ("Authorization", "Bearer exchanged-1")
     assert rec.subject_token is None and rec.credential_kind == "exchange"
     assert dict(urllib.parse.parse_qsl(fake.requests[0].content.decode()))["subject_token"] == "caller.jwt"
     # a refused flow also drops the subject token
