@@ -28,6 +28,7 @@ from addons import jwtverify as jv
 from addons.httputil import json_response, refuse_http
 from addons.record import get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever
+from addons.secretscan import TokenIndexCache
 
 log = logging.getLogger("bastion.identity")
 
@@ -78,6 +79,7 @@ class Identity:
         self.config: jv.VerifyConfig | None = None
         self.verified = jv.VerifiedTokens()
         self.revoked = jv.Revocations()
+        self.token_secrets = TokenIndexCache()  # the caller's token is redacted from what it gets back
         self._revoked_watcher: ChangeWatcher | None = None
         self._fetch_lock: asyncio.Lock | None = None
         self._tasks: list[asyncio.Task] = []
@@ -276,6 +278,7 @@ class Identity:
                         {"retry-after": "5"}, rule="identity:keys-unavailable")
             return
         rec.identity = ident
+        rec.known_secrets.append(self.token_secrets.get(token))
         needed = tuple(getattr(conn, "roles", ()) or ()) if conn is not None else ()
         if needed and not set(needed) & set(ident.roles):
             log.warning("refused %s %s for sub=%s: connection %s needs one of roles %s",

@@ -71,6 +71,9 @@ class BastionRecord:
     # filtering) and masking. Raising = fail closed (message replaced by an error).
     response_transforms: list[Callable[[dict], dict]] = field(default_factory=list)
     mask_required: bool = False            # unparsable response must not pass raw
+    # Indexes of the secret values this flow must never show or store (gateway secrets,
+    # the caller's token): addons/secretscan.SecretIndex, filled by redaction and identity.
+    known_secrets: list[Any] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 
     def refuse(self, reason: str, rule: str | None = None) -> None:

@@ -35,6 +35,7 @@ from mitmproxy import ctx, exceptions, http
 from addons import mcp
 from addons.httputil import json_response
 from addons.record import BastionRecord, Decision, MaskEvent, get_record
+from addons.secretscan import redact_bytes, redact_obj, redact_url
 from addons.store import (
     Store, StoreUnavailable, StoreWriter, encode_event, recover_store,
 )
@@ -72,19 +73,25 @@ def redact_headers(fields: Iterable[tuple[bytes | str, bytes | str]], extra: Ite
     return out
 
 
-SECRETISH_PARAM = re.compile(r"token|secret|passw|key|auth|sig|code|credential|session", re.I)
+def redact_path(path: str, secrets: list | None = None) -> str:
+    """Tokens never belong in URLs, but a careless client may put one there (query
+    parameter or path segment): see secretscan.redact_url."""
+    return redact_url(path, secrets or ())
 
 
-def redact_path(path: str) -> str:
-    """Tokens never belong in query strings, but a careless client may put one there."""
-    base, sep, query = path.partition("?")
-    if not sep:
-        return path
-    parts = []
-    for pair in query.split("&"):
-        k, eq, _v = pair.partition("=")
-        parts.append(f"{k}={REDACTED}" if eq and SECRETISH_PARAM.search(k) else pair)
-    return f"{base}?{'&'.join(parts)}"
+def encode_redacted(event: dict, secrets: list | None) -> bytes:
+    """One journal line with every known secret redacted (a one-pass scan of the encoded
+    line; only a line with a hit is walked field by field and re-encoded)."""
+    line = encode_event(event)
+    if not secrets:
+        return line
+    _, hit = redact_bytes(secrets, line)
+    if not hit:
+        return line
+    log.warning("redacted known secret(s) %s from a recorded %s event", ", ".join(sorted(hit)), event.get("kind"))
+    clean = redact_obj(secrets, event)
+    line, _ = redact_bytes(secrets, encode_event(clean))   # what the walk could not see (escapes)
+    return line
 
 
 def classify(obj: Any) -> str:
@@ -309,10 +316,10 @@ class Recorder:
             return
         if refused or not ctx.options.bastion_audit_before_forward:
             # the journal is written in order: the fsync the response waits for covers these
-            self._submit(events, wait=False)
+            self._submit(events, wait=False, secrets=rec.known_secrets)
             return
         try:
-            await self._commit(events)
+            await self._commit(events, rec.known_secrets)
         except (StoreUnavailable, asyncio.TimeoutError) as e:
             self._refuse_unavailable(flow, rec, str(e) or "commit timed out")
 
@@ -339,7 +346,7 @@ class Recorder:
         self._update_session(flow, st)
         events = self._final_events(flow, rec, st, time.time())
         try:
-            await self._commit(events)
+            await self._commit(events, rec.known_secrets)
         except (StoreUnavailable, asyncio.TimeoutError) as e:
             log.error("response not recorded (%s); not releasing it", e or "commit timed out")
             rec.refuse("audit store unavailable", None)
@@ -370,7 +377,7 @@ class Recorder:
         events.append(st.events.http(now, http_method=st.http_method, path=st.path, request_bytes=st.request_bytes,
                                      response_bytes=st.response_bytes or None, latency_ms=_ms(st.events.t0, now),
                                      req_headers=st.req_headers, note=msg[:500]))
-        self._submit(events, wait=False)
+        self._submit(events, wait=False, secrets=rec.known_secrets)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -383,20 +390,20 @@ class Recorder:
         flow.response = _unavailable_response()
         rec.refuse("audit store unavailable", None)
 
-    async def _commit(self, events: list[dict]) -> None:
+    async def _commit(self, events: list[dict], secrets: list | None = None) -> None:
         """Queue events and wait until they are fsynced (raises StoreUnavailable / TimeoutError)."""
-        lines = self._encode(events)
+        lines = self._encode(events, secrets)
         if self.writer is None:
             raise StoreUnavailable("recorder not configured")
         await asyncio.wait_for(self.writer.submit_async(lines), COMMIT_TIMEOUT)
 
-    def _encode(self, events: list[dict]) -> list[bytes]:
+    def _encode(self, events: list[dict], secrets: list | None = None) -> list[bytes]:
         for ev in events:
             ev["seq"] = next(self._seq)
-        return [encode_event(ev) for ev in events]
+        return [encode_redacted(ev, secrets) for ev in events]
 
-    def _submit(self, events: list[dict], wait: bool):
-        lines = self._encode(events)
+    def _submit(self, events: list[dict], wait: bool, secrets: list | None = None):
+        lines = self._encode(events, secrets)
         if self.writer is None:
             if wait:
                 import concurrent.futures
@@ -428,7 +435,7 @@ class Recorder:
         st = _FlowState(
             events=FlowEvents(base, bodies=ctx.options.bastion_record_bodies, t0=req.timestamp_start or time.time()),
             extra_redact=extra, req_headers=redact_headers(req.headers.fields, extra),
-            http_method=req.method, path=redact_path(req.path),
+            http_method=req.method, path=redact_path(req.path, rec.known_secrets),
             request_bytes=len(req.raw_content or b""),
         )
         rec.notes[NOTES_KEY] = st
@@ -524,7 +531,7 @@ class StreamTap:
             events, final = [self.st.events.http(time.time(), note=f"unrecorded SSE bytes: {type(e).__name__}")], False
         if not events:
             return out
-        fut = self.recorder._submit(events, wait=final)
+        fut = self.recorder._submit(events, wait=final, secrets=self.rec.known_secrets)
         if fut is None:
             return out
         try:
