@@ -12,6 +12,7 @@ CLI_MODULES = (
     "addons.identity",
     "addons.policy",
     "addons.recorder",
+    "addons.audit",
     "addons.approval",
     "addons.connections",
     "addons.masking",

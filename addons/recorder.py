@@ -36,8 +36,9 @@ from addons import mcp
 from addons.httputil import json_response
 from addons.record import BastionRecord, Decision, MaskEvent, get_record
 from addons.secretscan import redact_bytes, redact_obj, redact_url
+from addons.auditchain import DEFAULT_AUDIT_KEY, load_or_create_signing_key
 from addons.store import (
-    Store, StoreUnavailable, StoreWriter, encode_event, recover_store,
+    Sealing, Store, StoreUnavailable, StoreWriter, encode_event, recover_store,
 )
 
 log = logging.getLogger("bastion.recorder")
@@ -236,6 +237,7 @@ class Recorder:
         self.writer: StoreWriter | None = None
         self._seq = itertools.count(int(time.time() * 1_000_000))
         self._instance = ""
+        self._sealing: Sealing | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -252,6 +254,11 @@ class Recorder:
                           "Keep this instance's segments under N MiB, oldest deleted first (0 = no limit).")
         loader.add_option("bastion_record_roll_mb", int, 64,
                           "Roll the journal into a Parquet segment at this size (MiB).")
+        loader.add_option("bastion_audit_key", str, DEFAULT_AUDIT_KEY,
+                          "Ed25519 key that seals the audit store: chains journal lines and signs segment "
+                          "manifests (created 0600 when missing). `mcp-bastion verify` checks with it.")
+        loader.add_option("bastion_audit_anchor", str, "",
+                          "Append each signed segment manifest's digest to this external append-only file.")
         loader.add_option("bastion_audit_before_forward", bool, False,
                           "Hold each request until its audit record is fsynced, before it goes upstream "
                           "(write-ahead audit: costs one fsync wait per call). Off: requests are durable "
@@ -267,8 +274,15 @@ class Recorder:
         if "bastion_instance" in updated and o.bastion_instance and not re.match(
                 r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", o.bastion_instance):
             raise exceptions.OptionsError("bastion_instance: letters, digits, '.', '_' and '-' only")
+        if self.writer is None or "bastion_audit_key" in updated:
+            try:
+                self._sealing = Sealing(load_or_create_signing_key(o.bastion_audit_key), o.bastion_audit_anchor)
+            except (OSError, ValueError) as e:
+                raise exceptions.OptionsError(f"bastion_audit_key: {e}") from None
+        if self._sealing is not None:
+            self._sealing.anchor_file = o.bastion_audit_anchor
         if self.writer is None or updated & {"bastion_recordings", "bastion_instance", "bastion_retention_days",
-                                             "bastion_retention_mb", "bastion_record_roll_mb"}:
+                                             "bastion_retention_mb", "bastion_record_roll_mb", "bastion_audit_key"}:
             self._start_writer()
 
     def _start_writer(self) -> None:
@@ -278,12 +292,12 @@ class Recorder:
         self._instance = o.bastion_instance or default_instance()
         root = Path(o.bastion_recordings)
         try:
-            recover_store(root, own=self._instance)     # journals of gateways that died
+            recover_store(root, own=self._instance, sealing=self._sealing)   # journals of gateways that died
         except OSError as e:
             log.error("recovering leftover journals in %s failed: %s", root, e)
         self.writer = StoreWriter(root, self._instance, roll_bytes=o.bastion_record_roll_mb * 1024 * 1024,
                                   retention_days=o.bastion_retention_days,
-                                  retention_mb=o.bastion_retention_mb).start()
+                                  retention_mb=o.bastion_retention_mb, sealing=self._sealing).start()
         if self.writer.healthy:
             log.info("recording to %s", self.writer.journal)
 

@@ -50,7 +50,8 @@ def credential_value(secret: str, scheme: str | None) -> str:
     return secret[len(scheme) + 1:] if scheme and secret.startswith(scheme + " ") else secret
 
 
-def gather_secrets(rules_dir: str, key_dir: str, mask_key_file: str) -> tuple[list[Secret], list[Path]]:
+def gather_secrets(rules_dir: str, key_dir: str, mask_key_file: str,
+                   audit_key_file: str = "") -> tuple[list[Secret], list[Path]]:
     """Every secret value the gateway holds, and the files they come from (to watch)."""
     from addons.connections import load_connections
     from addons.jwtverify import LOCAL_KEY_FILE
@@ -78,6 +79,13 @@ def gather_secrets(rules_dir: str, key_dir: str, mask_key_file: str) -> tuple[li
         secrets += pem_secrets("issuer signing key", issuer.read_bytes())
     except OSError:
         pass                                      # no embedded issuer (JWKS / OIDC)
+    if audit_key_file:
+        audit = Path(audit_key_file)
+        files.append(audit)
+        try:
+            secrets += pem_secrets("audit signing key", audit.read_bytes())
+        except OSError:
+            pass
     mask_key = Path(mask_key_file)
     files.append(mask_key)
     try:
@@ -100,7 +108,7 @@ class SecretRedaction:
     # -- lifecycle ------------------------------------------------------------------
 
     def configure(self, updated) -> None:
-        if updated & {"bastion_rules", "bastion_key_dir", "bastion_mask_key_file"}:
+        if updated & {"bastion_rules", "bastion_key_dir", "bastion_mask_key_file", "bastion_audit_key"}:
             self.reload()
 
     def running(self) -> None:
@@ -116,7 +124,8 @@ class SecretRedaction:
     def reload(self) -> None:
         secrets, self._files = gather_secrets(self._opt("bastion_rules", "rules"),
                                               self._opt("bastion_key_dir", ".secrets"),
-                                              self._opt("bastion_mask_key_file", ".secrets/mask-key"))
+                                              self._opt("bastion_mask_key_file", ".secrets/mask-key"),
+                                              self._opt("bastion_audit_key", ""))
         values = {s.value for s in secrets}
         if not self._generations or values != {s.value for s in self._generations[-1]}:
             # keep the previous generation: the old credential may still be in use upstream
