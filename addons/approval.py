@@ -241,7 +241,7 @@ class Approval:
         if cfg is None:
             return []
         ident = rec.identity
-        out: list = []
+        out: list = [cfg.requests] if getattr(cfg, "requests", None) is not None else []
         for m in rec.messages:
             for prof in cfg.select(rec.connection, m.tool_name, ident.roles if ident else (),
                                    ident.sub if ident else None, ident.client_id if ident else None):

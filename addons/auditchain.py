@@ -368,3 +368,28 @@ def verify_store(root: str | os.PathLike, pub: ed25519.Ed25519PublicKey, ckey: b
         rep.instances += 1
         verify_instance(d, pub, ckey, rep)
     return rep
+
+
+def loose_modes(roots: Iterable[str | os.PathLike], limit: int = 10) -> list[str]:
+    """Warnings for audit / secret files and directories that group or others can access
+    (`mcp-bastion check`): directories should be 0700, files 0600."""
+    out: list[str] = []
+    n = 0
+    for root in roots:
+        r = Path(root)
+        if not r.exists():
+            continue
+        for p in [r, *r.rglob("*")]:
+            try:
+                mode = p.lstat().st_mode
+            except OSError:
+                continue
+            if p.is_symlink() or not mode & 0o077:
+                continue
+            n += 1
+            if n <= limit:
+                want = "700" if p.is_dir() else "600"
+                out.append(f"warning: {p} is accessible by group/others (mode {mode & 0o777:o}); chmod {want} it")
+    if n > limit:
+        out.append(f"warning: {n - limit} more file(s) with loose modes")
+    return out

@@ -145,6 +145,9 @@ class Masking:
 
     def running(self) -> None:
         self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_reload))
+        from mitmproxy import contentviews
+        from addons.maskview import MaskedRequestView
+        contentviews.add(MaskedRequestView(lambda: self.config))
 
     def done(self) -> None:
         if self._task is not None:
@@ -162,6 +165,11 @@ class Masking:
         return True
 
     # --- per request ---------------------------------------------------------------------
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # every flow, refused or not: what the store, replay and mitmweb show of arguments
+        if self.config is not None:
+            get_record(flow.metadata).request_mask = self.config.mask_request
+
     def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
         if flow.response is not None or rec.connection is None:

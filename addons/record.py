@@ -74,6 +74,9 @@ class BastionRecord:
     # Indexes of the secret values this flow must never show or store (gateway secrets,
     # the caller's token): addons/secretscan.SecretIndex, filled by redaction and identity.
     known_secrets: list[Any] = field(default_factory=list)
+    # client->server message -> (the copy that may be shown or stored, mask events): the
+    # `requests:` masking rules, set by the masking addon. The upstream gets the original.
+    request_mask: Callable[[dict], tuple[dict, list]] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
     def refuse(self, reason: str, rule: str | None = None) -> None:

@@ -128,6 +128,8 @@ class FlowEvents:
     bodies: bool = True
     t0: float = field(default_factory=time.time)      # request start
     requests: dict[str, tuple[str | None, str | None, str | None]] = field(default_factory=dict)
+    mask_c2s: Any = None          # BastionRecord.request_mask: arguments as they may be stored
+    request_masks: list[MaskEvent] = field(default_factory=list)
 
     def _ev(self, kind: str, ts: float, **kw: Any) -> dict[str, Any]:
         ev = dict(self.base)
@@ -146,7 +148,7 @@ class FlowEvents:
         rid = _id_text(msg.id)
         tool = msg.tool_name
         self.expect(msg)
-        raw = msg.raw
+        raw = self._shown(msg) if self.bodies else msg.raw
         extra: dict[str, Any] = {}
         if msg.kind in FINAL_KINDS:             # client answering a server->client request
             if self.bodies:
@@ -156,6 +158,18 @@ class FlowEvents:
             extra["params"] = raw.get("params")
         return self._ev(msg.kind, ts, direction="c2s", rpc_id=rid, method=msg.method,
                         target=msg.target, tool=tool, **extra)
+
+    def _shown(self, msg: mcp.Message) -> dict:
+        """The message as it may be stored: `requests:` masking applied (fails closed)."""
+        if self.mask_c2s is None or msg.kind not in ("request", "notification"):
+            return msg.raw
+        try:
+            shown, events = self.mask_c2s(msg.raw)
+        except Exception:  # noqa: BLE001 - an unmaskable argument is not stored at all
+            log.exception("masking request arguments for the store failed")
+            return {**msg.raw, "params": {"arguments": "[arguments hidden: could not be masked]"}}
+        self.request_masks += events
+        return shown
 
     def s2c(self, obj: Any, via: str, ts: float) -> dict[str, Any]:
         kind = classify(obj)
@@ -447,7 +461,8 @@ class Recorder:
         if session is None:
             base["session_id"] = _synthetic_session(base)
         st = _FlowState(
-            events=FlowEvents(base, bodies=ctx.options.bastion_record_bodies, t0=req.timestamp_start or time.time()),
+            events=FlowEvents(base, bodies=ctx.options.bastion_record_bodies, t0=req.timestamp_start or time.time(),
+                              mask_c2s=rec.request_mask),
             extra_redact=extra, req_headers=redact_headers(req.headers.fields, extra),
             http_method=req.method, path=redact_path(req.path, rec.known_secrets),
             request_bytes=len(req.raw_content or b""),
@@ -481,6 +496,7 @@ class Recorder:
         ts = st.events.t0
         events = [st.events.c2s(m, ts) for m in rec.messages]
         events += [st.events.decision(d, ts) for d in rec.decisions]   # decided before forwarding
+        events += [st.events.mask(m, "requests", ts) for m in st.events.request_masks]
         return events
 
     @staticmethod

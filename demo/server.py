@@ -184,11 +184,12 @@ def build_server(data_dir: Path, many_tools: int = 0, rug_pull: bool = False, in
             return {"exit_code": -1, "output": "timed out after 5 s"}
 
     @mcp.tool(description="Launch a container (simulated: recorded, not run).")
-    def launch_container(image: str, privileged: bool = False) -> dict[str, Any]:
+    def launch_container(image: str, privileged: bool = False, env: dict[str, str] | None = None) -> dict[str, Any]:
         cid = uuid.uuid4().hex[:12]
         with open(launches, "a") as f:
-            f.write(json.dumps({"id": cid, "image": image, "privileged": privileged, "time": time.time()}) + "\n")
-        return {"id": cid, "image": image, "privileged": privileged, "status": "started"}
+            f.write(json.dumps({"id": cid, "image": image, "privileged": privileged, "env": env or {},
+                                "time": time.time()}) + "\n")
+        return {"id": cid, "image": image, "privileged": privileged, "env": sorted(env or {}), "status": "started"}
 
     @mcp.tool(description="Read a file under the scratch directory.")
     def read_file(path: str) -> str:
