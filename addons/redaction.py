@@ -104,12 +104,16 @@ class SecretRedaction:
         self._watcher: ChangeWatcher | None = None
         self._files: list[Path] = []
         self._task: asyncio.Task | None = None
+        self._sources: tuple[str, str, str, str] = ("rules", ".secrets", ".secrets/mask-key", "")
 
     # -- lifecycle ------------------------------------------------------------------
 
     def configure(self, updated) -> None:
         if updated & {"bastion_rules", "bastion_key_dir", "bastion_mask_key_file", "bastion_audit_key"}:
-            self.reload()
+            o = ctx.options
+            self.reload(*(getattr(o, name) if name in o else default for name, default in (
+                ("bastion_rules", "rules"), ("bastion_key_dir", ".secrets"),
+                ("bastion_mask_key_file", ".secrets/mask-key"), ("bastion_audit_key", ""))))
 
     def running(self) -> None:
         self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_reload))
@@ -118,14 +122,9 @@ class SecretRedaction:
         if self._task is not None:
             self._task.cancel()
 
-    def _opt(self, name: str, default: str) -> str:
-        return getattr(ctx.options, name, default) if name in ctx.options else default
-
-    def reload(self) -> None:
-        secrets, self._files = gather_secrets(self._opt("bastion_rules", "rules"),
-                                              self._opt("bastion_key_dir", ".secrets"),
-                                              self._opt("bastion_mask_key_file", ".secrets/mask-key"),
-                                              self._opt("bastion_audit_key", ""))
+    def reload(self, rules_dir: str, key_dir: str, mask_key_file: str, audit_key_file: str = "") -> None:
+        self._sources = (rules_dir, key_dir, mask_key_file, audit_key_file)
+        secrets, self._files = gather_secrets(*self._sources)
         values = {s.value for s in secrets}
         if not self._generations or values != {s.value for s in self._generations[-1]}:
             # keep the previous generation: the old credential may still be in use upstream
@@ -136,9 +135,10 @@ class SecretRedaction:
         self._watcher = ChangeWatcher(lambda: self._files)
 
     def check_reload(self) -> bool:
+        """Rebuild the index when a secret's file changed (rotation); True if re-read."""
         if self._watcher is None or not self._watcher.changed():
             return False
-        self.reload()
+        self.reload(*self._sources)
         return True
 
     # -- hooks ------------------------------------------------------------------------
