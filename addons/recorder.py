@@ -682,9 +682,14 @@ def add_cli(sub) -> None:
     _store_arg(p)
     p.set_defaults(func=cli_resend)
 
-    p = sub.add_parser("export", help="write a session as a (redacted) mitmproxy flow file for mitmweb -r")
-    p.add_argument("session", help="session id (or a unique prefix)")
-    p.add_argument("-o", "--output", required=True, help="output .mitm file")
+    p = sub.add_parser("export", help="a session as a (redacted) mitmproxy flow file, or the store as JSON lines "
+                                      "/ OCSF for a SIEM",
+                       description="--format mitm (default): one session as a flow file for mitmweb -r. "
+                                   "--format jsonl | ocsf: every event of the store (or of one session) as JSON "
+                                   "lines, raw or as OCSF API Activity (class 6003) events.")
+    p.add_argument("session", nargs="?", help="session id (or a unique prefix); optional for jsonl / ocsf")
+    p.add_argument("-o", "--output", help="output file (mitm: required; jsonl / ocsf: default stdout)")
+    p.add_argument("--format", choices=("mitm", "jsonl", "ocsf"), default="mitm")
     _store_arg(p)
     p.set_defaults(func=cli_export)
 
@@ -787,7 +792,14 @@ def resolve_session(st: Store, prefix: str) -> str | None:
 
 
 def session_events(st: Store, session: str) -> list[dict]:
-    cur = st.query("SELECT * FROM events WHERE session_id = ? ORDER BY ts, instance, seq", [session])
+    return _event_dicts(st.query("SELECT * FROM events WHERE session_id = ? ORDER BY ts, instance, seq", [session]))
+
+
+def store_events(st: Store) -> list[dict]:
+    return _event_dicts(st.query("SELECT * FROM events ORDER BY ts, instance, seq"))
+
+
+def _event_dicts(cur) -> list[dict]:
     cols = [d[0] for d in cur.description]
     out = []
     for r in cur.fetchall():
@@ -997,13 +1009,30 @@ def write_flow_file(flows: list[http.HTTPFlow], path: str) -> int:
 
 
 def cli_export(args) -> int:
+    if args.format == "mitm" and not (args.session and args.output):
+        print("error: --format mitm needs a session and -o FILE", file=sys.stderr)
+        return 2
     st = _open(args)
     if st is None:
         return 2
-    sid = resolve_session(st, args.session)
-    if sid is None:
+    sid = resolve_session(st, args.session) if args.session else None
+    if args.session and sid is None:
         return 1
     _report(st)
+    if args.format != "mitm":
+        from addons.auditexport import export_lines
+        rows = session_events(st, sid) if sid else store_events(st)
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        n = 0
+        try:
+            for line in export_lines(rows, args.format):
+                out.write(line)
+                n += 1
+        finally:
+            if args.output:
+                out.close()
+        print(f"exported {n} event(s) as {args.format}", file=sys.stderr)
+        return 0
     n = write_flow_file(build_flows(session_events(st, sid)), args.output)
     print(f"wrote {n} flow(s) of session {sid} to {args.output} (open with: mitmweb -r {args.output})")
     return 0
