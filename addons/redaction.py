@@ -19,6 +19,7 @@ naming the secret by label, never by value.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from mitmproxy import ctx, http
 from addons.record import BastionRecord, MaskEvent, get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever, rules_files
 from addons.secretscan import (
-    Secret, SecretIndex, StreamRedactor, pem_secrets, redact_bytes, redact_obj, redact_url,
+    Secret, SecretIndex, StreamRedactor, pem_secrets, redact_bytes, redact_obj, redact_str, redact_url,
 )
 
 log = logging.getLogger("bastion.redaction")
@@ -224,6 +225,11 @@ class MessageRedactor:
         self.readonly = True
 
     def __call__(self, msg: dict) -> Any:
+        # one C-speed pass over the message as JSON text first: a decoded string appears
+        # there JSON-escaped, and that escaping is one of the variants searched for
+        if not redact_str(self.rec.known_secrets, json.dumps(msg, ensure_ascii=False))[1]:
+            self.readonly = True
+            return msg
         labels: set[str] = set()
         out = redact_obj(self.rec.known_secrets, msg, labels)
         self.readonly = out is msg

@@ -7,10 +7,11 @@ URL-encoding, JSON \\u escapes, reversed, separators removed). High-entropy valu
 also matched by every fragment of at least MIN_FRAGMENT characters, so a secret split
 across SSE events, chunks or fields is still caught as long as each piece is that long.
 
-All variant strings go into one Aho-Corasick automaton (pyahocorasick, C): one pass over
-the text whatever the number of secrets (bench/secretscan_bench.py: ~230x faster than a
-compiled regex alternation of the same strings). Text is scanned as latin-1 so the same
-automaton serves str and raw bytes with byte-exact positions.
+All variant strings go into one Aho-Corasick DFA over bytes (ahocorasick-rs, Rust): one
+pass over the text whatever the number of secrets (bench/secrets_bench.py prints the
+numbers; several hundred times faster than a compiled regex alternation of the same
+strings). Text is scanned as UTF-8 bytes; patterns are whole UTF-8 strings, so matches
+never cut a character.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import ahocorasick
+import ahocorasick_rs
 
 REDACTED = "[redacted:known-secret]"
 REDACTED_B = REDACTED.encode()
@@ -83,101 +84,82 @@ def variants(secret: Secret) -> tuple[set[str], set[str]]:
     return ({e for e in exact if len(e) >= MIN_SECRET}, {f for f in frag if len(f) >= MIN_SECRET})
 
 
-def _latin1(s: str) -> str:
-    return s if s.isascii() else s.encode("utf-8").decode("latin-1")
-
-
 class SecretIndex:
     """Compiled automaton over every variant of a set of secrets (immutable once built)."""
 
-    def __init__(self, secrets: Iterable[Secret]):
-        self.labels: tuple[str, ...] = ()
-        self.longest = 0
-        self._auto: Any = None
+    def __init__(self, secrets: Iterable[Secret], dfa: bool = True):
+        """dfa: a DFA scans ~3x faster but takes ~50 ms to build per few hundred patterns:
+        right for the gateway's own secrets (built on load and rotation), not for a
+        per-caller token (built on the request path)."""
         labels: list[str] = []
-        auto = ahocorasick.Automaton()
+        words: dict[bytes, int] = {}             # pattern -> index of its secret's label
         for s in secrets:
             if len(s.value) < MIN_SECRET:
                 continue
             i = len(labels)
             labels.append(s.label)
             exact, frag = variants(s)
-            words = set(exact)
+            found = set(exact)
             for f in frag:
                 if len(f) <= MIN_FRAGMENT:
-                    words.add(f)
+                    found.add(f)
                 else:
-                    words.update(f[j:j + MIN_FRAGMENT] for j in range(len(f) - MIN_FRAGMENT + 1))
-            for w in words:
-                w = _latin1(w)
-                auto.add_word(w, (len(w), i))
-                self.longest = max(self.longest, len(w))
-        if labels:
-            auto.make_automaton()
-            self._auto = auto
-            self.labels = tuple(labels)
+                    found.update(f[j:j + MIN_FRAGMENT] for j in range(len(f) - MIN_FRAGMENT + 1))
+            for w in found:
+                words.setdefault(w.encode(), i)
+        self.labels: tuple[str, ...] = tuple(labels)
+        self._owner = list(words.values())
+        self.longest = max(map(len, words), default=0)
+        impl = ahocorasick_rs.Implementation.DFA if dfa else None
+        self._ac = ahocorasick_rs.BytesAhoCorasick(list(words), implementation=impl) if words else None
 
     def __bool__(self) -> bool:
-        return self._auto is not None
+        return self._ac is not None
 
-    def spans(self, text: str) -> tuple[list[tuple[int, int]], set[str]]:
-        """Merged [start, end) ranges of secret material in text (latin-1 view), labels hit."""
-        if self._auto is None:
+    def spans(self, data: bytes) -> tuple[list[tuple[int, int]], set[str]]:
+        """Merged [start, end) byte ranges of secret material in data, and the labels hit."""
+        if self._ac is None:
             return [], set()
-        hits: list[tuple[int, int]] = []
-        found: set[int] = set()
-        for end, (n, i) in self._auto.iter(text):
-            hits.append((end - n + 1, end + 1))
-            found.add(i)
+        hits = self._ac.find_matches_as_indexes(data, overlapping=True)
         if not hits:
             return [], set()
-        hits.sort()
-        merged = [hits[0]]
-        for a, b in hits[1:]:
+        owner = self._owner
+        found = {self.labels[owner[p]] for p, _, _ in hits}
+        ranges = sorted((a, b) for _, a, b in hits)
+        merged = [ranges[0]]
+        for a, b in ranges[1:]:
             if a <= merged[-1][1]:                 # overlapping or adjacent pieces: one secret
                 if b > merged[-1][1]:
                     merged[-1] = (merged[-1][0], b)
             else:
                 merged.append((a, b))
-        return merged, {self.labels[i] for i in found}
+        return merged, found
 
 
-def _splice(text: str, spans: list[tuple[int, int]], mark: str) -> str:
+def _splice(data: bytes, spans: list[tuple[int, int]]) -> bytes:
     out, pos = [], 0
     for a, b in spans:
-        out.append(text[pos:a])
-        out.append(mark)
+        out.append(data[pos:a])
+        out.append(REDACTED_B)
         pos = b
-    out.append(text[pos:])
-    return "".join(out)
-
-
-def redact_str(indexes: Iterable[SecretIndex], s: str) -> tuple[str, set[str]]:
-    """s with every known secret replaced by REDACTED; the labels found."""
-    labels: set[str] = set()
-    for idx in indexes:
-        if not idx:
-            continue
-        view = _latin1(s)
-        spans, hit = idx.spans(view)
-        if spans:
-            labels |= hit
-            view = _splice(view, spans, REDACTED)
-            s = view if view.isascii() else view.encode("latin-1").decode("utf-8", errors="replace")
-    return s, labels
+    out.append(data[pos:])
+    return b"".join(out)
 
 
 def redact_bytes(indexes: Iterable[SecretIndex], data: bytes) -> tuple[bytes, set[str]]:
+    """data with every known secret replaced by REDACTED; the labels found."""
     labels: set[str] = set()
     for idx in indexes:
-        if not idx:
-            continue
-        view = data.decode("latin-1")
-        spans, hit = idx.spans(view)
+        spans, hit = idx.spans(data)
         if spans:
             labels |= hit
-            data = _splice(view, spans, REDACTED).encode("latin-1")
+            data = _splice(data, spans)
     return data, labels
+
+
+def redact_str(indexes: Iterable[SecretIndex], s: str) -> tuple[str, set[str]]:
+    new, labels = redact_bytes(indexes, s.encode("utf-8", "surrogatepass"))
+    return (new.decode("utf-8", "surrogatepass") if labels else s), labels
 
 
 def redact_obj(indexes: list[SecretIndex], obj: Any, labels: set[str] | None = None) -> Any:
@@ -272,7 +254,7 @@ class TokenIndexCache:
         k = hashlib.sha256(token.encode()).digest()
         idx = self._d.get(k)
         if idx is None:
-            idx = self._d[k] = SecretIndex([token_secret("caller token", token)])
+            idx = self._d[k] = SecretIndex([token_secret("caller token", token)], dfa=False)
             while len(self._d) > self.size:
                 self._d.popitem(last=False)
         else:
