@@ -26,44 +26,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from addons.privatefiles import private_dir, write_private
+
 GENESIS = "0" * 64
 CHAIN_FIELD = b',"chain":"'
 _CHAIN_TAIL = re.compile(rb',"chain":"([0-9a-f]{64})"\}$')
 MANIFEST_VERSION = 1
 DEFAULT_AUDIT_KEY = ".secrets/audit-signing-key.pem"
-
-
-# --- private files (umask-independent) --------------------------------------------------
-
-def private_dir(path: str | os.PathLike) -> Path:
-    """Create (parents too) and force mode 0700, whatever the umask or an older mode."""
-    p = Path(path)
-    p.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(p, 0o700)
-    return p
-
-
-def open_private(path: str | os.PathLike, flags: int) -> int:
-    """os.open with mode 0600 and an fchmod, so the umask cannot widen or narrow it."""
-    fd = os.open(path, flags, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Atomic write of a 0600 file (tmp + fsync + rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 # --- keys ----------------------------------------------------------------------------------
@@ -74,22 +43,9 @@ def load_or_create_signing_key(path: str | os.PathLike) -> ed25519.Ed25519Privat
     p = Path(path)
     if not p.exists():
         private_dir(p.parent)
-        key = ed25519.Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.new")
-        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, p)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
+        pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        write_private(p, pem, overwrite=False)
     key = serialization.load_pem_private_key(p.read_bytes(), password=None)
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise ValueError(f"{p}: the audit signing key must be an Ed25519 private key")

@@ -116,6 +116,12 @@ class SecretIndex:
     def __bool__(self) -> bool:
         return self._ac is not None
 
+    def __deepcopy__(self, memo: dict) -> "SecretIndex":
+        return self          # immutable; mitmproxy deep-copies flow metadata (flow.copy())
+
+    def __reduce__(self):
+        return (SecretIndex, ((),))   # never serialise the secrets (flow files): an empty index
+
     def spans(self, data: bytes) -> tuple[list[tuple[int, int]], set[str]]:
         """Merged [start, end) byte ranges of secret material in data, and the labels hit."""
         if self._ac is None:

@@ -34,8 +34,9 @@ from typing import Any, Iterable
 
 from addons.auditchain import (
     Chain, ChainCheck, GENESIS, anchor, chain_key, check_lines, last_chain_value, make_manifest, manifest_path,
-    open_private, private_dir, read_manifest, sign_manifest, unseal, write_private,
+    read_manifest, sign_manifest, unseal,
 )
+from addons.privatefiles import open_private, private_dir, write_private
 
 log = logging.getLogger("bastion.store")
 

@@ -13,7 +13,7 @@ import pytest
 
 from demo.client import connect
 from tests.e2e.conftest import ROOT
-from tests.e2e.test_approval_browser import ARTIFACTS, CHROMIUM_ARGS, MitmwebApi, chromium  # noqa: F401
+from tests.e2e.test_approval_browser import ARTIFACTS, MitmwebApi, chromium, open_held_flow  # noqa: F401
 from tests.e2e.test_approval_e2e import POLICY, cli, launches, pending
 
 
@@ -110,17 +110,7 @@ async def test_mitmweb_request_tab_shows_masked_arguments(chromium, demo_server,
         call = asyncio.create_task(c.call_tool("launch_container", {"image": "redis:7",
                                                                     "env": {"REDIS_PASSWORD": password}}))
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            page = await browser.new_page(viewport={"width": 1400, "height": 900})
-            await page.goto(f"http://127.0.0.1:{gw.web_port}/")
-            await page.fill("input[name=token]", gw.web_password)
-            await page.click("input[type=submit]")
-            row = page.locator("tr", has_text="/mcp/demo")
-            deadline = time.monotonic() + 20
-            while await row.count() == 0 and time.monotonic() < deadline:
-                await page.wait_for_timeout(200)
-            assert await row.count() >= 1, "held flow not shown in mitmweb"
-            await row.last.click()
+            browser, page = await open_held_flow(p, chromium, gw)
             await page.get_by_text("Request", exact=True).first.click()
             await page.get_by_text("[MASKED:env]", exact=False).first.wait_for(timeout=10000)
             body = await page.locator("body").inner_text()

@@ -149,3 +149,11 @@ def test_tokens_in_urls(path, want):
 
 def test_known_secret_in_url_path(idx):
     assert SECRET not in redact_url(f"/mcp/demo/{SECRET}?x={urllib.parse.quote(SECRET)}", [idx])
+
+
+def test_index_survives_flow_copy_and_never_serialises_secrets(idx):
+    import copy
+    import pickle
+    assert copy.deepcopy(idx) is idx
+    blob = pickle.dumps(idx)
+    assert SECRET.encode() not in blob and not pickle.loads(blob)
