@@ -106,6 +106,7 @@ class SecretRedaction:
         self._files: list[Path] = []
         self._task: asyncio.Task | None = None
         self._sources: tuple[str, str, str, str] = ("rules", ".secrets", ".secrets/mask-key", "")
+        self._log_filter: LogRedactor | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -118,10 +119,17 @@ class SecretRedaction:
 
     def running(self) -> None:
         self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_reload))
+        # the gateway's own secrets out of every log line (mitmproxy's included)
+        self._log_filter = LogRedactor(self)
+        for h in logging.getLogger().handlers:
+            h.addFilter(self._log_filter)
 
     def done(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._log_filter is not None:
+            for h in logging.getLogger().handlers:
+                h.removeFilter(self._log_filter)
 
     def reload(self, rules_dir: str, key_dir: str, mask_key_file: str, audit_key_file: str = "") -> None:
         self._sources = (rules_dir, key_dir, mask_key_file, audit_key_file)
@@ -215,6 +223,24 @@ def redact_request_path(flow: http.HTTPFlow, rec: BastionRecord) -> None:
     new = redact_url(flow.request.path, rec.known_secrets)
     if new != flow.request.path:
         flow.request.path = new
+
+
+class LogRedactor(logging.Filter):
+    """Handler filter: a log line that contains a known secret is logged redacted."""
+
+    def __init__(self, owner: SecretRedaction):
+        super().__init__()
+        self.owner = owner
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is the handler's business
+            return True
+        new, hit = redact_str([self.owner.index], text)
+        if hit:
+            record.msg, record.args = new, ()
+        return True
 
 
 class MessageRedactor:

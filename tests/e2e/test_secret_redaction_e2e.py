@@ -113,6 +113,8 @@ def test_gateway_secrets_never_reach_client_or_store(demo_server, rules_dir, gat
                      and p.suffix != ".parquet")
     assert not leaked(text, secrets)
     assert '"mask_type":"known-secret"' in text
+    # ... nor in the gateway's log (which names what it redacted, by label)
+    assert not leaked(gw.log_text(), secrets) and "redacted known secret" in gw.log_text()
     gw.proc.stop()
     from addons.store import Store
     st = Store(gw.recordings)

@@ -201,3 +201,20 @@ def test_files_are_private_whatever_the_umask(tmp_path, key):
         assert stat.S_IMODE(k2.stat().st_mode) == 0o600 and stat.S_IMODE(k2.parent.stat().st_mode) == 0o700
     finally:
         os.umask(old)
+
+
+def test_anchor_file_gets_each_manifest_digest(tmp_path, key):
+    import hashlib
+    from addons.auditchain import _payload
+    anchor_file = tmp_path / "worm" / "anchor.jsonl"
+    anchor_file.parent.mkdir()
+    for i in range(2):
+        w = StoreWriter(tmp_path / "rec", "gw-a",
+                        sealing=Sealing(load_or_create_signing_key(key), str(anchor_file))).start()
+        w.submit([encode_event({"ts": time.time(), "seq": i, "kind": "request"})], wait=True).result(10)
+        w.close()
+    lines = [json.loads(x) for x in anchor_file.read_text().splitlines()]
+    manifests = [json.loads(p.read_text()) for p in sorted((tmp_path / "rec" / "gw-a").glob("*.manifest.json"))]
+    assert [x["segment"] for x in lines] == [m["segment"] for m in manifests]
+    assert [x["manifest_sha256"] for x in lines] == [hashlib.sha256(_payload(m)).hexdigest() for m in manifests]
+    assert lines[-1]["last_hash"] == manifests[-1]["last_hash"]

@@ -156,3 +156,21 @@ def test_rotated_secret_file_is_picked_up(tmp_path):
     assert r.check_reload() is True
     assert redact_str([r.index], f"x {old}")[1] == set()             # two rotations ago: dropped
     assert redact_str([r.index], f"x {newer}")[1]
+
+
+def test_log_lines_never_carry_a_known_secret(tmp_path):
+    import logging
+    from addons.redaction import LogRedactor
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "connections.yaml").write_text("connections: {}\n")
+    key = tmp_path / "mask-key"
+    value = "m" + secrets.token_hex(20)
+    key.write_text(value)
+    r = SecretRedaction()
+    r.reload(str(rules), str(tmp_path), str(key))
+    f = LogRedactor(r)
+    rec = logging.LogRecord("mitmproxy", logging.WARNING, "x", 1, "upstream said %s", (f"key={value}",), None)
+    assert f.filter(rec) and value not in rec.getMessage() and REDACTED in rec.getMessage()
+    ok = logging.LogRecord("mitmproxy", logging.INFO, "x", 1, "client connect %s", ("127.0.0.1",), None)
+    assert f.filter(ok) and ok.getMessage() == "client connect 127.0.0.1"
