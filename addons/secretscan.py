@@ -131,15 +131,7 @@ class SecretIndex:
             return [], set()
         owner = self._owner
         found = {self.labels[owner[p]] for p, _, _ in hits}
-        ranges = sorted((a, b) for _, a, b in hits)
-        merged = [ranges[0]]
-        for a, b in ranges[1:]:
-            if a <= merged[-1][1]:                 # overlapping or adjacent pieces: one secret
-                if b > merged[-1][1]:
-                    merged[-1] = (merged[-1][0], b)
-            else:
-                merged.append((a, b))
-        return merged, found
+        return _merge([(a, b) for _, a, b in hits]), found
 
 
 def _splice(data: bytes, spans: list[tuple[int, int]]) -> bytes:
@@ -152,15 +144,33 @@ def _splice(data: bytes, spans: list[tuple[int, int]]) -> bytes:
     return b"".join(out)
 
 
-def redact_bytes(indexes: Iterable[SecretIndex], data: bytes) -> tuple[bytes, set[str]]:
-    """data with every known secret replaced by REDACTED; the labels found."""
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    ranges = sorted(ranges)
+    merged = ranges[:1]
+    for a, b in ranges[1:]:
+        if a <= merged[-1][1]:                 # overlapping or adjacent pieces: one secret
+            if b > merged[-1][1]:
+                merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def find_spans(indexes: Iterable[SecretIndex], data: bytes) -> tuple[list[tuple[int, int]], set[str]]:
+    """Merged byte ranges of every index's secrets in data, and the labels found."""
+    ranges: list[tuple[int, int]] = []
     labels: set[str] = set()
     for idx in indexes:
         spans, hit = idx.spans(data)
-        if spans:
-            labels |= hit
-            data = _splice(data, spans)
-    return data, labels
+        ranges += spans
+        labels |= hit
+    return (_merge(ranges) if len(ranges) > 1 else ranges), labels
+
+
+def redact_bytes(indexes: Iterable[SecretIndex], data: bytes) -> tuple[bytes, set[str]]:
+    """data with every known secret replaced by REDACTED; the labels found."""
+    spans, labels = find_spans(indexes, data)
+    return (_splice(data, spans) if spans else data), labels
 
 
 def redact_str(indexes: Iterable[SecretIndex], s: str) -> tuple[str, set[str]]:
@@ -192,8 +202,9 @@ def redact_obj(indexes: list[SecretIndex], obj: Any, labels: set[str] | None = N
 
 
 class StreamRedactor:
-    """Redacts a byte stream cut at arbitrary points: holds back the last (longest
-    pattern - 1) bytes until more data arrives, so no secret straddles an emitted chunk."""
+    """Redacts a byte stream cut at arbitrary points. Holds back the last (longest
+    pattern - 1) bytes, and any match that reaches the end of what has arrived (a fragment
+    may go on in the next chunk), so a secret is always replaced whole."""
 
     def __init__(self, indexes: list[SecretIndex], keep: int):
         self.indexes = indexes
@@ -202,13 +213,20 @@ class StreamRedactor:
         self.labels: set[str] = set()
 
     def feed(self, data: bytes, final: bool = False) -> bytes:
-        buf, hit = redact_bytes(self.indexes, self.carry + data)
-        self.labels |= hit
-        if final or len(buf) <= self.keep:
-            self.carry = b"" if final else buf
-            return buf if final else b""
-        self.carry = buf[-self.keep:] if self.keep else b""
-        return buf[:len(buf) - self.keep] if self.keep else buf
+        buf = self.carry + data
+        spans, _ = find_spans(self.indexes, buf)
+        cut = len(buf) if final else max(0, len(buf) - self.keep)
+        if not final:
+            for a, b in spans:
+                if b == len(buf):
+                    cut = min(cut, a)          # may continue: decide with the next chunk
+                elif a < cut < b:
+                    cut = b                    # complete: emit it whole now
+        done = [(a, b) for a, b in spans if b <= cut]
+        if done:
+            self.labels |= find_spans(self.indexes, buf[:cut])[1]
+        self.carry = buf[cut:]
+        return _splice(buf[:cut], done) if done else buf[:cut]
 
 
 # --- building secrets ---------------------------------------------------------------

@@ -157,3 +157,11 @@ def test_index_survives_flow_copy_and_never_serialises_secrets(idx):
     assert copy.deepcopy(idx) is idx
     blob = pickle.dumps(idx)
     assert SECRET.encode() not in blob and not pickle.loads(blob)
+
+
+@pytest.mark.parametrize("size", [1, 3, 5, 16, 17])
+def test_stream_redactor_small_chunks_replace_the_secret_whole(idx, size):
+    payload = f"a {SECRET} b {SECRET[::-1]} c".encode()
+    sr = StreamRedactor([idx], idx.longest - 1)
+    out = b"".join(sr.feed(payload[i:i + size]) for i in range(0, len(payload), size)) + sr.feed(b"", final=True)
+    assert out == f"a {REDACTED} b {REDACTED} c".encode() and sr.labels == {"svc"}
