@@ -75,6 +75,13 @@ async def test_held_call_with_env_password_is_masked_everywhere_but_upstream(dem
         r = cli_store(gw, *cmd)
         assert r.returncode == 0 and password not in r.stdout, r.stderr
     assert password.encode() not in (gw.recordings.parent / "s.mitm").read_bytes()
+    # the store the gateway wrote verifies (chained journal lines, signed segment)
+    v = cli_store(gw, "verify", "--key", str(ROOT / ".secrets" / "audit-signing-key.pem"))
+    assert v.returncode == 0 and v.stdout.startswith("OK: 1 instance(s), 1 segment(s)"), v.stdout + v.stderr
+    seg = next(gw.recordings.rglob("seg-*.parquet"))
+    seg.write_bytes(seg.read_bytes() + b"\0")
+    v = cli_store(gw, "verify", "--key", str(ROOT / ".secrets" / "audit-signing-key.pem"))
+    assert v.returncode == 1 and f"BROKEN {seg}: segment:" in v.stdout
 
 
 def cli_store(gw, *args):
