@@ -206,10 +206,14 @@ def read_manifest(path: Path) -> dict | None:
     return m if isinstance(m, dict) else None
 
 
-def last_chain_value(d: Path) -> str:
-    """Where an instance's chain continues: the last manifest's last hash (GENESIS if none)."""
+def last_chain_value(d: Path, before: str | None = None) -> str:
+    """Where an instance's chain continues: the last manifest's last hash (GENESIS if none);
+    with `before` (a segment file name), only manifests of earlier segments count (a crash
+    between writing a manifest and renaming its segment leaves one for the journal itself)."""
     last = GENESIS
     for mf in sorted(d.glob("seg-*.manifest.json")):
+        if before is not None and mf.name >= before.replace(".parquet", ".manifest.json"):
+            break
         m = read_manifest(mf)
         if m and isinstance(m.get("last_hash"), str):
             last = m["last_hash"]

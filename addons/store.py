@@ -163,7 +163,7 @@ def journal_to_segment(journal: Path, segment: Path, con=None, sealing: Sealing 
     check: ChainCheck | None = None
     prev = GENESIS
     if sealing is not None:
-        prev = last_chain_value(segment.parent)
+        prev = last_chain_value(segment.parent, before=segment.name)
         check = check_lines(lines, sealing.chain_key, prev)
         if check.broken_line is not None:
             log.error("%s: audit chain broken at line %d (%s); the segment's manifest records it",

@@ -218,3 +218,21 @@ def test_anchor_file_gets_each_manifest_digest(tmp_path, key):
     assert [x["segment"] for x in lines] == [m["segment"] for m in manifests]
     assert [x["manifest_sha256"] for x in lines] == [hashlib.sha256(_payload(m)).hexdigest() for m in manifests]
     assert lines[-1]["last_hash"] == manifests[-1]["last_hash"]
+
+
+def test_crash_between_manifest_and_segment_rename_recovers(tmp_path, key):
+    from addons.auditchain import last_chain_value
+    from addons.store import journal_to_segment
+    root = tmp_path / "rec"
+    write(root, key, 2)
+    d = root / "gw-a"
+    sealing = Sealing(load_or_create_signing_key(key))
+    c = Chain(sealing.chain_key, last_chain_value(d))
+    lines = b"".join(c.seal(encode_event({"ts": 1.0, "seq": 2 + i, "kind": "request"})) for i in range(3))
+    j, seg = d / "journal-00000002.jsonl", d / "seg-00000002.parquet"
+    j.write_bytes(lines)
+    journal_to_segment(j, seg, sealing=sealing)
+    seg.unlink()                    # crashed after writing the manifest, before the rename
+    j.write_bytes(lines)
+    journal_to_segment(j, seg, sealing=sealing)      # recovery rolls it again
+    assert verify(root, key).problems == []
