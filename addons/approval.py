@@ -33,6 +33,7 @@ from mitmproxy.connection import ConnectionState
 from addons.httputil import json_response, refuse_http, refuse_jsonrpc
 from addons.mcp import jsonrpc_error
 from addons.record import BastionRecord, get_record
+from addons.secretscan import redact_obj
 
 log = logging.getLogger("bastion.approval")
 
@@ -226,6 +227,7 @@ class Approval:
         profiles = self._mask_profiles(rec)
         calls = [{"method": m.method, "target": m.target, "arguments": display_arguments(m.arguments, profiles)}
                  for m in rec.messages]
+        calls = redact_obj(rec.known_secrets, calls)     # no gateway secret or caller token shown
         ident = rec.identity
         return Pending(id=uuid.uuid4().hex[:12], flow=flow, requester=ident.sub if ident else "-",
                        connection=rec.connection or "-", rule=held[0].rule or "-",

@@ -32,7 +32,8 @@ async def test_held_call_with_env_password_is_masked_everywhere_but_upstream(dem
     demo = demo_server("json")
     gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 60}}), web=True)
     dev, approver = gw.token("dan", ["dev"]), gw.token("alice", ["approver"])
-    args = {"image": "postgres:17", "env": {"DB_PASSWORD": password, "PGDATA": "/data"}}
+    # the caller also pastes the gateway's service credential into a harmless-looking field
+    args = {"image": "postgres:17", "env": {"DB_PASSWORD": password, "PGDATA": "/data"}, "note": demo.token}
     async with connect(gw.mcp_url(), dev) as c, MitmwebApi(gw) as web:
         call = asyncio.create_task(c.call_tool("launch_container", args))
         items = await pending(gw, approver)
@@ -44,9 +45,12 @@ async def test_held_call_with_env_password_is_masked_everywhere_but_upstream(dem
         assert listed.returncode == 0 and password not in listed.stdout and "postgres:17" in listed.stdout
         # mitmweb: the default ("auto") view of the held request body is the masked copy
         held = await web.held_flow()
+        assert demo.token not in held["comment"] and "[redacted:known-secret]" in held["comment"]
+        assert demo.token not in shown and demo.token not in listed.stdout
         auto = (await web.http.get(f"/flows/{held['id']}/request/content/auto.json")).json()
         text = json.dumps(auto)
         assert password not in text and "[MASKED:env]" in text and "postgres:17" in text, text[:500]
+        assert demo.token not in text
         assert auto.get("view_name") == "Bastion masked"
         # ... the Raw view shows what the upstream will receive (documented)
         raw = json.dumps((await web.http.get(f"/flows/{held['id']}/request/content/raw.json")).json())
@@ -58,12 +62,13 @@ async def test_held_call_with_env_password_is_masked_everywhere_but_upstream(dem
     assert not result.is_error
     # the upstream got the real value
     assert launches(demo)[0]["env"] == args["env"]
+    assert demo.token in demo.received_bodies()      # the caller's choice: forwarded as sent
     # the store: masked in the request row, a mask row says so; also after rolling to Parquet
     time.sleep(0.3)
     assert password not in store_text(gw)
     gw.proc.stop()
     text = store_text(gw)
-    assert password not in text and "[MASKED:env]" in text
+    assert password not in text and "[MASKED:env]" in text and demo.token not in text
     from addons.store import Store
     st = Store(gw.recordings)
     rows = st.query("SELECT path, type FROM masks WHERE mask_profile = 'requests'").fetchall()
