@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from addons.auditchain import DEFAULT_AUDIT_KEY, load_verify_key, verify_store
+from addons.auditchain import DEFAULT_AUDIT_KEY, check_anchor, load_verify_key, verify_store
 
 
 def add_cli(sub) -> None:
@@ -20,6 +20,9 @@ def add_cli(sub) -> None:
     p.add_argument("--key", default=DEFAULT_AUDIT_KEY,
                    help="the audit signing key (private: also checks live journals) or its public key PEM "
                         f"(segments only); default {DEFAULT_AUDIT_KEY}")
+    p.add_argument("--anchor", default=None,
+                   help="also check against the external anchor file (bastion_audit_anchor): every anchored "
+                        "segment must still be there, unchanged")
     p.set_defaults(func=cli_verify)
 
 
@@ -33,6 +36,8 @@ def cli_verify(args) -> int:
         print(f"error: cannot load the audit key {args.key}: {e}", file=sys.stderr)
         return 2
     rep = verify_store(args.store, pub, ckey)
+    if args.anchor:
+        check_anchor(args.store, args.anchor, rep)
     for p in rep.problems:
         print(f"BROKEN {p}")
     summary = (f"{rep.instances} instance(s), {rep.segments} segment(s), {rep.journals} journal(s), "

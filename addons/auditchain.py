@@ -353,3 +353,32 @@ def loose_modes(roots: Iterable[str | os.PathLike], limit: int = 10) -> list[str
     if n > limit:
         out.append(f"warning: {n - limit} more file(s) with loose modes")
     return out
+
+
+def check_anchor(root: str | os.PathLike, anchor_file: str | os.PathLike, rep: VerifyReport) -> None:
+    """Every segment the anchor file lists must still have its manifest, with the same last
+    chain value: catches the newest segments deleted, or a store re-sealed by the key holder."""
+    r = Path(root)
+    try:
+        lines = Path(anchor_file).read_bytes().splitlines()
+    except OSError as e:
+        rep.problems.append(Problem(Path(anchor_file), "anchor", f"unreadable: {e.strerror}"))
+        return
+    for no, ln in enumerate(lines, 1):
+        try:
+            a = json.loads(ln)
+            inst, seg = str(a["instance"]), str(a["segment"])
+        except (ValueError, KeyError, TypeError):
+            rep.problems.append(Problem(Path(anchor_file), f"line {no}", "not an anchor record"))
+            return
+        if not _FILE_NO.match(seg) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", inst):
+            rep.problems.append(Problem(Path(anchor_file), f"line {no}", "not an anchor record"))
+            return
+        mf = manifest_path(r / inst / seg)
+        m = read_manifest(mf)
+        if m is None:
+            rep.problems.append(Problem(mf, "manifest", f"missing, but anchored (anchor line {no}): "
+                                                        "segment and manifest deleted"))
+        elif m.get("last_hash") != a.get("last_hash"):
+            rep.problems.append(Problem(mf, "manifest", f"differs from anchor line {no}: the store was "
+                                                        "re-sealed after the fact"))

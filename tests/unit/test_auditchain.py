@@ -236,3 +236,20 @@ def test_crash_between_manifest_and_segment_rename_recovers(tmp_path, key):
     j.write_bytes(lines)
     journal_to_segment(j, seg, sealing=sealing)      # recovery rolls it again
     assert verify(root, key).problems == []
+
+
+def test_anchor_catches_deleted_newest_segment_and_resealing(tmp_path, key, capsys):
+    root, anchor_file = tmp_path / "rec", tmp_path / "anchor.jsonl"
+    for i in range(3):
+        w = StoreWriter(root, "gw-a", sealing=Sealing(load_or_create_signing_key(key), str(anchor_file))).start()
+        w.submit([encode_event({"ts": time.time(), "seq": i, "kind": "request"})], wait=True).result(10)
+        w.close()
+    args = ["verify", "--store", str(root), "--key", str(key), "--anchor", str(anchor_file)]
+    assert cli.main(args) == 0
+    newest = sorted((root / "gw-a").glob("seg-*.parquet"))[-1]
+    newest.unlink()
+    manifest_path(newest).unlink()
+    assert verify(root, key).problems == []          # without the anchor nothing disagrees
+    capsys.readouterr()
+    assert cli.main(args) == 1
+    assert f"BROKEN {manifest_path(newest)}: manifest: missing, but anchored" in capsys.readouterr().out
