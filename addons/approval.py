@@ -37,6 +37,7 @@ from addons.httputil import checked_snapshot, json_response, refuse_http, refuse
 from addons.mcp import jsonrpc_error
 from addons.record import METADATA_KEY, BastionRecord, get_record
 from addons.textsafe import esc, get_logger
+from addons.secretscan import redact_obj
 
 log = get_logger("bastion.approval")
 
@@ -272,6 +273,7 @@ class Approval:
         profiles = self._mask_profiles(rec)
         calls = [{"method": m.method, "target": m.target, "arguments": display_arguments(m.arguments, profiles)}
                  for m in rec.messages]
+        calls = redact_obj(rec.known_secrets, calls)     # no gateway secret or caller token shown
         ident = rec.identity
         needs = tuple(dict.fromkeys(Need(d.rule or "-", tuple(sorted(d.approvers))) for d in held))
         return Pending(id=uuid.uuid4().hex[:12], flow=flow, requester=ident.sub if ident else "-",
@@ -288,7 +290,7 @@ class Approval:
         if cfg is None:
             return []
         ident = rec.identity
-        out: list = []
+        out: list = [cfg.requests] if getattr(cfg, "requests", None) is not None else []
         for m in rec.messages:
             for prof in cfg.select(rec.connection, m.tool_name, ident.roles if ident else (),
                                    ident.sub if ident else None, ident.client_id if ident else None):

@@ -32,6 +32,7 @@ CHAIN = (
     ("addons.approval", "Approval"),
     ("addons.masking", "Masking"),
     ("addons.responses", "ResponseRewriter"),
+    ("addons.redaction", "SecretRedaction"),
     ("addons.metrics", "Metrics"),
     ("addons.recorder", "Recorder"),
     ("addons.legacyrefusal", "LegacyRefusals"),

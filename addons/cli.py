@@ -13,6 +13,7 @@ CLI_MODULES = (
     "addons.identity",
     "addons.policy",
     "addons.recorder",
+    "addons.audit",
     "addons.approval",
     "addons.connections",
     "addons.vault",

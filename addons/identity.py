@@ -28,6 +28,7 @@ from addons.httputil import json_response, refuse_http
 from addons.record import Transient, get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever
 from addons.textsafe import get_logger
+from addons.secretscan import TokenIndexCache
 
 log = get_logger("bastion.identity")
 
@@ -88,6 +89,7 @@ class Identity:
         self.config: jv.VerifyConfig | None = None
         self.verified = jv.VerifiedTokens()
         self.revoked = jv.Revocations()
+        self.token_secrets = TokenIndexCache()  # the caller's token is redacted from what it gets back
         self._revoked_watcher: ChangeWatcher | None = None
         self._fetch_lock: asyncio.Lock | None = None
         self._tasks: list[asyncio.Task] = []
@@ -294,6 +296,7 @@ class Identity:
         rec.identity = ident
         if getattr(getattr(conn, "credential", None), "kind", None) == "exchange":
             rec.subject_token = Transient(token)   # the RFC 8693 subject_token; the Injector clears it
+        rec.known_secrets.append(self.token_secrets.get(token))
         needed = tuple(getattr(conn, "roles", ()) or ()) if conn is not None else ()
         if needed and not set(needed) & set(ident.roles):
             log.warning("refused %s %s for sub=%s: connection %s needs one of roles %s",

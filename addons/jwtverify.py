@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from addons.privatefiles import private_dir, write_private
 from addons.record import Identity
 from addons.rules import RulesError, load_yaml
 
@@ -492,27 +493,14 @@ def ensure_local_key(key_dir: str | os.PathLike) -> Path:
 
     Creation is atomic and never overwrites: the gateway and the CLI may race on a fresh
     checkout, and both must end up with the same key."""
-    d = Path(key_dir)
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    d = private_dir(key_dir)
     path = d / LOCAL_KEY_FILE
     if path.exists():
         return path
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    tmp = d / f".{LOCAL_KEY_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)   # fails if another process won the race: keep theirs
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_private(path, pem, overwrite=False)   # another process won the race: keep theirs
     return path
 
 

@@ -994,6 +994,18 @@ class MaskConfig:
     selectors: list[Selector]
     default: str
     files: tuple[str, ...] = ()
+    requests: Profile | None = None    # `requests:`: client->server arguments as shown and stored
+
+    def mask_request(self, msg: dict) -> tuple[dict, list[MaskEvent]]:
+        """A client->server JSON-RPC message as it may be shown or stored: `params.arguments`
+        masked with the `requests:` rules (the upstream still receives the original)."""
+        params = msg.get("params")
+        if self.requests is None or not isinstance(params, dict) or "arguments" not in params:
+            return msg, []
+        args, events = mask_value(self.requests, params["arguments"], "$.params.arguments")
+        if args is params["arguments"]:
+            return msg, events
+        return {**msg, "params": {**params, "arguments": args}}, events
 
     def select(self, connection: str | None, tool: str | None, roles: Iterable[str] = (),
                sub: str | None = None, client: str | None = None) -> list[Profile]:
@@ -1028,7 +1040,8 @@ def builtin_config(hash_key: bytes = b"") -> MaskConfig:
     return MaskConfig({BUILTIN_DEFAULT: prof}, [], BUILTIN_DEFAULT)
 
 
-_TOP_KEYS = {"version", "default_profile", "profiles", "select", "description"}
+_TOP_KEYS = {"version", "default_profile", "profiles", "select", "description", "requests"}
+REQUESTS = "requests:"     # `requests:` parsed like a profile under a name no profile can have
 _PROFILE_KEYS = {"description", "extends", "rules", "detectors"}
 _RULE_KEYS = {"name", "fields", "regex", "path", "paths", "style", "type"}
 _SELECT_KEYS = {"name", "connection", "connections", "tool", "tools", "role", "roles", "subject",
@@ -1060,21 +1073,10 @@ def parse_masking(path: str | Path, data: Any, hash_key: bytes = b"") -> MaskCon
     for pname, pnode in raw_profiles.items():
         if not isinstance(pname, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", pname):
             raise loc.error(raw_profiles, f"bad profile name {pname!r}", pname)
-        if pnode is None:
-            pnode = {}
-        if not isinstance(pnode, dict):
-            raise loc.error(raw_profiles, f"profile {pname}: expected a mapping", pname)
-        for k in pnode:
-            if k not in _PROFILE_KEYS:
-                raise loc.error(pnode, f"profile {pname}: unknown key {k!r} "
-                                       f"(expected one of {', '.join(sorted(_PROFILE_KEYS))})", k)
-        rules = [_parse_rule(loc, pname, i, r, pnode.get("rules"))
-                 for i, r in enumerate(_seq(loc, pnode, "rules", pname))]
-        dets = _parse_detectors(loc, pname, pnode)
-        ext = pnode.get("extends")
-        if ext is not None and not isinstance(ext, str):
-            raise loc.error(pnode, f"profile {pname}: extends must name a profile", "extends")
-        parsed[pname] = (rules, dets, ext, line_of(raw_profiles, pname), str(pnode.get("description") or ""))
+        parsed[pname] = _profile_parts(loc, pname, pnode, raw_profiles)
+    if data.get("requests") is not None:
+        # not selectable (the name cannot be a profile name): masks c2s arguments everywhere shown
+        parsed[REQUESTS] = _profile_parts(loc, REQUESTS, data["requests"], data, "requests")
 
     profiles: dict[str, Profile] = {}
 
@@ -1103,6 +1105,7 @@ def parse_masking(path: str | Path, data: Any, hash_key: bytes = b"") -> MaskCon
 
     for pname in parsed:
         build(pname, (pname,))
+    requests = profiles.pop(REQUESTS, None)
     if not profiles:
         profiles[BUILTIN_DEFAULT] = builtin_config(hash_key).profiles[BUILTIN_DEFAULT]
 
@@ -1112,7 +1115,27 @@ def parse_masking(path: str | Path, data: Any, hash_key: bytes = b"") -> MaskCon
                         "default_profile" if "default_profile" in data else None)
     selectors = [_parse_selector(loc, i, s, data.get("select"), profiles)
                  for i, s in enumerate(_seq(loc, data, "select", None))]
-    return MaskConfig(profiles, selectors, default, (str(path),))
+    return MaskConfig(profiles, selectors, default, (str(path),), requests)
+
+
+def _profile_parts(loc: Located, pname: str, pnode: Any, owner: Any, key: str | None = None) -> tuple:
+    """(rules, detectors, extends, line, description) of one profile node (`owner[key]`)."""
+    key = key or pname
+    if pnode is None:
+        pnode = {}
+    if not isinstance(pnode, dict):
+        raise loc.error(owner, f"profile {pname}: expected a mapping", key)
+    for k in pnode:
+        if k not in _PROFILE_KEYS:
+            raise loc.error(pnode, f"profile {pname}: unknown key {k!r} "
+                                   f"(expected one of {', '.join(sorted(_PROFILE_KEYS))})", k)
+    rules = [_parse_rule(loc, pname, i, r, pnode.get("rules"))
+             for i, r in enumerate(_seq(loc, pnode, "rules", pname))]
+    dets = _parse_detectors(loc, pname, pnode)
+    ext = pnode.get("extends")
+    if ext is not None and not isinstance(ext, str):
+        raise loc.error(pnode, f"profile {pname}: extends must name a profile", "extends")
+    return rules, dets, ext, line_of(owner, key), str(pnode.get("description") or "")
 
 
 def _seq(loc: Located, node: dict, key: str, owner: str | None) -> list:

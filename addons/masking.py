@@ -18,6 +18,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addons.maskcore import MaskConfig, MaskError, Profile, load_masking, mask_message, mask_value, validate_dir
+from addons.privatefiles import private_dir, write_private
 from addons.record import BastionRecord, MaskEvent, get_record
 from addons.rules import ChangeWatcher, RulesError, poll_forever, rules_files
 from addons.textsafe import get_logger
@@ -34,14 +35,9 @@ def load_or_create_key(path: str | os.PathLike) -> bytes:
     try:
         fd = os.open(p, os.O_RDONLY)
     except FileNotFoundError:
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:      # another gateway instance created it first
-            return load_or_create_key(p)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(KEY_BYTES) + "\n")
-        log.info("created masking key %s", p)
+        private_dir(p.parent)
+        if write_private(p, (secrets.token_hex(KEY_BYTES) + "\n").encode(), overwrite=False):
+            log.info("created masking key %s", p)   # else another instance created it first
         return load_or_create_key(p)
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
@@ -153,6 +149,9 @@ class Masking:
 
     def running(self) -> None:
         self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_reload))
+        from mitmproxy import contentviews
+        from addons.maskview import MaskedRequestView
+        contentviews.add(MaskedRequestView(lambda: self.config))
 
     def done(self) -> None:
         if self._task is not None:
@@ -170,6 +169,11 @@ class Masking:
         return True
 
     # --- per request ---------------------------------------------------------------------
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # every flow, refused or not: what the store, replay and mitmweb show of arguments
+        if self.config is not None:
+            get_record(flow.metadata).request_mask = self.config.mask_request
+
     def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
         if flow.response is not None or rec.connection is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -289,6 +290,7 @@ def govern_server_request(policy, ident, conn, msg: dict, env: str = "") -> dict
 def add_cli(sub) -> None:
     p = sub.add_parser("check", help="validate rules/ (exit 1 with file:line on errors)")
     p.add_argument("dir", nargs="?", help="rules directory (default: --rules)")
+    p.add_argument("--secrets", default=".secrets", help="key directory whose file modes are checked too")
     p.set_defaults(func=_cli_check)
     e = sub.add_parser("explain", help="show which rule decides a call")
     e.add_argument("--sub", required=True)
@@ -324,6 +326,9 @@ def _cli_check(args) -> int:
     errors += validate_pin_dir(d)
     for e in errors:
         print(e)
+    from addons.auditchain import loose_modes
+    for w in loose_modes([os.environ.get("BASTION_RECORDINGS", "recordings"), args.secrets]):
+        print(w)
     if errors:
         return 1
     print(f"{d}: OK ({len(pol.rules)} policy rules, {len(pol.blocklist)} blocklist patterns)")

@@ -115,6 +115,12 @@ class BastionRecord:
     credential_kind: str | None = None     # service | exchange | vault: what went upstream (audit)
     # masks one text with this request's profiles (SSE id fields); None: nothing to mask
     mask_text: Callable[[str], str] | None = None
+    # Indexes of the secret values this flow must never show or store (gateway secrets,
+    # the caller's token): addons/secretscan.SecretIndex, filled by redaction and identity.
+    known_secrets: list[Any] = field(default_factory=list)
+    # client->server message -> (the copy that may be shown or stored, mask events): the
+    # `requests:` masking rules, set by the masking addon. The upstream gets the original.
+    request_mask: Callable[[dict], tuple[dict, list]] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     # the caller's Authorization header values, taken out of the flow before anything
     # (mitmweb, flow files) sees it; cleared once the identity addon has verified them

@@ -34,8 +34,10 @@ from mitmproxy import ctx, exceptions, http
 from addons import mcp
 from addons.httputil import json_response
 from addons.record import BastionRecord, Decision, MaskEvent, get_record
+from addons.secretscan import redact_bytes, redact_obj, redact_url
+from addons.auditchain import DEFAULT_AUDIT_KEY, load_or_create_signing_key
 from addons.store import (
-    Store, StoreUnavailable, StoreWriter, encode_event, recover_store,
+    Sealing, Store, StoreUnavailable, StoreWriter, encode_event, recover_store,
 )
 from addons.cli import add_gateway_arg
 from addons.textsafe import esc, get_logger
@@ -73,19 +75,25 @@ def redact_headers(fields: Iterable[tuple[bytes | str, bytes | str]], extra: Ite
     return out
 
 
-SECRETISH_PARAM = re.compile(r"token|secret|passw|key|auth|sig|code|credential|session", re.I)
+def redact_path(path: str, secrets: list | None = None) -> str:
+    """Tokens never belong in URLs, but a careless client may put one there (query
+    parameter or path segment): see secretscan.redact_url."""
+    return redact_url(path, secrets or ())
 
 
-def redact_path(path: str) -> str:
-    """Tokens never belong in query strings, but a careless client may put one there."""
-    base, sep, query = path.partition("?")
-    if not sep:
-        return path
-    parts = []
-    for pair in query.split("&"):
-        k, eq, _v = pair.partition("=")
-        parts.append(f"{k}={REDACTED}" if eq and SECRETISH_PARAM.search(k) else pair)
-    return f"{base}?{'&'.join(parts)}"
+def encode_redacted(event: dict, secrets: list | None) -> bytes:
+    """One journal line with every known secret redacted (a one-pass scan of the encoded
+    line; only a line with a hit is walked field by field and re-encoded)."""
+    line = encode_event(event)
+    if not secrets:
+        return line
+    _, hit = redact_bytes(secrets, line)
+    if not hit:
+        return line
+    log.warning("redacted known secret(s) %s from a recorded %s event", ", ".join(sorted(hit)), event.get("kind"))
+    clean = redact_obj(secrets, event)
+    line, _ = redact_bytes(secrets, encode_event(clean))   # what the walk could not see (escapes)
+    return line
 
 
 def classify(obj: Any) -> str:
@@ -121,6 +129,8 @@ class FlowEvents:
     bodies: bool = True
     t0: float = field(default_factory=time.time)      # request start
     requests: dict[str, tuple[str | None, str | None, str | None]] = field(default_factory=dict)
+    mask_c2s: Any = None          # BastionRecord.request_mask: arguments as they may be stored
+    request_masks: list[MaskEvent] = field(default_factory=list)
 
     def _ev(self, kind: str, ts: float, **kw: Any) -> dict[str, Any]:
         ev = dict(self.base)
@@ -139,7 +149,7 @@ class FlowEvents:
         rid = _id_text(msg.id)
         tool = msg.tool_name
         self.expect(msg)
-        raw = msg.raw
+        raw = self._shown(msg) if self.bodies else msg.raw
         extra: dict[str, Any] = {}
         if msg.kind in FINAL_KINDS:             # client answering a server->client request
             if self.bodies:
@@ -149,6 +159,18 @@ class FlowEvents:
             extra["params"] = raw.get("params")
         return self._ev(msg.kind, ts, direction="c2s", rpc_id=rid, method=msg.method,
                         target=msg.target, tool=tool, **extra)
+
+    def _shown(self, msg: mcp.Message) -> dict:
+        """The message as it may be stored: `requests:` masking applied (fails closed)."""
+        if self.mask_c2s is None or msg.kind not in ("request", "notification"):
+            return msg.raw
+        try:
+            shown, events = self.mask_c2s(msg.raw)
+        except Exception:  # noqa: BLE001 - an unmaskable argument is not stored at all
+            log.exception("masking request arguments for the store failed")
+            return {**msg.raw, "params": {"arguments": "[arguments hidden: could not be masked]"}}
+        self.request_masks += events
+        return shown
 
     def s2c(self, obj: Any, via: str, ts: float) -> dict[str, Any]:
         kind = classify(obj)
@@ -230,6 +252,7 @@ class Recorder:
         self.writer: StoreWriter | None = None
         self._seq = itertools.count(int(time.time() * 1_000_000))
         self._instance = ""
+        self._sealing: Sealing | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -246,6 +269,11 @@ class Recorder:
                           "Keep this instance's segments under N MiB, oldest deleted first (0 = no limit).")
         loader.add_option("bastion_record_roll_mb", int, 64,
                           "Roll the journal into a Parquet segment at this size (MiB).")
+        loader.add_option("bastion_audit_key", str, DEFAULT_AUDIT_KEY,
+                          "Ed25519 key that seals the audit store: chains journal lines and signs segment "
+                          "manifests (created 0600 when missing). `mcp-bastion verify` checks with it.")
+        loader.add_option("bastion_audit_anchor", str, "",
+                          "Append each signed segment manifest's digest to this external append-only file.")
         loader.add_option("bastion_audit_before_forward", bool, False,
                           "Hold each request until its audit record is fsynced, before it goes upstream "
                           "(write-ahead audit: costs one fsync wait per call). Off: requests are durable "
@@ -261,8 +289,15 @@ class Recorder:
         if "bastion_instance" in updated and o.bastion_instance and not re.match(
                 r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", o.bastion_instance):
             raise exceptions.OptionsError("bastion_instance: letters, digits, '.', '_' and '-' only")
+        if self.writer is None or "bastion_audit_key" in updated:
+            try:
+                self._sealing = Sealing(load_or_create_signing_key(o.bastion_audit_key), o.bastion_audit_anchor)
+            except (OSError, ValueError) as e:
+                raise exceptions.OptionsError(f"bastion_audit_key: {e}") from None
+        if self._sealing is not None:
+            self._sealing.anchor_file = o.bastion_audit_anchor
         if self.writer is None or updated & {"bastion_recordings", "bastion_instance", "bastion_retention_days",
-                                             "bastion_retention_mb", "bastion_record_roll_mb"}:
+                                             "bastion_retention_mb", "bastion_record_roll_mb", "bastion_audit_key"}:
             self._start_writer()
 
     def _start_writer(self) -> None:
@@ -272,12 +307,12 @@ class Recorder:
         self._instance = o.bastion_instance or default_instance()
         root = Path(o.bastion_recordings)
         try:
-            recover_store(root, own=self._instance)     # journals of gateways that died
+            recover_store(root, own=self._instance, sealing=self._sealing)   # journals of gateways that died
         except OSError as e:
             log.error("recovering leftover journals in %s failed: %s", root, e)
         self.writer = StoreWriter(root, self._instance, roll_bytes=o.bastion_record_roll_mb * 1024 * 1024,
                                   retention_days=o.bastion_retention_days,
-                                  retention_mb=o.bastion_retention_mb).start()
+                                  retention_mb=o.bastion_retention_mb, sealing=self._sealing).start()
         if self.writer.healthy:
             log.info("recording to %s", self.writer.journal)
 
@@ -310,10 +345,10 @@ class Recorder:
             return
         if refused or not ctx.options.bastion_audit_before_forward:
             # the journal is written in order: the fsync the response waits for covers these
-            self._submit(events, wait=False)
+            self._submit(events, wait=False, secrets=rec.known_secrets)
             return
         try:
-            await self._commit(events)
+            await self._commit(events, rec.known_secrets)
         except (StoreUnavailable, asyncio.TimeoutError) as e:
             self._refuse_unavailable(flow, rec, str(e) or "commit timed out")
 
@@ -340,7 +375,7 @@ class Recorder:
         self._update_session(flow, st)
         events = self._final_events(flow, rec, st, time.time())
         try:
-            await self._commit(events)
+            await self._commit(events, rec.known_secrets)
         except (StoreUnavailable, asyncio.TimeoutError) as e:
             log.error("response not recorded (%s); not releasing it", e or "commit timed out")
             rec.refuse("audit store unavailable", None)
@@ -372,7 +407,7 @@ class Recorder:
                                      request_sha256=_forwarded_sha256(rec),
                                      response_bytes=st.response_bytes or None, latency_ms=_ms(st.events.t0, now),
                                      req_headers=st.req_headers, note=msg[:500], credential=rec.credential_kind))
-        self._submit(events, wait=False)
+        self._submit(events, wait=False, secrets=rec.known_secrets)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -385,20 +420,20 @@ class Recorder:
         flow.response = _unavailable_response()
         rec.refuse("audit store unavailable", None)
 
-    async def _commit(self, events: list[dict]) -> None:
+    async def _commit(self, events: list[dict], secrets: list | None = None) -> None:
         """Queue events and wait until they are fsynced (raises StoreUnavailable / TimeoutError)."""
-        lines = self._encode(events)
+        lines = self._encode(events, secrets)
         if self.writer is None:
             raise StoreUnavailable("recorder not configured")
         await asyncio.wait_for(self.writer.submit_async(lines), COMMIT_TIMEOUT)
 
-    def _encode(self, events: list[dict]) -> list[bytes]:
+    def _encode(self, events: list[dict], secrets: list | None = None) -> list[bytes]:
         for ev in events:
             ev["seq"] = next(self._seq)
-        return [encode_event(ev) for ev in events]
+        return [encode_redacted(ev, secrets) for ev in events]
 
-    def _submit(self, events: list[dict], wait: bool):
-        lines = self._encode(events)
+    def _submit(self, events: list[dict], wait: bool, secrets: list | None = None):
+        lines = self._encode(events, secrets)
         if self.writer is None:
             if wait:
                 import concurrent.futures
@@ -428,9 +463,10 @@ class Recorder:
         if session is None:
             base["session_id"] = _synthetic_session(base)
         st = _FlowState(
-            events=FlowEvents(base, bodies=ctx.options.bastion_record_bodies, t0=req.timestamp_start or time.time()),
+            events=FlowEvents(base, bodies=ctx.options.bastion_record_bodies, t0=req.timestamp_start or time.time(),
+                              mask_c2s=rec.request_mask),
             extra_redact=extra, req_headers=redact_headers(req.headers.fields, extra),
-            http_method=req.method, path=redact_path(req.path),
+            http_method=req.method, path=redact_path(req.path, rec.known_secrets),
             request_bytes=len(req.raw_content or b""),
         )
         rec.notes[NOTES_KEY] = st
@@ -462,6 +498,7 @@ class Recorder:
         ts = st.events.t0
         events = [st.events.c2s(m, ts) for m in rec.messages]
         events += [st.events.decision(d, ts) for d in rec.decisions]   # decided before forwarding
+        events += [st.events.mask(m, "requests", ts) for m in st.events.request_masks]
         return events
 
     @staticmethod
@@ -535,7 +572,7 @@ class StreamTap:
             events, final = [self.st.events.http(time.time(), note=f"unrecorded SSE bytes: {type(e).__name__}")], False
         if not events:
             return sent
-        fut = self.recorder._submit(events, wait=final)
+        fut = self.recorder._submit(events, wait=final, secrets=self.rec.known_secrets)
         if fut is None:
             return sent
         try:
@@ -655,9 +692,14 @@ def add_cli(sub) -> None:
     _store_arg(p)
     p.set_defaults(func=cli_resend)
 
-    p = sub.add_parser("export", help="write a session as a (redacted) mitmproxy flow file for mitmweb -r")
-    p.add_argument("session", help="session id (or a unique prefix)")
-    p.add_argument("-o", "--output", required=True, help="output .mitm file")
+    p = sub.add_parser("export", help="a session as a (redacted) mitmproxy flow file, or the store as JSON lines "
+                                      "/ OCSF for a SIEM",
+                       description="--format mitm (default): one session as a flow file for mitmweb -r. "
+                                   "--format jsonl | ocsf: every event of the store (or of one session) as JSON "
+                                   "lines, raw or as OCSF API Activity (class 6003) events.")
+    p.add_argument("session", nargs="?", help="session id (or a unique prefix); optional for jsonl / ocsf")
+    p.add_argument("-o", "--output", help="output file (mitm: required; jsonl / ocsf: default stdout)")
+    p.add_argument("--format", choices=("mitm", "jsonl", "ocsf"), default="mitm")
     _store_arg(p)
     p.set_defaults(func=cli_export)
 
@@ -763,7 +805,14 @@ def resolve_session(st: Store, prefix: str) -> str | None:
 
 
 def session_events(st: Store, session: str) -> list[dict]:
-    cur = st.query("SELECT * FROM events WHERE session_id = ? ORDER BY ts, instance, seq", [session])
+    return _event_dicts(st.query("SELECT * FROM events WHERE session_id = ? ORDER BY ts, instance, seq", [session]))
+
+
+def store_events(st: Store) -> list[dict]:
+    return _event_dicts(st.query("SELECT * FROM events ORDER BY ts, instance, seq"))
+
+
+def _event_dicts(cur) -> list[dict]:
     cols = [d[0] for d in cur.description]
     out = []
     for r in cur.fetchall():
@@ -981,13 +1030,30 @@ def write_flow_file(flows: list[http.HTTPFlow], path: str) -> int:
 
 
 def cli_export(args) -> int:
+    if args.format == "mitm" and not (args.session and args.output):
+        print("error: --format mitm needs a session and -o FILE", file=sys.stderr)
+        return 2
     st = _open(args)
     if st is None:
         return 2
-    sid = resolve_session(st, args.session)
-    if sid is None:
+    sid = resolve_session(st, args.session) if args.session else None
+    if args.session and sid is None:
         return 1
     _report(st)
+    if args.format != "mitm":
+        from addons.auditexport import export_lines
+        rows = session_events(st, sid) if sid else store_events(st)
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        n = 0
+        try:
+            for line in export_lines(rows, args.format):
+                out.write(line)
+                n += 1
+        finally:
+            if args.output:
+                out.close()
+        print(f"exported {n} event(s) as {args.format}", file=sys.stderr)
+        return 0
     n = write_flow_file(build_flows(session_events(st, sid)), args.output)
     print(f"wrote {n} flow(s) of session {sid} to {args.output} (open with: mitmweb -r {args.output})")
     return 0

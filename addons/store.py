@@ -32,6 +32,12 @@ from pathlib import Path
 from typing import Any, Iterable
 from addons.textsafe import get_logger
 
+from addons.auditchain import (
+    Chain, ChainCheck, GENESIS, anchor, chain_key, check_lines, last_chain_value, make_manifest, manifest_path,
+    read_manifest, sign_manifest, unseal,
+)
+from addons.privatefiles import open_private, private_dir, write_private
+
 log = get_logger("bastion.store")
 
 # One flat table: every event kind uses the columns that apply to it (others are NULL).
@@ -82,6 +88,7 @@ SCHEMA: dict[str, str] = {
     "resp_headers": "JSON",         # redacted
     "note": "VARCHAR",              # transport error text, truncation notes
     "credential": "VARCHAR",        # upstream credential kind used or refused: service | exchange | vault (never its value)
+    "chain": "VARCHAR",             # tamper-evidence chain value of the journal line (addons/auditchain.py)
 }
 
 JOURNAL_RE = re.compile(r"^journal-(\d{8})\.jsonl$")
@@ -128,11 +135,25 @@ _datasync = getattr(os, "fdatasync", os.fsync)
 MAX_CORRUPT_LOGGED = 5     # a damaged journal must not flood the log
 
 
-def journal_to_segment(journal: Path, segment: Path, con=None) -> int:
+@dataclass
+class Sealing:
+    """What makes a store tamper-evident: the Ed25519 audit key (signs segment manifests,
+    derives the line chain key) and an optional external anchor file."""
+
+    key: Any
+    anchor_file: str = ""
+
+    @property
+    def chain_key(self) -> bytes:
+        return chain_key(self.key)
+
+
+def journal_to_segment(journal: Path, segment: Path, con=None, sealing: Sealing | None = None) -> int:
     """Convert a journal into a Parquet segment atomically; returns rows written.
 
     Lines that do not parse (a torn last line after a crash) are skipped with a
     warning; everything before them is kept. The journal is deleted afterwards.
+    With sealing, the journal's chain is checked and a signed manifest written.
     """
     import duckdb
 
@@ -141,6 +162,15 @@ def journal_to_segment(journal: Path, segment: Path, con=None) -> int:
         return 0
     data = journal.read_bytes()
     lines = data.split(b"\n")
+    check: ChainCheck | None = None
+    prev = GENESIS
+    if sealing is not None:
+        prev = last_chain_value(segment.parent, before=segment.name)
+        check = check_lines(lines, sealing.chain_key, prev)
+        if check.broken_line is not None:
+            log.error("%s: audit chain broken at line %d (%s); the segment's manifest records it",
+                      journal, check.broken_line, check.reason)
+            check.last = _last_stated_chain(lines) or check.last
     good: list[bytes] = []
     bad = 0
     last_line = max((i for i, x in enumerate(lines) if x.strip()), default=-1)
@@ -178,14 +208,31 @@ def journal_to_segment(journal: Path, segment: Path, con=None) -> int:
     finally:
         if own:
             con.close()
+    os.chmod(tmp, 0o600)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    if sealing is not None and check is not None:
+        m = make_manifest(tmp, segment.name, segment.parent.name, len(good), check, prev, sealing.key)
+        write_private(manifest_path(segment), json.dumps(m, indent=1).encode())
+        if sealing.anchor_file:
+            try:
+                anchor(sealing.anchor_file, m)
+            except OSError as e:
+                log.error("could not append to audit anchor %s: %s", sealing.anchor_file, e)
     os.replace(tmp, segment)
     _fsync_dir(segment.parent)
     journal.unlink(missing_ok=True)
     if src != journal:
         src.unlink(missing_ok=True)
     return len(good)
+
+
+def _last_stated_chain(lines: list[bytes]) -> str | None:
+    for ln in reversed(lines):
+        got = unseal(ln) if ln.strip() else None
+        if got is not None:
+            return got[1]
+    return None
 
 
 def _number(name: str) -> int | None:
@@ -198,7 +245,7 @@ def _next_number(d: Path) -> int:
     return max(nums, default=0) + 1
 
 
-def recover_dir(d: Path, con=None) -> int:
+def recover_dir(d: Path, con=None, sealing: Sealing | None = None) -> int:
     """Roll every leftover journal of a (dead) instance directory into segments."""
     rows = 0
     for stale in d.glob("*.tmp"):
@@ -210,7 +257,7 @@ def recover_dir(d: Path, con=None) -> int:
         if n is None:
             continue
         try:
-            got = journal_to_segment(j, d / f"seg-{n:08d}.parquet", con)
+            got = journal_to_segment(j, d / f"seg-{n:08d}.parquet", con, sealing)
         except Exception as e:  # noqa: BLE001 - keep the journal; sql still reads it
             log.error("could not recover journal %s: %s", j, e)
             continue
@@ -222,7 +269,7 @@ def recover_dir(d: Path, con=None) -> int:
 
 def try_lock(d: Path) -> int | None:
     """Exclusive flock on <d>/.lock; the fd while held, None if another process holds it."""
-    fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_private(d / ".lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -231,7 +278,7 @@ def try_lock(d: Path) -> int | None:
     return fd
 
 
-def recover_store(root: Path, own: str | None = None) -> int:
+def recover_store(root: Path, own: str | None = None, sealing: Sealing | None = None) -> int:
     """Recover leftover journals of every instance that is not running (its lock is free)."""
     rows = 0
     if not root.is_dir():
@@ -243,14 +290,16 @@ def recover_store(root: Path, own: str | None = None) -> int:
         if fd is None:
             continue
         try:
-            rows += recover_dir(d)
+            rows += recover_dir(d, sealing=sealing)
         finally:
             os.close(fd)
     return rows
 
 
-def enforce_retention(d: Path, days: float, mb: float, now: float | None = None) -> list[Path]:
-    """Delete this instance's oldest segments beyond the age / size limits (0 = no limit)."""
+def enforce_retention(d: Path, days: float, mb: float, now: float | None = None,
+                      sealing: Sealing | None = None) -> list[Path]:
+    """Delete this instance's oldest segments beyond the age / size limits (0 = no limit).
+    Their manifests stay, re-signed as retired, so the audit chain still links across."""
     now = time.time() if now is None else now
     segs = sorted(d.glob("seg-*.parquet"))
     removed: list[Path] = []
@@ -269,6 +318,11 @@ def enforce_retention(d: Path, days: float, mb: float, now: float | None = None)
             removed.append(s)
     for s in removed:
         log.info("retention: removed %s", s)
+        mf = manifest_path(s)
+        m = read_manifest(mf) if sealing is not None else None
+        if m is not None:
+            m["retired"] = round(now, 3)
+            write_private(mf, json.dumps(sign_manifest(m, sealing.key), indent=1).encode())
     return removed
 
 
@@ -336,6 +390,7 @@ class StoreWriter:
     probe_interval: float = 1.0      # retry period while unhealthy
     retention_days: float = 0
     retention_mb: float = 0
+    sealing: Sealing | None = None
     stats: WriterStats = field(default_factory=WriterStats)
 
     def __post_init__(self) -> None:
@@ -353,6 +408,7 @@ class StoreWriter:
         self._journal_events = 0
         self._journal_bytes = 0
         self._lock_fd: int | None = None
+        self._chain: Chain | None = Chain(self.sealing.chain_key) if self.sealing is not None else None
         self._thread = threading.Thread(target=self._run, name=f"bastion-journal-{self.instance}", daemon=True)
         self._roller = threading.Thread(target=self._roll_loop, name=f"bastion-roller-{self.instance}", daemon=True)
 
@@ -420,17 +476,21 @@ class StoreWriter:
     def _open(self) -> None:
         """Create the directory, take the instance lock, recover, open a new journal."""
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.root)
+            private_dir(self.dir)
             if self._lock_fd is None:
                 fd = try_lock(self.dir)
                 if fd is None:
                     raise StoreUnavailable(f"{self.dir} is locked by another running gateway "
                                            "(use a different bastion_instance)")
                 self._lock_fd = fd
-                recover_dir(self.dir)
+                recover_dir(self.dir, sealing=self.sealing)
+                if self._chain is not None:
+                    self._chain.prev = last_chain_value(self.dir)
             self._n = _next_number(self.dir)
             path = self.dir / f"journal-{self._n:08d}.jsonl"
-            self._file = open(path, "xb", buffering=0)
+            fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            self._file = os.fdopen(fd, "wb", buffering=0)
             _fsync_dir(self.dir)
             self._journal = path
             self._journal_events = self._journal_bytes = 0
@@ -490,14 +550,21 @@ class StoreWriter:
                     pending = []
                     continue
             if batch:
+                committed = self._chain.prev if self._chain is not None else None
                 try:
-                    data = b"".join(line for it in batch for line in it.lines)
+                    if self._chain is not None:
+                        seal = self._chain.seal
+                        data = b"".join(seal(line) for it in batch for line in it.lines)
+                    else:
+                        data = b"".join(line for it in batch for line in it.lines)
                     self._file.write(data)
                     self._journal_bytes += len(data)
                     self._journal_events += sum(len(it.lines) for it in batch)
                     self.stats.events += sum(len(it.lines) for it in batch)
                     self.stats.batches += 1
                 except (OSError, ValueError, AttributeError) as e:
+                    if self._chain is not None:
+                        self._chain.prev = committed     # nothing of this batch is on disk
                     self._set_failed(f"journal write failed: {e}")
                     self._fail_items(batch + pending)
                     pending = []
@@ -566,9 +633,9 @@ class StoreWriter:
                     return
                 n = _number(j.name)
                 try:
-                    journal_to_segment(j, j.with_name(f"seg-{n:08d}.parquet"), con)
+                    journal_to_segment(j, j.with_name(f"seg-{n:08d}.parquet"), con, self.sealing)
                     self.stats.segments += 1
-                    enforce_retention(self.dir, self.retention_days, self.retention_mb)
+                    enforce_retention(self.dir, self.retention_days, self.retention_mb, sealing=self.sealing)
                 except Exception as e:  # noqa: BLE001 - journal stays; recovered on next start
                     log.error("rolling %s into a segment failed (kept as journal): %s", j, e)
         finally:

@@ -33,6 +33,23 @@ def chromium() -> str:
     return path
 
 
+async def open_held_flow(p, chromium: str, gw):
+    """Log into mitmweb as the approver (its own web_password stays on) and select the
+    held /mcp/demo flow. Returns (browser, page)."""
+    browser = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    await page.goto(f"http://127.0.0.1:{gw.web_port}/")
+    await page.fill("input[name=token]", gw.web_password)
+    await page.click("input[type=submit]")
+    row = page.locator("tr", has_text="/mcp/demo")
+    deadline = time.monotonic() + 20
+    while await row.count() == 0 and time.monotonic() < deadline:
+        await page.wait_for_timeout(200)
+    assert await row.count() >= 1, "held flow not shown in mitmweb"
+    await row.last.click()
+    return browser, page
+
+
 async def test_mitmweb_shows_the_held_call_and_an_identified_approver_approves(chromium, demo_server, rules_dir,
                                                                                gateway):
     from playwright.async_api import async_playwright
@@ -44,18 +61,7 @@ async def test_mitmweb_shows_the_held_call_and_an_identified_approver_approves(c
     async with connect(gw.mcp_url(), dev_token) as c:
         call = asyncio.create_task(c.call_tool("launch_container", {"image": "redis:7"}))
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            page = await browser.new_page(viewport={"width": 1400, "height": 900})
-            await page.goto(f"http://127.0.0.1:{gw.web_port}/")
-            # mitmweb's own authentication stays on: the approver logs in with web_password
-            await page.fill("input[name=token]", gw.web_password)
-            await page.click("input[type=submit]")
-            row = page.locator("tr", has_text="/mcp/demo")
-            deadline = time.monotonic() + 20
-            while await row.count() == 0 and time.monotonic() < deadline:
-                await page.wait_for_timeout(200)
-            assert await row.count() >= 1, "held flow not shown in mitmweb"
-            await row.last.click()
+            browser, page = await open_held_flow(p, chromium, gw)
             await page.get_by_text("Comment", exact=True).last.click()      # the tab (first: the column)
             comment = page.get_by_text("APPROVAL", exact=False)
             await comment.first.wait_for(timeout=10000)

@@ -1,0 +1,96 @@
+"""The redaction addon's hooks on real mitmproxy flows (no network): bodies of any type,
+headers (a secret as session id), SSE events, raw streams, refused flows' paths."""
+from __future__ import annotations
+
+import json
+import secrets
+
+from mitmproxy.test import tflow
+
+from addons.record import get_record
+from addons.redaction import ChunkStreamRedactor, EventStreamRedactor, SecretRedaction
+from addons.secretscan import REDACTED, Secret, SecretIndex, StreamRedactor
+
+SECRET = "svc-" + secrets.token_urlsafe(30)
+
+
+def addon() -> SecretRedaction:
+    r = SecretRedaction()
+    r.index = SecretIndex([Secret("credential of connection demo", SECRET)])
+    return r
+
+
+def flow(body: bytes = b"", ctype: str = "application/json"):
+    f = tflow.tflow(resp=True)
+    f.response.headers["content-type"] = ctype
+    f.response.content = body
+    return f
+
+
+def test_text_error_body_and_session_header_redacted():
+    a = addon()
+    f = flow(f"upstream crashed: token {SECRET}".encode(), "text/plain")
+    f.response.headers["mcp-session-id"] = SECRET
+    a.requestheaders(f)
+    a.response(f)
+    assert SECRET.encode() not in f.response.content and REDACTED.encode() in f.response.content
+    assert f.response.headers["mcp-session-id"] == REDACTED
+    masks = get_record(f.metadata).masks
+    assert {m.path for m in masks} == {"response body", "response headers"} and all(
+        m.type == "known-secret" for m in masks)
+
+
+def test_gzip_body_is_redacted_after_decoding():
+    a = addon()
+    f = flow()
+    f.response.headers["content-encoding"] = "gzip"
+    f.response.content = json.dumps({"result": {"content": [{"text": SECRET}]}}).encode()   # encoded by mitmproxy
+    a.requestheaders(f)
+    a.response(f)
+    assert SECRET.encode() not in f.response.get_content()
+
+
+def test_clean_response_untouched():
+    a = addon()
+    f = flow(b'{"jsonrpc":"2.0","id":1,"result":{}}')
+    a.requestheaders(f)
+    a.response(f)
+    assert f.response.content == b'{"jsonrpc":"2.0","id":1,"result":{}}' and not get_record(f.metadata).masks
+
+
+def test_message_transform_registered_and_sees_through_escapes():
+    a = addon()
+    f = flow()
+    rec = get_record(f.metadata)
+    rec.connection = "demo"
+    f.response = None
+    a.requestheaders(f)
+    a.request(f)
+    (t,) = rec.response_transforms
+    msg = json.loads('{"result": {"content": [{"text": "' + "".join(f"\\u{ord(c):04x}" for c in SECRET) + '"}]}}')
+    out = t(msg)
+    assert SECRET not in json.dumps(out) and t.readonly is False
+    clean = {"result": {"content": [{"text": "fine"}]}}
+    assert t(clean) is clean and t.readonly is True
+
+
+def test_sse_events_and_raw_streams():
+    a = addon()
+    f = flow(ctype="text/event-stream")
+    a.requestheaders(f)
+    rec = get_record(f.metadata)
+    ev = EventStreamRedactor(lambda d: d, rec)
+    assert SECRET.encode() not in ev(f"event: message\ndata: {json.dumps({'x': SECRET})}\n\n".encode())
+    raw = ChunkStreamRedactor(StreamRedactor(rec.known_secrets, a.index.longest - 1), rec)
+    data = f"prefix {SECRET} suffix".encode()
+    out = b"".join(raw(data[i:i + 5]) for i in range(0, len(data), 5)) + raw(b"")
+    assert out == f"prefix {REDACTED} suffix".encode()
+
+
+def test_refused_flow_path_is_cleaned_before_logging():
+    a = addon()
+    f = tflow.tflow(resp=True)
+    f.request.path = f"/mcp/demo/{SECRET}?access_token=abc&x=1"
+    a.requestheaders(f)
+    a.request(f)            # refused: a response is already set
+    assert SECRET not in f.request.path and f.request.path.endswith("?access_token=[redacted]&x=1")
