@@ -18,7 +18,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from addons import pathguard
-from addons.httputil import refuse_jsonrpc
+from addons.httputil import checked_snapshot, refuse_jsonrpc
 from addons.mcp import (LIST_METHODS, SERVER_REQUEST_METHODS, Message, decode_header_value, jsonrpc_error,
                          parse_message)
 from addons.policy_rules import (Policy as RulesPolicy, ScanBudget, evaluate, explain, filter_list_result, load_policy,
@@ -234,6 +234,7 @@ def apply_rewrites(flow: http.HTTPFlow, rec) -> None:
     raws = [m.raw for m in rec.messages]
     flow.request.content = json.dumps(raws if rec.batch else raws[0], ensure_ascii=False,
                                       separators=(",", ":")).encode()
+    rec.checked = checked_snapshot(flow.request)   # the rewritten request is the one decided on
 
 
 # options naming the gateway's own files: never readable through a shell / path rule

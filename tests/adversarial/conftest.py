@@ -112,10 +112,11 @@ def upstream(request):
 
     class Upstream:
         def received(self) -> list[dict]:
-            return adv.demo.received()
+            # on the clients' behalf: not the gateway's own tools/list (argument schemas)
+            return adv.demo.client_requests()
 
         def nothing(self) -> None:
-            got = adv.demo.received()
+            got = self.received()
             assert got == [], f"upstream received {len(got)} request(s): {[r.get('body', '')[:200] for r in got]}"
 
         def bodies(self) -> str:

@@ -101,6 +101,13 @@ class DemoServer:
     def received_bodies(self) -> str:
         return "\n".join(r["body"] for r in self.received())
 
+    def client_requests(self) -> list[dict]:
+        """What reached the upstream on a client's behalf: not the gateway's own tools/list
+        (addons/schemacheck.py learns argument schemas with it, carrying no client data)."""
+        from addons.schemacheck import USER_AGENT
+        return [r for r in self.received()
+                if ("user-agent", USER_AGENT) not in [tuple(h) for h in r.get("headers", [])]]
+
     def clear_received(self) -> None:
         if self.received_log.exists():
             self.received_log.write_text("")

@@ -33,13 +33,6 @@ def post(gw, token: str | None, body: dict = CALL, connection: str = "demo") -> 
         return c.post(gw.mcp_url(connection), content=json.dumps(body), headers=h)
 
 
-def client_requests(demo) -> list[dict]:
-    """What reached the upstream on a client's behalf: not the gateway's own tools/list
-    (addons/schemacheck.py learns argument schemas with it before later stages run)."""
-    from addons.schemacheck import USER_AGENT
-    return [r for r in demo.received() if ("user-agent", USER_AGENT) not in [tuple(h) for h in r.get("headers", [])]]
-
-
 def still_up(gw) -> None:
     assert gw.proc.popen.poll() is None, "the gateway process died"
     with httpx.Client(timeout=10) as c:       # still answering HTTP (whatever the fault refuses)
@@ -72,7 +65,7 @@ def test_exception_in_a_request_hook_refuses_and_forwards_nothing(demo_server, r
                  env={"BASTION_FAULT": target})
     r = post(gw, gw.token("eve", ["e2e-all"]))
     assert r.status_code == 502 and r.json()["error"] == "gateway_error", r.text
-    assert client_requests(demo) == []
+    assert demo.client_requests() == []
     assert f"injected fault in {target}" in gw.log_text()
     still_up(gw)
 
