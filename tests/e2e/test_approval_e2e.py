@@ -213,7 +213,7 @@ async def test_batch_holding_two_calls_needs_an_approver_for_each(stack):
         half = cli(gw, "approve", items[0]["id"], "--token", dba)
         assert half.returncode == 0 and "still waiting" in half.stdout and "secops" in half.stdout, half.stdout
         await asyncio.sleep(1.0)
-        assert not call.done() and launches(demo) == [] and demo.received() == []
+        assert not call.done() and launches(demo) == [] and demo.client_requests() == []
         assert [i["id"] for i in await pending(gw, secops)] == [items[0]["id"]]
         full = cli(gw, "approve", items[0]["id"], "--token", secops)
         assert full.returncode == 0 and "approved by dora, sam" in full.stdout, full.stdout

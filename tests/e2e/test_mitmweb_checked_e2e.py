@@ -20,6 +20,11 @@ from tests.e2e.test_approval_browser import MitmwebApi
 from tests.e2e.test_approval_e2e import POLICY, launches
 
 
+
+def approval_id(comment: str) -> str:
+    """The approval id in a held flow's comment ("APPROVAL <id> needed, …")."""
+    return comment.split("APPROVAL ", 1)[1].split()[0]
+
 def audit(gw, sql: str) -> list[dict]:
     r = subprocess.run([sys.executable, "-m", "addons.cli", "sql", "--store", str(gw.recordings), "--format", "json",
                         sql], capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -110,7 +115,7 @@ async def test_mitmweb_watchers_never_see_a_token_or_the_service_credential_and_
         assert not slow.is_error and len(watch.rest) - n > 20                       # read while in flight
         call = asyncio.create_task(c.call_tool("launch_container", {"image": "redis:7"}))   # held
         held = await web.held_flow()
-        pid = held["comment"].split()[1]
+        pid = approval_id(held["comment"])
         await asyncio.sleep(0.5)                                                      # watched while held
         r = await web.http.get(f"/flows/{held['id']}/request/content.data")
         assert b"redis:7" in r.content
@@ -152,7 +157,7 @@ async def test_edit_then_resume_of_a_held_call_never_reaches_the_upstream(web_st
     async with MitmwebApi(gw) as web, connect(gw.mcp_url(), dev) as c:
         call = asyncio.create_task(c.call_tool("launch_container", {"image": "redis:7"}))
         held = await web.held_flow()
-        pid = held["comment"].split()[1]
+        pid = approval_id(held["comment"])
         r = await web.http.put(f"/flows/{held['id']}", json={"request": EDITS[edit]})     # the UI's edit button
         assert r.status_code == 200, r.text
         r = await web.http.post(f"/flows/{held['id']}/resume")
@@ -183,7 +188,7 @@ async def test_approved_call_audit_digest_is_the_forwarded_body(web_stack):
     async with MitmwebApi(gw) as web, connect(gw.mcp_url(), dev) as c:
         call = asyncio.create_task(c.call_tool("launch_container", {"image": "redis:7"}))
         held = await web.held_flow()
-        cli = subprocess.run([sys.executable, "-m", "addons.cli", "approve", held["comment"].split()[1], "--gateway",
+        cli = subprocess.run([sys.executable, "-m", "addons.cli", "approve", approval_id(held["comment"]), "--gateway",
                               gw.url, "--token", approver], capture_output=True, text=True, cwd=ROOT, timeout=30)
         assert cli.returncode == 0
         assert not (await asyncio.wait_for(call, 20)).is_error
