@@ -335,17 +335,28 @@ def loose_modes(roots: Iterable[str | os.PathLike], limit: int = 10) -> list[str
     (`mcp-bastion check`): directories should be 0700, files 0600."""
     out: list[str] = []
     n = 0
-    for root in roots:
-        r = Path(root)
-        if not r.exists():
-            continue
-        for p in [r, *r.rglob("*")]:
+
+    def exposed(r: Path) -> Iterable[tuple[Path, int]]:
+        # what lies below a directory group/others cannot enter (0700) is out of their reach
+        stack = [r]
+        while stack:
+            p = stack.pop()
             try:
                 mode = p.lstat().st_mode
             except OSError:
                 continue
-            if p.is_symlink() or not mode & 0o077:
+            if p.is_symlink():
                 continue
+            if mode & 0o077:
+                yield p, mode
+            if p.is_dir() and mode & 0o011:
+                stack.extend(sorted(p.iterdir(), reverse=True))
+
+    for root in roots:
+        r = Path(root)
+        if not r.exists():
+            continue
+        for p, mode in exposed(r):
             n += 1
             if n <= limit:
                 want = "700" if p.is_dir() else "600"

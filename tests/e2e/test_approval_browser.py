@@ -125,7 +125,9 @@ async def test_approver_works_from_the_flow_list(chromium, demo_server, rules_di
     from playwright.async_api import async_playwright
 
     demo = demo_server("json")
-    gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 120}}), web=True)
+    # console approvals (one trusted operator): the row's resume and bastion.approve approve
+    gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 120}}), web=True,
+                 extra_args=("--set", "bastion_web_approvals=console"))
     ARTIFACTS.mkdir(exist_ok=True)
     img = ROOT / "docs" / "img"
     async with connect(gw.mcp_url(), gw.token("dan", ["dev"])) as c1, \
@@ -240,9 +242,10 @@ async def test_deny_command_from_the_command_bar(demo_server, rules_dir, gateway
 
 async def test_resume_all_leaves_held_calls_held(demo_server, rules_dir, gateway):
     """mitmweb's Resume All (POST /flows/resume) must not approve held calls: each one needs
-    its own decision. The flow's own resume still approves."""
+    its own decision. The flow's own resume still approves (console approvals)."""
     demo = demo_server("json")
-    gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 60}}), web=True)
+    gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY % {"timeout": 60}}), web=True,
+                 extra_args=("--set", "bastion_web_approvals=console"))
     async with connect(gw.mcp_url(), gw.token("dan", ["dev"])) as c, MitmwebApi(gw) as web:
         call = asyncio.create_task(c.call_tool("launch_container", {"image": "all:1"}))
         held = await web.held_flow()

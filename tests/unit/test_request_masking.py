@@ -129,6 +129,8 @@ def test_check_warns_on_loose_modes(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BASTION_RECORDINGS", str(tmp_path / "recordings"))
     cli.main(["check", str(ROOT / "rules"), "--secrets", str(sec)])
     assert "journal-00000001.jsonl is accessible" in capsys.readouterr().out
+    os.chmod(rec, 0o700)                  # nobody else can enter gw/: what is inside is out of reach
+    assert not any("gw" in w for w in loose_modes([tmp_path / "recordings"]))
 
 
 def test_rotated_secret_file_is_picked_up(tmp_path):
