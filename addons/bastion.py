@@ -1,6 +1,6 @@
 """The mcp-bastion addon chain: `mitmdump -s addons/bastion.py`.
 
-Order matters (shared/DESIGN.md): route, verify, parse, decide, hold, rewrite responses,
+Order matters: route, verify, parse, decide, hold, rewrite responses,
 record, and only then point the request at its upstream with the service credential.
 Every addon is wrapped so that an exception refuses the flow (fail closed).
 """

@@ -1,6 +1,6 @@
 """The typed record each bastion addon reads and writes on flow.metadata["bastion"].
 
-Nothing else is shared between addons (see shared/DESIGN.md). Pure: no mitmproxy import,
+Nothing else is shared between addons. Pure: no mitmproxy import,
 so policy, masking and recorder code can be tested without a flow.
 """
 from __future__ import annotations
