@@ -34,7 +34,7 @@ from mitmproxy.connection import ConnectionState
 from addons import webconsole
 from addons.cli import add_gateway_arg
 from addons.httputil import checked_snapshot, json_response, refuse_http, refuse_jsonrpc
-from addons.mcp import jsonrpc_error
+from addons.mcpwire import jsonrpc_error
 from addons.record import METADATA_KEY, BastionRecord, get_record
 from addons.textsafe import esc, get_logger
 from addons.secretscan import redact_obj

@@ -367,7 +367,7 @@ def consent_errors(e: CredentialRefused, messages: list, protocol_version: str |
 
     On 2025-11-25 this is URLElicitationRequiredError (-32042) with a URL-mode elicitation;
     elsewhere -32038 with the URL in `data.authorize_url`."""
-    from addons.mcp import jsonrpc_error
+    from addons.mcpwire import jsonrpc_error
     ids = [m.id for m in messages if m.kind == "request"]
     if not ids or e.error != "credential_required":
         return None

@@ -7,7 +7,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from addons.mcp import jsonrpc_error
+from addons.mcpwire import jsonrpc_error
 from addons.record import CheckedRequest, get_record
 
 JSON_HEADERS = {"content-type": "application/json", "cache-control": "no-store"}

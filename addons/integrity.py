@@ -234,7 +234,7 @@ def add_cli(sub) -> None:
 
 
 async def _list_tools(conn, user_agent: str = "mcp-bastion pin") -> list[dict]:
-    # imported here: inside mitmdump, addons/ is on sys.path and `mcp` names addons/mcp.py
+    # imported here: the SDK client is only needed when the gateway lists tools itself
     from addons.mcpclient import connect
     headers = {conn.credential.header: conn.secret} if conn.credential is not None and conn.secret else {}
     headers["User-Agent"] = user_agent           # the upstream's logs can tell the gateway's own lists

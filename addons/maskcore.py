@@ -26,7 +26,7 @@ from jsonpath_ng import jsonpath as jp
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse
 
-from addons.mcp import McpParseError, strict_loads
+from addons.mcpwire import McpParseError, strict_loads
 from addons.record import MaskEvent
 from addons.rules import Located, RulesError, line_of, load_yaml, rules_files
 

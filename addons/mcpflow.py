@@ -17,7 +17,7 @@ except ImportError:
 
 from mitmproxy import http
 
-from addons import mcp
+from addons import mcpwire
 from addons.httputil import checked_snapshot, refuse_http, refuse_message
 from addons.record import get_record
 from addons.responses import readonly
@@ -27,8 +27,8 @@ from addons.textsafe import get_logger
 log = get_logger("bastion.mcp")
 
 ERROR_STATUS = {
-    mcp.PARSE_ERROR: 400, mcp.INVALID_REQUEST: 400, mcp.INVALID_PARAMS: 400,
-    mcp.HEADER_MISMATCH: 400, mcp.UNSUPPORTED_PROTOCOL_VERSION: 400, mcp.METHOD_NOT_FOUND: 404,
+    mcpwire.PARSE_ERROR: 400, mcpwire.INVALID_REQUEST: 400, mcpwire.INVALID_PARAMS: 400,
+    mcpwire.HEADER_MISMATCH: 400, mcpwire.UNSUPPORTED_PROTOCOL_VERSION: 400, mcpwire.METHOD_NOT_FOUND: 404,
 }
 MAX_SCHEMAS = 4096
 MAX_PENDING = 10_000
@@ -171,22 +171,22 @@ class McpParser:
         except BodyTooLarge:
             body = None
         except ValueError:
-            refuse_message(flow, None, mcp.PARSE_ERROR, "request body has a Content-Encoding the gateway cannot decode",
+            refuse_message(flow, None, mcpwire.PARSE_ERROR, "request body has a Content-Encoding the gateway cannot decode",
                            status=400)
             return
         if body is None or len(body) > _max_body():
             refuse_http(flow, 413, "body_too_large", f"request body exceeds {_max_body()} bytes")
             return
         try:
-            parsed = mcp.parse_body(body)
-            err = mcp.check_routing_headers(_fields(req), parsed)
+            parsed = mcpwire.parse_body(body)
+            err = mcpwire.check_routing_headers(_fields(req), parsed)
             if err is None and not parsed.batch and parsed.messages[0].method == "tools/call":
                 msg = parsed.messages[0]
-                err = mcp.check_param_headers(_fields(req), msg,
+                err = mcpwire.check_param_headers(_fields(req), msg,
                                               self.param_maps.get((rec.connection, msg.tool_name or "")))
             if err is not None:
                 raise err
-        except mcp.McpParseError as e:
+        except mcpwire.McpParseError as e:
             log.info("refused %s: %s", req.path, e.message)
             refuse_message(flow, e.msg_id, e.code, e.message, status=ERROR_STATUS.get(e.code, 400))
             return
@@ -227,7 +227,7 @@ class McpParser:
             for t in tools:
                 if isinstance(t, dict) and isinstance(t.get("name"), str):
                     key = (conn, t["name"])
-                    self.param_maps[key] = mcp.param_header_map(t.get("inputSchema"))
+                    self.param_maps[key] = mcpwire.param_header_map(t.get("inputSchema"))
                     self.param_maps.move_to_end(key)
             while len(self.param_maps) > MAX_SCHEMAS:
                 self.param_maps.popitem(last=False)

@@ -17,13 +17,13 @@ from mitmproxy import ctx, exceptions, http
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from addons import mcp
+from addons import mcpwire
 from addons.record import BastionRecord, get_record
 from addons.textsafe import get_logger
 
 log = get_logger("bastion.metrics")
 
-KNOWN_METHODS = mcp.CLIENT_REQUEST_METHODS | mcp.CLIENT_NOTIFICATION_METHODS
+KNOWN_METHODS = mcpwire.CLIENT_REQUEST_METHODS | mcpwire.CLIENT_NOTIFICATION_METHODS
 MAX_MASK_TYPES = 64                  # mask types may be field names from upstream data: bound them
 MASK_TYPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)

@@ -19,7 +19,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons import pathguard
 from addons.httputil import checked_snapshot, refuse_jsonrpc
-from addons.mcp import (LIST_METHODS, SERVER_REQUEST_METHODS, Message, decode_header_value, jsonrpc_error,
+from addons.mcpwire import (LIST_METHODS, SERVER_REQUEST_METHODS, Message, decode_header_value, jsonrpc_error,
                          parse_message)
 from addons.policy_rules import (Policy as RulesPolicy, ScanBudget, evaluate, explain, filter_list_result, load_policy,
                                   policy_files)

@@ -26,7 +26,7 @@ from jsonpath_ng.ext import parse as jsonpath_parse
 from sqlglot import exp
 
 from addons import pathguard, shellpolicy, sqlclass
-from addons.mcp import LIST_METHODS, Message
+from addons.mcpwire import LIST_METHODS, Message
 from addons.programs import SHIPPED as SHIPPED_PROGRAMS, Model, load_models
 from addons.record import Decision, Identity
 from addons.rules import Located, load_yaml, rules_files

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from addons.mcp import Message
+from addons.mcpwire import Message
 
 METADATA_KEY = "bastion"
 

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 from mitmproxy import ctx, exceptions, http
 
-from addons import mcp
+from addons import mcpwire
 from addons.httputil import json_response
 from addons.record import BastionRecord, Decision, MaskEvent, get_record
 from addons.secretscan import redact_bytes, redact_obj, redact_url
@@ -139,13 +139,13 @@ class FlowEvents:
         ev.update({k: v for k, v in kw.items() if v is not None})
         return ev
 
-    def expect(self, msg: mcp.Message) -> None:
+    def expect(self, msg: mcpwire.Message) -> None:
         """Remember a request so its response rows carry its method / tool."""
         rid = _id_text(msg.id)
         if msg.kind == "request" and rid is not None:
             self.requests[rid] = (msg.method, msg.target, msg.tool_name)
 
-    def c2s(self, msg: mcp.Message, ts: float) -> dict[str, Any]:
+    def c2s(self, msg: mcpwire.Message, ts: float) -> dict[str, Any]:
         rid = _id_text(msg.id)
         tool = msg.tool_name
         self.expect(msg)
@@ -160,7 +160,7 @@ class FlowEvents:
         return self._ev(msg.kind, ts, direction="c2s", rpc_id=rid, method=msg.method,
                         target=msg.target, tool=tool, **extra)
 
-    def _shown(self, msg: mcp.Message) -> dict:
+    def _shown(self, msg: mcpwire.Message) -> dict:
         """The message as it may be stored: `requests:` masking applied (fails closed)."""
         if self.mask_c2s is None or msg.kind not in ("request", "notification"):
             return msg.raw
@@ -554,7 +554,7 @@ class StreamTap:
         self.st = st
         self.recorder = recorder
         self.rec = rec
-        self.parser = mcp.SSEParser(max_event=64 * 1024 * 1024)
+        self.parser = mcpwire.SSEParser(max_event=64 * 1024 * 1024)
         self.closed = False
 
     def __call__(self, data: bytes) -> list[bytes]:
@@ -582,8 +582,8 @@ class StreamTap:
             log.error("SSE response not recorded (%s); stream cut", e)
             self.closed = True
             self.rec.refuse("audit store unavailable", None)
-            err = mcp.jsonrpc_error(None, mcp.INTERNAL_ERROR, "the gateway could not record the response")
-            return [mcp.SSEEvent(event="message", data=json.dumps(err)).encode()]
+            err = mcpwire.jsonrpc_error(None, mcpwire.INTERNAL_ERROR, "the gateway could not record the response")
+            return [mcpwire.SSEEvent(event="message", data=json.dumps(err)).encode()]
 
     def _events(self, out: bytes, final: bool) -> tuple[list[dict], bool]:
         now = time.time()
@@ -624,7 +624,7 @@ def _caller_messages(resp: http.Response, rec: BastionRecord) -> list[Any]:
         return obj if isinstance(obj, list) else [obj]
     if ctype == "text/event-stream":
         out = []
-        for ev in mcp.SSEParser(max_event=64 * 1024 * 1024).feed(body, final=True):
+        for ev in mcpwire.SSEParser(max_event=64 * 1024 * 1024).feed(body, final=True):
             if ev.data and ev.type == "message" and ev.data.strip():
                 try:
                     obj = json.loads(ev.data)
@@ -1016,7 +1016,7 @@ def _jsonrpc_body(evs: list[dict]) -> bytes:
 
 
 def _sse_body(evs: list[dict]) -> bytes:
-    return b"".join(mcp.SSEEvent(event="message", data=json.dumps(_message(e), ensure_ascii=False)).encode()
+    return b"".join(mcpwire.SSEEvent(event="message", data=json.dumps(_message(e), ensure_ascii=False)).encode()
                     for e in evs if e["kind"] in ("request", "notification", "response", "error"))
 
 
@@ -1119,7 +1119,7 @@ def _first_response(r) -> dict | None:
     ctype = r.headers.get("content-type", "")
     try:
         if ctype.startswith("text/event-stream"):
-            for ev in mcp.SSEParser().feed(r.content, final=True):
+            for ev in mcpwire.SSEParser().feed(r.content, final=True):
                 if ev.data and ev.type == "message":
                     obj = json.loads(ev.data)
                     if isinstance(obj, dict) and ("result" in obj or "error" in obj):

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from mitmproxy import ctx, http
 
-from addons import mcp
+from addons import mcpwire
 from addons.connections import rewrite_endpoint
 from addons.httputil import json_response
 from addons.record import BastionRecord, get_record
@@ -73,7 +73,7 @@ def _remember(rec: BastionRecord, obj: Any) -> None:
 
 def transform_json_body(rec: BastionRecord, body: bytes) -> bytes | None:
     """New body, or None when nothing changed. Raises TransformError / McpParseError."""
-    obj = mcp.strict_loads(body)
+    obj = mcpwire.strict_loads(body)
     items = obj if isinstance(obj, list) else [obj]
     out, any_changed = [], False
     for item in items:
@@ -96,7 +96,7 @@ class SSERewriter:
 
     def __init__(self, rec: BastionRecord, endpoint_rewriter: Callable[[str], str] | None, error_id: Any):
         self.rec = rec
-        self.parser = mcp.SSEParser()
+        self.parser = mcpwire.SSEParser()
         self.rewrite_endpoint = endpoint_rewriter
         self.error_id = error_id
         self.closed = False
@@ -115,10 +115,10 @@ class SSERewriter:
             log.warning("SSE response refused mid-stream: %s", e)
             self.rec.refuse(f"unsafe SSE response: {type(e).__name__}")
             self.closed = True
-            err = mcp.jsonrpc_error(self.error_id, mcp.INTERNAL_ERROR, "the gateway could not check the response")
-            return [mcp.SSEEvent(event="message", data=json.dumps(err)).encode()]
+            err = mcpwire.jsonrpc_error(self.error_id, mcpwire.INTERNAL_ERROR, "the gateway could not check the response")
+            return [mcpwire.SSEEvent(event="message", data=json.dumps(err)).encode()]
 
-    def _event(self, ev: mcp.SSEEvent) -> bytes:
+    def _event(self, ev: mcpwire.SSEEvent) -> bytes:
         self.events += 1
         changed = self._check_fields(ev)
         if ev.data is None:
@@ -142,8 +142,8 @@ class SSERewriter:
         if not ev.data.strip():
             return ev.encode() if changed else ev.raw     # priming event (2025-11-25)
         try:
-            obj = mcp.strict_loads(ev.data)
-        except mcp.McpParseError:
+            obj = mcpwire.strict_loads(ev.data)
+        except mcpwire.McpParseError:
             if self.strict:
                 raise
             return ev.raw
@@ -158,7 +158,7 @@ class SSERewriter:
             ev.data = json.dumps(out if isinstance(obj, list) else out[0], ensure_ascii=False, separators=(",", ":"))
         return ev.encode() if any_changed or changed else ev.raw
 
-    def _check_fields(self, ev: mcp.SSEEvent) -> bool:
+    def _check_fields(self, ev: mcpwire.SSEEvent) -> bool:
         """On a checked stream, drop what the masking rules cannot vouch for; True if changed."""
         if not self.strict:
             return False
@@ -245,4 +245,4 @@ class ResponseRewriter:
         log.warning("response replaced (fail closed): %s", why)
         rec.refuse(f"unsafe response: {why}")
         flow.response = json_response(
-            200, mcp.jsonrpc_error(_error_id(rec), mcp.INTERNAL_ERROR, "the gateway could not check the response"))
+            200, mcpwire.jsonrpc_error(_error_id(rec), mcpwire.INTERNAL_ERROR, "the gateway could not check the response"))

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sys
 
 from mitmproxy import ctx, exceptions, http
 
 from addons import argschema, toolintegrity as ti
 from addons.httputil import json_response
-from addons.mcp import jsonrpc_error
+from addons.mcpwire import jsonrpc_error
 from addons.record import get_record
 from addons.rules import RulesError
 
@@ -140,7 +138,6 @@ class ArgSchema:
         return True
 
     async def _list(self, connection: str) -> list[dict]:
-        _import_sdk_client()
         from addons.integrity import _list_tools
         router = ctx.master.addons.get("connections")
         conn = getattr(router, "wrapped", router).connections.get(connection) if router else None
@@ -151,20 +148,3 @@ class ArgSchema:
             # its own to list with; the caller's own tools/list teaches the schemas
             raise PermissionError(f"{connection} has per-user credentials")
         return await asyncio.wait_for(_list_tools(conn, USER_AGENT), 20)
-
-
-def _import_sdk_client() -> None:
-    """Import addons.mcpclient (the official SDK) with addons/ off sys.path: mitmproxy puts a
-    script's directory there, where addons/mcp.py would shadow the SDK's `mcp` package."""
-    if "addons.mcpclient" in sys.modules:
-        return
-    here = os.path.dirname(os.path.abspath(__file__))
-    saved = list(sys.path)
-    shadow = sys.modules.get("mcp")
-    if shadow is not None and os.path.dirname(os.path.abspath(getattr(shadow, "__file__", "") or "")) == here:
-        del sys.modules["mcp"]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-    try:
-        import addons.mcpclient  # noqa: F401
-    finally:
-        sys.path[:] = saved

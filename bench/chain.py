@@ -31,7 +31,7 @@ if _ROOT not in sys.path:
 from addons.bastion import CHAIN, build_chain  # noqa: E402
 from addons.failclosed import FailClosed  # noqa: E402
 from addons.httputil import refuse_http, refuse_jsonrpc  # noqa: E402
-from addons.mcp import jsonrpc_error  # noqa: E402
+from addons.mcpwire import jsonrpc_error  # noqa: E402
 from addons.record import Decision, Identity, get_record  # noqa: E402
 from bench.stages import missing_stages  # noqa: E402
 

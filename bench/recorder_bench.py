@@ -80,7 +80,7 @@ def bench_group_commit(root: Path, n: int, concurrency: int) -> dict:
 
 async def bench_hooks(root: Path, calls: int, concurrency: int, record: bool) -> dict:
     from mitmproxy.test import taddons, tflow, tutils
-    from addons import mcp
+    from addons import mcpwire
     from addons.record import Decision, Identity, MaskEvent, get_record
     from addons.recorder import Recorder
 
@@ -101,7 +101,7 @@ async def bench_hooks(root: Path, calls: int, concurrency: int, record: bool) ->
             rec = get_record(f.metadata)
             rec.connection = "demo"
             rec.identity = Identity("alice", ("support",), "bench")
-            rec.messages = mcp.parse_body(body).messages
+            rec.messages = mcpwire.parse_body(body).messages
             rec.decisions.append(Decision("allow", rule="r", mask_profile="pii", message_id=1))
             t = time.perf_counter()
             if record:

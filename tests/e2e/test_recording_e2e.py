@@ -80,7 +80,7 @@ GATEWAY_SCRIPT = textwrap.dedent('''
     from addons.bastion import build_chain
     from addons.failclosed import FailClosed
     from addons.httputil import refuse_jsonrpc
-    from addons.mcp import jsonrpc_error
+    from addons.mcpwire import jsonrpc_error
     from addons.record import Decision, Identity, get_record
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
 
-from addons import mcp, responses, shellguard
+from addons import mcpwire, responses, shellguard
 from addons.policy_rules import evaluate, load_policy
 from addons.record import BastionRecord, Identity
 from tests.fuzzing import examples
@@ -26,7 +26,7 @@ json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63), s
 json_values = st.recursive(json_scalars, lambda c: st.one_of(st.lists(c, max_size=5),
                                                              st.dictionaries(st.text(max_size=10), c, max_size=5)),
                            max_leaves=30)
-methods = st.one_of(st.sampled_from(sorted(mcp.CLIENT_REQUEST_METHODS | mcp.CLIENT_NOTIFICATION_METHODS)),
+methods = st.one_of(st.sampled_from(sorted(mcpwire.CLIENT_REQUEST_METHODS | mcpwire.CLIENT_NOTIFICATION_METHODS)),
                     st.text(max_size=20))
 messages = st.fixed_dictionaries({"jsonrpc": st.sampled_from(["2.0", "1.0", 2]), "method": methods},
                                  optional={"id": st.one_of(st.integers(), st.text(max_size=8), st.none(), json_values),
@@ -37,9 +37,9 @@ messages = st.fixed_dictionaries({"jsonrpc": st.sampled_from(["2.0", "1.0", 2]),
 @given(st.binary(max_size=2000))
 def test_parser_on_arbitrary_bytes(data):
     try:
-        parsed = mcp.parse_body(data)
-    except mcp.McpParseError as e:
-        assert e.code in (mcp.PARSE_ERROR, mcp.INVALID_REQUEST, mcp.INVALID_PARAMS, mcp.METHOD_NOT_FOUND)
+        parsed = mcpwire.parse_body(data)
+    except mcpwire.McpParseError as e:
+        assert e.code in (mcpwire.PARSE_ERROR, mcpwire.INVALID_REQUEST, mcpwire.INVALID_PARAMS, mcpwire.METHOD_NOT_FOUND)
         return
     assert parsed.messages
 
@@ -49,8 +49,8 @@ def test_parser_on_arbitrary_bytes(data):
 def test_parser_on_structured_messages(obj):
     data = json.dumps(obj).encode()
     try:
-        parsed = mcp.parse_body(data)
-    except mcp.McpParseError:
+        parsed = mcpwire.parse_body(data)
+    except mcpwire.McpParseError:
         return
     for m in parsed.messages:               # what the policy sees is what the upstream reads
         assert m.method is None or isinstance(m.method, str)
@@ -62,7 +62,7 @@ def test_parser_on_structured_messages(obj):
 @given(st.text(max_size=30), json_values, ROLES, st.text(max_size=10))
 def test_policy_default_deny_for_unlisted_tools(tool, args, roles, sub):
     known = {"query_sql", "get_customer", "stream_report", "run_command", "read_file", "launch_container"}
-    msg = mcp.parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+    msg = mcpwire.parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                              "params": {"name": tool, "arguments": args if isinstance(args, dict) else {}}})
     d = evaluate(POLICY, Identity(sub or "x", tuple(roles)), "demo", msg)
     assert d.action in ("allow", "deny", "approve")
@@ -88,7 +88,7 @@ def test_unparsable_response_never_passes_raw_when_masking_required(body, plante
     rec.response_transforms.append(lambda m: m)
     try:
         out = responses.transform_json_body(rec, data)
-    except (responses.TransformError, mcp.McpParseError):
+    except (responses.TransformError, mcpwire.McpParseError):
         return                                  # the addon replaces the response with an error
     # it parsed as JSON-RPC: only then may it go on (and the masking transform ran on it)
     json.loads(data)

@@ -12,7 +12,7 @@ from mitmproxy import exceptions
 from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import maskcore, mcp
+from addons import maskcore, mcpwire
 from addons.approval import (APPROVAL_CANCELLED, APPROVAL_DENIED, APPROVAL_TIMEOUT, WEB_CONSOLE, Approval, Grants,
                              display_arguments, fingerprint, redact_secret_keys)
 from addons.failclosed import FailClosed
@@ -31,7 +31,7 @@ def call_flow(tool="launch_container", args=None, sub="dan", roles=("dev",), msg
     rec = get_record(f.metadata)
     rec.connection = "demo"
     rec.identity = Identity(sub=sub, roles=tuple(roles))
-    parsed = mcp.parse_body(f.request.content)
+    parsed = mcpwire.parse_body(f.request.content)
     rec.messages, rec.batch = parsed.messages, parsed.batch
     rec.decisions = [Decision(action, "needs-approval" if action == "approve" else "r", approvers=tuple(approvers),
                               timeout=timeout, message_id=m.id) for m in parsed.messages]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from addons import mcp
+from addons import mcpwire
 from addons.policy_rules import Rule, evaluate, load_policy
 from addons.record import Identity
 
@@ -128,7 +128,7 @@ EVASIONS = {
 
 
 def _call(tool: str, args: dict, msg_id: int = 1):
-    return mcp.parse_message({"jsonrpc": "2.0", "id": msg_id, "method": "tools/call",
+    return mcpwire.parse_message({"jsonrpc": "2.0", "id": msg_id, "method": "tools/call",
                               "params": {"name": tool, "arguments": args}})
 
 

@@ -16,7 +16,7 @@ from addons.connections import (Connection, Forwarder, Injector, Router, load_co
                                 plain_query, rewrite_endpoint, split_path, unchecked_reason)
 from addons.httputil import checked_snapshot
 from addons.failclosed import FailClosed
-from addons.mcp import parse_body
+from addons.mcpwire import parse_body
 from addons.record import BastionRecord, Decision, Identity, get_record
 from addons.rules import RulesError, load_yaml
 

@@ -15,7 +15,7 @@ import pytest
 from addons import credentials as creds
 from addons.connections import Injector, Router, parse_connections
 from addons.httputil import checked_snapshot
-from addons.mcp import parse_body
+from addons.mcpwire import parse_body
 from addons.record import Decision, Identity, Transient, get_record
 from addons.rules import RulesError
 from addons.vault import Vault

@@ -6,7 +6,7 @@ import json
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from addons import mcp, responses
+from addons import mcpwire, responses
 from addons.maskcore import DETECTORS, Profile, Rule, load_masking, mask_message
 from addons.masking import MaskTransform
 from addons.record import BastionRecord
@@ -157,10 +157,10 @@ def test_sse_stream_any_chunking_valid_and_no_secret_survives(cases, cut_points,
     assert all(out)                  # an empty chunk would end a chunked body
     data = b"".join(out)
     text = data.decode("utf-8")
-    events = [e for e in mcp.SSEParser().feed(data, final=True) if e.data]
+    events = [e for e in mcpwire.SSEParser().feed(data, final=True) if e.data]
     assert len(events) == len(cases)
     for e in events:
-        assert valid_jsonrpc(mcp.strict_loads(e.data))
+        assert valid_jsonrpc(mcpwire.strict_loads(e.data))
     for _, secrets in cases:
         for s in secrets:
             assert s not in text, s

@@ -13,7 +13,7 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcp, responses
+from addons import mcpwire, responses
 from addons.masking import Masking, MaskTransform, load_or_create_key, record_masks
 from addons.maskcore import MaskError
 from addons.record import Decision, Identity, MaskEvent, get_record
@@ -55,7 +55,7 @@ def call_flow(tool: str = "get_customer", roles: tuple[str, ...] = ("analyst",),
     rec = get_record(f.metadata)
     rec.connection = "demo"
     rec.identity = Identity(sub="alice", roles=roles)
-    parsed = mcp.parse_body(f.request.content)
+    parsed = mcpwire.parse_body(f.request.content)
     rec.messages, rec.batch = parsed.messages, parsed.batch
     rec.decisions = [Decision("allow", "r", message_id=m.id) for m in parsed.messages]
     return f, rec
@@ -296,9 +296,9 @@ def run_sse(rec, stream: bytes, cuts: list[int]) -> bytes:
 
 
 def events_of(data: bytes) -> list[dict]:
-    parser = mcp.SSEParser()
+    parser = mcpwire.SSEParser()
     evs = parser.feed(data, final=True)
-    return [mcp.strict_loads(e.data) for e in evs if e.data]
+    return [mcpwire.strict_loads(e.data) for e in evs if e.data]
 
 
 def test_sse_stream_masked_event_by_event(masking):
@@ -335,7 +335,7 @@ def test_sse_unmaskable_event_ends_stream_with_error(masking):
     out = run_sse(rec, stream, [])
     assert b"123-45-6789" not in out
     (err,) = events_of(out)
-    assert err["error"]["code"] == mcp.INTERNAL_ERROR
+    assert err["error"]["code"] == mcpwire.INTERNAL_ERROR
 
 
 # --- hot reload --------------------------------------------------------------------------
@@ -419,7 +419,7 @@ def test_invalid_utf8_body_is_replaced_not_passed(masking):
     bad = json.dumps(result_msg()).encode().replace(b"Alice", b"Al\xffice")
     f, rec = respond(masking, bad, {"content-type": "application/json"})
     assert_no_secret(f.response.content)
-    assert json.loads(f.response.content)["error"]["code"] == mcp.INTERNAL_ERROR
+    assert json.loads(f.response.content)["error"]["code"] == mcpwire.INTERNAL_ERROR
     assert rec.refusal
 
 
@@ -436,7 +436,7 @@ def test_compressed_body_is_decoded_masked_and_reencoded(masking):
 def test_unexpected_content_type_is_replaced_when_masking_required(masking):
     f, _ = respond(masking, json.dumps(CUSTOMER).encode(), {"content-type": "text/plain"})
     assert_no_secret(f.response.content)
-    assert json.loads(f.response.content)["error"]["code"] == mcp.INTERNAL_ERROR
+    assert json.loads(f.response.content)["error"]["code"] == mcpwire.INTERNAL_ERROR
 
 
 def test_new_key_file_changes_hashes(masking, tmp_path):
@@ -461,5 +461,5 @@ def test_sse_event_id_masked_with_the_request_profiles_and_dropped(masking):
               + b"id: resume-7\n" + sse(result_msg()))
     out = run_sse(rec, stream, list(range(1, len(stream))))
     assert b"123-45-6789" not in out
-    evs = mcp.SSEParser().feed(out, final=True)
+    evs = mcpwire.SSEParser().feed(out, final=True)
     assert [e.id for e in evs] == [None, "resume-7"]

@@ -12,7 +12,7 @@ from mitmproxy import http
 from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcp
+from addons import mcpwire
 from addons.failclosed import FailClosed
 from addons.mcpflow import McpParser, stream_key
 from addons.record import Identity, get_record
@@ -98,7 +98,7 @@ def test_compressed_attack_is_parsed_after_decoding(parser):
     bad = json.dumps({**CALL, "method": "Tools/call"}).encode()
     f, rec = mkflow(content=gzip.compress(bad), headers=[("content-encoding", "gzip")])
     p.request(f)
-    assert f.response.status_code == 404 and rpc_error(f)["code"] == mcp.METHOD_NOT_FOUND
+    assert f.response.status_code == 404 and rpc_error(f)["code"] == mcpwire.METHOD_NOT_FOUND
 
 
 @pytest.mark.parametrize("enc,data", [
@@ -109,7 +109,7 @@ def test_undecodable_encoding_refused(parser, enc, data):
     p, _ = parser
     f, rec = mkflow(content=data, headers=[("content-encoding", enc)])
     p.request(f)
-    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcp.PARSE_ERROR
+    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcpwire.PARSE_ERROR
     assert rec.refusal and not rec.messages
 
 
@@ -167,15 +167,15 @@ def test_get_without_body_is_a_checked_stream(parser):
 
 
 @pytest.mark.parametrize("content,code,status", [
-    (b"{not json", mcp.PARSE_ERROR, 400),
-    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"ping"}', mcp.PARSE_ERROR, 400),
-    (b'\xef\xbb\xbf{"jsonrpc":"2.0","id":1,"method":"ping"}', mcp.PARSE_ERROR, 400),
-    (b'{"jsonrpc":"2.0","id":1,"method":"ping","x":"\xff"}', mcp.PARSE_ERROR, 400),
-    (b'{"hello":"world"}', mcp.INVALID_REQUEST, 400),
-    (b"[]", mcp.INVALID_REQUEST, 400),
-    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call ","params":{"name":"x"}}', mcp.METHOD_NOT_FOUND, 404),
+    (b"{not json", mcpwire.PARSE_ERROR, 400),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"ping"}', mcpwire.PARSE_ERROR, 400),
+    (b'\xef\xbb\xbf{"jsonrpc":"2.0","id":1,"method":"ping"}', mcpwire.PARSE_ERROR, 400),
+    (b'{"jsonrpc":"2.0","id":1,"method":"ping","x":"\xff"}', mcpwire.PARSE_ERROR, 400),
+    (b'{"hello":"world"}', mcpwire.INVALID_REQUEST, 400),
+    (b"[]", mcpwire.INVALID_REQUEST, 400),
+    (b'{"jsonrpc":"2.0","id":1,"method":"tools/call ","params":{"name":"x"}}', mcpwire.METHOD_NOT_FOUND, 404),
     (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":"{}"}}',
-     mcp.INVALID_PARAMS, 400),
+     mcpwire.INVALID_PARAMS, 400),
 ])
 def test_bad_bodies_refused_with_jsonrpc_errors(parser, content, code, status):
     p, _ = parser
@@ -221,10 +221,10 @@ def test_routing_headers_checked(parser):
     f, rec = mkflow(obj=obj, headers=[("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", "tools/call"),
                                       ("Mcp-Name", "read_file")])
     p.request(f)
-    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcp.HEADER_MISMATCH
+    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcpwire.HEADER_MISMATCH
     f, rec = mkflow(obj=obj, headers=routing(obj) + [("mcp-method", "tools/call")])
     p.request(f)
-    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcp.HEADER_MISMATCH
+    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcpwire.HEADER_MISMATCH
 
 
 TOOLS_LIST_RESULT = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [
@@ -251,7 +251,7 @@ def test_param_headers_refused_before_schema_is_known_then_checked(parser):
     obj = modern()
     f, _ = mkflow(obj=obj, headers=routing(obj) + [("Mcp-Param-Region", "eu")])
     p.request(f)
-    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcp.HEADER_MISMATCH
+    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcpwire.HEADER_MISMATCH
     learn_from_tools_list(p)
     assert p.param_maps[("demo", "query_sql")] == {"mcp-param-region": ("region",)}
     f, _ = mkflow(obj=obj, headers=routing(obj) + [("Mcp-Param-Region", "eu")])
@@ -259,7 +259,7 @@ def test_param_headers_refused_before_schema_is_known_then_checked(parser):
     assert f.response is None
     f, _ = mkflow(obj=obj, headers=routing(obj) + [("Mcp-Param-Region", "us")])
     p.request(f)
-    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcp.HEADER_MISMATCH
+    assert f.response.status_code == 400 and rpc_error(f)["code"] == mcpwire.HEADER_MISMATCH
     f, _ = mkflow(obj=obj, headers=routing(obj) + [("Mcp-Param-Sql", "select 1")])
     p.request(f)
     assert f.response.status_code == 400
@@ -440,7 +440,7 @@ def test_wrapped_parser_fails_closed(monkeypatch):
     p = McpParser()
     wrapped = FailClosed(p)
     with taddons.context(Opts(), wrapped):
-        monkeypatch.setattr(mcp, "parse_body", lambda *a, **k: 1 / 0)
+        monkeypatch.setattr(mcpwire, "parse_body", lambda *a, **k: 1 / 0)
         f, rec = mkflow()
         wrapped.request(f)
         assert f.response.status_code == 502 and rec.refusal

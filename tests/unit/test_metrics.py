@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 
 import pytest
 
-from addons import mcp
+from addons import mcpwire
 from addons.metrics import GatewayMetrics, Metrics
 from addons.record import Decision, MaskEvent, get_record
 from addons.store import StoreWriter
@@ -22,7 +22,7 @@ def _flow(tool: str, action: str | None, rule: str | None = None, masks=(), refu
     f = tflow.tflow(resp=True)
     rec = get_record(f.metadata)
     rec.connection = "demo"
-    rec.messages = [mcp.parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+    rec.messages = [mcpwire.parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                                        "params": {"name": tool, "arguments": {"sql": "SELECT '123-45-6789'"}}})]
     if action:
         rec.decisions = [Decision(action, rule)]
@@ -63,7 +63,7 @@ def test_unknown_methods_collapse_to_a_bounded_label():
     m = GatewayMetrics()
     f = _flow("t", "deny")
     rec = get_record(f.metadata)
-    rec.messages = [mcp.Message(kind="request", raw={}, id=1, method="evil/" + "x" * 50)]
+    rec.messages = [mcpwire.Message(kind="request", raw={}, id=1, method="evil/" + "x" * 50)]
     m.observe(rec, 0.01)
     assert _value(m, 'bastion_requests_total{connection="demo",decision="deny",method="other"}') == 1
 

@@ -200,7 +200,7 @@ def test_bad_programs_file_is_refused(tmp_path):
 
 
 def test_operators_true_means_lists_not_redirects(tmp_path):
-    from addons.mcp import Message
+    from addons.mcpwire import Message
     from addons.policy_rules import evaluate
     from addons.record import Identity
     (tmp_path / "policy.yaml").write_text(
@@ -218,7 +218,7 @@ def test_operators_true_means_lists_not_redirects(tmp_path):
 
 
 def test_wrapped_commands_are_checked_like_any_other(tmp_path):
-    from addons.mcp import Message
+    from addons.mcpwire import Message
     from addons.policy_rules import evaluate
     from addons.record import Identity
     (tmp_path / "policy.yaml").write_text(

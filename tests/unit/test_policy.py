@@ -12,7 +12,7 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcp
+from addons import mcpwire
 from addons import policy as policy_mod
 from addons.connections import Router
 from addons.policy import APPROVAL_UNAVAILABLE, BLAST_RADIUS, DENIED, RATE_LIMITED, Policy
@@ -33,7 +33,7 @@ def flow(body, ident=DEV, conn="demo"):
     f = tflow.tflow(req=tutils.treq(method=b"POST", path=f"/mcp/{conn}".encode(), content=raw))
     rec = get_record(f.metadata)
     rec.connection, rec.identity = conn, ident
-    parsed = mcp.parse_body(raw)
+    parsed = mcpwire.parse_body(raw)
     rec.messages, rec.batch = parsed.messages, parsed.batch
     return f, rec
 
@@ -243,7 +243,7 @@ def test_allowed_sql_is_forwarded_rewritten_and_recorded_so(tmp_path):
     assert [m["params"]["arguments"]["sql"] for m in sent] == [
         "SELECT REVERSE(CAST('[MASKED:ssn]' AS TEXT)) FROM customers", "SELECT id FROM customers"]
     assert [m.arguments["sql"] for m in rec.messages] == [m["params"]["arguments"]["sql"] for m in sent]
-    assert mcp.decode_header_value(f.request.headers["Mcp-Param-Sql"]) == sent[0]["params"]["arguments"]["sql"]
+    assert mcpwire.decode_header_value(f.request.headers["Mcp-Param-Sql"]) == sent[0]["params"]["arguments"]["sql"]
     assert "original: SELECT REVERSE(ssn) FROM customers" in rec.decisions[0].reason
 
 

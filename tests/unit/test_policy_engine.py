@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcp, sqlclass
+from addons import mcpwire, sqlclass
 from addons.connections import Router
 from addons.policy import DENIED, RATE_LIMITED, Policy as PolicyAddon, RateLimiter, govern_server_request
 from addons.policy_rules import evaluate, explain, filter_list_result, load_policy, visible
@@ -30,7 +30,7 @@ def policy(tmp_path: Path, text: str, blocklist: str | None = None):
 
 def call(tool: str, args: dict | None = None, msg_id=1, method="tools/call"):
     params = {"name": tool, "arguments": args or {}} if method != "resources/read" else {"uri": tool}
-    return mcp.parse_message({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+    return mcpwire.parse_message({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
 
 
 # --- predicates -------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_default_deny_and_baseline(tmp_path):
     p = policy(tmp_path, "rules: []\n")
     assert evaluate(p, DEV, "demo", call("anything")).action == "deny"
     assert evaluate(p, DEV, "demo", call("anything")).rule is None
-    init = mcp.parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    init = mcpwire.parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
     assert evaluate(p, DEV, "demo", init).action == "allow"            # baseline plumbing
     assert evaluate(p, None, "demo", init).action == "deny"            # only for verified identities
     # resources and prompts are default deny too
@@ -279,7 +279,7 @@ def _flow(tmp_path, body, ident=DEV):
     f = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/mcp/demo", content=json.dumps(body).encode()))
     rec = get_record(f.metadata)
     rec.connection, rec.identity = "demo", ident
-    parsed = mcp.parse_body(json.dumps(body).encode())
+    parsed = mcpwire.parse_body(json.dumps(body).encode())
     rec.messages, rec.batch = parsed.messages, parsed.batch
     return f, rec
 

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from addons import mcp
+from addons import mcpwire
 from addons.policy_rules import evaluate, explain, filter_list_result, load_policy, visible
 from addons.record import Identity
 from addons.rules import RulesError
@@ -23,7 +23,7 @@ def load(tmp_path, text):
 
 
 def msg(method, **params):
-    return mcp.parse_message({"jsonrpc": "2.0", "id": 7, "method": method, "params": params})
+    return mcpwire.parse_message({"jsonrpc": "2.0", "id": 7, "method": method, "params": params})
 
 
 TARGETS = """

@@ -10,7 +10,7 @@ import pytest
 from mitmproxy import io as mio
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcp, recorder as recmod
+from addons import mcpwire, recorder as recmod
 from addons.record import Decision, Identity, MaskEvent, get_record
 from addons.recorder import Recorder, StreamTap, build_flows, format_timeline, redact_headers, redact_path
 from addons.store import Store
@@ -43,7 +43,7 @@ def mcp_flow(body: dict | list, *, session: str | None = "sess-1", sub: str = "a
     rec = get_record(f.metadata)
     rec.connection = "demo"
     rec.identity = Identity(sub=sub, roles=("analyst",), client_id="cli-app", issuer="https://idp")
-    parsed = mcp.parse_body(raw)
+    parsed = mcpwire.parse_body(raw)
     rec.messages, rec.batch = parsed.messages, parsed.batch
     rec.protocol_version = "2025-11-25"
     if resp is not None:
@@ -141,7 +141,7 @@ async def test_denied_call_records_decision_refusal_and_error_the_caller_saw(rec
     r, tctx, root = rec_ctx
     f, rec = mcp_flow(call(3, tool="drop_table"))
     rec.decisions.append(Decision("deny", rule="no-ddl", reason="DDL is not allowed", message_id=3))
-    err = mcp.jsonrpc_error(3, -32001, "denied by rule no-ddl: DDL is not allowed")
+    err = mcpwire.jsonrpc_error(3, -32001, "denied by rule no-ddl: DDL is not allowed")
     f.response = tresp(status_code=200, content=json.dumps(err).encode(),
                               headers=((b"content-type", b"application/json"),))
     rec.refuse("DDL is not allowed", "no-ddl")
@@ -382,7 +382,7 @@ async def _scripted_session(r, root):
     f, rec = mcp_flow(call(2, "drop_table", {"t": "users"}), session="sess-replay")
     rec.decisions.append(Decision("deny", rule="no-ddl", reason="DDL is not allowed", message_id=2))
     rec.refuse("DDL is not allowed", "no-ddl")
-    f.response = tresp(status_code=200, content=json.dumps(mcp.jsonrpc_error(2, -32001, "denied: no-ddl")).encode(),
+    f.response = tresp(status_code=200, content=json.dumps(mcpwire.jsonrpc_error(2, -32001, "denied: no-ddl")).encode(),
                               headers=((b"content-type", b"application/json"),))
     await run(r, f, rec)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons
 
-from addons import mcp
+from addons import mcpwire
 from addons.record import Decision, MaskEvent
 from addons.recorder import Recorder
 from addons.store import Store
@@ -41,7 +41,7 @@ async def generate(root: Path) -> None:
             f, rec = mcp_flow(call(2, "run_sql", {"sql": "DROP TABLE users"}), session=sess, sub="bob")
             rec.decisions.append(Decision("deny", rule="no-ddl", reason="DDL is not allowed", message_id=2))
             rec.refuse("DDL is not allowed", "no-ddl")
-            f.response = tresp(status_code=200, content=json.dumps(mcp.jsonrpc_error(2, -32001, "denied by no-ddl")).encode(),
+            f.response = tresp(status_code=200, content=json.dumps(mcpwire.jsonrpc_error(2, -32001, "denied by no-ddl")).encode(),
                                headers=((b"content-type", b"application/json"),))
             await run(r, f, rec)
             # approved payment by carol, approver dave

@@ -14,7 +14,7 @@ from addons import cli
 from addons.auditchain import loose_modes
 from addons.maskcore import load_masking, parse_masking
 from addons.maskview import masked_body
-from addons.mcp import Message
+from addons.mcpwire import Message
 from addons.recorder import FlowEvents
 from addons.redaction import SecretRedaction
 from addons.rules import RulesError, load_yaml

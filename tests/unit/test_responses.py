@@ -9,7 +9,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcp
+from addons import mcpwire
 from addons.connections import Router
 from addons.failclosed import FailClosed
 from addons.record import get_record
@@ -61,7 +61,7 @@ def mkflow(body: bytes, ctype="application/json", conn="demo", transforms=(), ma
     rec = get_record(f.metadata)
     rec.connection = conn
     if req:
-        rec.messages = mcp.parse_body(json.dumps(req).encode()).messages
+        rec.messages = mcpwire.parse_body(json.dumps(req).encode()).messages
     rec.response_transforms = list(transforms)
     rec.mask_required = mask_required
     return f, rec
@@ -70,7 +70,7 @@ def mkflow(body: bytes, ctype="application/json", conn="demo", transforms=(), ma
 def is_gateway_error(f, msg_id=5) -> bool:
     body = json.loads(f.response.content)
     return (f.response.status_code == 200 and body["id"] == msg_id
-            and body["error"]["code"] == mcp.INTERNAL_ERROR and "123-45" not in f.response.text)
+            and body["error"]["code"] == mcpwire.INTERNAL_ERROR and "123-45" not in f.response.text)
 
 
 # --- pure helpers -------------------------------------------------------------------------
@@ -230,8 +230,8 @@ def run_stream(stream, chunks: list[bytes]) -> bytes:
     return b"".join(out)
 
 
-def events_of(data: bytes) -> list[mcp.SSEEvent]:
-    p = mcp.SSEParser()
+def events_of(data: bytes) -> list[mcpwire.SSEEvent]:
+    p = mcpwire.SSEParser()
     return p.feed(data) + p.feed(b"", final=True)
 
 
@@ -309,7 +309,7 @@ def test_sse_transform_raising_ends_stream_with_error_event(rw):
     err = b"".join(s(ev(RESULT)))
     assert b"123-45-6789" not in err
     errs = events_of(err)
-    assert len(errs) == 1 and json.loads(errs[0].data)["error"]["code"] == mcp.INTERNAL_ERROR
+    assert len(errs) == 1 and json.loads(errs[0].data)["error"]["code"] == mcpwire.INTERNAL_ERROR
     assert json.loads(errs[0].data)["id"] == 5
     assert s(ev(RESULT)) == [] and s(b"") == []          # stream closed: nothing more passes
     assert rec.refusal and first
@@ -324,7 +324,7 @@ def test_sse_uncheckable_event_with_masking_ends_stream(rw, bad):
     f, rec = sse_flow(rw, transforms=[mask], mask_required=True)
     out = run_stream(f.response.stream, [bad, ev(RESULT)])
     assert b"123-45-6789" not in out and rec.refusal
-    assert json.loads(events_of(out)[0].data)["error"]["code"] == mcp.INTERNAL_ERROR
+    assert json.loads(events_of(out)[0].data)["error"]["code"] == mcpwire.INTERNAL_ERROR
 
 
 def test_sse_other_event_types_pass_without_masking(rw):

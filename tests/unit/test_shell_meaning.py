@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 
-from addons.mcp import Message
+from addons.mcpwire import Message
 from addons.policy_rules import evaluate, explain, load_policy
 from addons.record import Identity
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from addons.mcp import parse_message
+from addons.mcpwire import parse_message
 from addons.policy_rules import evaluate, load_policy
 from addons.record import Identity
 from addons.sqlclass import MAX_SQL_CHARS, classify, function_data

@@ -1,4 +1,4 @@
-"""addons/mcp.py SSEParser: an incremental text/event-stream parser that must give the same
+"""addons/mcpwire.py SSEParser: an incremental text/event-stream parser that must give the same
 events and the same raw bytes for every way the transport splits the stream.
 
 The MCP SDK client's own SSE decoder (httpx2._sse) is the reference for what a client sees.
@@ -11,8 +11,8 @@ from httpx2._sse import _SSEParser as ClientSSEParser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from addons import mcp
-from addons.mcp import McpParseError, SSEEvent, SSEParser, iter_sse_messages
+from addons import mcpwire
+from addons.mcpwire import McpParseError, SSEEvent, SSEParser, iter_sse_messages
 from tests.fuzzing import examples
 
 
@@ -190,7 +190,7 @@ def test_invalid_utf8_refused():
     for bad in (b"data: \xff\n\n", b"data: \xc3\n\n", b"event: \xed\xa0\x80\ndata: x\n\n"):
         with pytest.raises(McpParseError) as ei:
             feed_all([bad])
-        assert ei.value.code == mcp.PARSE_ERROR
+        assert ei.value.code == mcpwire.PARSE_ERROR
     # a multi-byte character split across chunks is fine
     data = "data: é€😀\n\n".encode()
     for i in range(len(data)):

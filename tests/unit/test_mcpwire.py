@@ -1,4 +1,4 @@
-"""addons/mcp.py: strict JSON, JSON-RPC/MCP message parsing, 2026-07-28 routing headers.
+"""addons/mcpwire.py: strict JSON, JSON-RPC/MCP message parsing, 2026-07-28 routing headers.
 
 Every refusal has an attack case and a legitimate-use case next to it. Routing-header
 behaviour is compared with the SDK's own server-side checks on the same inputs.
@@ -11,8 +11,8 @@ import json
 import pytest
 from mcp.shared import inbound as sdk
 
-from addons import mcp
-from addons.mcp import (HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR,
+from addons import mcpwire
+from addons.mcpwire import (HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR,
                         McpParseError, check_param_headers, check_routing_headers, decode_header_value,
                         param_header_map, parse_body, parse_message, strict_loads)
 
@@ -114,12 +114,12 @@ def test_escaped_surrogate_pair_is_a_real_character():
 
 
 def test_depth_limit():
-    ok = "[" * mcp.MAX_DEPTH + "]" * mcp.MAX_DEPTH
+    ok = "[" * mcpwire.MAX_DEPTH + "]" * mcpwire.MAX_DEPTH
     strict_loads(ok)
-    too_deep = "[" * (mcp.MAX_DEPTH + 1) + "]" * (mcp.MAX_DEPTH + 1)
+    too_deep = "[" * (mcpwire.MAX_DEPTH + 1) + "]" * (mcpwire.MAX_DEPTH + 1)
     with pytest.raises(McpParseError, match="deeper"):
         strict_loads(too_deep)
-    nested = '{"a":' * (mcp.MAX_DEPTH + 1) + "1" + "}" * (mcp.MAX_DEPTH + 1)
+    nested = '{"a":' * (mcpwire.MAX_DEPTH + 1) + "1" + "}" * (mcpwire.MAX_DEPTH + 1)
     with pytest.raises(McpParseError):
         strict_loads(nested)
 
@@ -270,20 +270,20 @@ def test_batches():
 
 
 def test_message_properties_are_defensive():
-    m = mcp.Message(kind="request", raw={"params": {"arguments": "s", "_meta": 1}}, id=1, method="tools/call")
+    m = mcpwire.Message(kind="request", raw={"params": {"arguments": "s", "_meta": 1}}, id=1, method="tools/call")
     assert m.arguments == {} and m.meta == {} and m.tool_name is None and m.protocol_version is None
 
 
 def test_jsonrpc_error_shape():
-    assert mcp.jsonrpc_error(1, -32600, "m") == {"jsonrpc": "2.0", "id": 1, "error": {"code": -32600, "message": "m"}}
-    assert mcp.jsonrpc_error(None, 1, "m", {"x": 1})["error"]["data"] == {"x": 1}
+    assert mcpwire.jsonrpc_error(1, -32600, "m") == {"jsonrpc": "2.0", "id": 1, "error": {"code": -32600, "message": "m"}}
+    assert mcpwire.jsonrpc_error(None, 1, "m", {"x": 1})["error"]["data"] == {"x": 1}
 
 
 # --- routing headers (2026-07-28) --------------------------------------------------------
 
 def modern_call(name="query_sql", arguments=None, method="tools/call", msg_id=1):
     params = {"_meta": dict(META)}
-    key = mcp.NAME_BEARING_METHODS.get(method)
+    key = mcpwire.NAME_BEARING_METHODS.get(method)
     if key:
         params[key] = name
     if method == "tools/call":
@@ -293,7 +293,7 @@ def modern_call(name="query_sql", arguments=None, method="tools/call", msg_id=1)
 
 def good_headers(obj) -> list[tuple[str, str]]:
     h = [("MCP-Protocol-Version", "2026-07-28"), ("Mcp-Method", obj["method"])]
-    key = mcp.NAME_BEARING_METHODS.get(obj["method"])
+    key = mcpwire.NAME_BEARING_METHODS.get(obj["method"])
     if key:
         h.append(("Mcp-Name", sdk.encode_header_value(obj["params"][key])))
     return h
