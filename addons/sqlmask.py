@@ -11,6 +11,7 @@ Constructs that reach a column without naming it are expanded or refused:
                                   rule's declared column list, else refused
   `* EXCLUDE/REPLACE`, `* LIKE`, `COLUMNS(...)`, `#n`, a table used as a row value
   (`SELECT c FROM customers c`, `to_json(customers)`), NATURAL JOIN, `USING (ssn)`,
+  a column alias list on such a table (`customers AS t(a, b, c, d)` renames ssn to d),
   PIVOT/UNPIVOT directly over such a table                      -> refused
 """
 from __future__ import annotations
@@ -112,6 +113,9 @@ class _Rewriter:
         # that table has a column of that name (columns bind first)
         rows: dict[str, set[str]] = {}
         for t, key in risky.items():
+            # `customers AS t(a, b, c, d)` renames columns by position: `d` is then ssn unmasked
+            if isinstance(t.args.get("alias"), exp.TableAlias) and t.args["alias"].columns:
+                raise Refused(f"a column alias list on {key} (rename its columns in a subquery)")
             cols = {c.lower() for c in self.policy.schema.get(key, ())}
             for n in [key.rsplit(".", 1)[-1]] + ([self.norm(t.args["alias"].this)] if t.alias else []):
                 rows[n] = rows[n] & cols if n in rows else cols
