@@ -187,13 +187,18 @@ def cte_names_visible(tbl: exp.Table) -> bool:
     child: exp.Expression = tbl
     node = tbl.parent
     while node is not None:
-        w = (node.args.get("with_") or node.args.get("with")) if isinstance(node, exp.Expression) else None
-        if isinstance(w, exp.With):
-            ctes = list(w.expressions)
-            inside = next((i for i, c in enumerate(ctes) if child is c), None)
-            visible = ctes if inside is None else ctes[: inside + (1 if w.args.get("recursive") else 0)]
-            if any(c.alias_or_name.lower() == name for c in visible):
-                return True
+        if isinstance(node, exp.With):
+            # inside a CTE's body: only the CTEs before it (and itself when RECURSIVE); a
+            # non-recursive `WITH customers AS (FROM customers)` reads the real table
+            ctes = list(node.expressions)
+            inside = next((i for i, c in enumerate(ctes) if child is c), len(ctes))
+            visible = ctes[: inside + (1 if node.args.get("recursive") else 0)]
+        else:
+            w = node.args.get("with_") or node.args.get("with")
+            # the statement's body (not its WITH, handled above) sees every CTE
+            visible = list(w.expressions) if isinstance(w, exp.With) and child is not w else []
+        if any(c.alias_or_name.lower() == name for c in visible):
+            return True
         child, node = node, node.parent
     return False
 

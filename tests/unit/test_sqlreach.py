@@ -67,6 +67,14 @@ TABLE = [
     ("SELECT * FROM glob('/home/*')", {"read", "files"}, set()),
     ("SELECT * FROM parquet_metadata('x.parquet')", {"read", "files"}, set()),
     ("WITH a AS (SELECT * FROM read_text('/etc/hostname')) SELECT * FROM a", {"read", "files"}, set()),
+    # a non-recursive CTE's body does not see its own name (nor later CTEs): the real file / catalog
+    ('WITH "/tmp/s.csv" AS (SELECT * FROM "/tmp/s.csv") SELECT * FROM "/tmp/s.csv"', {"read", "files"},
+     {"/tmp/s.csv"}),
+    ("WITH duckdb_settings AS (FROM duckdb_settings) SELECT * FROM duckdb_settings", {"read", "system"},
+     {"duckdb_settings"}),
+    ("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a", {"read"}, {"b"}),
+    ("WITH RECURSIVE r AS (SELECT 1 AS n UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT * FROM r",
+     {"read"}, set()),
     ("SELECT name FROM customers WHERE name IN (SELECT content FROM read_text('/etc/passwd'))",
      {"read", "files"}, {"customers"}),
     ("COPY customers TO '/tmp/out.csv'", {"files"}, {"customers"}),
@@ -223,6 +231,9 @@ LEAKS = [
     "SELECT name FROM customers WHERE ssn LIKE '1%' ORDER BY ssn",
     "SELECT json_object('a', main.customers.ssn) FROM main.customers",
     "SELECT max(secret) FROM api_keys GROUP BY owner",
+    "WITH customers AS (SELECT * FROM customers) SELECT * FROM customers",
+    "WITH x AS (SELECT * FROM api_keys), api_keys AS (SELECT 1 AS z) SELECT * FROM x",
+    "WITH a AS (SELECT 1), x AS (WITH customers AS (FROM customers) FROM customers) SELECT * FROM x",
 ]
 
 
