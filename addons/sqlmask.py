@@ -12,6 +12,7 @@ Constructs that reach a column without naming it are expanded or refused:
   `* EXCLUDE/REPLACE`, `* LIKE`, `COLUMNS(...)`, `#n`, a table used as a row value
   (`SELECT c FROM customers c`, `to_json(customers)`), NATURAL JOIN, `USING (ssn)`,
   a column alias list on such a table (`customers AS t(a, b, c, d)` renames ssn to d),
+  method-call syntax on a name (`ssn.reverse()`, `c.to_json()`: the parser keeps no column),
   PIVOT/UNPIVOT directly over such a table                      -> refused
 """
 from __future__ import annotations
@@ -135,6 +136,15 @@ class _Rewriter:
                 for ident in node.args.get("using") or ():
                     if self.policy.style(self.norm(ident)):
                         raise Refused(f"JOIN ... USING ({ident.name}): a sensitive column")
+            if isinstance(node, exp.Dot) and not isinstance(node.parent, exp.Dot):
+                base = node
+                while isinstance(base, (exp.Dot, exp.Paren)):
+                    base = base.this
+                # DuckDB's method syntax `ssn.reverse()`, `c.to_json()`: sqlglot keeps the
+                # receiver as a bare name, not a column, so it would escape the masking
+                if isinstance(base, exp.Identifier):
+                    raise Refused(f"{node.sql(dialect=self.dialect)[:60]}: method-call syntax over a table "
+                                  "with sensitive columns (write f(x) instead of x.f())")
             if isinstance(node, exp.Var) and self.policy.style(node.name.lower()):
                 raise Refused(f"{node.name} used where the parser does not see a column")
             if isinstance(node, exp.Column) and isinstance(node.this, exp.Identifier):
