@@ -86,6 +86,8 @@ TABLE = [
     ("SELECT * FROM duckdb_secrets()", {"read", "system"}, set()),
     ("SELECT name, value FROM duckdb_settings", {"read", "system"}, {"duckdb_settings"}),
     ("SELECT getenv('HOME')", {"read", "system"}, set()),
+    # index_key looks up an index of a table named in its first argument (the catalog)
+    ("SELECT index_key({'table': 'customers'}, 'customers_pk', 1)", {"read", "system"}, set()),
     ("SELECT getvariable('x')", {"read", "system"}, set()),
     ("SELECT * FROM information_schema.tables", {"read", "system"}, {"information_schema.tables"}),
     ("SELECT * FROM pragma_table_info('customers')", {"read", "system"}, set()),
