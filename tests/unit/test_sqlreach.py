@@ -86,6 +86,12 @@ TABLE = [
     ("SELECT * FROM duckdb_secrets()", {"read", "system"}, set()),
     ("SELECT name, value FROM duckdb_settings", {"read", "system"}, {"duckdb_settings"}),
     ("SELECT getenv('HOME')", {"read", "system"}, set()),
+    # a table function after LATERAL / OUTER APPLY is still the table function (reads the named table)
+    ("SELECT * FROM LATERAL histogram('api_keys', secret)", {"read", "exec", "unknown"}, set()),
+    ("SELECT * FROM customers OUTER APPLY histogram('customers', ssn)", {"read", "exec", "unknown"},
+     {"customers"}),
+    ("SELECT * FROM customers, LATERAL read_text(name)", {"read", "files"}, {"customers"}),
+    ("SELECT * FROM customers CROSS JOIN LATERAL range(id) AS r(n)", {"read"}, {"customers"}),
     # index_key looks up an index of a table named in its first argument (the catalog)
     ("SELECT index_key({'table': 'customers'}, 'customers_pk', 1)", {"read", "system"}, set()),
     ("SELECT getvariable('x')", {"read", "system"}, set()),
@@ -283,6 +289,7 @@ def test_predicates_are_no_oracle(demo_db):
     ("SELECT current_setting('threads')", "current_setting(): system"),
     ("SELECT * FROM duckdb_secrets()", "duckdb_secrets(): system"),
     ("SELECT * FROM query('SELECT 1')", "query(): exec"),
+    ("SELECT * FROM LATERAL histogram('api_keys', #3)", "histogram(): exec"),
 ])
 def test_refusals_name_the_cause(sql, why):
     d = decide(sql)
