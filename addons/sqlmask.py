@@ -18,7 +18,9 @@ Constructs that reach a column without naming it are expanded or refused:
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from sqlglot import exp
 
@@ -28,16 +30,33 @@ STYLES = ("redact", "last4")
 
 
 @dataclass(frozen=True)
+class HiddenNames:
+    """Key names rules/masking.yaml hides: field globs and key-name regexes (case-insensitive)."""
+    globs: tuple[str, ...] = ()
+    regexes: tuple[str, ...] = ()
+
+    def match(self, name: str) -> bool:
+        n = name.lower()
+        return any(fnmatch.fnmatchcase(n, g) for g in self.globs) or \
+            any(_regex(r).search(n) for r in self.regexes)
+
+
+@lru_cache(maxsize=256)
+def _regex(rx: str) -> re.Pattern:
+    return re.compile(rx, re.I)
+
+
+@dataclass(frozen=True)
 class ColumnPolicy:
     sensitive: dict[str, str]                      # column (case-folded) -> style
     schema: dict[str, tuple[str, ...]] = field(default_factory=dict)   # table key -> its columns
-    patterns: tuple[str, ...] = ()                 # name globs (rules/masking.yaml): style redact
+    patterns: HiddenNames = HiddenNames()          # names rules/masking.yaml hides: style redact
 
     def style(self, column: str) -> str | None:
         """The mask of a column name (case-folded), or None when it is not sensitive."""
         if column in self.sensitive:
             return self.sensitive[column]
-        return "redact" if any(fnmatch.fnmatchcase(column, p) for p in self.patterns) else None
+        return "redact" if self.patterns.match(column) else None
 
     def risky(self, table: str) -> bool:
         """May a `*` over this table reach a sensitive column?"""
@@ -68,7 +87,7 @@ def mask_expression(name: str, style: str, column: exp.Column) -> exp.Expression
 
 
 def rewrite(info: SqlInfo, policy: ColumnPolicy) -> Rewrite:
-    if not (policy.sensitive or policy.patterns) or info.canonical is None:
+    if not (policy.sensitive or policy.patterns.globs or policy.patterns.regexes) or info.canonical is None:
         return Rewrite(info.canonical)
     try:
         trees = info.trees()

@@ -434,6 +434,24 @@ def test_sensitive_columns_from_masking_yaml_follow_its_field_globs(tmp_path):
     assert d.rewrites == (("sql", "SELECT REVERSE(CAST('[MASKED:webhook_secret]' AS TEXT)), name FROM t"),)
 
 
+def test_sensitive_columns_from_masking_yaml_follow_its_name_regexes_and_paths(tmp_path):
+    """What masking.yaml hides by a key-name regex or a JSONPath ending in a name is a
+    sensitive column too (output masking would hide it; SQL transforms must not reveal it)."""
+    (tmp_path / "masking.yaml").write_text(
+        "version: 1\ndefault_profile: p\nprofiles:\n  p:\n    rules:\n"
+        "      - {name: a, regex: [\"^pass(word|phrase)$\"], style: redact}\n"
+        "      - {name: b, path: $..api_token, style: redact}\n"
+        "      - {name: c, path: $.billing.iban, style: redact}\n")
+    (tmp_path / "policy.yaml").write_text(
+        "rules:\n  - name: r\n    when:\n      tool: query_sql\n      sql:\n        class: [read]\n"
+        "        tables: {t: [id, password, api_token, iban, passwords]}\n        sensitive_columns: masking\n"
+        "    allow: true\n")
+    cols = load_policy(tmp_path).rules[0].sql.columns
+    assert set(cols.sensitive) == {"password", "api_token", "iban"}
+    d = evaluate(load_policy(tmp_path), ANALYST, "demo", _msg("SELECT reverse(PassPhrase), passwords FROM t"))
+    assert d.rewrites == (("sql", "SELECT REVERSE(CAST('[MASKED:passphrase]' AS TEXT)), passwords FROM t"),)
+
+
 def test_caller_sql_never_reaches_the_log(caplog):
     import logging
     with caplog.at_level(logging.DEBUG):
