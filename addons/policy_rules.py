@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from jsonpath_ng import jsonpath as jp
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse
 from sqlglot import exp
@@ -31,7 +32,7 @@ from addons.programs import SHIPPED as SHIPPED_PROGRAMS, Model, load_models
 from addons.record import Decision, Identity
 from addons.rules import Located, load_yaml, rules_files
 from addons.shellguard import Pattern, ScanBudgetExceeded, ScanCache, scan, shell_info, text_size
-from addons.sqlmask import STYLES, ColumnPolicy, rewrite as sql_rewrite
+from addons.sqlmask import STYLES, ColumnPolicy, HiddenNames, rewrite as sql_rewrite
 
 DEFAULT_METHOD = "tools/call"
 DEFAULT_APPROVAL_TIMEOUT = 120.0
@@ -394,7 +395,7 @@ _SQL_KEYS = {"arg", "class", "any_class", "not_class", "tables", "any_table", "s
 
 
 def _parse_sql(loc: Located, when: Any, dialect: str, action: str = "allow",
-               masking_fields: tuple[str, ...] = ()) -> SqlPredicate | None:
+               masking_fields: HiddenNames = HiddenNames()) -> SqlPredicate | None:
     s = when.get("sql")
     if s is None:
         return None
@@ -446,16 +447,17 @@ def _sql_tables(loc: Located, s: Any, dialect: str) -> tuple[frozenset[str] | No
 
 
 def _sql_columns(loc: Located, s: Any, schema: dict[str, tuple[str, ...]],
-                 masking_fields: tuple[str, ...]) -> ColumnPolicy | None:
+                 masking_fields: HiddenNames) -> ColumnPolicy | None:
     """`sensitive_columns: [ssn]`, `{ssn: redact, card_number: last4}`, or `masking` (every
-    column whose name a field glob of rules/masking.yaml matches; style redact)."""
+    column whose name rules/masking.yaml hides: a field glob, a key-name regex or the last
+    name of a JSONPath; style redact)."""
     v = s.get("sensitive_columns")
     if v is None:
         return None
     if v == "masking":
         if not schema:
             raise loc.error(s, "'sensitive_columns: masking' needs 'tables' with column lists", "sensitive_columns")
-        cols = {c for cs in schema.values() for c in cs if _any_glob(c, masking_fields)}
+        cols = {c for cs in schema.values() for c in cs if masking_fields.match(c)}
         # undeclared names the globs match (a column added later) are masked too
         return ColumnPolicy({c: "redact" for c in sorted(cols)}, schema, masking_fields)
     if isinstance(v, list) and all(isinstance(c, str) for c in v):
@@ -468,16 +470,39 @@ def _sql_columns(loc: Located, s: Any, schema: dict[str, tuple[str, ...]],
     raise loc.error(s, "'sensitive_columns' takes a list, a mapping column: style, or 'masking'", "sensitive_columns")
 
 
-def masking_field_globs(rules_dir: str | Path) -> tuple[str, ...]:
-    """Lower-case key-name globs of every masking rule that hides something (not `keep`)."""
+def masked_names(rules_dir: str | Path) -> HiddenNames:
+    """The key names every masking rule that hides something (not `keep`) matches: its field
+    globs, its key-name regexes, and the last name of each JSONPath (`$..api_token`,
+    `$.billing.iban`: a column of that name holds what output masking would hide)."""
     f = Path(rules_dir) / "masking.yaml"
     data = load_yaml(f) if f.exists() else None
-    out: list[str] = []
+    globs: list[str] = []
+    regexes: list[str] = []
     for prof in ((data or {}).get("profiles") or {}).values() if isinstance(data, dict) else ():
         for r in (prof or {}).get("rules") or () if isinstance(prof, dict) else ():
             if isinstance(r, dict) and r.get("style") != "keep":
-                out += [str(x).lower() for x in r.get("fields") or () if isinstance(x, str)]
-    return tuple(dict.fromkeys(out))
+                globs += [x.lower() for x in _yaml_strs(r.get("fields"))]
+                regexes += _yaml_strs(r.get("regex"))
+                for expr in _yaml_strs(r.get("path")) + _yaml_strs(r.get("paths")):
+                    globs += _last_path_names(expr)
+    return HiddenNames(tuple(dict.fromkeys(globs)), tuple(dict.fromkeys(regexes)))
+
+
+def _yaml_strs(v: Any) -> list[str]:
+    return [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+
+
+def _last_path_names(expr: str) -> list[str]:
+    """`$..a.b` / `$.a['b']` -> ['b'] (the name the path ends in); [] when it ends otherwise."""
+    try:
+        node = jsonpath_parse(expr)
+    except Exception:  # noqa: BLE001 - masking.yaml's own loader reports a bad path
+        return []
+    while isinstance(node, (jp.Child, jp.Descendants)):
+        node = node.right
+    if isinstance(node, jp.Fields):
+        return [n.lower() for n in node.fields if n != "*"]
+    return []
 
 
 def _parse_shell(loc: Located, when: Any, models: dict[str, Model]) -> ShellPredicate | None:
@@ -587,7 +612,7 @@ def _parse_blast(loc: Located, node: Any, name: str) -> BlastRadius | None:
 
 
 def parse_rule(loc: Located, node: Any, index: int, dialect: str, models: dict[str, Model] | None = None,
-               masking_fields: tuple[str, ...] = ()) -> Rule:
+               masking_fields: HiddenNames = HiddenNames()) -> Rule:
     if not isinstance(node, dict):
         raise loc.error(node, "a rule must be a mapping")
     unknown = set(map(str, node)) - _RULE_KEYS
@@ -690,7 +715,7 @@ def load_policy(rules_dir: str | Path) -> Policy:
     dialect = "duckdb"
     files = []
     names: dict[str, str] = {}
-    masking_fields = masking_field_globs(rules_dir)
+    masking_fields = masked_names(rules_dir)
     models = load_models(programs_file(rules_dir))
     for f in rules_files(rules_dir, "policy"):
         if not f.exists():

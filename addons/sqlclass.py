@@ -187,13 +187,18 @@ def cte_names_visible(tbl: exp.Table) -> bool:
     child: exp.Expression = tbl
     node = tbl.parent
     while node is not None:
-        w = (node.args.get("with_") or node.args.get("with")) if isinstance(node, exp.Expression) else None
-        if isinstance(w, exp.With):
-            ctes = list(w.expressions)
-            inside = next((i for i, c in enumerate(ctes) if child is c), None)
-            visible = ctes if inside is None else ctes[: inside + (1 if w.args.get("recursive") else 0)]
-            if any(c.alias_or_name.lower() == name for c in visible):
-                return True
+        if isinstance(node, exp.With):
+            # inside a CTE's body: only the CTEs before it (and itself when RECURSIVE); a
+            # non-recursive `WITH customers AS (FROM customers)` reads the real table
+            ctes = list(node.expressions)
+            inside = next((i for i, c in enumerate(ctes) if child is c), len(ctes))
+            visible = ctes[: inside + (1 if node.args.get("recursive") else 0)]
+        else:
+            w = node.args.get("with_") or node.args.get("with")
+            # the statement's body (not its WITH, handled above) sees every CTE
+            visible = list(w.expressions) if isinstance(w, exp.With) and child is not w else []
+        if any(c.alias_or_name.lower() == name for c in visible):
+            return True
         child, node = node, node.parent
     return False
 
@@ -267,18 +272,23 @@ class _Analysis:
             self.add(FILES, "COPY")
         elif isinstance(node, exp.Table):
             self.table(node)
-        elif isinstance(node, exp.Func) and not _is_table_function(node):
+        elif isinstance(node, exp.Func) and _is_table_function(node):
+            self.table_function(node)
+        elif isinstance(node, exp.Func):
             self.function(node)
+
+    def table_function(self, src: exp.Func) -> None:
+        """FROM read_csv(...), FROM range(5), JOIN LATERAL histogram('t', c)"""
+        name = func_name(src, self.dialect) or type(src).__name__.lower()
+        self.funcs.add(name)
+        cls = self.data.table_class(name)
+        self.add(cls, f"{name}()")
+        self.exec_arguments(src, name, cls)
 
     def table(self, tbl: exp.Table) -> None:
         src = tbl.this
-        if isinstance(src, exp.Func):                       # FROM read_csv(...), FROM range(5)
-            name = func_name(src, self.dialect) or type(src).__name__.lower()
-            self.funcs.add(name)
-            cls = self.data.table_class(name)
-            self.add(cls, f"{name}()")
-            self.exec_arguments(src, name, cls)
-            return
+        if isinstance(src, exp.Func):
+            return                                          # judged as a table function (node())
         if not isinstance(src, exp.Identifier):
             self.add(UNKNOWN, f"table expression {type(src).__name__}")
             return
@@ -329,7 +339,9 @@ class _Analysis:
 
 
 def _is_table_function(node: exp.Func) -> bool:
-    return isinstance(node.parent, exp.Table) and node.arg_key == "this"
+    """A call in FROM position: `FROM f(...)` (a Table) or `LATERAL f(...)` / `OUTER APPLY f(...)`
+    (a Lateral): DuckDB runs the *table* function of that name (histogram('t', c) reads t)."""
+    return isinstance(node.parent, (exp.Table, exp.Lateral)) and node.arg_key == "this"
 
 
 CACHED_SQL_CHARS = 4096

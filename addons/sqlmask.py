@@ -11,12 +11,16 @@ Constructs that reach a column without naming it are expanded or refused:
                                   rule's declared column list, else refused
   `* EXCLUDE/REPLACE`, `* LIKE`, `COLUMNS(...)`, `#n`, a table used as a row value
   (`SELECT c FROM customers c`, `to_json(customers)`), NATURAL JOIN, `USING (ssn)`,
+  a column alias list on such a table (`customers AS t(a, b, c, d)` renames ssn to d),
+  method-call syntax on a name (`ssn.reverse()`, `c.to_json()`: the parser keeps no column),
   PIVOT/UNPIVOT directly over such a table                      -> refused
 """
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from sqlglot import exp
 
@@ -26,16 +30,33 @@ STYLES = ("redact", "last4")
 
 
 @dataclass(frozen=True)
+class HiddenNames:
+    """Key names rules/masking.yaml hides: field globs and key-name regexes (case-insensitive)."""
+    globs: tuple[str, ...] = ()
+    regexes: tuple[str, ...] = ()
+
+    def match(self, name: str) -> bool:
+        n = name.lower()
+        return any(fnmatch.fnmatchcase(n, g) for g in self.globs) or \
+            any(_regex(r).search(n) for r in self.regexes)
+
+
+@lru_cache(maxsize=256)
+def _regex(rx: str) -> re.Pattern:
+    return re.compile(rx, re.I)
+
+
+@dataclass(frozen=True)
 class ColumnPolicy:
     sensitive: dict[str, str]                      # column (case-folded) -> style
     schema: dict[str, tuple[str, ...]] = field(default_factory=dict)   # table key -> its columns
-    patterns: tuple[str, ...] = ()                 # name globs (rules/masking.yaml): style redact
+    patterns: HiddenNames = HiddenNames()          # names rules/masking.yaml hides: style redact
 
     def style(self, column: str) -> str | None:
         """The mask of a column name (case-folded), or None when it is not sensitive."""
         if column in self.sensitive:
             return self.sensitive[column]
-        return "redact" if any(fnmatch.fnmatchcase(column, p) for p in self.patterns) else None
+        return "redact" if self.patterns.match(column) else None
 
     def risky(self, table: str) -> bool:
         """May a `*` over this table reach a sensitive column?"""
@@ -66,7 +87,7 @@ def mask_expression(name: str, style: str, column: exp.Column) -> exp.Expression
 
 
 def rewrite(info: SqlInfo, policy: ColumnPolicy) -> Rewrite:
-    if not (policy.sensitive or policy.patterns) or info.canonical is None:
+    if not (policy.sensitive or policy.patterns.globs or policy.patterns.regexes) or info.canonical is None:
         return Rewrite(info.canonical)
     try:
         trees = info.trees()
@@ -112,6 +133,9 @@ class _Rewriter:
         # that table has a column of that name (columns bind first)
         rows: dict[str, set[str]] = {}
         for t, key in risky.items():
+            # `customers AS t(a, b, c, d)` renames columns by position: `d` is then ssn unmasked
+            if isinstance(t.args.get("alias"), exp.TableAlias) and t.args["alias"].columns:
+                raise Refused(f"a column alias list on {key} (rename its columns in a subquery)")
             cols = {c.lower() for c in self.policy.schema.get(key, ())}
             for n in [key.rsplit(".", 1)[-1]] + ([self.norm(t.args["alias"].this)] if t.alias else []):
                 rows[n] = rows[n] & cols if n in rows else cols
@@ -131,6 +155,15 @@ class _Rewriter:
                 for ident in node.args.get("using") or ():
                     if self.policy.style(self.norm(ident)):
                         raise Refused(f"JOIN ... USING ({ident.name}): a sensitive column")
+            if isinstance(node, exp.Dot) and not isinstance(node.parent, exp.Dot):
+                base = node
+                while isinstance(base, (exp.Dot, exp.Paren)):
+                    base = base.this
+                # DuckDB's method syntax `ssn.reverse()`, `c.to_json()`: sqlglot keeps the
+                # receiver as a bare name, not a column, so it would escape the masking
+                if isinstance(base, exp.Identifier):
+                    raise Refused(f"{node.sql(dialect=self.dialect)[:60]}: method-call syntax over a table "
+                                  "with sensitive columns (write f(x) instead of x.f())")
             if isinstance(node, exp.Var) and self.policy.style(node.name.lower()):
                 raise Refused(f"{node.name} used where the parser does not see a column")
             if isinstance(node, exp.Column) and isinstance(node.this, exp.Identifier):

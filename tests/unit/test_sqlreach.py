@@ -67,6 +67,14 @@ TABLE = [
     ("SELECT * FROM glob('/home/*')", {"read", "files"}, set()),
     ("SELECT * FROM parquet_metadata('x.parquet')", {"read", "files"}, set()),
     ("WITH a AS (SELECT * FROM read_text('/etc/hostname')) SELECT * FROM a", {"read", "files"}, set()),
+    # a non-recursive CTE's body does not see its own name (nor later CTEs): the real file / catalog
+    ('WITH "/tmp/s.csv" AS (SELECT * FROM "/tmp/s.csv") SELECT * FROM "/tmp/s.csv"', {"read", "files"},
+     {"/tmp/s.csv"}),
+    ("WITH duckdb_settings AS (FROM duckdb_settings) SELECT * FROM duckdb_settings", {"read", "system"},
+     {"duckdb_settings"}),
+    ("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a", {"read"}, {"b"}),
+    ("WITH RECURSIVE r AS (SELECT 1 AS n UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT * FROM r",
+     {"read"}, set()),
     ("SELECT name FROM customers WHERE name IN (SELECT content FROM read_text('/etc/passwd'))",
      {"read", "files"}, {"customers"}),
     ("COPY customers TO '/tmp/out.csv'", {"files"}, {"customers"}),
@@ -78,6 +86,14 @@ TABLE = [
     ("SELECT * FROM duckdb_secrets()", {"read", "system"}, set()),
     ("SELECT name, value FROM duckdb_settings", {"read", "system"}, {"duckdb_settings"}),
     ("SELECT getenv('HOME')", {"read", "system"}, set()),
+    # a table function after LATERAL / OUTER APPLY is still the table function (reads the named table)
+    ("SELECT * FROM LATERAL histogram('api_keys', secret)", {"read", "exec", "unknown"}, set()),
+    ("SELECT * FROM customers OUTER APPLY histogram('customers', ssn)", {"read", "exec", "unknown"},
+     {"customers"}),
+    ("SELECT * FROM customers, LATERAL read_text(name)", {"read", "files"}, {"customers"}),
+    ("SELECT * FROM customers CROSS JOIN LATERAL range(id) AS r(n)", {"read"}, {"customers"}),
+    # index_key looks up an index of a table named in its first argument (the catalog)
+    ("SELECT index_key({'table': 'customers'}, 'customers_pk', 1)", {"read", "system"}, set()),
     ("SELECT getvariable('x')", {"read", "system"}, set()),
     ("SELECT * FROM information_schema.tables", {"read", "system"}, {"information_schema.tables"}),
     ("SELECT * FROM pragma_table_info('customers')", {"read", "system"}, set()),
@@ -223,6 +239,9 @@ LEAKS = [
     "SELECT name FROM customers WHERE ssn LIKE '1%' ORDER BY ssn",
     "SELECT json_object('a', main.customers.ssn) FROM main.customers",
     "SELECT max(secret) FROM api_keys GROUP BY owner",
+    "WITH customers AS (SELECT * FROM customers) SELECT * FROM customers",
+    "WITH x AS (SELECT * FROM api_keys), api_keys AS (SELECT 1 AS z) SELECT * FROM x",
+    "WITH a AS (SELECT 1), x AS (WITH customers AS (FROM customers) FROM customers) SELECT * FROM x",
 ]
 
 
@@ -255,6 +274,14 @@ def test_predicates_are_no_oracle(demo_db):
     ("SELECT * FROM orders", "orders"),
     ("SELECT * FROM (customers JOIN api_keys ON true)", "nested join"),
     ("SELECT * FROM (customers)", "parenthesised customers"),
+    ("SELECT d FROM customers t(a, b, c, d)", "column alias list on customers"),
+    ("SELECT ssn.reverse() FROM customers", "method-call syntax"),
+    ("SELECT (ssn).reverse() FROM customers", "method-call syntax"),
+    ("SELECT customers.ssn.upper() FROM customers", "method-call syntax"),
+    ("SELECT c.to_json() FROM customers c", "method-call syntax"),
+    ("SELECT k.secret.lower().upper() FROM api_keys k", "method-call syntax"),
+    ("SELECT x.s FROM api_keys AS x(i, o, s)", "column alias list on api_keys"),
+    ("SELECT c.id FROM api_keys k JOIN customers AS c(id, n, e) ON c.id = k.id", "column alias list on customers"),
     ("SELECT * ILIKE 'ss%' FROM customers", "*"),
     ("SELECT date_trunc(ssn, now()) FROM customers", "does not see a column"),
     ("SELECT EXTRACT(ssn FROM now()) FROM customers", "does not see a column"),
@@ -262,6 +289,7 @@ def test_predicates_are_no_oracle(demo_db):
     ("SELECT current_setting('threads')", "current_setting(): system"),
     ("SELECT * FROM duckdb_secrets()", "duckdb_secrets(): system"),
     ("SELECT * FROM query('SELECT 1')", "query(): exec"),
+    ("SELECT * FROM LATERAL histogram('api_keys', #3)", "histogram(): exec"),
 ])
 def test_refusals_name_the_cause(sql, why):
     d = decide(sql)
@@ -404,6 +432,24 @@ def test_sensitive_columns_from_masking_yaml_follow_its_field_globs(tmp_path):
     # a column the rule does not declare but a glob matches (added to the table later) is masked too
     d = evaluate(pol, ANALYST, "demo", _msg("SELECT reverse(webhook_secret), name FROM t"))
     assert d.rewrites == (("sql", "SELECT REVERSE(CAST('[MASKED:webhook_secret]' AS TEXT)), name FROM t"),)
+
+
+def test_sensitive_columns_from_masking_yaml_follow_its_name_regexes_and_paths(tmp_path):
+    """What masking.yaml hides by a key-name regex or a JSONPath ending in a name is a
+    sensitive column too (output masking would hide it; SQL transforms must not reveal it)."""
+    (tmp_path / "masking.yaml").write_text(
+        "version: 1\ndefault_profile: p\nprofiles:\n  p:\n    rules:\n"
+        "      - {name: a, regex: [\"^pass(word|phrase)$\"], style: redact}\n"
+        "      - {name: b, path: $..api_token, style: redact}\n"
+        "      - {name: c, path: $.billing.iban, style: redact}\n")
+    (tmp_path / "policy.yaml").write_text(
+        "rules:\n  - name: r\n    when:\n      tool: query_sql\n      sql:\n        class: [read]\n"
+        "        tables: {t: [id, password, api_token, iban, passwords]}\n        sensitive_columns: masking\n"
+        "    allow: true\n")
+    cols = load_policy(tmp_path).rules[0].sql.columns
+    assert set(cols.sensitive) == {"password", "api_token", "iban"}
+    d = evaluate(load_policy(tmp_path), ANALYST, "demo", _msg("SELECT reverse(PassPhrase), passwords FROM t"))
+    assert d.rewrites == (("sql", "SELECT REVERSE(CAST('[MASKED:passphrase]' AS TEXT)), passwords FROM t"),)
 
 
 def test_caller_sql_never_reaches_the_log(caplog):
