@@ -134,6 +134,16 @@ class VaultCredential:
         return "vault"
 
 
+async def single_flight(inflight: dict, key: Any, start: Callable[[], Awaitable[Any]]) -> Any:
+    """One running task per key, shared (and shielded from one caller's cancellation) by
+    every concurrent caller; the entry goes when the task ends."""
+    task = inflight.get(key)
+    if task is None:
+        task = inflight[key] = asyncio.ensure_future(start())
+        task.add_done_callback(lambda _t: inflight.pop(key, None))
+    return await asyncio.shield(task)
+
+
 def with_scheme(scheme: str | None, value: str) -> str:
     return f"{scheme} {value}" if scheme else value
 
@@ -234,12 +244,7 @@ class TokenExchanger:
         if tok is not None:
             return tok
         # single flight: concurrent calls of one subject share one exchange
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._exchange_and_cache(key, cred, subject_token))
-            self._inflight[key] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
-        return await asyncio.shield(task)
+        return await single_flight(self._inflight, key, lambda: self._exchange_and_cache(key, cred, subject_token))
 
     async def _exchange_and_cache(self, key: tuple, cred: ExchangeCredential, subject_token: str) -> str:
         tok, expires = await self._exchange(cred, subject_token)
@@ -323,12 +328,7 @@ class UpstreamCredentials:
         # single flight: a rotated refresh token is good once, a second use would fail (or
         # make the authorisation server revoke the whole grant)
         key = (connection, sub)
-        task = self._refreshing.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._do_refresh(cred, connection, sub))
-            self._refreshing[key] = task
-            task.add_done_callback(lambda _t: self._refreshing.pop(key, None))
-        return await asyncio.shield(task)
+        return await single_flight(self._refreshing, key, lambda: self._do_refresh(cred, connection, sub))
 
     async def _do_refresh(self, cred: VaultCredential, connection: str, sub: str) -> str:
         from addons.vault import NoEntry
