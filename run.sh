@@ -66,7 +66,7 @@ run_gateway() {
   local web=""
   if [ "${1:-}" = web ]; then shift; web="--web"; fi
   ensure_venv 0
-  exec "$VENV/bin/python" -m addons.launcher $web "$@"
+  exec "$VENV/bin/python" -m addons.cli.launcher $web "$@"
 }
 
 cmd="${1:-}"

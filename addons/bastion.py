@@ -16,27 +16,27 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from addons.failclosed import FailClosed  # noqa: E402
+from addons.hooks.failclosed import FailClosed  # noqa: E402
 
 log = logging.getLogger("bastion")
 
 # (module, class) in chain order; a module that does not exist yet is skipped, but the
 # Injector refuses to forward anything a missing stage should have checked.
 CHAIN = (
-    ("addons.connections", "Router"),
-    ("addons.identity", "Identity"),
-    ("addons.mcpflow", "McpParser"),
-    ("addons.schemacheck", "ArgSchema"),
-    ("addons.policy", "Policy"),
-    ("addons.integrity", "Integrity"),
-    ("addons.approval", "Approval"),
-    ("addons.masking", "Masking"),
-    ("addons.responses", "ResponseRewriter"),
-    ("addons.redaction", "SecretRedaction"),
-    ("addons.metrics", "Metrics"),
-    ("addons.recorder", "Recorder"),
-    ("addons.legacyrefusal", "LegacyRefusals"),
-    ("addons.connections", "Injector"),
+    ("addons.hooks.connections", "Router"),
+    ("addons.hooks.identity", "Identity"),
+    ("addons.hooks.mcpflow", "McpParser"),
+    ("addons.hooks.schemacheck", "ArgSchema"),
+    ("addons.hooks.policy", "Policy"),
+    ("addons.hooks.integrity", "Integrity"),
+    ("addons.hooks.approval", "Approval"),
+    ("addons.hooks.masking", "Masking"),
+    ("addons.hooks.responses", "ResponseRewriter"),
+    ("addons.hooks.redaction", "SecretRedaction"),
+    ("addons.hooks.metrics", "Metrics"),
+    ("addons.hooks.recorder", "Recorder"),
+    ("addons.hooks.legacyrefusal", "LegacyRefusals"),
+    ("addons.hooks.connections", "Injector"),
 )
 
 

@@ -29,10 +29,10 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from addons.bastion import CHAIN, build_chain  # noqa: E402
-from addons.failclosed import FailClosed  # noqa: E402
-from addons.httputil import refuse_http, refuse_jsonrpc  # noqa: E402
-from addons.mcpwire import jsonrpc_error  # noqa: E402
-from addons.record import Decision, Identity, get_record  # noqa: E402
+from addons.hooks.failclosed import FailClosed  # noqa: E402
+from addons.hooks.httputil import refuse_http, refuse_jsonrpc  # noqa: E402
+from addons.core.mcpwire import jsonrpc_error  # noqa: E402
+from addons.core.record import Decision, Identity, get_record  # noqa: E402
 from bench.stages import missing_stages  # noqa: E402
 
 log = logging.getLogger("bench.chain")
@@ -79,7 +79,7 @@ def _filter_list(message: dict) -> dict:
 
 
 class StandInPolicy:
-    """Allow the bench tools, deny the rest, filter tools/list (until addons/policy.py exists)."""
+    """Allow the bench tools, deny the rest, filter tools/list (until addons/hooks/policy.py exists)."""
 
     name = "policy"
 

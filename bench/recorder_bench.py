@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from addons.store import StoreWriter, encode_event  # noqa: E402
+from addons.core.audit.store import StoreWriter, encode_event  # noqa: E402
 
 
 def sample_event(i: int) -> dict:
@@ -80,9 +80,9 @@ def bench_group_commit(root: Path, n: int, concurrency: int) -> dict:
 
 async def bench_hooks(root: Path, calls: int, concurrency: int, record: bool) -> dict:
     from mitmproxy.test import taddons, tflow, tutils
-    from addons import mcpwire
-    from addons.record import Decision, Identity, MaskEvent, get_record
-    from addons.recorder import Recorder
+    from addons.core import mcpwire
+    from addons.core.record import Decision, Identity, MaskEvent, get_record
+    from addons.hooks.recorder import Recorder
 
     r = Recorder()
     lat: list[float] = []

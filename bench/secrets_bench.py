@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: E402
 
-from addons.auditchain import Chain, chain_key  # noqa: E402
-from addons.recorder import encode_redacted  # noqa: E402
-from addons.redaction import MessageRedactor  # noqa: E402
-from addons.record import BastionRecord  # noqa: E402
-from addons.secretscan import (  # noqa: E402
+from addons.core.audit.chain import Chain, chain_key  # noqa: E402
+from addons.hooks.recorder import encode_redacted  # noqa: E402
+from addons.hooks.redaction import MessageRedactor  # noqa: E402
+from addons.core.record import BastionRecord  # noqa: E402
+from addons.core.masking.secretscan import (  # noqa: E402
     MIN_FRAGMENT, Secret, SecretIndex, TokenIndexCache, pem_secrets, variants,
 )
-from addons.store import encode_event  # noqa: E402
+from addons.core.audit.store import encode_event  # noqa: E402
 
 
 def gateway_secrets() -> list[Secret]:

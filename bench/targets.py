@@ -176,13 +176,13 @@ class Stack:
         self.bastion_env: dict[str, str] = {"BENCH_ROOT": str(ROOT)}
         self.chain_script = self.work / "bench_chain.py"
         shutil.copy(ROOT / "bench" / "chain.py", self.chain_script)
-        if stage_available("addons.identity", "Identity") and stage_available("addons.identity", "mint_token"):
+        if stage_available("addons.hooks.identity", "Identity") and stage_available("addons.hooks.identity", "mint_token"):
             self.bastion_sets += ["--set", f"bastion_key_dir={self.key_dir}"]
             self.jwt = _mint_with_identity(self.key_dir, self.work)
         else:
             self.jwt, pub = _mint_standin(self.key_dir)
             self.bastion_env["BENCH_JWT_PUBLIC"] = str(pub)
-        if stage_available("addons.policy", "Policy"):
+        if stage_available("addons.hooks.policy", "Policy"):
             write_bench_policy(rules)
 
     def add_bastion(self, name: str, label: str, skip: list[str], env_extra: dict | None = None,
@@ -269,7 +269,7 @@ def _mint_standin(key_dir: Path) -> tuple[str, Path]:
 
 def _mint_with_identity(key_dir: Path, work: Path) -> str:
     """The identity addon's own issuer: mint_token(key_dir, sub, roles, ...)."""
-    from addons import identity
+    from addons.hooks import identity
     fn = identity.mint_token
     params = inspect.signature(fn).parameters
     kw = {}

@@ -12,8 +12,8 @@ import json
 import sys
 from typing import Any
 
-from addons.mcpclient import connect  # noqa: F401 - re-exported: tests and docs use demo.client.connect
-from addons.textsafe import esc
+from addons.core.mcpclient import connect  # noqa: F401 - re-exported: tests and docs use demo.client.connect
+from addons.core.textsafe import esc
 
 
 def result_json(result: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Regenerate the DuckDB `pure` list of addons/sql_functions.yaml from the installed DuckDB.
+"""Regenerate the DuckDB `pure` list of addons/core/sql/functions.yaml from the installed DuckDB.
 
 Usage: .venv/bin/python scripts/sql_functions_gen.py > /tmp/pure.txt
 Prints every scalar/aggregate/window/macro function of duckdb_functions() that the data
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import duckdb
 
-from addons.sqlclass import function_data
+from addons.core.sql.classify import function_data
 
 data = function_data("duckdb")
 classified = set(data.files) | set(data.system) | set(data.exec) | set(data.pure)

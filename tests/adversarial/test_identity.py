@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from addons.jwtverify import _private_key, jwk_thumbprint, mint_token
+from addons.core.identity.jwtverify import _private_key, jwk_thumbprint, mint_token
 from tests.adversarial.conftest import call
 
 CALL = call("get_customer", {"id": 1})       # an allowed call: only the identity is wrong

@@ -103,8 +103,8 @@ class DemoServer:
 
     def client_requests(self) -> list[dict]:
         """What reached the upstream on a client's behalf: not the gateway's own tools/list
-        (addons/schemacheck.py learns argument schemas with it, carrying no client data)."""
-        from addons.schemacheck import USER_AGENT
+        (addons/hooks/schemacheck.py learns argument schemas with it, carrying no client data)."""
+        from addons.hooks.schemacheck import USER_AGENT
         return [r for r in self.received()
                 if ("user-agent", USER_AGENT) not in [tuple(h) for h in r.get("headers", [])]]
 
@@ -137,7 +137,7 @@ class Gateway:
         return self.proc.text()
 
     def token(self, sub: str = "e2e", roles: tuple[str, ...] | list[str] = ("e2e-all",), **kw: Any) -> str:
-        from addons.identity import mint_token
+        from addons.hooks.identity import mint_token
         return mint_token(self.key_dir, sub, roles=tuple(roles), **kw)
 
 
@@ -253,9 +253,9 @@ def gateway_starter(tmp_path: Path, procs: list):
                *[a for sc in pre_scripts for a in ("-s", sc)],
                "-s", str(ROOT / "addons" / "bastion.py"), "--set", f"bastion_rules={rules}",
                "--set", "connection_strategy=lazy", "--set", "termlog_verbosity=info"]
-        if has_module("addons.identity"):
+        if has_module("addons.hooks.identity"):
             cmd += ["--set", f"bastion_key_dir={key_dir}"]
-        if has_module("addons.recorder"):
+        if has_module("addons.hooks.recorder"):
             cmd += ["--set", f"bastion_recordings={recordings}"]
         web_port = web_password = None
         if web:
@@ -268,7 +268,7 @@ def gateway_starter(tmp_path: Path, procs: list):
         p.wait_port(port, marker="listening at")
         if web_port is not None:
             p.wait_port(web_port)        # mitmweb's UI may come up after the proxy listener
-        if has_module("addons.identity"):
+        if has_module("addons.hooks.identity"):
             # the embedded issuer creates its key on load; wait for it so tests can mint tokens
             deadline = time.monotonic() + 10
             while not any(key_dir.glob("*.pem")) and time.monotonic() < deadline:

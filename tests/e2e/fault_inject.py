@@ -1,5 +1,5 @@
 """Fault injection for e2e tests, loaded with -s BEFORE addons/bastion.py: the hook named
-by BASTION_FAULT ("module:Class.hook", e.g. "addons.policy:Policy.request") raises.
+by BASTION_FAULT ("module:Class.hook", e.g. "addons.hooks.policy:Policy.request") raises.
 The gateway must refuse or replace, never forward unchecked, and stay up."""
 import importlib
 import os

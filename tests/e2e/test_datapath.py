@@ -194,7 +194,7 @@ def test_exception_in_an_addon_fails_closed(demo_server, rules_dir, gateway):
     demo = demo_server("json")
     gw = gateway(rules_dir(demo, **{"policy.yaml": ALLOW_ALL_POLICY}),
                  pre_scripts=(str(ROOT / "tests" / "e2e" / "fault_inject.py"),),
-                 env={"BASTION_FAULT": "addons.policy:Policy.request"})
+                 env={"BASTION_FAULT": "addons.hooks.policy:Policy.request"})
     r = raw_post(gw, json.dumps(INIT).encode(), gw.token("eve", ["e2e-all"]))
     assert r.status_code == 502
     assert r.json() == {"error": "gateway_error", "error_description": "the gateway could not check this request"}

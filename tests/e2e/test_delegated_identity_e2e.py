@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from addons import jwtverify as jv
+from addons.core.identity import jwtverify as jv
 from demo.client import connect
 from tests.e2e.conftest import ALLOW_ALL_POLICY, BIN, ROOT, Proc, free_port
 
@@ -253,7 +253,7 @@ async def test_oauth_vault_entry_refreshed_with_rotation(tmp_path, procs, demo_s
     r = httpx.post(f"{as_url}/token", data={"grant_type": "refresh_token", "refresh_token": "rt-alice-1"},
                    auth=(CLIENT_ID, secret.read_text().strip()))
     assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
-    from addons.vault import Vault, load_key
+    from addons.core.identity.vault import Vault, load_key
     stored = Vault.load(vault, load_key(f"file:{key}")).refresh_token("demo", "alice")
     assert stored and stored != "rt-alice-1" and stored.encode() not in vault.read_bytes()
     r = httpx.post(f"{as_url}/token", data={"grant_type": "refresh_token", "refresh_token": stored},

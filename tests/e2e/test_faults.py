@@ -52,10 +52,10 @@ def audited_refusals(gw) -> list[dict]:
         time.sleep(0.3)
 
 
-REQUEST_SIDE = ["addons.connections:Router.requestheaders", "addons.identity:Identity.request",
-                "addons.mcpflow:McpParser.request", "addons.schemacheck:ArgSchema.request", "addons.policy:Policy.request", "addons.approval:Approval.request",
-                "addons.masking:Masking.request", "addons.recorder:Recorder.request",
-                "addons.legacyrefusal:LegacyRefusals.request", "addons.connections:Injector.request"]
+REQUEST_SIDE = ["addons.hooks.connections:Router.requestheaders", "addons.hooks.identity:Identity.request",
+                "addons.hooks.mcpflow:McpParser.request", "addons.hooks.schemacheck:ArgSchema.request", "addons.hooks.policy:Policy.request", "addons.hooks.approval:Approval.request",
+                "addons.hooks.masking:Masking.request", "addons.hooks.recorder:Recorder.request",
+                "addons.hooks.legacyrefusal:LegacyRefusals.request", "addons.hooks.connections:Injector.request"]
 
 
 @pytest.mark.parametrize("target", REQUEST_SIDE)
@@ -70,9 +70,9 @@ def test_exception_in_a_request_hook_refuses_and_forwards_nothing(demo_server, r
     still_up(gw)
 
 
-@pytest.mark.parametrize("target", ["addons.responses:ResponseRewriter.response",
-                                    "addons.responses:ResponseRewriter.responseheaders",
-                                    "addons.recorder:Recorder.response"])
+@pytest.mark.parametrize("target", ["addons.hooks.responses:ResponseRewriter.response",
+                                    "addons.hooks.responses:ResponseRewriter.responseheaders",
+                                    "addons.hooks.recorder:Recorder.response"])
 def test_exception_in_a_response_hook_never_releases_the_unchecked_answer(demo_server, rules_dir, gateway, target):
     demo = demo_server("json")     # JSON answers: the SSN is in the body the hook would have masked
     gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY}), pre_scripts=(str(ROOT / "tests/e2e/fault_inject.py"),),
@@ -186,7 +186,7 @@ def test_unwritable_store_at_startup_stops_the_gateway(demo_server, rules_dir, g
 def test_refusals_after_faults_are_audited(demo_server, rules_dir, gateway):
     demo = demo_server("stateless")
     gw = gateway(rules_dir(demo, **{"policy.yaml": POLICY}), pre_scripts=(str(ROOT / "tests/e2e/fault_inject.py"),),
-                 env={"BASTION_FAULT": "addons.masking:Masking.request"})
+                 env={"BASTION_FAULT": "addons.hooks.masking:Masking.request"})
     assert post(gw, gw.token("eve", ["e2e-all"])).status_code == 502
     rows = audited_refusals(gw)
     assert any("internal error in masking" in (r.get("reason") or "") for r in rows), rows

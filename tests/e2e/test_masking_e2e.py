@@ -101,8 +101,8 @@ GATEWAY_SCRIPT = textwrap.dedent('''
     import sys
     sys.path.insert(0, {root!r})
     from addons.bastion import build_chain
-    from addons.failclosed import FailClosed
-    from addons.record import Decision, Identity, get_record
+    from addons.hooks.failclosed import FailClosed
+    from addons.core.record import Decision, Identity, get_record
 
 
     class StandInIdentityPolicy:

@@ -78,10 +78,10 @@ GATEWAY_SCRIPT = textwrap.dedent('''
     import os, sys
     sys.path.insert(0, {root!r})
     from addons.bastion import build_chain
-    from addons.failclosed import FailClosed
-    from addons.httputil import refuse_jsonrpc
-    from addons.mcpwire import jsonrpc_error
-    from addons.record import Decision, Identity, get_record
+    from addons.hooks.failclosed import FailClosed
+    from addons.hooks.httputil import refuse_jsonrpc
+    from addons.core.mcpwire import jsonrpc_error
+    from addons.core.record import Decision, Identity, get_record
 
 
     class StandInIdentity:

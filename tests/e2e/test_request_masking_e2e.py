@@ -20,7 +20,7 @@ from tests.e2e.test_approval_e2e import POLICY, cli, launches, pending
 def store_text(gw) -> str:
     """Every byte of the store (journals and segments) plus a full SQL dump of it."""
     raw = "\n".join(p.read_bytes().decode("latin-1") for p in gw.recordings.rglob("*") if p.is_file())
-    from addons.store import Store
+    from addons.core.audit.store import Store
     st = Store(gw.recordings)
     dump = "\n".join(r[0] for r in st.query("SELECT CAST(to_json(e) AS VARCHAR) FROM events e").fetchall())
     st.close()
@@ -69,7 +69,7 @@ async def test_held_call_with_env_password_is_masked_everywhere_but_upstream(dem
     gw.proc.stop()
     text = store_text(gw)
     assert password not in text and "[MASKED:env]" in text and demo.token not in text
-    from addons.store import Store
+    from addons.core.audit.store import Store
     st = Store(gw.recordings)
     rows = st.query("SELECT path, type FROM masks WHERE mask_profile = 'requests'").fetchall()
     assert ("$.params.arguments.env.DB_PASSWORD", "env") in rows
@@ -103,7 +103,7 @@ async def test_ordinary_arguments_are_stored_as_sent(stack):
         await c.call_tool("get_customer", {"id": 42})
         await c.call_tool("echo_text", {"text": "quarterly report for alice@example.com"})
     gw.proc.stop()
-    from addons.store import Store
+    from addons.core.audit.store import Store
     st = Store(gw.recordings)
     got = dict(st.query("SELECT tool, CAST(arguments AS VARCHAR) FROM messages WHERE kind = 'request' "
                         "AND tool IS NOT NULL").fetchall())

@@ -116,7 +116,7 @@ def test_gateway_secrets_never_reach_client_or_store(demo_server, rules_dir, gat
     # ... nor in the gateway's log (which names what it redacted, by label)
     assert not leaked(gw.log_text(), secrets) and "redacted known secret" in gw.log_text()
     gw.proc.stop()
-    from addons.store import Store
+    from addons.core.audit.store import Store
     st = Store(gw.recordings)
     rows = st.query("SELECT CAST(to_json(e) AS VARCHAR) FROM events e").fetchall()
     dump = "\n".join(r[0] for r in rows)

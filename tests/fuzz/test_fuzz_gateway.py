@@ -11,9 +11,13 @@ from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
 
-from addons import mcpwire, responses, shellguard
-from addons.policy_rules import evaluate, load_policy
-from addons.record import BastionRecord, Identity
+from addons.core import mcpwire
+
+from addons.hooks import responses
+
+from addons.core.shell import guard as shellguard
+from addons.core.policy.rules import evaluate, load_policy
+from addons.core.record import BastionRecord, Identity
 from tests.fuzzing import examples
 
 ROOT = Path(__file__).resolve().parents[2]

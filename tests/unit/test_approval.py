@@ -12,12 +12,14 @@ from mitmproxy import exceptions
 from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import maskcore, mcpwire
-from addons.approval import (APPROVAL_CANCELLED, APPROVAL_DENIED, APPROVAL_TIMEOUT, WEB_CONSOLE, Approval, Grants,
+from addons.core.masking import engine as maskcore
+
+from addons.core import mcpwire
+from addons.hooks.approval import (APPROVAL_CANCELLED, APPROVAL_DENIED, APPROVAL_TIMEOUT, WEB_CONSOLE, Approval, Grants,
                              display_arguments, fingerprint, redact_secret_keys)
-from addons.failclosed import FailClosed
-from addons.httputil import checked_snapshot
-from addons.record import Decision, Identity, get_record
+from addons.hooks.failclosed import FailClosed
+from addons.hooks.httputil import checked_snapshot
+from addons.core.record import Decision, Identity, get_record
 
 SECRET = "hunter2-Sup3rSecret"
 
@@ -630,7 +632,7 @@ async def test_comment_escapes_caller_chosen_text(approval):
 
 
 def test_webconsole_only_changes_mitmweb_and_default_columns():
-    from addons import webconsole
+    from addons.hooks import webconsole
     assert webconsole.install(object(), lambda f: True) is False           # mitmdump: nothing to take over
     assert webconsole.approval_columns(webconsole.DEFAULT_COLUMNS) == list(webconsole.APPROVAL_COLUMNS)
     assert "comment" in webconsole.APPROVAL_COLUMNS

@@ -1,4 +1,4 @@
-"""Tamper evidence (addons/auditchain.py + store): chains, signed manifests, `verify`."""
+"""Tamper evidence (addons/core/audit/chain.py + store): chains, signed manifests, `verify`."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from addons import cli
-from addons.auditchain import (
+from addons.core.audit.chain import (
     Chain, check_lines, load_or_create_signing_key, load_verify_key, manifest_path, public_pem, unseal,
     verify_store,
 )
-from addons.store import Sealing, Store, StoreWriter, encode_event, enforce_retention
+from addons.core.audit.store import Sealing, Store, StoreWriter, encode_event, enforce_retention
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ def test_forged_manifest_signature(tmp_path, key):
     rep = verify(root, key)
     assert rep.problems[0].file == mf and "signature" in rep.problems[0].reason
     # re-signed with another key: also refused
-    from addons.auditchain import sign_manifest
+    from addons.core.audit.chain import sign_manifest
     mf.write_text(json.dumps(sign_manifest(m, ed25519.Ed25519PrivateKey.generate())))
     assert "signature" in verify(root, key).problems[0].reason
 
@@ -205,7 +205,7 @@ def test_files_are_private_whatever_the_umask(tmp_path, key):
 
 def test_anchor_file_gets_each_manifest_digest(tmp_path, key):
     import hashlib
-    from addons.auditchain import _payload
+    from addons.core.audit.chain import _payload
     anchor_file = tmp_path / "worm" / "anchor.jsonl"
     anchor_file.parent.mkdir()
     for i in range(2):
@@ -221,8 +221,8 @@ def test_anchor_file_gets_each_manifest_digest(tmp_path, key):
 
 
 def test_crash_between_manifest_and_segment_rename_recovers(tmp_path, key):
-    from addons.auditchain import last_chain_value
-    from addons.store import journal_to_segment
+    from addons.core.audit.chain import last_chain_value
+    from addons.core.audit.store import journal_to_segment
     root = tmp_path / "rec"
     write(root, key, 2)
     d = root / "gw-a"

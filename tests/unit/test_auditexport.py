@@ -5,8 +5,8 @@ import json
 import time
 
 from addons import cli
-from addons.auditexport import ocsf_event
-from addons.store import StoreWriter, encode_event
+from addons.core.audit.export import ocsf_event
+from addons.core.audit.store import StoreWriter, encode_event
 
 SID = "sess-1"
 

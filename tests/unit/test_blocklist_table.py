@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from addons import mcpwire
-from addons.policy_rules import Rule, evaluate, load_policy
-from addons.record import Identity
+from addons.core import mcpwire
+from addons.core.policy.rules import Rule, evaluate, load_policy
+from addons.core.record import Identity
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = load_policy(ROOT / "rules")
@@ -229,10 +229,10 @@ def test_legit_count_meets_the_acceptance_table():
 
 def test_escapes_decoded_even_in_a_malformed_string():
     """A stray backslash must not keep \\u escapes from being decoded."""
-    from addons.shellguard import views
+    from addons.core.shell.guard import views
     assert any("nc -e /bin/sh" in v for v in views("n\\u0063 -\\u0065 /bin/sh \\"))
 
 
 def test_short_base64_blob_decoded():
-    from addons.shellguard import views
+    from addons.core.shell.guard import views
     assert "rm -rf /" in views(base64.b64encode(b"rm -rf /").decode())

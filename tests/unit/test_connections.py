@@ -1,4 +1,4 @@
-"""addons/connections.py: connection YAML validation (with line numbers), credentials,
+"""addons/hooks/connections.py: connection YAML validation (with line numbers), credentials,
 path tricks, legacy endpoint rewriting, and the Router / Injector addons."""
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import connections as cx
-from addons.connections import (Connection, Forwarder, Injector, Router, load_connections, parse_connections,
-                                plain_query, rewrite_endpoint, split_path, unchecked_reason)
-from addons.httputil import checked_snapshot
-from addons.failclosed import FailClosed
-from addons.mcpwire import parse_body
-from addons.record import BastionRecord, Decision, Identity, get_record
-from addons.rules import RulesError, load_yaml
+from addons.hooks import connections as cx
+from addons.core import connections as model
+from addons.core.connections import (Connection, load_connections, parse_connections, plain_query, rewrite_endpoint,
+                                     split_path)
+from addons.hooks.connections import Forwarder, Injector, Router, unchecked_reason
+from addons.hooks.httputil import checked_snapshot
+from addons.hooks.failclosed import FailClosed
+from addons.core.mcpwire import parse_body
+from addons.core.record import BastionRecord, Decision, Identity, get_record
+from addons.core.rules import RulesError, load_yaml
 
 SECRET = "svc-token-0123456789abcdef"
 
@@ -254,13 +256,13 @@ def test_load_connections_merges_d_directory_and_refuses_duplicates(tmp_path):
     write_rules(tmp_path, "connections:\n  a:\n    upstream: http://c/mcp\n", "connections.d/20-a.yaml")
     with pytest.raises(RulesError, match="defined twice"):
         load_connections(tmp_path / "rules")
-    assert cx.validate_dir(str(tmp_path / "rules"))
+    assert model.validate_dir(str(tmp_path / "rules"))
 
 
 def test_load_connections_without_file(tmp_path):
     (tmp_path / "rules").mkdir()
     assert load_connections(tmp_path / "rules") == {}
-    assert cx.validate_dir(str(tmp_path / "rules")) == []
+    assert model.validate_dir(str(tmp_path / "rules")) == []
 
 
 def test_cli_list_prints_no_secret(tmp_path, monkeypatch, capsys):
@@ -341,11 +343,11 @@ def test_rewrite_endpoint_refuses_other_origins_and_tricks(data):
 
 def test_announced_paths_are_bounded():
     conns = legacy_conns()
-    for i in range(cx.MAX_ANNOUNCED + 50):
+    for i in range(model.MAX_ANNOUNCED + 50):
         rewrite_endpoint("leg", f"/m/{i}", conns)
     ann = conns["leg"].announced
-    assert len(ann) == cx.MAX_ANNOUNCED
-    assert "/m/0" not in ann and f"/m/{cx.MAX_ANNOUNCED + 49}" in ann
+    assert len(ann) == model.MAX_ANNOUNCED
+    assert "/m/0" not in ann and f"/m/{model.MAX_ANNOUNCED + 49}" in ann
     rewrite_endpoint("leg", "/m/60", conns)          # re-announcing refreshes it
     assert next(reversed(ann)) == "/m/60"
 

@@ -1,4 +1,4 @@
-"""Upstream credential kinds (addons/credentials.py): RFC 8693 token exchange client and
+"""Upstream credential kinds (addons/core/identity/credentials.py): RFC 8693 token exchange client and
 cache, vault lookups, consent errors, rules parsing, and the Injector's use of them."""
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import httpx
 import jwt
 import pytest
 
-from addons import credentials as creds
-from addons.connections import Injector, Router, parse_connections
-from addons.httputil import checked_snapshot
-from addons.mcpwire import parse_body
-from addons.record import Decision, Identity, Transient, get_record
-from addons.rules import RulesError
-from addons.vault import Vault
+from addons.core.identity import credentials as creds
+from addons.core.connections import parse_connections
+from addons.hooks.connections import Injector, Router
+from addons.hooks.httputil import checked_snapshot
+from addons.core.mcpwire import parse_body
+from addons.core.record import Decision, Identity, Transient, get_record
+from addons.core.rules import RulesError
+from addons.core.identity.vault import Vault
 
 EXCHANGE = creds.ExchangeCredential(token_endpoint="https://as.example/token", audience="api", scope="read",
                                     client_id="gw id", client_secret="s3cr:et&", client_secret_source="env:X")
@@ -186,12 +187,12 @@ async def test_for_call_by_kind(tmp_path):
     assert e.value.rule == "credential:vault-revoked"
 
     def broken():
-        from addons.vault import VaultError
+        from addons.core.identity.vault import VaultError
         raise VaultError("no vault key")
     with pytest.raises(creds.CredentialRefused) as e:
         await creds.UpstreamCredentials(fake.exchanger(), broken).for_call("demo", vc, None, "alice", "iss", None)
     assert e.value.status == 503 and e.value.rule == "credential:vault-unavailable"
-    from addons.connections import Credential
+    from addons.core.connections import Credential
     svc = await up.for_call("demo", Credential("env:X"), "Bearer svc", "alice", "iss", None)
     assert (svc.header, svc.value, svc.kind) == ("Authorization", "Bearer svc", "service")
     assert await up.for_call("demo", None, None, "alice", "iss", None) is None
@@ -263,7 +264,7 @@ def test_bad_delegated_credentials_are_rules_errors(tmp_path, credential, msg):
 @pytest.fixture
 def injector_chain(tmp_path):
     from mitmproxy.test import taddons
-    from addons.failclosed import FailClosed
+    from addons.hooks.failclosed import FailClosed
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "connections.yaml").write_text(
         "connections:\n"
@@ -344,8 +345,8 @@ def test_subject_token_never_survives_a_copy_of_the_flow(injector_chain):
 
 async def test_identity_keeps_the_caller_token_only_for_exchange_connections(tmp_path, monkeypatch):
     from mitmproxy.test import taddons, tflow, tutils
-    from addons import jwtverify as jv
-    from addons.identity import Identity as IdentityAddon
+    from addons.core.identity import jwtverify as jv
+    from addons.hooks.identity import Identity as IdentityAddon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "connections.yaml").write_text(

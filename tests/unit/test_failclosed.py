@@ -1,4 +1,4 @@
-"""addons/failclosed.py: an exception in any bastion addon refuses the flow (HTTP 502 with a
+"""addons/hooks/failclosed.py: an exception in any bastion addon refuses the flow (HTTP 502 with a
 JSON body naming no internals) instead of mitmproxy's default of logging and carrying on."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from mitmproxy import command, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons.failclosed import FailClosed
-from addons.record import get_record
+from addons.hooks.failclosed import FailClosed
+from addons.core.record import get_record
 
 INTERNAL = "SECRET_INTERNAL_DETAIL /opt/app/addons/x.py line 42"
 

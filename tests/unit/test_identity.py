@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import jwtverify as jv
-from addons.connections import Router
-from addons.identity import Identity
-from addons.record import get_record
+from addons.core.identity import jwtverify as jv
+from addons.hooks.connections import Router
+from addons.hooks.identity import Identity
+from addons.core.record import get_record
 
 HOST = "gw.test:8080"
 

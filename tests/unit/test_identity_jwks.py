@@ -15,8 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons.identity import Identity
-from addons.record import get_record
+from addons.hooks.identity import Identity
+from addons.core.record import get_record
 
 AUD = "https://gw.test/mcp"
 

@@ -9,10 +9,10 @@ import time
 import jwt
 import pytest
 
-from addons import jwtverify as jv
+from addons.core.identity import jwtverify as jv
 from addons.cli import main as cli_main
-from addons.record import Identity
-from addons.rules import RulesError
+from addons.core.record import Identity
+from addons.core.rules import RulesError
 
 
 def test_claim_path_and_roles():

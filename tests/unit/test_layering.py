@@ -11,36 +11,70 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ADDONS = ROOT / "addons"
-# modules with logic only: parsing, policy, masking, audit, identity verification, credentials
-PURE = ("mcpwire", "record", "rules", "policy_rules", "sqlclass", "sqlmask", "shellguard", "shellsyntax",
-        "shellpolicy", "programs", "pathguard", "argschema", "maskcore", "toolintegrity", "jwtverify", "store",
-        "auditchain", "auditexport", "secretscan", "privatefiles", "textsafe", "sessions", "credentials", "vault")
+CORE = sorted((ADDONS / "core").rglob("*.py"))
+HOOKS = sorted((ADDONS / "hooks").glob("*.py"))
 
 
-def imported_modules(path: Path) -> set[str]:
-    names: set[str] = set()
+def imports(path: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """(module, names imported from it) for every import statement in the file."""
+    out: list[tuple[str, tuple[str, ...]]] = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
+            out += [(a.name, ()) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-    return names
+            out.append((node.module, tuple(a.name for a in node.names)))
+    return out
 
 
-@pytest.mark.parametrize("name", PURE)
-def test_pure_modules_import_no_mitmproxy(name):
-    bad = sorted(m for m in imported_modules(ADDONS / f"{name}.py") if m == "mitmproxy" or m.startswith("mitmproxy."))
-    assert not bad, f"addons/{name}.py imports {bad}: keep it free of mitmproxy"
+def rel(p: Path) -> str:
+    return str(p.relative_to(ROOT))
 
 
-def test_no_module_in_addons_shadows_an_installed_package():
+def test_layout_has_the_three_layers():
+    assert len(CORE) > 20 and len(HOOKS) > 10, (len(CORE), len(HOOKS))
+    assert (ADDONS / "cli" / "__init__.py").exists()
+    flat = sorted(f.name for f in ADDONS.glob("*.py") if f.name not in ("__init__.py", "bastion.py"))
+    assert not flat, f"modules left in the flat addons/ folder: {flat}"
+
+
+@pytest.mark.parametrize("path", CORE, ids=rel)
+def test_core_imports_no_mitmproxy_hooks_or_cli(path):
+    bad = sorted(m for m, _ in imports(path)
+                 if m.split(".")[0] == "mitmproxy" or m.startswith(("addons.hooks", "addons.cli", "addons.bastion")))
+    assert not bad, f"{rel(path)} imports {bad}: core stays free of mitmproxy and of the hook and CLI layers"
+
+
+@pytest.mark.parametrize("path", HOOKS, ids=rel)
+def test_hooks_do_not_reach_into_each_other(path):
+    """A hook module may use another hook module's public helpers, never its internals, and
+    never the CLI."""
+    bad = []
+    for m, names in imports(path):
+        if m.startswith("addons.cli"):
+            bad.append(m)
+        elif m.startswith("addons.hooks."):
+            bad += [f"{m}.{n}" for n in names if n.startswith("_")]
+    assert not bad, f"{rel(path)} imports {bad}"
+
+
+def test_layering_check_catches_a_violation(tmp_path):
+    """The checks above can fail: a core module importing mitmproxy is seen."""
+    f = tmp_path / "x.py"
+    f.write_text("from mitmproxy import http\nfrom addons.hooks.integrity import _private\n")
+    assert ("mitmproxy", ("http",)) in imports(f) and ("addons.hooks.integrity", ("_private",)) in imports(f)
+
+
+def test_no_name_in_addons_shadows_an_installed_package():
+    """mitmproxy's script loader puts addons/ on sys.path: none of its top-level names may
+    hide an installed package (addons/mcp.py once hid the SDK)."""
     import importlib.util
-    for f in ADDONS.glob("*.py"):
-        if f.stem in ("__init__",):
+    for f in ADDONS.iterdir():
+        stem = f.stem if f.suffix == ".py" else f.name if f.is_dir() else None
+        if stem in (None, "__init__", "__pycache__"):
             continue
-        spec = importlib.util.find_spec(f.stem) if f.stem not in sys.modules else None
-        assert spec is None or spec.origin is None or Path(spec.origin).parent == ADDONS, \
-            f"addons/{f.name} shadows the installed package {f.stem} inside mitmdump"
+        spec = importlib.util.find_spec(stem) if stem not in sys.modules else None
+        assert spec is None or spec.origin is None or ADDONS in Path(spec.origin).parents, \
+            f"addons/{f.name} shadows the installed package {stem} inside mitmdump"
 
 
 def test_mitmdump_script_context_imports_the_sdk(tmp_path):

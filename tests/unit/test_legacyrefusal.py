@@ -5,9 +5,9 @@ import json
 
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcpwire
-from addons.legacyrefusal import LegacyRefusals, answer_with, carrier_for, carrier_ok, refusal_errors
-from addons.record import get_record
+from addons.core import mcpwire
+from addons.hooks.legacyrefusal import LegacyRefusals, answer_with, carrier_for, carrier_ok, refusal_errors
+from addons.core.record import get_record
 
 
 def _record(body: dict | list, legacy: bool = True):

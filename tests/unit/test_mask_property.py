@@ -6,10 +6,12 @@ import json
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from addons import mcpwire, responses
-from addons.maskcore import DETECTORS, Profile, Rule, load_masking, mask_message
-from addons.masking import MaskTransform
-from addons.record import BastionRecord
+from addons.core import mcpwire
+
+from addons.hooks import responses
+from addons.core.masking.engine import DETECTORS, Profile, Rule, load_masking, mask_message
+from addons.hooks.masking import MaskTransform
+from addons.core.record import BastionRecord
 from tests.fuzzing import examples
 
 KEY = b"property-test-key-0123456789abcdef"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from addons import maskcore as mc
-from addons.maskcore import DETECTORS, MaskError, Profile, Rule, mask_message, mask_value
-from addons.rules import RulesError
+from addons.core.masking import engine as mc
+from addons.core.masking.engine import DETECTORS, MaskError, Profile, Rule, mask_message, mask_value
+from addons.core.rules import RulesError
 
 KEY = b"unit-test-mask-key-0123456789abcdef"
 ALL = {d: "redact" for d in DETECTORS}
@@ -570,7 +570,7 @@ def test_text_twin_of_structured_content_masked_once_same_result():
     """content[].text holding the structuredContent as JSON reuses its masking: the output
     and the masking events equal masking both independently."""
     import json as _json
-    from addons.maskcore import load_masking, mask_message
+    from addons.core.masking.engine import load_masking, mask_message
     from pathlib import Path as _P
     cfg = load_masking(_P(__file__).resolve().parents[2] / "rules")
     prof = cfg.profiles[cfg.default]

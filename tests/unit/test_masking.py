@@ -13,10 +13,12 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcpwire, responses
-from addons.masking import Masking, MaskTransform, load_or_create_key, record_masks
-from addons.maskcore import MaskError
-from addons.record import Decision, Identity, MaskEvent, get_record
+from addons.core import mcpwire
+
+from addons.hooks import responses
+from addons.hooks.masking import Masking, MaskTransform, load_or_create_key, record_masks
+from addons.core.masking.engine import MaskError
+from addons.core.record import Decision, Identity, MaskEvent, get_record
 
 CUSTOMER = {"id": 1, "name": "Alice Martin", "email": "alice.martin@example.com", "ssn": "123-45-6789",
             "card_number": "4111 1111 1111 1111", "billing": {"plan": "pro", "api_token": "tok_opaque_8f3a9c"},
@@ -228,7 +230,7 @@ def test_transform_records_events_and_readonly_flag(masking):
 
 
 def test_record_masks_is_bounded():
-    from addons.record import BastionRecord
+    from addons.core.record import BastionRecord
     rec = BastionRecord()
     record_masks(rec, [MaskEvent(f"$.p{i}", "t") for i in range(5000)])
     assert len(rec.masks) == 1024 and rec.notes["masks_dropped"] == 5000 - 1024
@@ -245,7 +247,7 @@ def test_transform_fails_closed_on_deep_nesting(masking):
         rec.response_transforms[-1](result_msg(structured=doc, text="ok"))
 
 
-# --- through the response pipeline (addons/responses.py) ---------------------------------
+# --- through the response pipeline (addons/hooks/responses.py) ---------------------------------
 
 def test_json_body_masked_through_pipeline(masking):
     m, _ = masking
@@ -378,7 +380,7 @@ def test_chosen_profile_is_noted_on_the_decision_for_the_audit(masking):
 def cli(argv: list[str]) -> int:
     import argparse
 
-    from addons import masking as masking_mod
+    from addons.hooks import masking as masking_mod
     p = argparse.ArgumentParser()
     p.add_argument("--rules", default="rules")
     masking_mod.add_cli(p.add_subparsers())

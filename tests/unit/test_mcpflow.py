@@ -1,4 +1,4 @@
-"""addons/mcpflow.py McpParser: every client->server body is parsed before policy; what cannot
+"""addons/hooks/mcpflow.py McpParser: every client->server body is parsed before policy; what cannot
 be parsed is refused with the right JSON-RPC error and HTTP status and never forwarded."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from mitmproxy import http
 from mitmproxy.net import encoding
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcpwire
-from addons.failclosed import FailClosed
-from addons.mcpflow import McpParser, stream_key
-from addons.record import Identity, get_record
+from addons.core import mcpwire
+from addons.hooks.failclosed import FailClosed
+from addons.hooks.mcpflow import McpParser, stream_key
+from addons.core.record import Identity, get_record
 
 META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
         "io.modelcontextprotocol/clientCapabilities": {}}
@@ -388,7 +388,7 @@ def test_session_limits_refuse_instead_of_evicting(parser):
 
 
 def test_session_binding_expires_only_when_idle():
-    from addons.sessions import SessionRefused, SessionTable
+    from addons.core.sessions import SessionRefused, SessionTable
     now = [0.0]
     t = SessionTable(per_identity=5, total=5, idle=10, clock=lambda: now[0])
     t.admit("f1", "alice")
@@ -420,7 +420,7 @@ def test_stream_key():
 
 
 def test_pending_transforms_follow_the_response_and_are_bounded(parser, monkeypatch):
-    from addons import mcpflow
+    from addons.hooks import mcpflow
     p, _ = parser
     monkeypatch.setattr(mcpflow, "MAX_PENDING", 5)
     bind(p, "s", "alice")
@@ -450,7 +450,7 @@ def test_wrapped_parser_fails_closed(monkeypatch):
 
 @pytest.mark.parametrize("enc", ["gzip", "deflate", "br", "zstd"])
 def test_decompression_bomb_refused_without_inflating_it(parser, enc):
-    from addons.mcpflow import BodyTooLarge, decode_bounded
+    from addons.hooks.mcpflow import BodyTooLarge, decode_bounded
     p, tctx = parser
     limit = 512 * 1024
     tctx.options.bastion_max_body = limit
@@ -465,7 +465,7 @@ def test_decompression_bomb_refused_without_inflating_it(parser, enc):
 
 @pytest.mark.parametrize("enc", ["gzip", "deflate", "br", "zstd"])
 def test_decode_bounded_exact_and_corrupt(enc):
-    from addons.mcpflow import BodyTooLarge, decode_bounded
+    from addons.hooks.mcpflow import BodyTooLarge, decode_bounded
     plain = json.dumps(CALL).encode()
     data = encoding.encode(plain, enc)
     assert decode_bounded(data, enc, len(plain)) == plain           # exactly at the limit
@@ -480,7 +480,7 @@ def test_decode_bounded_exact_and_corrupt(enc):
 
 
 def test_decode_bounded_identity_and_unknown():
-    from addons.mcpflow import decode_bounded
+    from addons.hooks.mcpflow import decode_bounded
     assert decode_bounded(b"{}", "", 10) == b"{}" and decode_bounded(b"{}", "identity", 10) == b"{}"
     for enc in ("compress", "x-gzip", "gzip, br", "br;q=1"):
         with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""addons/mcpwire.py: strict JSON, JSON-RPC/MCP message parsing, 2026-07-28 routing headers.
+"""addons/core/mcpwire.py: strict JSON, JSON-RPC/MCP message parsing, 2026-07-28 routing headers.
 
 Every refusal has an attack case and a legitimate-use case next to it. Routing-header
 behaviour is compared with the SDK's own server-side checks on the same inputs.
@@ -11,8 +11,8 @@ import json
 import pytest
 from mcp.shared import inbound as sdk
 
-from addons import mcpwire
-from addons.mcpwire import (HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR,
+from addons.core import mcpwire
+from addons.core.mcpwire import (HEADER_MISMATCH, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR,
                         McpParseError, check_param_headers, check_routing_headers, decode_header_value,
                         param_header_map, parse_body, parse_message, strict_loads)
 

@@ -11,10 +11,10 @@ from prometheus_client import generate_latest
 
 import pytest
 
-from addons import mcpwire
-from addons.metrics import GatewayMetrics, Metrics
-from addons.record import Decision, MaskEvent, get_record
-from addons.store import StoreWriter
+from addons.core import mcpwire
+from addons.hooks.metrics import GatewayMetrics, Metrics
+from addons.core.record import Decision, MaskEvent, get_record
+from addons.core.audit.store import StoreWriter
 from tests.e2e.procs import free_port
 
 

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from addons import argschema, pathguard
-from addons.policy_rules import load_policy
-from addons.programs import SHIPPED, analyse, load_models
-from addons.rules import RulesError
-from addons.shellsyntax import SyntaxRefused, Word, parse
+from addons.core.policy import argschema
+
+from addons.core.shell import paths as pathguard
+from addons.core.policy.rules import load_policy
+from addons.core.shell.programs import SHIPPED, analyse, load_models
+from addons.core.rules import RulesError
+from addons.core.shell.syntax import SyntaxRefused, Word, parse
 
 MODELS = load_models(SHIPPED)
 
@@ -200,9 +202,9 @@ def test_bad_programs_file_is_refused(tmp_path):
 
 
 def test_operators_true_means_lists_not_redirects(tmp_path):
-    from addons.mcpwire import Message
-    from addons.policy_rules import evaluate
-    from addons.record import Identity
+    from addons.core.mcpwire import Message
+    from addons.core.policy.rules import evaluate
+    from addons.core.record import Identity
     (tmp_path / "policy.yaml").write_text(
         "rules:\n  - name: a\n    when: {tool: t, shell: {commands: [ls, wc], operators: true}}\n    allow: true\n"
         "  - name: b\n    when: {tool: r, shell: {commands: [ls], operators: [redirect], paths: {read: [./**], write: [/tmp/o/**]}}}\n"
@@ -218,9 +220,9 @@ def test_operators_true_means_lists_not_redirects(tmp_path):
 
 
 def test_wrapped_commands_are_checked_like_any_other(tmp_path):
-    from addons.mcpwire import Message
-    from addons.policy_rules import evaluate
-    from addons.record import Identity
+    from addons.core.mcpwire import Message
+    from addons.core.policy.rules import evaluate
+    from addons.core.record import Identity
     (tmp_path / "policy.yaml").write_text(
         "rules:\n  - name: w\n    when: {tool: t, shell: {commands: [timeout, nice, ls, sort]}}\n    allow: true\n"
         "  - name: x\n    when: {tool: x, shell: {commands: [awk], exec: [awk]}}\n    allow: true\n")

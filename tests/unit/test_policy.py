@@ -1,4 +1,4 @@
-"""addons/policy.py through mitmproxy's test helpers: option validation, approval without
+"""addons/hooks/policy.py through mitmproxy's test helpers: option validation, approval without
 the approval addon, environments chosen by connection or option, rate limits on an
 injected clock, hot reload that takes effect, list filtering on the response path, and
 the `check` / `explain` CLI."""
@@ -12,11 +12,11 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcpwire
-from addons import policy as policy_mod
-from addons.connections import Router
-from addons.policy import APPROVAL_UNAVAILABLE, BLAST_RADIUS, DENIED, RATE_LIMITED, Policy
-from addons.record import Identity, get_record
+from addons.core import mcpwire
+from addons.hooks import policy as policy_mod
+from addons.hooks.connections import Router
+from addons.hooks.policy import APPROVAL_UNAVAILABLE, BLAST_RADIUS, DENIED, RATE_LIMITED, Policy
+from addons.core.record import Identity, get_record
 
 DEV = Identity("dan", ("dev",))
 

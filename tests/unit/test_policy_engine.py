@@ -1,4 +1,4 @@
-"""Policy language and evaluation (addons/policy_rules.py, addons/policy.py), without
+"""Policy language and evaluation (addons/core/policy/rules.py, addons/hooks/policy.py), without
 mitmproxy: one test per predicate, classifier and precedence rule, file:line errors,
 list filtering, rate limits, and the policy addon's refusals."""
 from __future__ import annotations
@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcpwire, sqlclass
-from addons.connections import Router
-from addons.policy import DENIED, RATE_LIMITED, Policy as PolicyAddon, RateLimiter, govern_server_request
-from addons.policy_rules import evaluate, explain, filter_list_result, load_policy, visible
-from addons.record import Identity, get_record
-from addons.rules import RulesError
+from addons.core import mcpwire
+
+from addons.core.sql import classify as sqlclass
+from addons.hooks.connections import Router
+from addons.hooks.policy import DENIED, RATE_LIMITED, Policy as PolicyAddon, RateLimiter, govern_server_request
+from addons.core.policy.rules import evaluate, explain, filter_list_result, load_policy, visible
+from addons.core.record import Identity, get_record
+from addons.core.rules import RulesError
 
 ANA = Identity("ana", ("analyst",))
 DEV = Identity("dan", ("dev",), client_id="ci-runner")
@@ -485,7 +487,7 @@ BLOCKLIST = (Path(__file__).resolve().parents[2] / "rules" / "blocklist.yaml").r
 
 
 def test_no_rule_for_the_caller_refuses_before_scanning(tmp_path, monkeypatch):
-    from addons import policy_rules
+    from addons.core.policy import rules as policy_rules
     p = policy(tmp_path, BUDGET_POLICY, BLOCKLIST)
     scanned = []
     monkeypatch.setattr(policy_rules, "scan", lambda *a, **k: scanned.append(1))
@@ -497,7 +499,7 @@ def test_no_rule_for_the_caller_refuses_before_scanning(tmp_path, monkeypatch):
 
 
 def test_scan_budget_refuses_too_much_text_and_too_much_time(tmp_path):
-    from addons.policy_rules import ScanBudget
+    from addons.core.policy.rules import ScanBudget
     p = policy(tmp_path, BUDGET_POLICY, BLOCKLIST)
     d = evaluate(p, DEV, "demo", call("run_command", {"command": "ls " * 400}), budget=ScanBudget(max_chars=1000))
     assert d.action == "deny" and d.rule == "scan-budget" and "too large to check" in d.reason

@@ -1,4 +1,4 @@
-"""addons/policy_rules.py: targets (tool / resource / prompt globs), precedence between
+"""addons/core/policy/rules.py: targets (tool / resource / prompt globs), precedence between
 rules of the same action, argument-predicate errors with file:line, list filtering of
 resources and prompts, explain. Predicates, SQL/shell rules and environments are covered
 in test_policy_engine.py; the attack table in test_blocklist_table.py."""
@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 
-from addons import mcpwire
-from addons.policy_rules import evaluate, explain, filter_list_result, load_policy, visible
-from addons.record import Identity
-from addons.rules import RulesError
+from addons.core import mcpwire
+from addons.core.policy.rules import evaluate, explain, filter_list_result, load_policy, visible
+from addons.core.record import Identity
+from addons.core.rules import RulesError
 
 DEV = Identity("dan", ("dev",), client_id="ci-runner")
 ANA = Identity("ana", ("analyst",))

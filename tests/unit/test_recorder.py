@@ -10,10 +10,12 @@ import pytest
 from mitmproxy import io as mio
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcpwire, recorder as recmod
-from addons.record import Decision, Identity, MaskEvent, get_record
-from addons.recorder import Recorder, StreamTap, build_flows, format_timeline, redact_headers, redact_path
-from addons.store import Store
+from addons.core import mcpwire
+
+from addons.hooks import recorder as recmod
+from addons.core.record import Decision, Identity, MaskEvent, get_record
+from addons.hooks.recorder import Recorder, StreamTap, build_flows, format_timeline, redact_headers, redact_path
+from addons.core.audit.store import Store
 
 SECRET = "eyJhbGciOiJSUzI1NiJ9.PLANTED-SECRET-TOKEN.c2lnbmF0dXJl"
 SERVICE_SECRET = "svc-PLANTED-SERVICE-CREDENTIAL-42"
@@ -158,7 +160,7 @@ async def test_http_refusal_without_connection_is_recorded(rec_ctx):
     r, tctx, root = rec_ctx
     f = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/mcp/nope?access_token=" + SECRET.encode()))
     rec = get_record(f.metadata)
-    from addons.httputil import refuse_http
+    from addons.hooks.httputil import refuse_http
     refuse_http(f, 404, "unknown_connection", "no connection with that name")
     await run(r, f, rec)
     rows = q(root, "SELECT * FROM refusals")
@@ -440,7 +442,7 @@ async def test_cli_sessions_replay_export_and_sql(rec_ctx, tmp_path, capsys):
 
 def test_sql_reports_corrupt_segment_by_name(tmp_path, capsys):
     from addons.cli import main
-    from addons.store import StoreWriter, encode_event
+    from addons.core.audit.store import StoreWriter, encode_event
     for inst in ("a", "b"):
         w = StoreWriter(tmp_path, inst).start()
         w.submit([encode_event({"ts": 1.0, "instance": inst, "seq": 1, "kind": "request"})], wait=True).result(5)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons
 
-from addons import mcpwire
-from addons.record import Decision, MaskEvent
-from addons.recorder import Recorder
-from addons.store import Store
+from addons.core import mcpwire
+from addons.core.record import Decision, MaskEvent
+from addons.hooks.recorder import Recorder
+from addons.core.audit.store import Store
 from tests.unit.test_recorder import call, mcp_flow, run, tresp
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "audit.md"

@@ -7,9 +7,9 @@ import secrets
 
 from mitmproxy.test import tflow
 
-from addons.record import get_record
-from addons.redaction import ChunkStreamRedactor, EventStreamRedactor, SecretRedaction
-from addons.secretscan import REDACTED, Secret, SecretIndex, StreamRedactor
+from addons.core.record import get_record
+from addons.hooks.redaction import ChunkStreamRedactor, EventStreamRedactor, SecretRedaction
+from addons.core.masking.secretscan import REDACTED, Secret, SecretIndex, StreamRedactor
 
 SECRET = "svc-" + secrets.token_urlsafe(30)
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from addons import cli
-from addons.auditchain import loose_modes
-from addons.maskcore import load_masking, parse_masking
-from addons.maskview import masked_body
-from addons.mcpwire import Message
-from addons.recorder import FlowEvents
-from addons.redaction import SecretRedaction
-from addons.rules import RulesError, load_yaml
-from addons.secretscan import REDACTED, redact_str
+from addons.core.audit.chain import loose_modes
+from addons.core.masking.engine import load_masking, parse_masking
+from addons.hooks.maskview import masked_body
+from addons.core.mcpwire import Message
+from addons.hooks.recorder import FlowEvents
+from addons.hooks.redaction import SecretRedaction
+from addons.core.rules import RulesError, load_yaml
+from addons.core.masking.secretscan import REDACTED, redact_str
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,7 +162,7 @@ def test_rotated_secret_file_is_picked_up(tmp_path):
 
 def test_log_lines_never_carry_a_known_secret(tmp_path):
     import logging
-    from addons.redaction import LogRedactor
+    from addons.hooks.redaction import LogRedactor
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "connections.yaml").write_text("connections: {}\n")

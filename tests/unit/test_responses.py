@@ -1,4 +1,4 @@
-"""addons/responses.py: response transforms over JSON bodies and SSE streams, legacy endpoint
+"""addons/hooks/responses.py: response transforms over JSON bodies and SSE streams, legacy endpoint
 rewriting, and fail-closed replacement of what cannot be checked."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import mcpwire
-from addons.connections import Router
-from addons.failclosed import FailClosed
-from addons.record import get_record
-from addons.responses import (ResponseRewriter, SSERewriter, TransformError, readonly, transform_json_body,
+from addons.core import mcpwire
+from addons.hooks.connections import Router
+from addons.hooks.failclosed import FailClosed
+from addons.core.record import get_record
+from addons.hooks.responses import (ResponseRewriter, SSERewriter, TransformError, readonly, transform_json_body,
                               transform_message)
 
 REQ = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "get_customer", "arguments": {"id": 1}}}

@@ -1,11 +1,11 @@
-"""addons/rules.py: YAML loading with file:line errors, line lookup, change detection."""
+"""addons/core/rules.py: YAML loading with file:line errors, line lookup, change detection."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from addons.rules import ChangeWatcher, Located, RulesError, line_of, load_yaml, rules_files, to_plain
+from addons.core.rules import ChangeWatcher, Located, RulesError, line_of, load_yaml, rules_files, to_plain
 
 
 def write(tmp_path, text, name="x.yaml"):
@@ -97,7 +97,7 @@ def test_change_watcher(tmp_path):
 async def test_poll_forever_survives_a_failing_check(caplog):
     import asyncio
 
-    from addons.rules import poll_forever
+    from addons.core.rules import poll_forever
     calls = []
 
     def check():

@@ -1,4 +1,4 @@
-"""addons/schemacheck.py through mitmproxy's test helpers: pinned schemas win, schemas are
+"""addons/hooks/schemacheck.py through mitmproxy's test helpers: pinned schemas win, schemas are
 learnt from tools/list answers, an unknown schema that cannot be fetched refuses the call,
 and the option switches it off."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import json
 
 from mitmproxy.test import taddons
 
-from addons import toolintegrity as ti
-from addons.connections import Router
-from addons.schemacheck import ArgSchema
+from addons.core import integrity as ti
+from addons.hooks.connections import Router
+from addons.hooks.schemacheck import ArgSchema
 from tests.unit.test_policy import flow, tool_call
 
 TOOL = {"name": "launch_container", "description": "Launch.",

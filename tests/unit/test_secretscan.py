@@ -1,4 +1,4 @@
-"""Known-secret redaction (addons/secretscan.py): every encoding, fragments, streams, URLs."""
+"""Known-secret redaction (addons/core/masking/secretscan.py): every encoding, fragments, streams, URLs."""
 from __future__ import annotations
 
 import base64
@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from addons.secretscan import (
+from addons.core.masking.secretscan import (
     MIN_FRAGMENT, REDACTED, Secret, SecretIndex, StreamRedactor, TokenIndexCache, pem_secrets, redact_bytes,
     redact_obj, redact_str, redact_url,
 )

@@ -10,9 +10,9 @@ import dataclasses
 
 import pytest
 
-from addons.mcpwire import Message
-from addons.policy_rules import evaluate, explain, load_policy
-from addons.record import Identity
+from addons.core.mcpwire import Message
+from addons.core.policy.rules import evaluate, explain, load_policy
+from addons.core.record import Identity
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = load_policy(ROOT / "rules")

@@ -1,4 +1,4 @@
-"""addons/shellguard.py: the normalisation the blocklist matches against, the shell split
+"""addons/core/shell/guard.py: the normalisation the blocklist matches against, the shell split
 used by `shell:` predicates, and the argument walk (the full attack table runs through
 the shipped rules in test_blocklist_table.py)."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from addons.policy_rules import load_policy
-from addons.shellguard import MAX_VIEWS, ScanCache, deobfuscate, iter_strings, scan, shell_info, views
+from addons.core.policy.rules import load_policy
+from addons.core.shell.guard import MAX_VIEWS, ScanCache, deobfuscate, iter_strings, scan, shell_info, views
 
 BLOCKLIST = load_policy(Path(__file__).resolve().parents[2] / "rules").blocklist
 

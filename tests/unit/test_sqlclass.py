@@ -1,10 +1,10 @@
-"""addons/sqlclass.py: statement classes straight from the classifier (the rule-level
+"""addons/core/sql/classify.py: statement classes straight from the classifier (the rule-level
 predicate is exercised in test_policy_engine.py)."""
 from __future__ import annotations
 
 import pytest
 
-from addons.sqlclass import classify
+from addons.core.sql.classify import classify
 
 
 @pytest.mark.parametrize("sql,kind", [

@@ -1,5 +1,5 @@
-"""Issue 15: SQL judged by what it reaches (addons/sqlclass.py), sensitive columns masked
-inside the SQL (addons/sqlmask.py), through the shipped rules/policy.yaml. Rewritten SQL is
+"""Issue 15: SQL judged by what it reaches (addons/core/sql/classify.py), sensitive columns masked
+inside the SQL (addons/core/sql/mask.py), through the shipped rules/policy.yaml. Rewritten SQL is
 run against a real DuckDB holding the demo's data: no raw sensitive value may come back,
 and results computed from other columns must be unchanged."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from addons.mcpwire import parse_message
-from addons.policy_rules import evaluate, load_policy
-from addons.record import Identity
-from addons.sqlclass import MAX_SQL_CHARS, classify, function_data
+from addons.core.mcpwire import parse_message
+from addons.core.policy.rules import evaluate, load_policy
+from addons.core.record import Identity
+from addons.core.sql.classify import MAX_SQL_CHARS, classify, function_data
 from demo.data import api_keys, customers, ensure_db
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,7 +152,7 @@ def test_every_installed_duckdb_table_function_is_classified():
         "WHERE function_type IN ('table', 'table_macro', 'pragma')").fetchall()}
     assert names, "duckdb_functions() listed no table function"
     missing = sorted(names - known)
-    assert not missing, f"classify these table functions in addons/sql_functions.yaml: {missing}"
+    assert not missing, f"classify these table functions in addons/core/sql/functions.yaml: {missing}"
 
 
 def test_no_file_system_or_exec_function_is_in_the_pure_list():
@@ -321,7 +321,7 @@ def test_select_star_keeps_other_columns(demo_db):
 
 
 def test_explain_shows_tables_functions_classes_and_rewrites():
-    from addons.policy_rules import explain
+    from addons.core.policy.rules import explain
     out = "\n".join(explain(POLICY, ANALYST, "demo", _msg("SELECT reverse(ssn), count(*) FROM customers")))
     assert "classes read" in out and "tables: customers" in out and "functions: count, reverse" in out
     assert "forwarded sql: SELECT REVERSE(CAST('[MASKED:ssn]' AS TEXT)), COUNT(*) FROM customers" in out
@@ -410,7 +410,7 @@ def test_forwarded_sql_returns_what_the_original_returns(demo_db, sql):
     ("{class: [reads]}", "allow: true", "unknown SQL class(es) reads"),
 ])
 def test_sql_rule_errors_name_file_and_line(tmp_path, sql_yaml, action, message):
-    from addons.rules import RulesError
+    from addons.core.rules import RulesError
     (tmp_path / "policy.yaml").write_text(
         f"rules:\n  - name: r\n    when:\n      tool: query_sql\n      sql: {sql_yaml}\n    {action}\n")
     with pytest.raises(RulesError) as e:

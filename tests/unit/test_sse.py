@@ -1,4 +1,4 @@
-"""addons/mcpwire.py SSEParser: an incremental text/event-stream parser that must give the same
+"""addons/core/mcpwire.py SSEParser: an incremental text/event-stream parser that must give the same
 events and the same raw bytes for every way the transport splits the stream.
 
 The MCP SDK client's own SSE decoder (httpx2._sse) is the reference for what a client sees.
@@ -11,8 +11,8 @@ from httpx2._sse import _SSEParser as ClientSSEParser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from addons import mcpwire
-from addons.mcpwire import McpParseError, SSEEvent, SSEParser, iter_sse_messages
+from addons.core import mcpwire
+from addons.core.mcpwire import McpParseError, SSEEvent, SSEParser, iter_sse_messages
 from tests.fuzzing import examples
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from addons import store
-from addons.store import (
+from addons.core.audit import store
+from addons.core.audit.store import (
     Store, StoreUnavailable, StoreWriter, encode_event, enforce_retention, journal_to_segment,
     list_files, recover_dir, recover_store,
 )

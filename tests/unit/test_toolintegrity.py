@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from addons import toolintegrity as ti
-from addons.rules import Located, RulesError
+from addons.core import integrity as ti
+from addons.core.rules import Located, RulesError
 
 TOOL = {"name": "run_command", "description": "Run a shell command.",
         "inputSchema": {"type": "object", "properties": {"command": {"type": "string"}}}}
@@ -137,8 +137,8 @@ def test_ten_thousand_tools_checked_in_linear_time():
 def test_pin_file_changes_are_picked_up_by_the_reload_poll_per_connection(tmp_path):
     from mitmproxy.test import taddons
 
-    from addons.connections import Router
-    from addons.integrity import Integrity
+    from addons.hooks.connections import Router
+    from addons.hooks.integrity import Integrity
     addon = Integrity()
     (tmp_path / "connections.yaml").write_text(
         "connections:\n  a: {upstream: 'http://127.0.0.1:9/mcp'}\n  b: {upstream: 'http://127.0.0.1:9/mcp'}\n")

@@ -1,4 +1,4 @@
-"""The credential vault (addons/vault.py): encryption at rest bound to each entry's
+"""The credential vault (addons/core/identity/vault.py): encryption at rest bound to each entry's
 metadata, revocation, expiry, key handling and the `mcp-bastion creds` CLI."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import stat
 
 import pytest
 
-from addons import vault as vm
+from addons.core.identity import vault as vm
 from addons.cli import main as cli_main
-from addons.vault import NoEntry, Vault, VaultError, load_key
+from addons.core.identity.vault import NoEntry, Vault, VaultError, load_key
 
 KEY = b"\x01" * 32
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import jwtverify as jv
-from addons.identity import Identity
-from addons.record import get_record
+from addons.core.identity import jwtverify as jv
+from addons.hooks.identity import Identity
+from addons.core.record import get_record
 
 
 def test_cache_respects_exp_leeway_ttl_audience_and_bound():

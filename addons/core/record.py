@@ -1,0 +1,149 @@
+"""The typed record each bastion addon reads and writes on flow.metadata["bastion"].
+
+Nothing else is shared between addons. Pure: no mitmproxy import,
+so policy, masking and recorder code can be tested without a flow.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from addons.core.mcpwire import Message
+
+METADATA_KEY = "bastion"
+
+Action = Literal["allow", "deny", "approve"]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A verified caller. Filled by the identity addon."""
+
+    sub: str
+    roles: tuple[str, ...] = ()
+    client_id: str | None = None
+    token_id: str | None = None
+    issuer: str | None = None
+
+
+@dataclass
+class Decision:
+    """What policy decided for one JSON-RPC message (or a whole batch)."""
+
+    action: Action
+    rule: str | None = None          # rule name that decided; None = default deny
+    reason: str = ""                 # shown to the caller on deny; never secrets
+    mask_profile: str | None = None
+    approvers: tuple[str, ...] = ()  # roles allowed to approve (action == "approve")
+    timeout: float | None = None     # approval timeout in seconds
+    message_id: Any = None           # JSON-RPC id the decision applies to
+    code: int | None = None          # JSON-RPC error code of a refusal, when not the default
+    # (argument, new value) the gateway forwards instead of the caller's: SQL as analysed,
+    # with sensitive columns masked inside it (addons/core/sql/mask.py)
+    rewrites: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class MaskEvent:
+    """One kind of masking applied to a response. Never holds the value."""
+
+    path: str
+    type: str
+    count: int = 1
+
+
+class Transient:
+    """A secret the record holds only while this flow is processed: copies of the flow
+    (mitmweb duplicate, saved state) and reprs carry nothing of it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Transient([redacted])"
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """The request as the checks saw it. The Injector forwards only a request that still
+    matches it (an edit in mitmweb, a script or a replay after the checks is refused)."""
+
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    headers_sha256: str      # every header field except Host and Content-Length, in order
+    body_sha256: str         # the body as inspected (the audit's request_sha256)
+
+
+@dataclass
+class BastionRecord:
+    started: float = field(default_factory=time.time)
+    connection: str | None = None          # registered connection name
+    upstream_path: str | None = None       # path sent upstream
+    identity: Identity | None = None
+    messages: list[Message] = field(default_factory=list)   # parsed client->server messages
+    batch: bool = False
+    session_id: str | None = None
+    session_key: tuple[str, str] | None = None  # (connection, session) this flow uses, owner checked
+    session_stream: bool = False           # an open stream of session_key (keeps it from idling out)
+    protocol_version: str | None = None
+    decisions: list[Decision] = field(default_factory=list)
+    refusal: str | None = None             # why the gateway answered itself (refused)
+    refusal_rule: str | None = None
+    approval: dict[str, Any] | None = None  # outcome of an approval hold
+    masks: list[MaskEvent] = field(default_factory=list)
+    response_messages: list[dict] = field(default_factory=list)  # JSON-RPC messages as the caller saw them
+    # Pure functions the response pipeline applies, in order, to every JSON-RPC message
+    # of the response (whole JSON body or each SSE event). Registered by policy (list
+    # filtering) and masking. Raising = fail closed (message replaced by an error).
+    response_transforms: list[Callable[[dict], dict]] = field(default_factory=list)
+    mask_required: bool = False            # unparsable response must not pass raw
+    # The caller's verified bearer token, kept only for the Injector to exchange (RFC 8693
+    # subject_token) and cleared there; never recorded, never forwarded.
+    subject_token: Transient | None = field(default=None, repr=False)
+    credential_kind: str | None = None     # service | exchange | vault: what went upstream (audit)
+    # masks one text with this request's profiles (SSE id fields); None: nothing to mask
+    mask_text: Callable[[str], str] | None = None
+    # Indexes of the secret values this flow must never show or store (gateway secrets,
+    # the caller's token): addons/secretscan.SecretIndex, filled by redaction and identity.
+    known_secrets: list[Any] = field(default_factory=list)
+    # client->server message -> (the copy that may be shown or stored, mask events): the
+    # `requests:` masking rules, set by the masking addon. The upstream gets the original.
+    request_mask: Callable[[dict], tuple[dict, list]] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    # the caller's Authorization header values, taken out of the flow before anything
+    # (mitmweb, flow files) sees it; cleared once the identity addon has verified them
+    caller_authorization: tuple[str, ...] | None = field(default=None, repr=False)
+    checked: CheckedRequest | None = None     # fixed when the body was parsed (McpParser)
+    outgoing: CheckedRequest | None = None    # as the Injector made it: host, path, no credentials
+    # (header, value) the forwarder adds at the last moment, outside any flow the UI shows
+    credential: tuple[str, str] | None = field(default=None, repr=False)
+
+    def __deepcopy__(self, memo: dict) -> None:
+        # mitmproxy copies flow.metadata for flow files, exports, duplicates and replays
+        # (Flow.get_state): the record holds callables and secrets and belongs to this one
+        # pass through the chain, so a copy starts without one
+        return None
+
+    def refuse(self, reason: str, rule: str | None = None) -> None:
+        if self.refusal is None:
+            self.refusal = reason
+            self.refusal_rule = rule
+
+
+def get_record(metadata: dict) -> BastionRecord:
+    rec = metadata.get(METADATA_KEY)
+    if rec is None:
+        rec = metadata[METADATA_KEY] = BastionRecord()
+    return rec

@@ -1,0 +1,563 @@
+"""The `approval` addon: calls whose decision is `approve` wait for a human.
+
+The flow is held with mitmproxy's own interception, inside an async `request` hook, so
+the event loop keeps serving other traffic and the addons after this one (the Injector)
+run only once a decision is made. A held call can be decided by
+- an approver identity through the admin API (`mcp-bastion approve/deny`, JWT verified by
+  the identity addon; the approver needs one of the rule's approver roles and can never
+  be the requester),
+- mitmweb (`./run.sh web`): Kill or `bastion.deny @focus "reason"` = deny. mitmweb has one
+  shared password and no users, so by default (bastion_web_approvals=identified) Resume
+  and `bastion.approve` do not approve: the call stays held until an identified approver
+  approves it through the admin API. `bastion_web_approvals=console` restores console
+  approvals, recorded as made by "mitmweb (shared web password)",
+- the deadline: the call is refused with "approval timed out",
+- the caller going away or the gateway shutting down: the hold is cancelled.
+A denial is always a JSON-RPC error for the caller, never a dropped connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from mitmproxy import command, ctx, exceptions, flow as mflow, hooks, http
+from mitmproxy.connection import ConnectionState
+
+from addons.hooks import webconsole
+from addons.cli import add_gateway_arg
+from addons.hooks.httputil import checked_snapshot, json_response, refuse_http, refuse_jsonrpc
+from addons.core.mcpwire import jsonrpc_error
+from addons.core.record import METADATA_KEY, BastionRecord, get_record
+from addons.core.textsafe import esc, get_logger
+from addons.core.masking.secretscan import redact_obj
+
+log = get_logger("bastion.approval")
+
+APPROVAL_DENIED = -32033
+APPROVAL_TIMEOUT = -32034
+APPROVAL_CANCELLED = -32035
+ADMIN_PREFIX = "/_bastion/approvals"
+MAX_GRANTS = 10_000
+MAX_REASON = 500
+POLL = 0.1  # how often a hold looks at mitmweb's resume/kill and the client connection
+WEB_CONSOLE = "mitmweb (shared web password)"   # who decided, when mitmweb decided
+WEB_APPROVALS = ("identified", "console")
+# first word of the flow's comment, shown in mitmweb's Comment column (ASCII: no emoji boxes)
+OUTCOME_LABELS = {"approved": "APPROVED", "denied": f"DENIED {APPROVAL_DENIED}",
+                  "timeout": f"EXPIRED {APPROVAL_TIMEOUT}", "cancelled": f"CANCELLED {APPROVAL_CANCELLED}"}
+
+
+@dataclass(frozen=True)
+class Need:
+    """One approval a held request needs: a held call's rule and the roles that may give it."""
+    rule: str
+    approvers: tuple[str, ...]
+
+
+@dataclass
+class Pending:
+    id: str
+    flow: http.HTTPFlow
+    requester: str
+    connection: str
+    summary: dict
+    needs: tuple[Need, ...]           # every held call's approval (a batch can hold several)
+    rule: str
+    timeout: float
+    deadline: float                   # time.monotonic()
+    created: float = field(default_factory=time.time)
+    decided: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: str | None = None        # approved / denied / timeout / cancelled
+    approver: str | None = None
+    reason: str = ""
+    approved_by: dict[int, str] = field(default_factory=dict)   # index in needs -> approver
+
+    @property
+    def approvers(self) -> tuple[str, ...]:
+        """Roles that can still move this request forward (any of the needs not yet given)."""
+        return tuple(sorted({r for i, n in enumerate(self.needs) if i not in self.approved_by for r in n.approvers}))
+
+    def may_decide(self, roles: Sequence[str]) -> list[int]:
+        """Indexes of the needs an identity with these roles may give (never an empty approver list)."""
+        return [i for i, n in enumerate(self.needs) if set(n.approvers) & set(roles)]
+
+    @property
+    def deadline_utc(self) -> str:
+        return datetime.fromtimestamp(self.created + self.timeout, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def public(self) -> dict:
+        return {"id": self.id, "requester": self.requester, "connection": self.connection, "rule": self.rule,
+                "approvers": list(self.approvers), "created": self.created, "deadline": self.deadline_utc,
+                "needs": [{"rule": n.rule, "approvers": list(n.approvers), "approved_by": self.approved_by.get(i)}
+                          for i, n in enumerate(self.needs)],
+                "expires_in": round(max(0.0, self.deadline - time.monotonic()), 1), **self.summary}
+
+
+# --- what an approver sees (pure) ------------------------------------------------------
+
+_SECRETISH = ("password", "passwd", "secret", "token", "key", "credential", "auth", "cookie", "ssn", "card")
+
+
+def redact_secret_keys(obj: Any, depth: int = 0) -> Any:
+    """Last line of defence for display: values under secret-looking keys are hidden."""
+    if depth > 32:
+        return "[…]"
+    if isinstance(obj, dict):
+        return {k: ("[MASKED]" if any(s in str(k).lower() for s in _SECRETISH) else redact_secret_keys(v, depth + 1))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_secret_keys(v, depth + 1) for v in obj]
+    return obj
+
+
+def display_arguments(args: Any, profiles: Sequence[Any] = ()) -> Any:
+    """Arguments as an approver may see them: the masking profiles that apply to the call,
+    then every built-in detector, then key-based redaction. Fails closed (hides all)."""
+    try:
+        from addons.core.masking import engine as maskcore
+        for prof in [*profiles, maskcore.builtin_config().profiles[maskcore.BUILTIN_DEFAULT]]:
+            args, _ = maskcore.mask_value(prof, args)
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - an unmaskable value is not shown at all
+        log.exception("masking arguments for display failed")
+        return "[arguments hidden: could not be masked]"
+    return redact_secret_keys(args)
+
+
+def fingerprint(rec: BastionRecord) -> str:
+    """identity + connection + normalised calls (method, tool, arguments): what a grant covers."""
+    calls = [[m.method, m.target, m.arguments] for m in rec.messages]
+    blob = json.dumps([rec.identity.sub if rec.identity else None, rec.connection, calls],
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Grants:
+    """Approved fingerprints reusable until they expire; bounded (oldest dropped first)."""
+
+    def __init__(self, limit: int = MAX_GRANTS) -> None:
+        self.limit = limit
+        self._exp: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, fp: str, ttl: float, now: float | None = None) -> None:
+        self._exp[fp] = (time.monotonic() if now is None else now) + ttl
+        self._exp.move_to_end(fp)
+        while len(self._exp) > self.limit:
+            self._exp.popitem(last=False)
+
+    def valid(self, fp: str, now: float | None = None) -> bool:
+        exp = self._exp.get(fp)
+        if exp is None:
+            return False
+        if exp < (time.monotonic() if now is None else now):
+            del self._exp[fp]
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self._exp)
+
+
+def client_gone(flow: http.HTTPFlow) -> bool:
+    """The caller closed its connection (HTTP/1: nothing more can be read from it)."""
+    return not (flow.client_conn.state & ConnectionState.CAN_READ)
+
+
+class Approval:
+    name = "approval"
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Pending] = {}
+        self.grants = Grants()
+        self._background: set[asyncio.Task] = set()
+
+    def load(self, loader):
+        loader.add_option("bastion_approval_timeout", float, 120.0,
+                          "Default seconds a held call waits for approval (a rule's timeout wins).")
+        loader.add_option("bastion_approval_grant_ttl", float, 0.0,
+                          "Seconds an approved call (same identity, connection, tool, arguments) may be "
+                          "repeated without a new approval; 0 = off.")
+        loader.add_option("bastion_web_approvals", str, "identified",
+                          "identified: approving needs an approver token through the admin API (mitmweb's "
+                          "Resume does not approve; Kill still denies); console: mitmweb's Resume and "
+                          "bastion.approve approve, recorded as the shared web console.",
+                          choices=WEB_APPROVALS)
+        loader.add_option("bastion_approval_webhook", str, "",
+                          "URL that receives a JSON summary (masked arguments) when a call starts waiting; "
+                          "empty = off. Failures are logged and approve nothing.")
+
+    def configure(self, updated):
+        if "bastion_approval_timeout" in updated and ctx.options.bastion_approval_timeout <= 0:
+            raise exceptions.OptionsError("bastion_approval_timeout must be positive")
+        if "bastion_approval_grant_ttl" in updated and ctx.options.bastion_approval_grant_ttl < 0:
+            raise exceptions.OptionsError("bastion_approval_grant_ttl cannot be negative")
+        if "bastion_approval_webhook" in updated:
+            url = ctx.options.bastion_approval_webhook
+            if url and not url.startswith(("http://", "https://")):
+                raise exceptions.OptionsError(f"bastion_approval_webhook must be an http(s) URL, not {url!r}")
+
+    def running(self) -> None:
+        # mitmweb: Resume All leaves held calls held; the flow list shows who/what/rule/deadline
+        if webconsole.install(ctx.master, self._is_held) and "web_columns" in ctx.options:
+            cols = webconsole.approval_columns(ctx.options.web_columns)
+            if cols:
+                ctx.options.update(web_columns=cols)
+
+    def _is_held(self, f: mflow.Flow) -> bool:
+        p = self.pending.get(f.metadata.get("bastion_approval_id"))
+        return p is not None and p.outcome is None
+
+    def done(self) -> None:
+        # pending holds live only in this process: nothing may be forwarded after a restart
+        for p in list(self.pending.values()):
+            if p.outcome is None:
+                self.decide(p.id, "cancelled", None, "gateway shutting down")
+
+    # --- the hold ----------------------------------------------------------------------
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        rec = get_record(flow.metadata)
+        if flow.request.path.startswith(ADMIN_PREFIX) and rec.connection is None:
+            self.admin(flow, rec)
+            return
+        if flow.response is not None or rec.connection is None:
+            return
+        held = [d for d in rec.decisions if d.action == "approve"]
+        if not held:
+            return
+        ttl = ctx.options.bastion_approval_grant_ttl
+        if ttl > 0 and self.grants.valid(fingerprint(rec)):
+            rec.approval = {"id": None, "outcome": "approved", "approver": "grant", "reason": "repeat of an approved call",
+                            "rule": held[0].rule, "waited": 0.0, "decided_at": time.time()}
+            log.info("approval grant reused by %s on %s", rec.identity.sub if rec.identity else "-", rec.connection)
+            return
+        p = self._pending(flow, rec, held)
+        self.pending[p.id] = p
+        flow.metadata["bastion_approval_id"] = p.id
+        flow.intercept()
+        flow.comment = self._comment(p)
+        await self._update(flow)
+        log.warning("approval %s: %s asks for %s on %s (rule %s, approvers %s, %gs)", p.id, p.requester,
+                    ", ".join(str(c["target"] or c["method"]) for c in p.summary["calls"]), p.connection, p.rule,
+                    ",".join(p.approvers) or "any mitmweb user", p.timeout)
+        self._notify(p)
+        try:
+            await self._wait(p)
+        except asyncio.CancelledError:
+            p.outcome, p.reason = p.outcome or "cancelled", p.reason or "connection handler stopped"
+            raise
+        except Exception:
+            p.outcome, p.reason = p.outcome or "cancelled", p.reason or "internal error while waiting"
+            raise
+        finally:
+            self.pending.pop(p.id, None)
+            # mitmweb's Revert restores the flow from a copy, which has no record
+            flow.metadata[METADATA_KEY] = rec
+            if p.outcome == "approved" and checked_snapshot(flow.request) != rec.checked:
+                # an approval covers exactly the request shown: an edit while held voids it
+                p.outcome, p.reason = "cancelled", "the request was changed while it was held; send it again"
+            self._finish(p, rec)
+        await self._update(flow)
+
+    def _pending(self, flow: http.HTTPFlow, rec: BastionRecord, held: list) -> Pending:
+        timeout = min(d.timeout or ctx.options.bastion_approval_timeout for d in held)
+        profiles = self._mask_profiles(rec)
+        calls = [{"method": m.method, "target": m.target, "arguments": display_arguments(m.arguments, profiles)}
+                 for m in rec.messages]
+        calls = redact_obj(rec.known_secrets, calls)     # no gateway secret or caller token shown
+        ident = rec.identity
+        needs = tuple(dict.fromkeys(Need(d.rule or "-", tuple(sorted(d.approvers))) for d in held))
+        return Pending(id=uuid.uuid4().hex[:12], flow=flow, requester=ident.sub if ident else "-",
+                       connection=rec.connection or "-", rule=", ".join(dict.fromkeys(n.rule for n in needs)),
+                       needs=needs,
+                       timeout=timeout, deadline=time.monotonic() + timeout,
+                       summary={"calls": calls, "roles": list(ident.roles) if ident else []})
+
+    @staticmethod
+    def _mask_profiles(rec: BastionRecord) -> list:
+        """The masking rules' profiles for this caller and call (masking runs after us)."""
+        masking = ctx.master.addons.get("masking")
+        cfg = getattr(masking, "config", None)
+        if cfg is None:
+            return []
+        ident = rec.identity
+        out: list = [cfg.requests] if getattr(cfg, "requests", None) is not None else []
+        for m in rec.messages:
+            for prof in cfg.select(rec.connection, m.tool_name, ident.roles if ident else (),
+                                   ident.sub if ident else None, ident.client_id if ident else None):
+                if prof not in out:
+                    out.append(prof)
+        return out
+
+    async def _wait(self, p: Pending) -> None:
+        flow = p.flow
+        while p.outcome is None:
+            remaining = p.deadline - time.monotonic()
+            if remaining <= 0:
+                p.outcome = "timeout"
+                break
+            try:
+                # woken at once by decide(); mitmweb's resume/kill and a disconnect set no
+                # event we can wait on, hence the short poll
+                await asyncio.wait_for(p.decided.wait(), min(POLL, remaining))
+                break
+            except TimeoutError:
+                pass
+            if not flow.intercepted:
+                killed = flow.error is not None and flow.error.msg == mflow.Error.KILLED_MESSAGE
+                if killed:
+                    p.outcome, p.approver, p.reason = "denied", WEB_CONSOLE, "killed in mitmweb"
+                elif ctx.options.bastion_web_approvals == "console":
+                    p.outcome, p.approver = "approved", WEB_CONSOLE
+                else:
+                    flow.intercept()     # a resume by the shared console is not an approval
+                    log.warning("approval %s: resumed in mitmweb, still held: approve with an approver token "
+                                "(mcp-bastion approve %s --token ...)", p.id, p.id)
+                    await self._update(flow)
+            elif client_gone(flow):
+                p.outcome, p.reason = "cancelled", "client disconnected"
+
+    def _finish(self, p: Pending, rec: BastionRecord) -> None:
+        flow = p.flow
+        if flow.error is not None and flow.error.msg == mflow.Error.KILLED_MESSAGE:
+            # a kill in the UI is a denial the caller should be told about, not a reset
+            flow.error = None
+            flow.live = True
+        if flow.intercepted:
+            flow.resume()
+        rec.approval = {"id": p.id, "outcome": p.outcome, "approver": p.approver, "reason": p.reason,
+                        "rule": p.rule, "waited": round(time.time() - p.created, 3), "decided_at": time.time(),
+                        # the body the approver was shown (and, if approved, the one forwarded)
+                        "request_sha256": rec.checked.body_sha256 if rec.checked else None}
+        # the summary line becomes the outcome (the list's Comment column); the details stay
+        details = flow.comment.split("\n", 1)[1] if "\n" in flow.comment else ""
+        by = (f" by {p.approver}" if p.approver else "") + (f" ({p.reason})" if p.reason else "")
+        flow.comment = esc(f"{OUTCOME_LABELS[p.outcome or 'cancelled']} {self._what(p)} |{by or ' -'} | id {p.id}") + (
+            "\n" + details + "\n") + esc(
+            f"Outcome: {p.outcome}" + (f" by {p.approver}" if p.approver else "") + (f" ({p.reason})" if p.reason else "") + ".")
+        log.warning("approval %s: %s%s after %.1fs%s", p.id, p.outcome, f" by {p.approver}" if p.approver else "",
+                    rec.approval["waited"], f" ({p.reason})" if p.reason else "")
+        if p.outcome == "approved":
+            ttl = ctx.options.bastion_approval_grant_ttl
+            if ttl > 0:
+                self.grants.add(fingerprint(rec), ttl)
+            return
+        if p.outcome == "timeout":
+            code, msg = APPROVAL_TIMEOUT, f"approval timed out (rule {p.rule})"
+        elif p.outcome == "denied":
+            code, msg = APPROVAL_DENIED, f"approval denied (rule {p.rule})" + (f": {p.reason}" if p.reason else "")
+        else:
+            code, msg = APPROVAL_CANCELLED, f"approval cancelled (rule {p.rule}): {p.reason or 'cancelled'}"
+        errors = [jsonrpc_error(m.id, code, msg, {"rule": p.rule, "approval": p.id})
+                  for m in rec.messages if m.kind == "request"]
+        refuse_jsonrpc(flow, errors or [jsonrpc_error(None, code, msg)], rec.batch, 200, reason=msg, rule=p.rule)
+
+    @staticmethod
+    def _what(p: Pending) -> str:
+        tools = ", ".join(dict.fromkeys(str(c["target"] or c["method"]) for c in p.summary["calls"]))
+        return f"{p.requester} -> {tools} | rule {p.rule}"
+
+    def _comment(self, p: Pending) -> str:
+        # line 1 is what mitmweb's Comment column shows: state, id, who, which tool, rule, deadline;
+        # then one sentence per line (the Comment tab). Every line escaped (caller-chosen text).
+        deadline = datetime.fromtimestamp(p.created + p.timeout, timezone.utc).strftime("%H:%M:%SZ")
+        calls = [f"Call: {c['method']} {c['target'] or ''} {json.dumps(c['arguments'], ensure_ascii=False)[:500]}."
+                 for c in p.summary["calls"]]
+        lines = [f"HELD {self._what(p)} | until {deadline} | approvers {', '.join(p.approvers) or '-'} | id {p.id}",
+                 f"APPROVAL {p.id} needed, rule {p.rule}.",
+                 f"Requester: {p.requester} (roles {', '.join(p.summary['roles']) or '-'}).",
+                 f"Connection: {p.connection}.", *calls,
+                 f"Approvers: {', '.join(p.approvers) or 'mitmweb users'}.",
+                 f"Deadline: {p.deadline_utc} ({p.timeout:g}s).",
+                 f"Approve: mcp-bastion approve {p.id} --token <approver token>"
+                 f"{' (or Resume here)' if ctx.options.bastion_web_approvals == 'console' else ''}; "
+                 "Abort or `bastion.deny @focus \"reason\"` = deny."]
+        return "\n".join(esc(line) for line in lines)
+
+    @staticmethod
+    async def _update(flow: http.HTTPFlow) -> None:
+        await ctx.master.addons.trigger_event(hooks.UpdateHook([flow]))
+
+    def _notify(self, p: Pending) -> None:
+        url = ctx.options.bastion_approval_webhook
+        if not url:
+            return
+        task = asyncio.get_running_loop().create_task(self._post_webhook(url, {"event": "approval.pending", **p.public()}))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _post_webhook(url: str, payload: dict) -> None:
+        import httpx
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                r = await client.post(url, json=payload)
+            if r.status_code >= 300:
+                log.warning("approval webhook answered HTTP %d", r.status_code)
+        except Exception as e:  # noqa: BLE001 - a notification failure decides nothing
+            log.warning("approval webhook failed: %s", type(e).__name__)
+
+    # --- decisions -----------------------------------------------------------------------
+
+    def decide(self, approval_id: str, outcome: str, approver: str | None, reason: str = "") -> Pending:
+        p = self.pending.get(approval_id)
+        if p is None or p.outcome is not None:
+            raise KeyError(approval_id)
+        p.outcome, p.approver, p.reason = outcome, approver, reason[:MAX_REASON]
+        p.decided.set()
+        return p
+
+    def _decide_flows(self, flows: Sequence[mflow.Flow], outcome: str, reason: str = "") -> None:
+        if outcome == "approved" and ctx.options.bastion_web_approvals != "console":
+            log.warning("bastion.approve: the web console is not an identified approver "
+                        "(bastion_web_approvals=identified); use mcp-bastion approve ID --token ...")
+            return
+        for f in flows:
+            pid = f.metadata.get("bastion_approval_id")
+            if pid in self.pending and self.pending[pid].outcome is None:
+                self.decide(pid, outcome, WEB_CONSOLE, reason)
+            else:
+                log.warning("flow %s is not waiting for approval", f.id)
+
+    @command.command("bastion.approve")
+    def approve_cmd(self, flows: Sequence[mflow.Flow]) -> None:
+        """Approve held MCP calls (mitmweb command bar: bastion.approve @focus)."""
+        self._decide_flows(flows, "approved")
+
+    @command.command("bastion.deny")
+    def deny_cmd(self, flows: Sequence[mflow.Flow], reason: str = "") -> None:
+        """Deny held MCP calls with a reason the caller sees (bastion.deny @focus "why")."""
+        self._decide_flows(flows, "denied", reason)
+
+    # --- admin API: /_bastion/approvals[/<id>/approve|deny] ----------------------------------
+
+    def admin(self, flow: http.HTTPFlow, rec: BastionRecord) -> None:
+        if flow.response is not None:
+            return  # identity already refused the token
+        ident = rec.identity
+        if ident is None:
+            refuse_http(flow, 401, "unauthorized", "an approver bearer token is required",
+                        {"www-authenticate": "Bearer"})
+            return
+        parts = flow.request.path.split("?")[0][len(ADMIN_PREFIX):].strip("/").split("/")
+        if parts == [""] and flow.request.method == "GET":
+            visible = [p.public() for p in self.pending.values()
+                       if p.outcome is None and set(p.approvers) & set(ident.roles)]
+            flow.response = json_response(200, {"pending": visible})
+            return
+        if len(parts) != 2 or parts[1] not in ("approve", "deny") or flow.request.method != "POST":
+            refuse_http(flow, 404, "not_found", "use GET /_bastion/approvals or POST /_bastion/approvals/<id>/approve|deny")
+            return
+        pid, action = parts
+        p = self.pending.get(pid)
+        if p is None or p.outcome is not None:
+            refuse_http(flow, 404, "not_found", "no pending approval with that id (unknown or already decided)")
+            return
+        if ident.sub == p.requester:
+            log.warning("approval %s: %s tried to decide their own request", pid, ident.sub)
+            refuse_http(flow, 403, "forbidden", "you cannot decide your own request", rule="approval:self")
+            return
+        mine = p.may_decide(ident.roles)
+        if not mine:
+            log.warning("approval %s: %s lacks an approver role (%s)", pid, esc(ident.sub), ",".join(p.approvers))
+            refuse_http(flow, 403, "insufficient_scope", f"deciding needs one of the roles {', '.join(p.approvers)}",
+                        rule="approval:role")
+            return
+        if action == "deny":
+            try:
+                body = json.loads(flow.request.get_text() or "{}")
+                reason = str(body.get("reason", "")) if isinstance(body, dict) else ""
+            except (ValueError, UnicodeDecodeError):
+                reason = ""
+            self.decide(pid, "denied", ident.sub, reason)      # any one held call refused refuses all
+        else:
+            for i in mine:
+                p.approved_by.setdefault(i, ident.sub)
+            if len(p.approved_by) < len(p.needs):
+                # a batch holding calls under other approvers: each needs its own approver
+                log.warning("approval %s: approved by %s for %s; still waiting for %s", pid, esc(ident.sub),
+                            ", ".join(p.needs[i].rule for i in mine), ",".join(p.approvers))
+                flow.response = json_response(200, {"id": pid, "outcome": "pending", "approver": ident.sub,
+                                                    "waiting_for": list(p.approvers)})
+                return
+            self.decide(pid, "approved", ", ".join(dict.fromkeys(p.approved_by.values())))
+        flow.response = json_response(200, {"id": pid, "outcome": p.outcome, "approver": p.approver})
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+def add_cli(sub) -> None:
+    def common(p):
+        add_gateway_arg(p)
+        p.add_argument("--token", required=True, help="the approver's bearer token (mcp-bastion token …)")
+    p = sub.add_parser("approvals", help="list calls waiting for approval")
+    common(p)
+    p.set_defaults(func=_cli_list)
+    a = sub.add_parser("approve", help="approve a held call")
+    a.add_argument("id")
+    common(a)
+    a.set_defaults(func=lambda args: _cli_decide(args, "approve"))
+    d = sub.add_parser("deny", help="deny a held call")
+    d.add_argument("id")
+    d.add_argument("--reason", default="", help="shown to the caller in the JSON-RPC error")
+    common(d)
+    d.set_defaults(func=lambda args: _cli_decide(args, "deny"))
+
+
+def _call(args, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
+    import httpx
+    url = args.gateway.rstrip("/") + path
+    try:
+        r = httpx.request(method, url, json=body, timeout=10, headers={"authorization": f"Bearer {args.token}"})
+    except httpx.HTTPError as e:
+        return 0, {"error": f"gateway unreachable at {url} ({type(e).__name__}); "
+                            "is it running? (--gateway, $BASTION_GATEWAY or $BASTION_PORT)"}
+    try:
+        data = r.json()
+    except ValueError:
+        data = {"error": r.text[:200]}
+    if r.status_code != 200 and isinstance(data, dict):
+        data["error_description"] = f"{data.get('error_description') or data.get('error')} ({method} {url})"
+    return r.status_code, data
+
+
+def _failed(status: int, data: dict) -> int:
+    code = f" {status} {data['error']}" if status and data.get("error_description") else ""
+    print(esc(f"error{code}: {data.get('error_description') or data.get('error')}"))
+    return 1
+
+
+def _cli_list(args) -> int:
+    status, data = _call(args, "GET", ADMIN_PREFIX)
+    if status != 200:
+        return _failed(status, data)
+    if not data["pending"]:
+        print("no calls waiting for approval")
+    for p in data["pending"]:
+        calls = "; ".join(f"{c['target'] or c['method']} {json.dumps(c['arguments'], ensure_ascii=False)[:120]}"
+                          for c in p["calls"])
+        print(esc(f"{p['id']}  {p['requester']:12} {p['connection']:10} rule={p['rule']}  "
+                  f"expires in {p['expires_in']:.0f}s  {calls}"))
+    return 0
+
+
+def _cli_decide(args, action: str) -> int:
+    body = {"reason": args.reason} if action == "deny" else None
+    status, data = _call(args, "POST", f"{ADMIN_PREFIX}/{args.id}/{action}", body)
+    if status != 200:
+        return _failed(status, data)
+    if data["outcome"] == "pending":
+        print(f"{esc(data['id'])}: approved by {esc(data['approver'])} for their part; "
+              f"still waiting for an approver with role {esc(', '.join(data['waiting_for']))}")
+        return 0
+    print(f"{esc(data['id'])}: {esc(data['outcome'])} by {esc(data['approver'])}")
+    return 0

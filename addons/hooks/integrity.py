@@ -1,0 +1,263 @@
+"""The `integrity` addon: tools are what was reviewed (issue 11, docs/integrity.md).
+
+- pinned definitions (rules/pins/<connection>.yaml, `mcp-bastion pin`): a tool whose
+  definition no longer matches is hidden from tools/list and its calls are refused;
+- look-alike tool names (Cyrillic о in run_cоmmand, zero-width characters) are refused;
+- prompt-injection text in tool descriptions and results is marked, stripped or refused;
+- results over a connection's output cap are truncated (valid JSON) or refused.
+Runs after policy (a denied call never gets here) and registers response transforms, so
+JSON bodies and SSE events are covered alike.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+from mitmproxy import ctx, http
+
+from addons.core import integrity as ti
+from addons.hooks.httputil import refuse_message
+from addons.core.record import BastionRecord, get_record
+from addons.core.rules import RulesError
+from addons.core.textsafe import get_logger
+
+log = get_logger("bastion.integrity")
+
+INTEGRITY_REFUSED = -32036
+MAX_DRIFTED = 10_000
+
+
+class Integrity:
+    name = "integrity"
+
+    def __init__(self) -> None:
+        # (connection, tool) -> why the tool is not what was pinned (bounded)
+        self.drifted: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._pins: dict[str, tuple[int, dict | None, ti.SkeletonIndex]] = {}
+        self._stale: set[str] = set()          # connections whose pin file may have changed
+        self._poll = ti.PinPoll(self._pins_changed)
+
+    # -- configuration -------------------------------------------------------------------
+
+    def configure(self, updated) -> None:
+        if "bastion_rules" in updated:
+            self._pins.clear()                   # another rules directory: other pin files
+            self._stale.clear()
+            self._poll.watch(ctx.options.bastion_rules)
+
+    def running(self) -> None:
+        self._poll.start()
+
+    def done(self) -> None:
+        self._poll.stop()
+
+    def check_pins(self) -> None:
+        self._poll.check()
+
+    def _pins_changed(self) -> None:
+        self._stale.update(self._pins)           # each re-reads its file on its next request
+
+    def _conn(self, name: str):
+        router = ctx.master.addons.get("connections")
+        return getattr(router, "wrapped", router).connections.get(name) if router else None
+
+    def _pin_set(self, connection: str) -> tuple[dict | None, ti.SkeletonIndex]:
+        """Pins of a connection and their skeleton index, re-read when the file changes."""
+        cached = self._pins.get(connection)
+        if cached is not None and connection not in self._stale:
+            return cached[1], cached[2]
+        self._stale.discard(connection)
+        path = ti.pins_path(ctx.options.bastion_rules, connection)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = -1
+        if cached is None or cached[0] != mtime:
+            try:
+                pins = ti.load_pins(ctx.options.bastion_rules, connection)
+            except RulesError as e:
+                if cached is None:
+                    raise
+                log.error("pin file rejected, keeping the last good pins: %s", e)
+                return cached[1], cached[2]
+            cached = (mtime, pins, ti.skeleton_index(pins or ()))
+            self._pins[connection] = cached
+            for key in [k for k in self.drifted if k[0] == connection]:
+                del self.drifted[key]          # re-pinned: judge the tools afresh
+        return cached[1], cached[2]
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        rec = get_record(flow.metadata)
+        if flow.response is not None or rec.connection is None or not rec.messages:
+            return
+        conn = self._conn(rec.connection)
+        if conn is None:
+            return
+        cfg, (pins, index) = conn.integrity, self._pin_set(rec.connection)
+        for m in rec.messages:
+            if m.method == "tools/list":
+                rec.response_transforms.append(
+                    lambda msg, c=rec.connection, r=rec: self._tools_list(c, cfg, pins, index, r, msg))
+            elif m.method == "tools/call":
+                why = self._call_refusal(rec.connection, cfg, pins, index, m.tool_name or "")
+                if why:
+                    log.warning("refused tools/call %r on %s: %s", m.tool_name, rec.connection, why)
+                    refuse_message(flow, m.id, INTEGRITY_REFUSED, f"refused by mcp-bastion tool integrity: {why}",
+                                   rule="integrity")
+                    return
+                rec.response_transforms.append(lambda msg, r=rec: self._result(cfg, r, msg))
+
+    def _call_refusal(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: ti.SkeletonIndex,
+                      name: str) -> str | None:
+        twin = ti.lookalike_of(name, index)
+        if twin is not None or not ti.plain_name(name):
+            return f"tool name {name!r} imitates {twin!r}" if twin else f"tool name {name!r} has unusual characters"
+        why = self.drifted.get((connection, name))
+        if why:
+            return why
+        if pins is not None and name not in pins and cfg.require_pins:
+            return f"tool {name} is not pinned for this connection"
+        return None
+
+    def _tools_list(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: ti.SkeletonIndex,
+                    rec: BastionRecord, msg: dict) -> dict:
+        result = msg.get("result")
+        if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+            return msg
+        kept, hidden = [], []
+        for tool in result["tools"]:
+            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+                continue
+            why = self._tool_problem(connection, cfg, pins, index, tool)
+            if why is None and cfg.injection != "off":
+                tool, why = self._scan_tool(cfg, tool, rec)
+            if why is None:
+                kept.append(tool)
+            else:
+                hidden.append(tool["name"])
+                log.warning("hid tool %r of %s: %s", tool["name"], connection, why)
+        if hidden:
+            rec.notes.setdefault("integrity_hidden", []).extend(hidden[:100])
+        return {**msg, "result": {**result, "tools": kept}}
+
+    def _tool_problem(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: ti.SkeletonIndex,
+                      tool: dict) -> str | None:
+        name = tool["name"]
+        if not ti.plain_name(name):
+            return f"tool name {name!r} has unusual characters"
+        if pins is None:
+            return None
+        twin = ti.lookalike_of(name, index)
+        if twin is not None:
+            return f"tool name {name!r} imitates pinned tool {twin!r}"
+        if name not in pins:
+            return "not pinned" if cfg.require_pins else None
+        if pins[name]["hash"] != ti.tool_hash(tool):
+            why = f"tool {name} changed since it was pinned (run `mcp-bastion pin --diff {connection}`)"
+            if (connection, name) not in self.drifted:
+                log.error("%s", why)
+            self.drifted[(connection, name)] = why
+            self.drifted.move_to_end((connection, name))
+            while len(self.drifted) > MAX_DRIFTED:
+                self.drifted.popitem(last=False)
+            return why
+        return None
+
+    def _scan_tool(self, cfg: ti.IntegrityConfig, tool: dict, rec: BastionRecord) -> tuple[dict, str | None]:
+        text = tool.get("description")
+        findings = ti.scan(text) if isinstance(text, str) else []
+        if not findings:
+            return tool, None
+        kinds = sorted({f.kind for f in findings})
+        rec.notes.setdefault("injection", []).append({"tool": tool["name"], "kinds": kinds})
+        if cfg.injection == "refuse":
+            return tool, f"description looks like an instruction to the model ({', '.join(kinds)})"
+        if cfg.injection == "strip":
+            tool = {**tool, "description": ti.strip(text, findings)}
+        meta = dict(tool.get("_meta") or {})
+        meta[ti.META_KEY] = kinds
+        return {**tool, "_meta": meta}, None
+
+    def _result(self, cfg: ti.IntegrityConfig, rec: BastionRecord, msg: dict) -> dict:
+        result = msg.get("result")
+        if not isinstance(result, dict) or "id" not in msg:
+            return msg
+        if cfg.injection != "off":
+            result = self._scan_result(cfg, rec, msg, result)
+            if result is None:
+                return _error(msg, "the tool result looks like an instruction to the model")
+        if cfg.max_output_chars and ti.result_size(result) > cfg.max_output_chars:
+            size = ti.result_size(result)
+            rec.notes["output_capped"] = {"size": size, "limit": cfg.max_output_chars, "action": cfg.on_oversize}
+            cut = ti.truncate_result(result, cfg.max_output_chars) if cfg.on_oversize == "truncate" else None
+            if cut is None:
+                return _error(msg, f"the tool result has {size} characters, over this connection's limit "
+                                   f"of {cfg.max_output_chars}")
+            result = cut
+        return msg if result is msg.get("result") else {**msg, "result": result}
+
+    def _scan_result(self, cfg: ti.IntegrityConfig, rec: BastionRecord, msg: dict, result: dict) -> dict | None:
+        blocks, kinds = [], set()
+        for block in result.get("content") or []:
+            if isinstance(block, dict) and isinstance(block.get("text"), str):
+                findings = ti.scan(block["text"])
+                if findings:
+                    kinds |= {f.kind for f in findings}
+                    if cfg.injection == "strip":
+                        block = {**block, "text": ti.strip(block["text"], findings)}
+            blocks.append(block)
+        if not kinds:
+            return result
+        rec.notes.setdefault("injection", []).append({"result": msg.get("id"), "kinds": sorted(kinds)})
+        log.warning("injection-like text in a tool result (%s): %s", cfg.injection, ", ".join(sorted(kinds)))
+        if cfg.injection == "refuse":
+            return None
+        meta = dict(result.get("_meta") or {})
+        meta[ti.META_KEY] = sorted(kinds)
+        return {**result, "content": blocks, "_meta": meta}
+
+
+def _error(msg: dict, why: str) -> dict:
+    return {"jsonrpc": "2.0", "id": msg.get("id"),
+            "error": {"code": INTEGRITY_REFUSED, "message": f"refused by mcp-bastion tool integrity: {why}"}}
+
+
+# --- CLI: mcp-bastion pin -------------------------------------------------------------------
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("pin", help="pin a connection's tool definitions (rules/pins/NAME.yaml), or --diff them")
+    p.add_argument("connection")
+    p.add_argument("--diff", action="store_true", help="show what changed since the pins were written")
+    p.set_defaults(func=_cli_pin)
+
+
+def _cli_pin(args) -> int:
+    from addons.core.connections import load_connections
+    try:
+        conns = load_connections(args.rules)
+        pins = ti.load_pins(args.rules, args.connection)
+    except RulesError as e:
+        print(e)
+        return 1
+    conn = conns.get(args.connection)
+    if conn is None:
+        print(f"no connection {args.connection!r} in {args.rules}/connections.yaml")
+        return 1
+    try:
+        from addons.core.mcpclient import list_upstream_tools
+        tools = asyncio.run(list_upstream_tools(conn))
+    except Exception as e:  # noqa: BLE001 - report any transport failure plainly
+        print(f"cannot list the tools of {args.connection} at {conn.origin}{conn.path}: {type(e).__name__}: {e}")
+        return 1
+    if args.diff:
+        if pins is None:
+            print(f"{args.connection} has no pins yet; run `mcp-bastion pin {args.connection}`")
+            return 1
+        lines = ti.diff_pins(pins, tools)
+        print("\n".join(lines) if lines else f"{args.connection}: {len(tools)} tool(s), all match their pins")
+        return 1 if lines else 0
+    path = ti.write_pins(args.rules, args.connection, tools)
+    print(f"pinned {len(tools)} tool(s) of {args.connection} in {path}")
+    return 0

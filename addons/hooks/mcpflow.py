@@ -1,0 +1,289 @@
+"""The `mcp` addon: parse every client->server body into JSON-RPC messages before policy.
+
+Refuses (never forwards) what cannot be parsed, with the JSON-RPC error and the HTTP
+status the MCP transport assigns (2026-07-28: an intermediary answers validation
+failures with an HTTP error status; the SDK's ERROR_CODE_HTTP_STATUS table).
+"""
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+
+import brotli
+try:
+    from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
+except ImportError:
+    from backports import zstd  # type: ignore[import-not-found,no-redef]  # mitmproxy's dependency
+
+from mitmproxy import http
+
+from addons.core import mcpwire
+from addons.hooks.httputil import checked_snapshot, refuse_http, refuse_message
+from addons.core.record import get_record
+from addons.hooks.responses import readonly
+from addons.core.sessions import SessionRefused, SessionTable
+from addons.core.textsafe import get_logger
+
+log = get_logger("bastion.mcp")
+
+ERROR_STATUS = {
+    mcpwire.PARSE_ERROR: 400, mcpwire.INVALID_REQUEST: 400, mcpwire.INVALID_PARAMS: 400,
+    mcpwire.HEADER_MISMATCH: 400, mcpwire.UNSUPPORTED_PROTOCOL_VERSION: 400, mcpwire.METHOD_NOT_FOUND: 404,
+}
+MAX_SCHEMAS = 4096
+MAX_PENDING = 10_000
+
+
+def stream_key(rec, req: http.Request) -> str | None:
+    """Which client stream a request belongs to: Mcp-Session-Id, or the legacy
+    transport's session_id query parameter."""
+    if rec.session_id:
+        return rec.session_id
+    q = req.path.partition("?")[2]
+    for part in q.split("&"):
+        k, _, v = part.partition("=")
+        if k in ("session_id", "sessionId") and v:
+            return v
+    return None
+
+
+class McpParser:
+    name = "mcp"
+
+    def __init__(self) -> None:
+        # (connection, tool) -> Mcp-Param-* map learned from tools/list results (bounded)
+        self.param_maps: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        # (connection, stream, id) -> transforms of the request, for responses that arrive
+        # on another flow (legacy SSE stream, or a resumed GET stream): the transforms of a
+        # request follow its response wherever it travels. Bounded.
+        self.pending: OrderedDict[tuple[str, str, str], list] = OrderedDict()
+        self.sessions = SessionTable()
+
+    def load(self, loader) -> None:
+        loader.add_option("bastion_session_limit", int, 100,
+                          "Open MCP sessions one identity may hold; one more -> 429.")
+        loader.add_option("bastion_session_max", int, 10_000,
+                          "Open MCP sessions the gateway tracks in all; one more -> 503. Never evicted.")
+        loader.add_option("bastion_session_idle", float, 3600.0,
+                          "Seconds without a request or an open stream after which a session binding "
+                          "expires (the id then gets 404 and the client starts a new session).")
+
+    def configure(self, updated: set[str]) -> None:
+        from mitmproxy import ctx, exceptions
+        o = ctx.options
+        if updated & {"bastion_session_limit", "bastion_session_max", "bastion_session_idle"}:
+            if o.bastion_session_limit < 1 or o.bastion_session_max < 1 or o.bastion_session_idle <= 0:
+                raise exceptions.OptionsError("bastion_session_limit/_max must be >= 1 and bastion_session_idle > 0")
+            t = self.sessions
+            t.per_identity, t.total, t.idle = o.bastion_session_limit, o.bastion_session_max, o.bastion_session_idle
+
+    def _follow(self, rec, key: str | None) -> None:
+        """A GET stream carries the answers to its session's POSTs: give them the
+        transforms (masking, list filtering, refusals) of the request they answer."""
+        if key is None:
+            return
+        conn = rec.connection
+        rec.notes["pending_lookup"] = lambda msg_id: self.pending.get((conn, key, _idkey(msg_id)))
+
+    def _bind_legacy(self, flow: http.HTTPFlow, rec, sid: str) -> None:
+        """Legacy HTTP+SSE: the stream's endpoint event names the session the stream is."""
+        key = (rec.connection, sid)
+        if rec.identity is not None and self.sessions.bind(flow.id, key, rec.identity.sub):
+            rec.session_key, rec.session_stream = key, True
+            self.sessions.stream(key, +1)
+        self._follow(rec, sid)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Streamable HTTP: the server names the session in the initialize response."""
+        rec = get_record(flow.metadata)
+        resp = flow.response
+        if resp is None or not rec.connection or rec.refusal is not None:
+            return
+        sid = resp.headers.get("mcp-session-id")
+        if sid and rec.identity is not None and self.sessions.bind(flow.id, (rec.connection, sid), rec.identity.sub):
+            rec.session_key = (rec.connection, sid)
+        if rec.session_key is not None and flow.request.method == "GET" and resp.status_code == 200:
+            rec.session_stream = True
+            self.sessions.stream(rec.session_key, +1)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def _done(self, flow: http.HTTPFlow) -> None:
+        """The flow ended: free its reservation and stream; a closed session loses its binding."""
+        rec = get_record(flow.metadata)
+        self.sessions.release(flow.id)
+        key = rec.session_key
+        if key is None:
+            return
+        if rec.session_stream:
+            rec.session_stream = False
+            self.sessions.stream(key, -1)
+            if flow.request.method == "GET" and stream_key(rec, flow.request) is None:
+                self.sessions.forget(key)       # legacy transport: the session ends with its stream
+        status = flow.response.status_code if flow.response is not None and rec.refusal is None else None
+        if status == 404 or (flow.request.method == "DELETE" and status is not None and 200 <= status < 300):
+            self.sessions.forget(key)           # closed by the client, or unknown upstream
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        rec = get_record(flow.metadata)
+        if flow.response is not None or rec.connection is None:
+            return
+        req = flow.request
+        if len(req.headers.get_all("mcp-session-id")) > 1:
+            # mitmproxy would join them ("a, b": nobody's session), Starlette routes on the first
+            refuse_http(flow, 400, "invalid_request", "Mcp-Session-Id header appears more than once")
+            return
+        rec.session_id = req.headers.get("mcp-session-id")
+        key = stream_key(rec, req)
+        try:
+            if key is not None:
+                # a session belongs to the identity that opened it: another caller who learnt
+                # the id, or any id the gateway does not know, gets 404 and nothing is forwarded
+                self.sessions.use((rec.connection, key), rec.identity.sub if rec.identity else "")
+                rec.session_key = (rec.connection, key)
+            elif req.method == "GET":
+                self._admit(flow, rec)
+        except SessionRefused as e:
+            refuse_http(flow, e.status, e.error, e.message)
+            return
+        if req.method != "POST":
+            if req.content:
+                refuse_http(flow, 400, "invalid_request", f"{req.method} requests carry no body")
+                return
+            rec.notes["stream_checked"] = True
+            rec.checked = checked_snapshot(req)
+            if req.method == "GET":
+                self._follow(rec, key)
+                # legacy HTTP+SSE: the session is named later, in the stream's endpoint event
+                rec.notes["bind_session"] = lambda sid, flow=flow, rec=rec: self._bind_legacy(flow, rec, sid)
+            return
+        ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            refuse_http(flow, 415, "unsupported_media_type", "MCP messages are POSTed as application/json")
+            return
+        enc = req.headers.get("content-encoding", "")
+        try:
+            body = decode_bounded(req.raw_content or b"", enc, _max_body())
+        except BodyTooLarge:
+            body = None
+        except ValueError:
+            refuse_message(flow, None, mcpwire.PARSE_ERROR, "request body has a Content-Encoding the gateway cannot decode",
+                           status=400)
+            return
+        if body is None or len(body) > _max_body():
+            refuse_http(flow, 413, "body_too_large", f"request body exceeds {_max_body()} bytes")
+            return
+        try:
+            parsed = mcpwire.parse_body(body)
+            err = mcpwire.check_routing_headers(_fields(req), parsed)
+            if err is None and not parsed.batch and parsed.messages[0].method == "tools/call":
+                msg = parsed.messages[0]
+                err = mcpwire.check_param_headers(_fields(req), msg,
+                                              self.param_maps.get((rec.connection, msg.tool_name or "")))
+            if err is not None:
+                raise err
+        except mcpwire.McpParseError as e:
+            log.info("refused %s: %s", req.path, e.message)
+            refuse_message(flow, e.msg_id, e.code, e.message, status=ERROR_STATUS.get(e.code, 400))
+            return
+        if key is None and any(m.method == "initialize" for m in parsed.messages):
+            try:
+                self._admit(flow, rec)
+            except SessionRefused as e:
+                refuse_http(flow, e.status, e.error, e.message)
+                return
+        rec.messages = parsed.messages
+        rec.batch = parsed.batch
+        rec.protocol_version = req.headers.get("mcp-protocol-version") or next(
+            (m.protocol_version for m in parsed.messages if m.protocol_version), None)
+        if "content-encoding" in req.headers:
+            del req.headers["content-encoding"]
+            req.content = body  # upstream gets exactly the bytes that were inspected
+        if req.headers.get("content-type") != "application/json":
+            req.headers["content-type"] = "application/json"  # what was inspected: UTF-8 JSON
+        rec.checked = checked_snapshot(req)     # what policy and approval decide on
+        if key is not None:
+            for m in parsed.messages:
+                if m.kind == "request":
+                    self.pending[(rec.connection, key, _idkey(m.id))] = rec.response_transforms
+            while len(self.pending) > MAX_PENDING:
+                self.pending.popitem(last=False)
+        if any(m.method == "tools/list" for m in parsed.messages):
+            conn = rec.connection
+            rec.response_transforms.append(readonly(lambda m: self._learn(conn, m)))
+
+    def _admit(self, flow: http.HTTPFlow, rec) -> None:
+        """Room for the session this request may open (initialize, legacy SSE stream)."""
+        if rec.identity is not None:
+            self.sessions.admit(flow.id, rec.identity.sub)
+
+    def _learn(self, conn: str, message: dict) -> dict:
+        tools = (message.get("result") or {}).get("tools") if isinstance(message.get("result"), dict) else None
+        if isinstance(tools, list):
+            for t in tools:
+                if isinstance(t, dict) and isinstance(t.get("name"), str):
+                    key = (conn, t["name"])
+                    self.param_maps[key] = mcpwire.param_header_map(t.get("inputSchema"))
+                    self.param_maps.move_to_end(key)
+            while len(self.param_maps) > MAX_SCHEMAS:
+                self.param_maps.popitem(last=False)
+        return message
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def decode_bounded(raw: bytes, enc: str, limit: int) -> bytes:
+    """Decode a request body, never producing more than `limit` bytes (a 4 MiB gzip body
+    can inflate to 4 GiB; mitmproxy's own decode has no bound). Raises BodyTooLarge, or
+    ValueError for an unknown, corrupt, truncated or multi-member encoding."""
+    enc = enc.strip().lower()
+    if enc in ("", "identity"):
+        return raw
+    out: bytes
+    try:
+        if enc in ("gzip", "deflate"):
+            for wbits in ((16 + zlib.MAX_WBITS,) if enc == "gzip" else (zlib.MAX_WBITS, -zlib.MAX_WBITS)):
+                d = zlib.decompressobj(wbits)
+                try:
+                    out = d.decompress(raw, limit + 1)
+                    break
+                except zlib.error:
+                    if wbits == -zlib.MAX_WBITS or enc == "gzip":
+                        raise
+            complete = d.eof and not d.unused_data
+        elif enc == "br":
+            b = brotli.Decompressor()
+            out = b.process(raw, output_buffer_limit=limit + 1)
+            complete = b.is_finished()
+        elif enc == "zstd":
+            z = zstd.ZstdDecompressor()
+            out = z.decompress(raw, max_length=limit + 1)
+            complete = z.eof and not z.unused_data
+        else:
+            raise ValueError(f"unsupported content-encoding {enc!r}")
+    except (zlib.error, brotli.error, zstd.ZstdError, EOFError) as e:
+        raise ValueError(str(e)) from None
+    if len(out) > limit:
+        raise BodyTooLarge()
+    if not complete:
+        raise ValueError("truncated or trailing compressed data")
+    return out
+
+
+def _idkey(msg_id) -> str:
+    return f"{type(msg_id).__name__}:{msg_id}"
+
+
+def _fields(req: http.Request) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers.fields]
+
+
+def _max_body() -> int:
+    from mitmproxy import ctx
+    return ctx.options.bastion_max_body
