@@ -269,8 +269,7 @@ def _mint_standin(key_dir: Path) -> tuple[str, Path]:
 
 def _mint_with_identity(key_dir: Path, work: Path) -> str:
     """The identity addon's own issuer: mint_token(key_dir, sub, roles, ...)."""
-    from addons.hooks import identity
-    fn = identity.mint_token
+    from addons.core.identity.jwtverify import mint_token as fn
     params = inspect.signature(fn).parameters
     kw = {}
     for k, v in (("ttl", 86400), ("ttl_seconds", 86400)):

@@ -1,4 +1,4 @@
-"""`mcp-bastion` command line. Each feature module contributes its subcommands
+"""`mcp-bastion` command line. Each module of this package contributes its subcommands
 through `add_cli(subparsers)`; this file only assembles them."""
 from __future__ import annotations
 
@@ -6,19 +6,18 @@ import argparse
 import importlib
 import logging
 import os
-import sys
 
 # Modules that contribute subcommands (each defines add_cli(subparsers)).
 CLI_MODULES = (
-    "addons.hooks.identity",
-    "addons.hooks.policy",
-    "addons.hooks.recorder",
+    "addons.cli.identity",
+    "addons.cli.policy",
+    "addons.cli.recordings",
     "addons.cli.audit",
-    "addons.hooks.approval",
-    "addons.hooks.connections",
-    "addons.core.identity.vault",
-    "addons.hooks.masking",
-    "addons.hooks.integrity",
+    "addons.cli.approvals",
+    "addons.cli.connections",
+    "addons.cli.vault",
+    "addons.cli.masking",
+    "addons.cli.integrity",
 )
 
 
@@ -44,15 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rules", default="rules", help="rules directory (default: rules)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in CLI_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue  # feature not built yet
-            raise
-        add = getattr(mod, "add_cli", None)
-        if add is not None:
-            add(sub)
+        importlib.import_module(name).add_cli(sub)
     return parser
 
 

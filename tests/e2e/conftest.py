@@ -137,7 +137,7 @@ class Gateway:
         return self.proc.text()
 
     def token(self, sub: str = "e2e", roles: tuple[str, ...] | list[str] = ("e2e-all",), **kw: Any) -> str:
-        from addons.hooks.identity import mint_token
+        from addons.core.identity.jwtverify import mint_token
         return mint_token(self.key_dir, sub, roles=tuple(roles), **kw)
 
 

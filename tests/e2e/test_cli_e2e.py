@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from addons.hooks.recorder import replay_web_args
+from addons.cli.recordings import replay_web_args
 from tests.e2e.conftest import ALLOW_ALL_POLICY, ROOT, free_port
 
 

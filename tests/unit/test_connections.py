@@ -11,7 +11,7 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons.hooks import connections as cx
+from addons.cli import connections as cli_connections
 from addons.core import connections as model
 from addons.core.connections import (Connection, load_connections, parse_connections, plain_query, rewrite_endpoint,
                                      split_path)
@@ -271,7 +271,7 @@ def test_cli_list_prints_no_secret(tmp_path, monkeypatch, capsys):
 
     class Args:
         rules = str(tmp_path / "rules")
-    assert cx._cli_list(Args()) == 0
+    assert cli_connections._cli_list(Args()) == 0
     out = capsys.readouterr().out
     assert "demo" in out and "env:DEMO_TOKEN" in out and SECRET not in out
 

@@ -380,7 +380,7 @@ def test_chosen_profile_is_noted_on_the_decision_for_the_audit(masking):
 def cli(argv: list[str]) -> int:
     import argparse
 
-    from addons.hooks import masking as masking_mod
+    from addons.cli import masking as masking_mod
     p = argparse.ArgumentParser()
     p.add_argument("--rules", default="rules")
     masking_mod.add_cli(p.add_subparsers())

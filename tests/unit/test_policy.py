@@ -13,6 +13,7 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.core import mcpwire
+from addons.cli import policy as cli_policy
 from addons.hooks import policy as policy_mod
 from addons.hooks.connections import Router
 from addons.hooks.policy import APPROVAL_UNAVAILABLE, BLAST_RADIUS, DENIED, RATE_LIMITED, Policy
@@ -187,7 +188,7 @@ def _cli(args, capsys):
     p = argparse.ArgumentParser()
     p.add_argument("--rules", default="rules")
     s = p.add_subparsers()
-    policy_mod.add_cli(s)
+    cli_policy.add_cli(s)
     ns = p.parse_args(args)
     code = ns.func(ns)
     return code, capsys.readouterr().out

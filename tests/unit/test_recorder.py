@@ -12,9 +12,10 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons.core import mcpwire
 
-from addons.hooks import recorder as recmod
 from addons.core.record import Decision, Identity, MaskEvent, get_record
-from addons.hooks.recorder import Recorder, StreamTap, build_flows, format_timeline, redact_headers, redact_path
+from addons.cli import recordings as cli_rec
+from addons.cli.recordings import build_flows, format_timeline
+from addons.hooks.recorder import Recorder, StreamTap, redact_headers, redact_path
 from addons.core.audit.store import Store
 
 SECRET = "eyJhbGciOiJSUzI1NiJ9.PLANTED-SECRET-TOKEN.c2lnbmF0dXJl"
@@ -393,7 +394,7 @@ async def test_replay_timeline(rec_ctx):
     r, tctx, root = rec_ctx
     await _scripted_session(r, root)
     s = Store(root)
-    text = format_timeline(recmod.session_events(s, "sess-replay"))
+    text = format_timeline(cli_rec.session_events(s, "sess-replay"))
     s.close()
     assert "session    sess-replay" in text
     assert "identity   alice  roles=analyst  client=cli-app" in text
@@ -492,13 +493,13 @@ def _rules(tmp_path, test: bool) -> Path:
 def test_resend_refuses_anything_but_a_test_connection(tmp_path, capsys):
     from addons.cli import main
     rules = _rules(tmp_path, test=True)
-    assert recmod.test_connection_problem(str(rules), "sandbox") is None
-    assert "not marked as a test connection" in recmod.test_connection_problem(str(rules), "prod")
-    assert "no connection" in recmod.test_connection_problem(str(rules), "nope")
+    assert cli_rec.test_connection_problem(str(rules), "sandbox") is None
+    assert "not marked as a test connection" in cli_rec.test_connection_problem(str(rules), "prod")
+    assert "no connection" in cli_rec.test_connection_problem(str(rules), "nope")
     assert main(["--rules", str(rules), "resend", "x", "--connection", "prod", "--store", str(tmp_path)]) == 2
     assert "refusing to resend" in capsys.readouterr().err
     rules = _rules(tmp_path, test=False)
-    assert recmod.test_connection_problem(str(rules), "sandbox") is not None
+    assert cli_rec.test_connection_problem(str(rules), "sandbox") is not None
 
 
 async def test_resend_replays_requests_with_a_fresh_session(rec_ctx, tmp_path):
@@ -506,7 +507,7 @@ async def test_resend_replays_requests_with_a_fresh_session(rec_ctx, tmp_path):
     r, tctx, root = rec_ctx
     await _scripted_session(r, root)
     s = Store(root)
-    msgs = recmod.resend_messages(recmod.session_events(s, "sess-replay"))
+    msgs = cli_rec.resend_messages(cli_rec.session_events(s, "sess-replay"))
     s.close()
     assert [m["method"] for m in msgs] == ["initialize", "tools/call", "tools/call"]
     seen = []
@@ -519,7 +520,7 @@ async def test_resend_replays_requests_with_a_fresh_session(rec_ctx, tmp_path):
                               headers=hdrs)
     import io as _io
     out = _io.StringIO()
-    assert recmod.resend(msgs, "http://gw/mcp/sandbox", "tok", transport=httpx.MockTransport(handler), out=out) == 0
+    assert cli_rec.resend(msgs, "http://gw/mcp/sandbox", "tok", transport=httpx.MockTransport(handler), out=out) == 0
     assert seen == [("initialize", None, "Bearer tok"), ("tools/call", "fresh", "Bearer tok"),
                     ("tools/call", "fresh", "Bearer tok")]
     assert "tools/call lookup_customer -> HTTP 200 ok" in out.getvalue()

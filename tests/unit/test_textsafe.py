@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 
-from addons.hooks.recorder import render
+from addons.cli.recordings import render
 from addons.core.textsafe import esc, get_logger
 
 
@@ -45,7 +45,7 @@ def test_sql_table_csv_and_json_output_are_escaped():
 
 
 def test_exported_flow_comments_are_escaped():
-    from addons.hooks.recorder import build_flows
+    from addons.cli.recordings import build_flows
     ev = {"kind": "refusal", "flow_id": "f1", "instance": "i", "seq": 1, "ts": 1.0, "direction": "gateway",
           "sub": "eve\x1b[2J\nidentity root", "roles": ["x\u202e"], "reason": "denied\rtool\x07",
           "http_method": "POST", "path": "/mcp/demo", "connection": "demo", "session_id": "s"}
