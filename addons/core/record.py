@@ -12,6 +12,7 @@ from typing import Any, Callable, Literal
 from addons.core.mcpwire import Message
 
 METADATA_KEY = "bastion"
+MAX_MASK_EVENTS = 1024   # distinct (path, type) mask kinds kept per flow
 
 Action = Literal["allow", "deny", "approve"]
 
@@ -121,7 +122,25 @@ class BastionRecord:
     # client->server message -> (the copy that may be shown or stored, mask events): the
     # `requests:` masking rules, set by the masking addon. The upstream gets the original.
     request_mask: Callable[[dict], tuple[dict, list]] | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
+    # --- facts one stage leaves for a later one (each names its writer and readers) ---
+    auth_failure: str | None = None        # identity: why the caller was refused (audit)
+    stream_checked: bool = False           # McpParser: a GET/DELETE stream request was checked (Injector)
+    legacy_stream: bool = False            # Router: POST to an announced legacy HTTP+SSE endpoint
+    # legacy refusals: the exact ping body that carries a refusal upstream (Injector forwards only it)
+    refusal_carrier: bytes | None = field(default=None, repr=False)
+    # McpParser, legacy stream: the (connection, session) request this response id answers ->
+    # its response transforms (responses), and how an `endpoint` event binds the session
+    pending_lookup: Callable[[Any], list | None] | None = field(default=None, repr=False)
+    bind_session: Callable[[str], None] | None = field(default=None, repr=False)
+    response_messages_dropped: int = 0     # responses: messages not kept (limit; recorder notes it)
+    mask_profiles: tuple[str, ...] = ()    # masking: the profiles chosen for this caller
+    masks_dropped: int = 0                 # mask events over MAX_MASK_EVENTS (counted, not listed)
+    integrity_hidden: list[str] = field(default_factory=list)   # integrity: tools hidden from tools/list
+    injections: list[dict[str, Any]] = field(default_factory=list)  # integrity: injection marks found
+    output_capped: dict[str, Any] | None = None   # integrity: result over max_output_chars
+    injected_header: str | None = None     # Injector: the credential header name (recorder redacts it)
+    metrics_counted: bool = False          # metrics: this flow is counted once
+    audit_state: Any = field(default=None, repr=False)  # recorder's own per-flow state
     # the caller's Authorization header values, taken out of the flow before anything
     # (mitmweb, flow files) sees it; cleared once the identity addon has verified them
     caller_authorization: tuple[str, ...] | None = field(default=None, repr=False)
@@ -129,12 +148,28 @@ class BastionRecord:
     outgoing: CheckedRequest | None = None    # as the Injector made it: host, path, no credentials
     # (header, value) the forwarder adds at the last moment, outside any flow the UI shows
     credential: tuple[str, str] | None = field(default=None, repr=False)
+    _mask_index: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
 
     def __deepcopy__(self, memo: dict) -> None:
         # mitmproxy copies flow.metadata for flow files, exports, duplicates and replays
         # (Flow.get_state): the record holds callables and secrets and belongs to this one
         # pass through the chain, so a copy starts without one
         return None
+
+    def add_masks(self, events: list[MaskEvent]) -> None:
+        """Add events to masks, summing counts per (path, type); at most MAX_MASK_EVENTS
+        kinds, the rest counted in masks_dropped."""
+        for ev in events:
+            k = (ev.path, ev.type)
+            i = self._mask_index.get(k)
+            if i is not None:
+                old = self.masks[i]
+                self.masks[i] = MaskEvent(old.path, old.type, old.count + ev.count)
+            elif len(self.masks) < MAX_MASK_EVENTS:
+                self._mask_index[k] = len(self.masks)
+                self.masks.append(ev)
+            else:
+                self.masks_dropped += ev.count
 
     def refuse(self, reason: str, rule: str | None = None) -> None:
         if self.refusal is None:

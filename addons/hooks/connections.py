@@ -21,7 +21,6 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.core.identity import credentials as creds
 from addons.hooks.httputil import checked_snapshot, json_response, refuse_http, refuse_jsonrpc
-from addons.hooks.legacyrefusal import carrier_ok
 from addons.core.record import METADATA_KEY, BastionRecord, get_record
 from addons.core.rules import ChangeWatcher, RulesError, poll_forever, rules_files
 from addons.core.identity.vault import DEFAULT_KEY, DEFAULT_VAULT, Vault, VaultError, key_path, load_key, updating
@@ -118,7 +117,7 @@ class Router:
                 refuse_http(flow, 400, "invalid_request", "query must be plain key=value pairs, each key once")
                 return
             upstream_path = sub + (f"?{query}" if query else "")
-            rec.notes["legacy_messages"] = True  # answers travel on the event stream
+            rec.legacy_stream = True  # answers travel on the event stream
         else:
             refuse_http(flow, 404, "not_found", "no such endpoint on this connection")
             return
@@ -244,10 +243,9 @@ class Injector:
             return
         problem = unchecked_reason(rec, flow.request.method,
                                    identity_required=ctx.master.addons.get("identity") is not None)
-        carrier = carrier_ok(rec, flow.request.raw_content)
-        if carrier is not None:
+        if rec.refusal_carrier is not None:
             # a refusal on its way to a legacy client: only the exact carrier ping may go
-            problem = None if carrier else "refusal carrier was altered"
+            problem = None if flow.request.raw_content == rec.refusal_carrier else "refusal carrier was altered"
         if problem:
             log.error("refusing to forward %s: %s", flow.request.path, problem)
             refuse_http(flow, 502, "gateway_error", "the gateway could not check this request")
@@ -274,7 +272,7 @@ class Injector:
         rec.outgoing = checked_snapshot(req)
         if injected:
             rec.credential = (injected.header, injected.value)
-            rec.notes["injected_header"] = injected.header
+            rec.injected_header = injected.header
             rec.credential_kind = injected.kind
 
 
@@ -353,7 +351,7 @@ def refuse_credential(flow: http.HTTPFlow, rec, e: creds.CredentialRefused) -> N
     log.warning("refused %s %s for sub=%s: %s", flow.request.method, flow.request.path.split("?")[0],
                 ident.sub if ident else "-", e.reason)
     rec.credential_kind = e.kind
-    errors = None if rec.notes.get("legacy_messages") else creds.consent_errors(e, rec.messages, rec.protocol_version)
+    errors = None if rec.legacy_stream else creds.consent_errors(e, rec.messages, rec.protocol_version)
     if errors:
         refuse_jsonrpc(flow, errors, rec.batch, reason=e.reason, rule=e.rule)
         return
@@ -392,7 +390,7 @@ def unchecked_reason(rec, http_method: str, identity_required: bool = True) -> s
     if identity_required and rec.identity is None:
         return "caller not verified"
     if http_method != "POST":
-        return None if rec.notes.get("stream_checked") else "stream request not checked"
+        return None if rec.stream_checked else "stream request not checked"
     if not rec.messages:
         return "body not parsed"
     if len(rec.decisions) != len(rec.messages):

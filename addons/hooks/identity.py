@@ -337,7 +337,7 @@ class Identity:
         refuse_http(flow, status, error or "unauthorized", description,
                     {"www-authenticate": "Bearer " + ", ".join(params)},
                     rule=f"identity:{error or 'missing-token'}")
-        get_record(flow.metadata).notes["auth_failure"] = reason
+        get_record(flow.metadata).auth_failure = reason
 
     # ------------------------------------------------------------ RFC 9728 metadata
 

@@ -138,7 +138,7 @@ class Integrity:
                 hidden.append(tool["name"])
                 log.warning("hid tool %r of %s: %s", tool["name"], connection, why)
         if hidden:
-            rec.notes.setdefault("integrity_hidden", []).extend(hidden[:100])
+            rec.integrity_hidden.extend(hidden[:100])
         return {**msg, "result": {**result, "tools": kept}}
 
     def _tool_problem(self, connection: str, cfg: ti.IntegrityConfig, pins: dict | None, index: ti.SkeletonIndex,
@@ -170,7 +170,7 @@ class Integrity:
         if not findings:
             return tool, None
         kinds = sorted({f.kind for f in findings})
-        rec.notes.setdefault("injection", []).append({"tool": tool["name"], "kinds": kinds})
+        rec.injections.append({"tool": tool["name"], "kinds": kinds})
         if cfg.injection == "refuse":
             return tool, f"description looks like an instruction to the model ({', '.join(kinds)})"
         if cfg.injection == "strip":
@@ -189,7 +189,7 @@ class Integrity:
                 return _error(msg, "the tool result looks like an instruction to the model")
         if cfg.max_output_chars and ti.result_size(result) > cfg.max_output_chars:
             size = ti.result_size(result)
-            rec.notes["output_capped"] = {"size": size, "limit": cfg.max_output_chars, "action": cfg.on_oversize}
+            rec.output_capped = {"size": size, "limit": cfg.max_output_chars, "action": cfg.on_oversize}
             cut = ti.truncate_result(result, cfg.max_output_chars) if cfg.on_oversize == "truncate" else None
             if cut is None:
                 return _error(msg, f"the tool result has {size} characters, over this connection's limit "
@@ -209,7 +209,7 @@ class Integrity:
             blocks.append(block)
         if not kinds:
             return result
-        rec.notes.setdefault("injection", []).append({"result": msg.get("id"), "kinds": sorted(kinds)})
+        rec.injections.append({"result": msg.get("id"), "kinds": sorted(kinds)})
         log.warning("injection-like text in a tool result (%s): %s", cfg.injection, ", ".join(sorted(kinds)))
         if cfg.injection == "refuse":
             return None

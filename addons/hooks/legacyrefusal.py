@@ -29,8 +29,6 @@ from addons.core.textsafe import get_logger
 
 log = get_logger("bastion.legacy")
 
-NOTE_STREAM = "legacy_messages"    # set by the Router: POST to an announced legacy endpoint
-NOTE_CARRIER = "refusal_carrier"   # the exact bytes the Injector may forward
 
 
 def _idkey(msg_id: Any) -> str:
@@ -79,7 +77,7 @@ class LegacyRefusals:
     def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
         resp = flow.response
-        if resp is None or not rec.notes.get(NOTE_STREAM) or rec.refusal is None or resp.status_code != 200:
+        if resp is None or not rec.legacy_stream or rec.refusal is None or resp.status_code != 200:
             return
         errors = refusal_errors(resp.content or b"")
         if not errors:
@@ -88,16 +86,8 @@ class LegacyRefusals:
         if carrier is None:
             return  # notifications only: nobody waits for an answer
         rec.response_transforms.append(answer_with(errors))
-        rec.notes[NOTE_CARRIER] = carrier
+        rec.refusal_carrier = carrier
         flow.request.content = carrier
         rec.checked = checked_snapshot(flow.request)   # the carrier is what goes upstream now
         flow.response = None
         log.info("refusal for %s sent on the legacy event stream (carrier ping upstream)", rec.connection)
-
-
-def carrier_ok(rec: BastionRecord, body: bytes | None) -> bool | None:
-    """For the Injector: None if the flow carries no refusal, else whether it is intact."""
-    carrier = rec.notes.get(NOTE_CARRIER)
-    if carrier is None:
-        return None
-    return body == carrier

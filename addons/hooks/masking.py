@@ -19,13 +19,12 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.core.masking.engine import MaskConfig, MaskError, Profile, load_masking, mask_message, mask_value
 from addons.core.privatefiles import private_dir, write_private
-from addons.core.record import BastionRecord, MaskEvent, get_record
+from addons.core.record import BastionRecord, get_record
 from addons.core.rules import ChangeWatcher, RulesError, poll_forever, rules_files
 from addons.core.textsafe import get_logger
 
 log = get_logger("bastion.masking")
 
-MAX_MASK_EVENTS = 1024     # distinct (path, type) pairs kept on one record
 KEY_BYTES = 32
 
 
@@ -77,7 +76,7 @@ class MaskTransform:
             for prof in self.profiles_for(msg):
                 out, events = mask_message(prof, out)
                 if events:
-                    record_masks(self.rec, events)
+                    self.rec.add_masks(events)
         except MaskError:
             raise
         except RecursionError:
@@ -90,28 +89,12 @@ class MaskTransform:
         for prof in self.default:
             text, events = mask_value(prof, text, root="$sse")
             if events:
-                record_masks(self.rec, events)
+                self.rec.add_masks(events)
         return text if isinstance(text, str) else str(text)
 
 
 def _idkey(mid: Any) -> str:
     return f"{type(mid).__name__}:{mid}"
-
-
-def record_masks(rec: BastionRecord, events: list[MaskEvent]) -> None:
-    """Add events to rec.masks, summing counts per (path, type); bounded."""
-    index = rec.notes.setdefault("_mask_index", {})
-    for ev in events:
-        k = (ev.path, ev.type)
-        i = index.get(k)
-        if i is not None:
-            old = rec.masks[i]
-            rec.masks[i] = MaskEvent(old.path, old.type, old.count + ev.count)
-        elif len(rec.masks) < MAX_MASK_EVENTS:
-            index[k] = len(rec.masks)
-            rec.masks.append(ev)
-        else:
-            rec.notes["masks_dropped"] = rec.notes.get("masks_dropped", 0) + ev.count
 
 
 class Masking:
@@ -223,7 +206,7 @@ class Masking:
             # GET stream (server notifications, legacy SSE responses): the tool is unknown,
             # so every profile this caller could get applies
             picked = cfg.select(rec.connection, None, roles, sub, client)
-            rec.notes["mask_profiles"] = [p.name for p in picked]
+            rec.mask_profiles = tuple(p.name for p in picked)
             union = [p for p in picked if not p.empty]
         if not union:
             return None

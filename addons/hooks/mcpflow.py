@@ -83,7 +83,7 @@ class McpParser:
         if key is None:
             return
         conn = rec.connection
-        rec.notes["pending_lookup"] = lambda msg_id: self.pending.get((conn, key, _idkey(msg_id)))
+        rec.pending_lookup = lambda msg_id: self.pending.get((conn, key, _idkey(msg_id)))
 
     def _bind_legacy(self, flow: http.HTTPFlow, rec, sid: str) -> None:
         """Legacy HTTP+SSE: the stream's endpoint event names the session the stream is."""
@@ -154,12 +154,12 @@ class McpParser:
             if req.content:
                 refuse_http(flow, 400, "invalid_request", f"{req.method} requests carry no body")
                 return
-            rec.notes["stream_checked"] = True
+            rec.stream_checked = True
             rec.checked = checked_snapshot(req)
             if req.method == "GET":
                 self._follow(rec, key)
                 # legacy HTTP+SSE: the session is named later, in the stream's endpoint event
-                rec.notes["bind_session"] = lambda sid, flow=flow, rec=rec: self._bind_legacy(flow, rec, sid)
+                rec.bind_session = lambda sid, flow=flow, rec=rec: self._bind_legacy(flow, rec, sid)
             return
         ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":

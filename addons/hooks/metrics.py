@@ -186,9 +186,9 @@ class Metrics:
     def _observe(self, flow: http.HTTPFlow) -> None:
         try:
             rec = get_record(flow.metadata)
-            if rec.notes.get("metrics_done") or (rec.connection is None and rec.refusal is None):
+            if rec.metrics_counted or (rec.connection is None and rec.refusal is None):
                 return          # counted already, or not an MCP exchange (metadata, admin API)
-            rec.notes["metrics_done"] = True
+            rec.metrics_counted = True
             end = flow.response.timestamp_end if flow.response is not None else None
             start = flow.request.timestamp_start
             self.m.observe(rec, (end - start) if end and start else None)

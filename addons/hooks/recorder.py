@@ -48,7 +48,6 @@ SECRETISH_HEADER = re.compile(r"auth|token|secret|passw|api[-_]?key|cookie|crede
 REDACTED = "[redacted]"
 COMMIT_TIMEOUT = 10.0          # seconds a hook waits for the writer before failing closed
 STREAM_COMMIT_TIMEOUT = 2.0    # the SSE tap blocks the event loop while it waits: keep it short
-NOTES_KEY = "recorder"
 FINAL_KINDS = ("response", "error")
 
 
@@ -349,7 +348,7 @@ class Recorder:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
-        st: _FlowState | None = rec.notes.get(NOTES_KEY)
+        st: _FlowState | None = rec.audit_state
         if st is None or flow.response is None or not flow.response.stream:
             return
         inner = flow.response.stream if callable(flow.response.stream) else None
@@ -359,7 +358,7 @@ class Recorder:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
-        st: _FlowState | None = rec.notes.get(NOTES_KEY)
+        st: _FlowState | None = rec.audit_state
         if st is None:
             if rec.connection is None and rec.refusal is None:
                 return
@@ -382,7 +381,7 @@ class Recorder:
 
     def error(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
-        st: _FlowState | None = rec.notes.get(NOTES_KEY)
+        st: _FlowState | None = rec.audit_state
         if st is None:
             if rec.connection is None and rec.refusal is None:
                 return
@@ -439,7 +438,7 @@ class Recorder:
         return self.writer.submit(lines, wait=wait)
 
     def _state(self, flow: http.HTTPFlow, rec: BastionRecord) -> _FlowState:
-        st: _FlowState | None = rec.notes.get(NOTES_KEY)
+        st: _FlowState | None = rec.audit_state
         if st is not None:
             return st
         req = flow.request
@@ -464,13 +463,13 @@ class Recorder:
             http_method=req.method, path=redact_path(req.path, rec.known_secrets),
             request_bytes=len(req.raw_content or b""),
         )
-        rec.notes[NOTES_KEY] = st
+        rec.audit_state = st
         return st
 
     def _credential_headers(self, rec: BastionRecord) -> set[str]:
         out = set()
-        if rec.notes.get("injected_header"):
-            out.add(str(rec.notes["injected_header"]))
+        if rec.injected_header:
+            out.add(rec.injected_header)
         router = ctx.master.addons.get("connections")
         conns = getattr(getattr(router, "wrapped", router), "connections", None) or {}
         for c in conns.values():
@@ -522,8 +521,8 @@ class Recorder:
         profile = next((d.mask_profile for d in rec.decisions if d.mask_profile), None)
         events += [ev.mask(m, profile, now) for m in rec.masks]
         note = None
-        if rec.notes.get("response_messages_dropped"):
-            note = f"{rec.notes['response_messages_dropped']} response message(s) not recorded (limit)"
+        if rec.response_messages_dropped:
+            note = f"{rec.response_messages_dropped} response message(s) not recorded (limit)"
         events.append(ev.http(
             now, http_method=st.http_method, path=st.path, status=status, request_bytes=st.request_bytes,
             request_sha256=_forwarded_sha256(rec), response_bytes=st.response_bytes,
@@ -600,7 +599,7 @@ class StreamTap:
 
 def _caller_messages(resp: http.Response, rec: BastionRecord) -> list[Any]:
     """The JSON-RPC messages of a non-streamed response as the caller receives them."""
-    if rec.refusal is None and rec.response_messages and not rec.notes.get("response_messages_dropped"):
+    if rec.refusal is None and rec.response_messages and not rec.response_messages_dropped:
         return list(rec.response_messages)
     ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
     try:

@@ -41,10 +41,9 @@ def note_hits(rec: BastionRecord, where: str, labels: set[str]) -> None:
     """Audit event for a redaction: a mask row per place, and a log line naming the secrets."""
     if not labels:
         return
-    from addons.hooks.masking import record_masks
     log.warning("redacted known secret(s) %s in %s (connection %s)", ", ".join(sorted(labels)), where,
                 rec.connection or "-")
-    record_masks(rec, [MaskEvent(where, MASK_TYPE, len(labels))])
+    rec.add_masks([MaskEvent(where, MASK_TYPE, len(labels))])
 
 
 def credential_value(secret: str, scheme: str | None) -> str:

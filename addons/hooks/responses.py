@@ -39,7 +39,7 @@ def readonly(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
 
 def _transforms_for(rec: BastionRecord, obj: dict) -> list:
     """On a GET stream, a response also gets the transforms of the request it answers."""
-    lookup = rec.notes.get("pending_lookup")
+    lookup = rec.pending_lookup
     if lookup is not None and "id" in obj and ("result" in obj or "error" in obj):
         origin = lookup(obj["id"])
         if origin:
@@ -68,7 +68,7 @@ def _remember(rec: BastionRecord, obj: Any) -> None:
     if len(rec.response_messages) < MAX_RECORDED_MESSAGES:
         rec.response_messages.append(obj)
     else:
-        rec.notes["response_messages_dropped"] = rec.notes.get("response_messages_dropped", 0) + 1
+        rec.response_messages_dropped += 1
 
 
 def transform_json_body(rec: BastionRecord, body: bytes) -> bytes | None:
@@ -130,7 +130,7 @@ class SSERewriter:
             if self.rewrite_endpoint is None:
                 raise TransformError("endpoint event on a non-legacy connection")
             ev.data = self.rewrite_endpoint(ev.data)
-            bind = self.rec.notes.get("bind_session")
+            bind = self.rec.bind_session
             sid = _query_session(ev.data)
             if bind is not None and sid:
                 bind(sid)
@@ -215,7 +215,7 @@ class ResponseRewriter:
             return
         if not rec.messages and not rec.response_transforms:
             return
-        if resp.status_code == 202 and rec.notes.get("legacy_messages"):
+        if resp.status_code == 202 and rec.legacy_stream:
             return  # legacy HTTP+SSE: the answer travels on the event stream (checked there)
         ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         try:

@@ -600,7 +600,7 @@ async def test_injector_strips_client_credentials_and_injects(chain):
     assert h["mcp-session-id"] == "s1" and h["mcp-protocol-version"] == "2025-06-18" and "accept" in h
     assert (f.request.scheme, f.request.host, f.request.port, f.request.path) == ("http", "127.0.0.1", 9100, "/mcp")
     assert h["host"] == "127.0.0.1:9100"
-    assert rec.notes["injected_header"] == "Authorization"
+    assert rec.injected_header == "Authorization"
 
 
 async def test_connection_header_cannot_strip_framing_or_mcp_headers(chain):
@@ -745,7 +745,7 @@ async def test_injector_refuses_unchecked(chain, tamper, reason):
 def test_unchecked_reason_rules():
     rec = BastionRecord(identity=Identity("a"))
     assert unchecked_reason(rec, "GET") == "stream request not checked"
-    rec.notes["stream_checked"] = True
+    rec.stream_checked = True
     assert unchecked_reason(rec, "GET") is None and unchecked_reason(rec, "DELETE") is None
     rec.messages = parse_body(b'{"jsonrpc":"2.0","id":1,"method":"ping"}').messages
     rec.decisions = [Decision("approve", "r")]
@@ -769,7 +769,7 @@ async def test_injector_refuses_unrouted_and_get_without_check(chain):
     assert f.response.status_code == 502
     f = mkflow(method="GET", content=b"")
     router.requestheaders(f)
-    get_record(f.metadata).notes["stream_checked"] = True
+    get_record(f.metadata).stream_checked = True
     get_record(f.metadata).checked = checked_snapshot(f.request)
     await injector.request(f)
     assert f.response is None and f.request.host == "127.0.0.1"

@@ -93,3 +93,16 @@ def test_mitmdump_script_context_imports_the_sdk(tmp_path):
         probe.unlink()
     assert out.exists(), "the probe script did not run"
     assert "site-packages" in out.read_text() and Path(out.read_text()).parent.name == "mcp", out.read_text()
+
+
+def test_stages_share_only_typed_record_fields():
+    """Facts cross stages as typed fields of BastionRecord, not through an untyped dict, and
+    no stage looks another up at run time."""
+    import dataclasses
+
+    from addons.core.record import BastionRecord
+    fields = {f.name: f.type for f in dataclasses.fields(BastionRecord)}
+    assert "notes" not in fields
+    untyped = sorted(n for n, t in fields.items() if str(t).replace(" ", "") in ("dict", "dict[str,Any]", "Any")
+                     and n != "audit_state")
+    assert not untyped, f"untyped record fields: {untyped}"

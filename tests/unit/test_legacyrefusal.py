@@ -6,7 +6,7 @@ import json
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons.core import mcpwire
-from addons.hooks.legacyrefusal import LegacyRefusals, answer_with, carrier_for, carrier_ok, refusal_errors
+from addons.hooks.legacyrefusal import LegacyRefusals, answer_with, carrier_for, refusal_errors
 from addons.core.record import get_record
 
 
@@ -18,7 +18,7 @@ def _record(body: dict | list, legacy: bool = True):
     parsed = mcpwire.parse_body(json.dumps(body).encode())
     rec.messages, rec.batch = parsed.messages, parsed.batch
     if legacy:
-        rec.notes["legacy_messages"] = True
+        rec.legacy_stream = True
     return f, rec
 
 
@@ -41,8 +41,7 @@ def test_denied_call_becomes_a_bare_ping_with_the_same_id():
     sent = json.loads(f.request.content)
     assert sent == {"jsonrpc": "2.0", "id": 7, "method": "ping"}
     assert "/dev/tcp" not in f.request.content.decode()
-    assert carrier_ok(rec, f.request.content) is True
-    assert carrier_ok(rec, f.request.content.replace(b"ping", b"tools/call")) is False
+    assert rec.refusal_carrier == f.request.content
     # the ping's answer on the stream turns into the refusal; other answers are untouched
     answer = rec.response_transforms[-1]
     assert answer({"jsonrpc": "2.0", "id": 7, "result": {}}) == DENIED
@@ -55,7 +54,7 @@ def test_streamable_http_refusals_stay_in_the_post_body():
     f, rec = _record(CALL, legacy=False)
     _refuse(f, rec, DENIED)
     LegacyRefusals().request(f)
-    assert f.response is not None and carrier_ok(rec, f.request.content) is None
+    assert f.response is not None and rec.refusal_carrier is None
     assert json.loads(f.request.content)["method"] == "tools/call"
 
 

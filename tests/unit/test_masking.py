@@ -16,7 +16,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from addons.core import mcpwire
 
 from addons.hooks import responses
-from addons.hooks.masking import Masking, MaskTransform, load_or_create_key, record_masks
+from addons.hooks.masking import Masking, MaskTransform, load_or_create_key
 from addons.core.masking.engine import MaskError
 from addons.core.record import Decision, Identity, MaskEvent, get_record
 
@@ -232,8 +232,8 @@ def test_transform_records_events_and_readonly_flag(masking):
 def test_record_masks_is_bounded():
     from addons.core.record import BastionRecord
     rec = BastionRecord()
-    record_masks(rec, [MaskEvent(f"$.p{i}", "t") for i in range(5000)])
-    assert len(rec.masks) == 1024 and rec.notes["masks_dropped"] == 5000 - 1024
+    rec.add_masks([MaskEvent(f"$.p{i}", "t") for i in range(5000)])
+    assert len(rec.masks) == 1024 and rec.masks_dropped == 5000 - 1024
 
 
 def test_transform_fails_closed_on_deep_nesting(masking):

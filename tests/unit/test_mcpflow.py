@@ -154,7 +154,7 @@ def test_get_or_delete_with_body_refused(parser, method):
     p, _ = parser
     f, rec = mkflow(method=method, content=b'{"jsonrpc":"2.0","id":1,"method":"tools/call"}')
     p.request(f)
-    assert f.response.status_code == 400 and "stream_checked" not in rec.notes
+    assert f.response.status_code == 400 and not rec.stream_checked
 
 
 def test_get_without_body_is_a_checked_stream(parser):
@@ -162,8 +162,8 @@ def test_get_without_body_is_a_checked_stream(parser):
     bind(p, "s1", "alice")
     f, rec = mkflow(method="GET", content=b"", ctype=None, headers=[("mcp-session-id", "s1")])
     p.request(f)
-    assert f.response is None and rec.notes["stream_checked"] and rec.session_id == "s1"
-    assert callable(rec.notes["pending_lookup"]) and callable(rec.notes["bind_session"])
+    assert f.response is None and rec.stream_checked and rec.session_id == "s1"
+    assert callable(rec.pending_lookup) and callable(rec.bind_session)
 
 
 @pytest.mark.parametrize("content,code,status", [
@@ -321,7 +321,7 @@ def test_legacy_session_query_owner_enforced(parser):
     p, _ = parser
     f, rec = mkflow(method="GET", content=b"", path="/mcp/leg/sse", conn="leg", sub="alice")
     p.request(f)
-    rec.notes["bind_session"]("abc")            # the endpoint event named session abc
+    rec.bind_session("abc")            # the endpoint event named session abc
     f, rec = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="mallory")
     p.request(f)
     assert f.response.status_code == 404
@@ -432,8 +432,8 @@ def test_pending_transforms_follow_the_response_and_are_bounded(parser, monkeypa
     assert len(p.pending) == 5
     g, grec = mkflow(method="GET", content=b"", headers=[("mcp-session-id", "s")])
     p.request(g)
-    assert grec.notes["pending_lookup"](7) and grec.notes["pending_lookup"](0) is None
-    assert grec.notes["pending_lookup"]("7") is None            # ids of another type never collide
+    assert grec.pending_lookup(7) and grec.pending_lookup(0) is None
+    assert grec.pending_lookup("7") is None            # ids of another type never collide
 
 
 def test_wrapped_parser_fails_closed(monkeypatch):
@@ -492,7 +492,7 @@ def test_legacy_session_ends_with_its_stream(parser):
     f, rec = mkflow(method="GET", content=b"", ctype=None, path="/mcp/leg/sse", conn="leg", sub="alice")
     p.request(f)
     assert f.response is None
-    rec.notes["bind_session"]("abc")
+    rec.bind_session("abc")
     g, _ = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="alice")
     p.request(g)
     assert g.response is None

@@ -214,7 +214,7 @@ async def test_stateless_calls_get_a_synthetic_session(rec_ctx):
 async def test_secrets_appear_in_no_file_of_the_store(rec_ctx, tmp_path):
     r, tctx, root = rec_ctx
     f, rec = mcp_flow(call(1), headers={"x-service-auth": SERVICE_SECRET, "proxy-authorization": f"Basic {SECRET}"})
-    rec.notes["injected_header"] = "X-Service-Auth"
+    rec.injected_header = "X-Service-Auth"
     await r.request(f)
     f.response = tresp(status_code=200, content=b'{"jsonrpc":"2.0","id":1,"result":{}}',
                               headers=((b"content-type", b"application/json"), (b"set-cookie", f"s={SECRET}".encode())))

@@ -348,11 +348,11 @@ def test_legacy_endpoint_event_rewritten(rw):
     rewriter, router = rw
     bound = []
     f, rec = sse_flow(rw, conn="leg")
-    rec.notes["bind_session"] = bound.append
+    rec.bind_session = bound.append
     stream = b": hi\n\nevent: endpoint\ndata: /messages/?session_id=abc123\n\n" + ev(RESULT)
     for i in range(len(stream) + 1):
         f, rec = sse_flow(rw, conn="leg")
-        rec.notes["bind_session"] = bound.append
+        rec.bind_session = bound.append
         out = run_stream(f.response.stream, [stream[:i], stream[i:]])
         evs = [e for e in events_of(out) if e.data]
         assert evs[0].type == "endpoint" and evs[0].data == "/mcp/leg/messages/?session_id=abc123", i
@@ -378,7 +378,7 @@ def test_endpoint_event_on_streamable_connection_ends_stream(rw):
 def test_get_stream_applies_transforms_of_the_originating_request(rw):
     f, rec = sse_flow(rw, transforms=[])
     rec.messages = []
-    rec.notes["pending_lookup"] = lambda msg_id: [mask] if msg_id == 5 else None
+    rec.pending_lookup = lambda msg_id: [mask] if msg_id == 5 else None
     out = run_stream(f.response.stream, [ev(RESULT), ev({**RESULT, "id": 6})])
     evs = events_of(out)
     assert "MASKED" in evs[0].data and "123-45-6789" in evs[1].data   # id 6 came from an unmasked request
