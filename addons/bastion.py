@@ -1,13 +1,14 @@
-"""The mcp-bastion addon chain: `mitmdump -s addons/bastion.py`.
+"""The mcp-bastion pipeline: `mitmdump -s addons/bastion.py` (or `mitmweb -s …`).
 
-Order matters: route, verify, parse, decide, hold, rewrite responses,
+Built once, here: the state the stages share (the connection registry, the pin store)
+and the stages in their order — route, verify, parse, decide, hold, rewrite responses,
 record, and only then point the request at its upstream with the service credential.
-Every addon is wrapped so that an exception refuses the flow (fail closed).
+Each stage gets what it uses through its constructor; none looks another up at run time.
+Every stage is wrapped by FailClosed: an exception refuses the flow. docs/architecture.md
+explains the order, the per-flow record and where each rule is enforced.
 """
 from __future__ import annotations
 
-import importlib
-import logging
 import os
 import sys
 
@@ -16,45 +17,59 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from addons.core.connections import ConnectionRegistry  # noqa: E402
+from addons.core.integrity import PinStore  # noqa: E402
+from addons.hooks.approval import Approval  # noqa: E402
+from addons.hooks.connections import Injector, Router  # noqa: E402
 from addons.hooks.failclosed import FailClosed  # noqa: E402
-
-log = logging.getLogger("bastion")
-
-# (module, class) in chain order; a module that does not exist yet is skipped, but the
-# Injector refuses to forward anything a missing stage should have checked.
-CHAIN = (
-    ("addons.hooks.connections", "Router"),
-    ("addons.hooks.identity", "Identity"),
-    ("addons.hooks.mcpflow", "McpParser"),
-    ("addons.hooks.schemacheck", "ArgSchema"),
-    ("addons.hooks.policy", "Policy"),
-    ("addons.hooks.integrity", "Integrity"),
-    ("addons.hooks.approval", "Approval"),
-    ("addons.hooks.masking", "Masking"),
-    ("addons.hooks.responses", "ResponseRewriter"),
-    ("addons.hooks.redaction", "SecretRedaction"),
-    ("addons.hooks.metrics", "Metrics"),
-    ("addons.hooks.recorder", "Recorder"),
-    ("addons.hooks.legacyrefusal", "LegacyRefusals"),
-    ("addons.hooks.connections", "Injector"),
-)
+from addons.hooks.identity import Identity  # noqa: E402
+from addons.hooks.integrity import Integrity  # noqa: E402
+from addons.hooks.legacyrefusal import LegacyRefusals  # noqa: E402
+from addons.hooks.masking import Masking  # noqa: E402
+from addons.hooks.mcpflow import McpParser  # noqa: E402
+from addons.hooks.metrics import Metrics  # noqa: E402
+from addons.hooks.policy import Policy  # noqa: E402
+from addons.hooks.recorder import Recorder  # noqa: E402
+from addons.hooks.redaction import SecretRedaction  # noqa: E402
+from addons.hooks.responses import ResponseRewriter  # noqa: E402
+from addons.hooks.schemacheck import ArgSchema  # noqa: E402
 
 
-def build_chain(skip: frozenset[str] = frozenset()) -> list:
-    out = []
-    for modname, cls in CHAIN:
-        if cls.lower() in skip:
-            continue
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name == modname:
-                continue
-            raise
-        out.append(FailClosed(getattr(mod, cls)()))
-    return out
+def build_stages() -> list:
+    """Every stage, in order, sharing one connection registry and one pin store."""
+    connections = ConnectionRegistry()      # the Router loads and reloads it; the rest read it
+    pins = PinStore()                        # rules/pins/*.yaml: integrity and argument schemas
+    masking = Masking()
+    approval = Approval(masking_config=lambda: masking.config)   # approvers see masked arguments
+    recorder = Recorder(connections)
+    return [
+        Router(connections),
+        Identity(connections),
+        McpParser(),
+        ArgSchema(connections, pins),
+        Policy(connections, approvals=True),
+        Integrity(connections, pins),
+        approval,
+        masking,
+        ResponseRewriter(connections),
+        SecretRedaction(),
+        Metrics(live=(approval.live_metrics, recorder.live_metrics)),
+        recorder,
+        LegacyRefusals(),
+        Injector(connections),
+    ]
 
 
-# BASTION_SKIP=masking,recorder switches stages off (benchmarks only; identity and policy
-# cannot be skipped: the Injector refuses what they did not check).
-addons = build_chain(frozenset(s.strip().lower() for s in os.environ.get("BASTION_SKIP", "").split(",") if s.strip()))
+class Bastion:
+    """The one addon mitmproxy loads from this script. Its stages are mitmproxy child addons
+    (the `addons` attribute), so mitmproxy itself dispatches each hook to them in order,
+    awaits the async ones without blocking other flows, loads their options and registers
+    their commands (mitmweb's approval UI); each child is wrapped by FailClosed."""
+
+    name = "bastion"
+
+    def __init__(self, stages: list | None = None) -> None:
+        self.addons = [FailClosed(s) for s in (build_stages() if stages is None else stages)]
+
+
+addons = [Bastion()]

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.loadgen import Endpoint
-from bench.stages import stage_available
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -176,19 +175,14 @@ class Stack:
         self.bastion_env: dict[str, str] = {"BENCH_ROOT": str(ROOT)}
         self.chain_script = self.work / "bench_chain.py"
         shutil.copy(ROOT / "bench" / "chain.py", self.chain_script)
-        if stage_available("addons.hooks.identity", "Identity") and stage_available("addons.hooks.identity", "mint_token"):
-            self.bastion_sets += ["--set", f"bastion_key_dir={self.key_dir}"]
-            self.jwt = _mint_with_identity(self.key_dir, self.work)
-        else:
-            self.jwt, pub = _mint_standin(self.key_dir)
-            self.bastion_env["BENCH_JWT_PUBLIC"] = str(pub)
-        if stage_available("addons.hooks.policy", "Policy"):
-            write_bench_policy(rules)
+        self.bastion_sets += ["--set", f"bastion_key_dir={self.key_dir}"]
+        self.jwt = _mint_with_identity(self.key_dir, self.work)
+        write_bench_policy(rules)
 
     def add_bastion(self, name: str, label: str, skip: list[str], env_extra: dict | None = None,
                     extra: list[str] | None = None) -> Target:
         port = free_port()
-        env = {**self.bastion_env, "BASTION_SKIP": ",".join(skip), **(env_extra or {})}
+        env = {**self.bastion_env, "BENCH_SKIP": ",".join(skip), **(env_extra or {})}
         # each gateway instance needs its own bastion_instance (the recorder locks its journal)
         cmd = self._mitmdump(port, ["-s", str(self.chain_script), *self.bastion_sets,
                                     "--set", f"bastion_instance=bench-{name}", *(extra or [])])
@@ -251,20 +245,6 @@ def _tail(path: Path | None, n: int = 30) -> str:
     if not path or not path.exists():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-
-
-def _mint_standin(key_dir: Path) -> tuple[str, Path]:
-    import jwt
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    key = ec.generate_private_key(ec.SECP256R1())
-    pub = key_dir / "bench-public.pem"
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
-    now = int(time.time())
-    token = jwt.encode({"sub": SUB, "roles": ROLES, "aud": "mcp-bastion", "iat": now, "exp": now + 86400},
-                       key, algorithm="ES256")
-    return token, pub
 
 
 def _mint_with_identity(key_dir: Path, work: Path) -> str:

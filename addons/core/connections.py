@@ -289,3 +289,14 @@ def rewrite_endpoint(conn_name: str, data: str, connections: dict[str, Connectio
         raise ValueError("endpoint event path is not acceptable")
     conn.announce(path)
     return f"{MCP_PREFIX}{conn_name}{path}" + (f"?{u.query}" if u.query else "")
+
+
+class ConnectionRegistry:
+    """The current set of connections, shared by every stage that needs it (built once by
+    addons/bastion.py; the Router replaces the set on a good reload, the others read it)."""
+
+    def __init__(self, connections: dict[str, Connection] | None = None) -> None:
+        self.connections: dict[str, Connection] = connections or {}
+
+    def get(self, name: str | None) -> Connection | None:
+        return self.connections.get(name) if name is not None else None

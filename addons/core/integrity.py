@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from addons.core.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever
+from addons.core.textsafe import get_logger
+
+log = get_logger("bastion.integrity")
 
 PINNED_FIELDS = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
 INJECTION_MODES = ("mark", "strip", "refuse", "off")
@@ -87,15 +90,66 @@ class PinPoll:
         self._watcher = ChangeWatcher(lambda: sorted(pins.glob("*.yaml")))
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check))
+        if self._task is None:                   # shared by several stages: one poll
+            self._task = asyncio.get_running_loop().create_task(poll_forever(self.check))
 
     def stop(self) -> None:
         if self._task:
             self._task.cancel()
+            self._task = None
 
     def check(self) -> None:
         if self._watcher is not None and self._watcher.changed():
             self.on_change()
+
+
+class PinStore:
+    """Every connection's pin file, read once and re-read after it changes: one cache and one
+    poll shared by the integrity and argument-schema stages (built by addons/bastion.py)."""
+
+    def __init__(self) -> None:
+        self.rules_dir: str | None = None
+        self._pins: dict[str, tuple[int, dict | None, SkeletonIndex]] = {}
+        self._stale: set[str] = set()            # connections whose pin file may have changed
+        self.poll = PinPoll(self._changed)
+        self.on_repin: list[Callable[[str], None]] = []   # called with a connection re-read
+
+    def watch(self, rules_dir: str | Path) -> None:
+        if str(rules_dir) != self.rules_dir:
+            self.rules_dir = str(rules_dir)
+            self._pins.clear()                   # another rules directory: other pin files
+            self._stale.clear()
+            self.poll.watch(rules_dir)
+
+    def _changed(self) -> None:
+        self._stale.update(self._pins)           # each re-reads its file on its next use
+
+    def get(self, connection: str) -> tuple[dict | None, SkeletonIndex]:
+        """Pins of a connection and their skeleton index. A pin file that fails to load is
+        an error the first time, later the last good pins are kept (and the error logged)."""
+        cached = self._pins.get(connection)
+        if cached is not None and connection not in self._stale:
+            return cached[1], cached[2]
+        self._stale.discard(connection)
+        assert self.rules_dir is not None, "PinStore.watch() first"
+        path = pins_path(self.rules_dir, connection)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = -1
+        if cached is None or cached[0] != mtime:
+            try:
+                pins = load_pins(self.rules_dir, connection)
+            except RulesError as e:
+                if cached is None:
+                    raise
+                log.error("pin file rejected, keeping the last good pins: %s", e)
+                return cached[1], cached[2]
+            cached = (mtime, pins, skeleton_index(pins or ()))
+            self._pins[connection] = cached
+            for cb in self.on_repin:
+                cb(connection)
+        return cached[1], cached[2]
 
 
 def load_pins(rules_dir: str | Path, connection: str) -> dict[str, dict] | None:

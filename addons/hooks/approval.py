@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from mitmproxy import command, ctx, exceptions, flow as mflow, hooks, http
 from mitmproxy.connection import ConnectionState
@@ -174,7 +174,9 @@ def client_gone(flow: http.HTTPFlow) -> bool:
 class Approval:
     name = "approval"
 
-    def __init__(self) -> None:
+    def __init__(self, masking_config: Callable[[], Any] = lambda: None) -> None:
+        # masking_config: the masking stage's current rules (approvers see arguments masked)
+        self.masking_config = masking_config
         self.pending: dict[str, Pending] = {}
         self.grants = Grants()
         self._background: set[asyncio.Task] = set()
@@ -281,11 +283,13 @@ class Approval:
                        timeout=timeout, deadline=time.monotonic() + timeout,
                        summary={"calls": calls, "roles": list(ident.roles) if ident else []})
 
-    @staticmethod
-    def _mask_profiles(rec: BastionRecord) -> list:
+    def live_metrics(self) -> dict[str, float]:
+        # decided holds leave the dict a moment later; count only the undecided ones
+        return {"bastion_approvals_pending": sum(1 for p in list(self.pending.values()) if p.outcome is None)}
+
+    def _mask_profiles(self, rec: BastionRecord) -> list:
         """The masking rules' profiles for this caller and call (masking runs after us)."""
-        masking = ctx.master.addons.get("masking")
-        cfg = getattr(masking, "config", None)
+        cfg = self.masking_config()
         if cfg is None:
             return []
         ident = rec.identity

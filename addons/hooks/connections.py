@@ -25,8 +25,8 @@ from addons.core.record import METADATA_KEY, BastionRecord, get_record
 from addons.core.rules import ChangeWatcher, RulesError, poll_forever, rules_files
 from addons.core.identity.vault import DEFAULT_KEY, DEFAULT_VAULT, Vault, VaultError, key_path, load_key, updating
 from addons.core.textsafe import get_logger
-from addons.core.connections import (LOCAL_PREFIXES, STRIPPED_REQUEST_HEADERS, Connection, load_connections,
-                                     plain_query, split_path)
+from addons.core.connections import (LOCAL_PREFIXES, STRIPPED_REQUEST_HEADERS, Connection, ConnectionRegistry,
+                                     load_connections, plain_query, split_path)
 
 log = get_logger("bastion.connections")
 
@@ -35,10 +35,18 @@ class Router:
 
     name = "connections"
 
-    def __init__(self) -> None:
-        self.connections: dict[str, Connection] = {}
+    def __init__(self, registry: ConnectionRegistry | None = None) -> None:
+        self.registry = registry or ConnectionRegistry()
         self._watcher: ChangeWatcher | None = None
         self._task = None
+
+    @property
+    def connections(self) -> dict[str, Connection]:
+        return self.registry.connections
+
+    @connections.setter
+    def connections(self, value: dict[str, Connection]) -> None:
+        self.registry.connections = value
 
     def load(self, loader):
         loader.add_option("bastion_rules", str, "rules", "Directory with connections.yaml, policy.yaml, masking.yaml, ...")
@@ -152,7 +160,10 @@ class Injector:
 
     name = "injector"
 
-    def __init__(self) -> None:
+    def __init__(self, connections: ConnectionRegistry | None = None, identity_required: bool = True) -> None:
+        # identity_required: False only for a pipeline built without the identity stage (tests)
+        self.registry = connections or ConnectionRegistry()
+        self.identity_required = identity_required
         self.exchanger = creds.TokenExchanger()
         self.upstream = creds.UpstreamCredentials(self.exchanger, self._vault, self._store_refreshed)
         self.vault: Vault | VaultError = VaultError("vault not loaded")
@@ -222,7 +233,8 @@ class Injector:
     def running(self):
         import asyncio
         self._task = asyncio.get_running_loop().create_task(poll_forever(self._check_vault))
-        # the Forwarder must come after mitmweb's own addons, which are loaded after scripts
+        # the Forwarder must come after mitmweb's own addons, which are loaded after scripts,
+        # so the Injector registers it with the master now (once: a script reload keeps it)
         if ctx.master.addons.get(Forwarder.name) is None:
             from addons.hooks.failclosed import FailClosed
             ctx.master.addons.add(FailClosed(Forwarder()))
@@ -233,8 +245,7 @@ class Injector:
         subject_token = held.value if held is not None else None
         if flow.response is not None:
             return
-        router = ctx.master.addons.get("connections")
-        conn = getattr(router, "wrapped", router).connections.get(rec.connection or "") if router else None
+        conn = self.registry.get(rec.connection)
         if rec.connection is None:
             refuse_http(flow, 404, "not_found", "no such endpoint")
             return
@@ -242,7 +253,7 @@ class Injector:
             refuse_http(flow, 502, "gateway_error", "request was not routed")
             return
         problem = unchecked_reason(rec, flow.request.method,
-                                   identity_required=ctx.master.addons.get("identity") is not None)
+                                   identity_required=self.identity_required)
         if rec.refusal_carrier is not None:
             # a refusal on its way to a legacy client: only the exact carrier ping may go
             problem = None if flow.request.raw_content == rec.refusal_carrier else "refusal carrier was altered"

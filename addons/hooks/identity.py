@@ -23,6 +23,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from addons.core.connections import ConnectionRegistry
 from addons.core.identity import jwtverify as jv
 from addons.hooks.httputil import json_response, refuse_http
 from addons.core.record import Transient, get_record
@@ -84,7 +85,8 @@ def scrub_query_token(req: http.Request) -> bool:
 class Identity:
     name = "identity"
 
-    def __init__(self) -> None:
+    def __init__(self, connections: ConnectionRegistry | None = None) -> None:
+        self.registry = connections or ConnectionRegistry()   # per-connection resource metadata
         self.source: Any = None                 # jwtverify KeySource
         self.config: jv.VerifyConfig | None = None
         self.verified = jv.VerifiedTokens()
@@ -342,10 +344,7 @@ class Identity:
     # ------------------------------------------------------------ RFC 9728 metadata
 
     def _connection(self, name: str | None):
-        router = ctx.master.addons.get("connections")
-        if router is None or name is None:
-            return None
-        return getattr(router, "wrapped", router).connections.get(name)
+        return self.registry.get(name)
 
     def resource_base(self, flow: http.HTTPFlow) -> str:
         base = ctx.options.bastion_resource_url

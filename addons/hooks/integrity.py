@@ -15,9 +15,9 @@ from collections import OrderedDict
 from mitmproxy import ctx, http
 
 from addons.core import integrity as ti
+from addons.core.connections import ConnectionRegistry
 from addons.hooks.httputil import refuse_message
 from addons.core.record import BastionRecord, get_record
-from addons.core.rules import RulesError
 from addons.core.textsafe import get_logger
 
 log = get_logger("bastion.integrity")
@@ -29,61 +29,34 @@ MAX_DRIFTED = 10_000
 class Integrity:
     name = "integrity"
 
-    def __init__(self) -> None:
+    def __init__(self, connections: ConnectionRegistry | None = None, pins: ti.PinStore | None = None) -> None:
+        self.registry = connections or ConnectionRegistry()
+        self.pins = pins or ti.PinStore()
+        self.pins.on_repin.append(self._repinned)
         # (connection, tool) -> why the tool is not what was pinned (bounded)
         self.drifted: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._pins: dict[str, tuple[int, dict | None, ti.SkeletonIndex]] = {}
-        self._stale: set[str] = set()          # connections whose pin file may have changed
-        self._poll = ti.PinPoll(self._pins_changed)
 
     # -- configuration -------------------------------------------------------------------
 
     def configure(self, updated) -> None:
         if "bastion_rules" in updated:
-            self._pins.clear()                   # another rules directory: other pin files
-            self._stale.clear()
-            self._poll.watch(ctx.options.bastion_rules)
+            self.pins.watch(ctx.options.bastion_rules)
 
     def running(self) -> None:
-        self._poll.start()
+        self.pins.poll.start()
 
     def done(self) -> None:
-        self._poll.stop()
+        self.pins.poll.stop()
 
     def check_pins(self) -> None:
-        self._poll.check()
+        self.pins.poll.check()
 
-    def _pins_changed(self) -> None:
-        self._stale.update(self._pins)           # each re-reads its file on its next request
-
-    def _conn(self, name: str):
-        router = ctx.master.addons.get("connections")
-        return getattr(router, "wrapped", router).connections.get(name) if router else None
+    def _repinned(self, connection: str) -> None:
+        for key in [k for k in self.drifted if k[0] == connection]:
+            del self.drifted[key]                # re-pinned: judge the tools afresh
 
     def _pin_set(self, connection: str) -> tuple[dict | None, ti.SkeletonIndex]:
-        """Pins of a connection and their skeleton index, re-read when the file changes."""
-        cached = self._pins.get(connection)
-        if cached is not None and connection not in self._stale:
-            return cached[1], cached[2]
-        self._stale.discard(connection)
-        path = ti.pins_path(ctx.options.bastion_rules, connection)
-        try:
-            mtime = path.stat().st_mtime_ns
-        except FileNotFoundError:
-            mtime = -1
-        if cached is None or cached[0] != mtime:
-            try:
-                pins = ti.load_pins(ctx.options.bastion_rules, connection)
-            except RulesError as e:
-                if cached is None:
-                    raise
-                log.error("pin file rejected, keeping the last good pins: %s", e)
-                return cached[1], cached[2]
-            cached = (mtime, pins, ti.skeleton_index(pins or ()))
-            self._pins[connection] = cached
-            for key in [k for k in self.drifted if k[0] == connection]:
-                del self.drifted[key]          # re-pinned: judge the tools afresh
-        return cached[1], cached[2]
+        return self.pins.get(connection)
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -91,7 +64,7 @@ class Integrity:
         rec = get_record(flow.metadata)
         if flow.response is not None or rec.connection is None or not rec.messages:
             return
-        conn = self._conn(rec.connection)
+        conn = self.registry.get(rec.connection)
         if conn is None:
             return
         cfg, (pins, index) = conn.integrity, self._pin_set(rec.connection)

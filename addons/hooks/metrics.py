@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from mitmproxy import ctx, exceptions, http
@@ -111,7 +111,9 @@ def _refusal_kind(reason: str) -> str:
 class Metrics:
     name = "metrics"
 
-    def __init__(self) -> None:
+    def __init__(self, live: Sequence[Callable[[], dict[str, float]]] = ()) -> None:
+        # live: read-only gauges of other stages (approval, recorder), read on each scrape
+        self.live_sources = tuple(live)
         self.m = GatewayMetrics()
         self.m.live(self._read_live)
         self.server: WSGIServer | None = None
@@ -147,21 +149,10 @@ class Metrics:
         log.info("metrics at http://%s:%s/metrics", ctx.options.bastion_metrics_host, port)
 
     def _read_live(self) -> dict[str, float]:
-        """Read-only look at the approval and recorder addons (scrape thread)."""
+        """The other stages' live gauges (scrape thread: each source only reads)."""
         out: dict[str, float] = {}
-        approval = ctx.master.addons.get("approval")
-        pending = getattr(getattr(approval, "wrapped", approval), "pending", None)
-        if pending is not None:
-            # decided holds leave the dict a moment later; count only the undecided ones
-            out["bastion_approvals_pending"] = sum(1 for p in list(pending.values())
-                                                   if getattr(p, "outcome", None) is None)
-        recorder = ctx.master.addons.get("recorder")
-        writer = getattr(getattr(recorder, "wrapped", recorder), "writer", None)
-        if writer is not None:
-            out["bastion_recorder_events"] = writer.stats.events
-            out["bastion_recorder_errors"] = writer.stats.failures
-            out["bastion_recorder_healthy"] = 1 if writer.healthy else 0
-            out["bastion_recorder_queue"] = getattr(writer, "queued", 0)
+        for read in self.live_sources:
+            out.update(read())
         return out
 
     def done(self):

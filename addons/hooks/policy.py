@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
+from addons.core.connections import ConnectionRegistry
 from addons.core.shell import paths as pathguard
 from addons.hooks.httputil import checked_snapshot, refuse_jsonrpc
 from addons.core.mcpwire import (LIST_METHODS, SERVER_REQUEST_METHODS, Message, decode_header_value, jsonrpc_error,
@@ -72,7 +73,10 @@ def refusal_error(d: Decision) -> dict:
 class Policy:
     name = "policy"
 
-    def __init__(self) -> None:
+    def __init__(self, connections: ConnectionRegistry | None = None, approvals: bool = False) -> None:
+        self.registry = connections or ConnectionRegistry()
+        # approvals: an approval stage follows; without one, `approve` decisions are refused
+        self.approvals = approvals
         self.policy: RulesPolicy | None = None
         self.limiter = RateLimiter()
         self.blast = RateLimiter()      # items touched per principal x rule (survives reloads)
@@ -90,8 +94,7 @@ class Policy:
                           "Seconds the gateway spends checking one call's arguments; longer -> refused.")
 
     def _environment(self, connection: str) -> str:
-        router = ctx.master.addons.get("connections")
-        conn = getattr(router, "wrapped", router).connections.get(connection) if router else None
+        conn = self.registry.get(connection)
         return (conn.environment if conn is not None else None) or ctx.options.bastion_environment
 
     def configure(self, updated):
@@ -148,7 +151,7 @@ class Policy:
             log.info("%s %s %s -> %s (%s)", ident.sub if ident else "-", conn,
                      _what(rec.messages, d), d.action, d.rule or "default-deny")
         refused = [d for d in decisions if d.action == "deny"
-                   or (d.action == "approve" and ctx.master.addons.get("approval") is None)]
+                   or (d.action == "approve" and not self.approvals)]
         if refused:
             errors = []
             for d, m in zip(decisions, rec.messages):

@@ -29,6 +29,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.core import mcpwire
 from addons.hooks.httputil import json_response
+from addons.core.connections import ConnectionRegistry
 from addons.core.record import BastionRecord, Decision, MaskEvent, get_record
 from addons.core.masking.secretscan import redact_bytes, redact_obj, redact_url
 from addons.core.audit.chain import DEFAULT_AUDIT_KEY, load_or_create_signing_key
@@ -242,11 +243,19 @@ class _FlowState:
 class Recorder:
     name = "recorder"
 
-    def __init__(self) -> None:
+    def __init__(self, connections: ConnectionRegistry | None = None) -> None:
+        self.registry = connections or ConnectionRegistry()   # credential header names to redact
         self.writer: StoreWriter | None = None
         self._seq = itertools.count(int(time.time() * 1_000_000))
         self._instance = ""
         self._sealing: Sealing | None = None
+
+    def live_metrics(self) -> dict[str, float]:
+        w = self.writer
+        if w is None:
+            return {}
+        return {"bastion_recorder_events": w.stats.events, "bastion_recorder_errors": w.stats.failures,
+                "bastion_recorder_healthy": 1 if w.healthy else 0, "bastion_recorder_queue": getattr(w, "queued", 0)}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -470,9 +479,7 @@ class Recorder:
         out = set()
         if rec.injected_header:
             out.add(rec.injected_header)
-        router = ctx.master.addons.get("connections")
-        conns = getattr(getattr(router, "wrapped", router), "connections", None) or {}
-        for c in conns.values():
+        for c in self.registry.connections.values():
             cred = getattr(c, "credential", None)
             if cred is not None:
                 out.add(cred.header)

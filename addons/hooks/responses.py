@@ -17,7 +17,7 @@ from typing import Any, Callable
 from mitmproxy import ctx, http
 
 from addons.core import mcpwire
-from addons.core.connections import rewrite_endpoint
+from addons.core.connections import ConnectionRegistry, rewrite_endpoint
 from addons.hooks.httputil import json_response
 from addons.core.record import BastionRecord, get_record
 from addons.core.textsafe import get_logger
@@ -186,6 +186,9 @@ def _error_id(rec: BastionRecord) -> Any:
 class ResponseRewriter:
     name = "responses"
 
+    def __init__(self, connections: ConnectionRegistry | None = None) -> None:
+        self.registry = connections or ConnectionRegistry()   # legacy endpoint events name them
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
         if rec.connection is None or rec.refusal is not None or flow.response is None:
@@ -200,12 +203,10 @@ class ResponseRewriter:
         flow.response.headers["x-accel-buffering"] = "no"
         flow.response.headers.pop("content-length", None)
         rewriter = None
-        router = ctx.master.addons.get("connections")
-        if router is not None:
-            conns = router.wrapped.connections if hasattr(router, "wrapped") else router.connections
-            conn = conns.get(rec.connection)
-            if conn is not None and conn.transport == "sse":
-                rewriter = lambda data, n=rec.connection: rewrite_endpoint(n, data, conns)  # noqa: E731
+        conn = self.registry.get(rec.connection)
+        if conn is not None and conn.transport == "sse":
+            conns = self.registry.connections
+            rewriter = lambda data, n=rec.connection: rewrite_endpoint(n, data, conns)  # noqa: E731
         flow.response.stream = SSERewriter(rec, rewriter, _error_id(rec))
 
     def response(self, flow: http.HTTPFlow) -> None:

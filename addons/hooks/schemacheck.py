@@ -15,6 +15,7 @@ import logging
 
 from mitmproxy import ctx, exceptions, http
 
+from addons.core.connections import ConnectionRegistry
 from addons.core.policy import argschema
 
 from addons.core import integrity as ti
@@ -34,10 +35,10 @@ class SchemaUnknown(Exception):
 class ArgSchema:
     name = "argschema"
 
-    def __init__(self) -> None:
+    def __init__(self, connections: ConnectionRegistry | None = None, pins: ti.PinStore | None = None) -> None:
+        self.registry = connections or ConnectionRegistry()
+        self.pins = pins or ti.PinStore()               # shared with the integrity stage
         self.book = argschema.SchemaBook()
-        self._pins: dict[str, dict | None] = {}
-        self._poll = ti.PinPoll(self._pins.clear)        # a pin file moved: re-read on next use
         self._fetching: dict[str, asyncio.Future] = {}
 
     def load(self, loader) -> None:
@@ -47,22 +48,19 @@ class ArgSchema:
 
     def configure(self, updated) -> None:
         if "bastion_rules" in updated:
-            self._pins.clear()
-            self._poll.watch(ctx.options.bastion_rules)
+            self.pins.watch(ctx.options.bastion_rules)
 
     def running(self) -> None:
-        self._poll.start()
+        self.pins.poll.start()
 
     def done(self) -> None:
-        self._poll.stop()
+        self.pins.poll.stop()
 
     def _pinned(self, connection: str) -> dict | None:
-        if connection not in self._pins:
-            try:
-                self._pins[connection] = ti.load_pins(ctx.options.bastion_rules, connection)
-            except RulesError as e:
-                raise exceptions.OptionsError(f"argschema: {e}") from None   # refused by FailClosed
-        return self._pins[connection]
+        try:
+            return self.pins.get(connection)[0]
+        except RulesError as e:
+            raise exceptions.OptionsError(f"argschema: {e}") from None   # refused by FailClosed
 
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
@@ -141,8 +139,7 @@ class ArgSchema:
 
     async def _list(self, connection: str) -> list[dict]:
         from addons.core.mcpclient import list_upstream_tools
-        router = ctx.master.addons.get("connections")
-        conn = getattr(router, "wrapped", router).connections.get(connection) if router else None
+        conn = self.registry.get(connection)
         if conn is None:
             raise LookupError(connection)
         if getattr(conn.credential, "kind", "service") != "service":

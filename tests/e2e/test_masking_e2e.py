@@ -24,9 +24,6 @@ from tests.e2e.procs import free_port, stop, wait_port
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 UPSTREAM_TOKEN = "upstream-service-credential-e2e-masking"
-# stages the stand-in replaces; also given as BASTION_SKIP so addons/bastion.py's own chain
-# (built when the module is imported) does not load them either
-STANDIN_SKIP = "identity,policy,approval,recorder"
 
 CUSTOMER = {"id": 1, "name": "Alice Martin", "email": "alice.martin@example.com", "ssn": "123-45-6789",
             "card_number": "4111 1111 1111 1111", "notes": "VIP; call +1 415 555 0100",
@@ -100,8 +97,7 @@ UPSTREAM_APP = textwrap.dedent('''
 GATEWAY_SCRIPT = textwrap.dedent('''
     import sys
     sys.path.insert(0, {root!r})
-    from addons.bastion import build_chain
-    from addons.hooks.failclosed import FailClosed
+    from addons.bastion import Bastion, build_stages
     from addons.core.record import Decision, Identity, get_record
 
 
@@ -118,10 +114,11 @@ GATEWAY_SCRIPT = textwrap.dedent('''
             rec.decisions = [Decision("allow", rule="allow-all", message_id=m.id) for m in rec.messages]
 
 
-    chain = build_chain(frozenset({{"identity", "policy", "approval", "recorder"}}))  # = BASTION_SKIP
+    # a test variant of the pipeline: identity, policy and approval replaced by the stand-in
+    chain = [s for s in build_stages() if s.name not in {{"identity", "policy", "approval", "recorder"}}]
     pos = next(i for i, a in enumerate(chain) if a.name == "masking")
-    chain.insert(pos, FailClosed(StandInIdentityPolicy()))
-    addons = chain
+    chain.insert(pos, StandInIdentityPolicy())
+    addons = [Bastion(chain)]
 ''')
 
 
@@ -160,7 +157,7 @@ def env(tmp_path_factory):
              "--mode", f"reverse:http://127.0.0.1:{ports['json']}@{gw_port}", "-s", str(tmp / "gateway.py"),
              "--set", f"bastion_rules={rules}", "--set", f"bastion_mask_key_file={tmp / 'secrets' / 'mask-key'}",
              "--set", "connection_strategy=lazy"],
-            env={**os.environ, "E2E_UPSTREAM_TOKEN": UPSTREAM_TOKEN, "BASTION_SKIP": STANDIN_SKIP}, cwd=tmp,
+            env={**os.environ, "E2E_UPSTREAM_TOKEN": UPSTREAM_TOKEN}, cwd=tmp,
             stdout=gw_log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(gw)
         wait_port(gw_port, gw)
@@ -336,7 +333,7 @@ def demo_env(tmp_path_factory):
              "--mode", f"reverse:http://127.0.0.1:{ports['json']}@{gw_port}", "-s", str(tmp / "gateway.py"),
              "--set", f"bastion_rules={rules}", "--set", f"bastion_mask_key_file={tmp / 'secrets' / 'mask-key'}",
              "--set", "connection_strategy=lazy"],
-            env={**os.environ, "E2E_UPSTREAM_TOKEN": UPSTREAM_TOKEN, "BASTION_SKIP": STANDIN_SKIP}, cwd=tmp,
+            env={**os.environ, "E2E_UPSTREAM_TOKEN": UPSTREAM_TOKEN}, cwd=tmp,
             stdout=gw_log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(gw)
         wait_port(gw_port, gw)

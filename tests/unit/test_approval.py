@@ -477,18 +477,11 @@ async def test_grant_expires(approval):
 
 # --- masking rules apply to what the approver sees ---------------------------------------------
 
-class FakeMasking:
-    name = "masking"
-
-    def __init__(self, config):
-        self.config = config
-
-
 async def test_comment_uses_the_masking_rules_for_the_call():
     prof = maskcore.Profile("ops", [maskcore.Rule("images", "redact", fields=("image",))])
     cfg = maskcore.MaskConfig({"ops": prof}, [], "ops")
-    a = Approval()
-    with taddons.context(a, FakeMasking(cfg)) as tctx:
+    a = Approval(masking_config=lambda: cfg)      # the masking stage's rules, as bastion.py wires it
+    with taddons.context(a) as tctx:
         tctx.configure(a)
         f, _ = call_flow(args={"image": "registry.internal/secret-project:1"})
         task, pid = await hold(a, f)

@@ -11,6 +11,7 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
+from addons.core.connections import ConnectionRegistry
 from addons.cli import connections as cli_connections
 from addons.core import connections as model
 from addons.core.connections import (Connection, load_connections, parse_connections, plain_query, rewrite_endpoint,
@@ -374,7 +375,8 @@ def rules(tmp_path, monkeypatch):
 
 @pytest.fixture
 def chain(rules):
-    router, injector = FailClosed(Router()), FailClosed(Injector())
+    reg = ConnectionRegistry()
+    router, injector = FailClosed(Router(reg)), FailClosed(Injector(reg, identity_required=False))
     with taddons.context(router, injector) as tctx:
         tctx.configure(router, bastion_rules=str(rules))
         yield router, injector, tctx
@@ -788,11 +790,10 @@ async def test_injector_leaves_refused_flows_alone(chain):
     assert f.response.status_code == 404 and f.request.host == "gw.example"
 
 
-async def test_injector_requires_identity_when_identity_addon_loaded(rules):
-    class Identity_:
-        name = "identity"
-    router, injector = FailClosed(Router()), FailClosed(Injector())
-    with taddons.context(router, Identity_(), injector) as tctx:
+async def test_injector_requires_identity_by_default(rules):
+    reg = ConnectionRegistry()
+    router, injector = FailClosed(Router(reg)), FailClosed(Injector(reg))
+    with taddons.context(router, injector) as tctx:
         tctx.configure(router, bastion_rules=str(rules))
         f, rec = checked_post(router)
         rec.identity = None
@@ -801,7 +802,8 @@ async def test_injector_requires_identity_when_identity_addon_loaded(rules):
 
 
 async def test_injector_works_with_an_unwrapped_router(rules):
-    router, injector = Router(), Injector()
+    reg = ConnectionRegistry()
+    router, injector = Router(reg), Injector(reg, identity_required=False)
     with taddons.context(router, injector) as tctx:
         tctx.configure(router, bastion_rules=str(rules))
         f, rec = checked_post(router)

@@ -12,6 +12,7 @@ import httpx
 import jwt
 import pytest
 
+from addons.core.connections import ConnectionRegistry
 from addons.core.identity import credentials as creds
 from addons.core.connections import parse_connections
 from addons.hooks.connections import Injector, Router
@@ -272,7 +273,8 @@ def injector_chain(tmp_path):
         "    credential: {exchange: {token_endpoint: 'https://as.example/token', audience: api}}\n"
         "  vlt:\n    upstream: http://127.0.0.1:9101/mcp\n"
         "    credential: {vault: {authorize_url: 'https://consent.example/v'}}\n")
-    router, injector = FailClosed(Router()), FailClosed(Injector())
+    reg = ConnectionRegistry()
+    router, injector = FailClosed(Router(reg)), FailClosed(Injector(reg, identity_required=False))
     with taddons.context(router, injector) as tctx:
         tctx.configure(router, bastion_rules=str(tmp_path / "rules"))
         tctx.configure(injector, bastion_vault=str(tmp_path / "none.vault"))
@@ -354,7 +356,8 @@ async def test_identity_keeps_the_caller_token_only_for_exchange_connections(tmp
         "  ex:\n    upstream: http://127.0.0.1:9100/mcp\n"
         "    credential: {exchange: {token_endpoint: 'https://as.example/token', audience: api}}\n"
         "  plain:\n    upstream: http://127.0.0.1:9101/mcp\n")
-    router, ident = Router(), IdentityAddon()
+    reg = ConnectionRegistry()
+    router, ident = Router(reg), IdentityAddon(reg)
     with taddons.context(router, ident) as tctx:
         tctx.configure(router, bastion_rules=str(tmp_path / "rules"))
         tctx.configure(ident, bastion_key_dir=str(tmp_path / "keys"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from mitmproxy import command, http
@@ -11,6 +12,8 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons.hooks.failclosed import FailClosed
 from addons.core.record import get_record
+
+ROOT = Path(__file__).resolve().parents[2]
 
 INTERNAL = "SECRET_INTERNAL_DETAIL /opt/app/addons/x.py line 42"
 
@@ -220,11 +223,37 @@ def test_commands_options_and_lifecycle_pass_through():
 
 def test_the_shipped_chain_is_wrapped():
     from addons import bastion
-    chain = bastion.build_chain()
+    assert [a.name for a in bastion.addons] == ["bastion"]      # mitmproxy sees one addon
+    chain = bastion.addons[0].addons
     assert chain and all(isinstance(a, FailClosed) for a in chain)
     names = [a.name for a in chain]
     assert names[0] == "connections" and names[-1] == "injector"
     assert "mcp" in names and "responses" in names
     assert names.index("mcp") < names.index("responses") < names.index("injector")
-    skipped = [a.name for a in bastion.build_chain(frozenset({"responserewriter"}))]
-    assert "responses" not in skipped
+    assert names.index("identity") < names.index("policy") < names.index("approval") < names.index("recorder")
+
+
+def test_stages_share_one_registry_and_pin_store():
+    from addons import bastion
+    stages = {s.name: s for s in bastion.build_stages()}
+    reg = stages["connections"].registry
+    assert all(stages[n].registry is reg for n in ("identity", "argschema", "policy", "integrity", "responses",
+                                                   "recorder", "injector"))
+    assert stages["argschema"].pins is stages["integrity"].pins
+    assert stages["policy"].approvals and stages["injector"].identity_required
+
+
+def test_production_script_has_no_stage_switch(tmp_path):
+    """BASTION_SKIP (once a way to switch masking and recording off) has no effect; the
+    production script builds every stage or fails to import."""
+    import subprocess
+    import sys
+    probe = ("import sys; sys.argv = ['x']\n"
+             "import runpy; ns = runpy.run_path('addons/bastion.py')\n"
+             "print(','.join(a.name for a in ns['addons'][0].addons))")
+    env = {"BASTION_SKIP": "masking,recorder,identity,policy", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    names = out.stdout.strip().split(",")
+    assert {"masking", "recorder", "identity", "policy"} <= set(names), names

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow, tutils
 
+from addons.core.connections import ConnectionRegistry
 from addons.core.identity import jwtverify as jv
 from addons.hooks.connections import Router
 from addons.hooks.identity import Identity
@@ -420,7 +421,8 @@ def routed(tmp_path, key_dir):
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "connections.yaml").write_text(CONNECTIONS)
-    router, a = Router(), Identity()
+    reg = ConnectionRegistry()
+    router, a = Router(reg), Identity(reg)
     with taddons.context(router, a) as tctx:
         tctx.configure(router, bastion_rules=str(rules))
         tctx.configure(a, bastion_key_dir=str(key_dir))

@@ -106,3 +106,15 @@ def test_stages_share_only_typed_record_fields():
     untyped = sorted(n for n, t in fields.items() if str(t).replace(" ", "") in ("dict", "dict[str,Any]", "Any")
                      and n != "audit_state")
     assert not untyped, f"untyped record fields: {untyped}"
+
+
+def test_no_stage_looks_another_up_at_run_time():
+    """Stages get what they use through their constructors (addons/bastion.py wires them). The
+    one use of the master's addon registry left is the Injector registering its own Forwarder
+    behind mitmweb's addons, guarded against a second registration on script reload."""
+    uses = []
+    for f in sorted(ADDONS.rglob("*.py")):
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if "addons.get(" in line:
+                uses.append((rel(f), line.strip()))
+    assert uses == [("addons/hooks/connections.py", "if ctx.master.addons.get(Forwarder.name) is None:")], uses

@@ -12,7 +12,9 @@ from prometheus_client import generate_latest
 import pytest
 
 from addons.core import mcpwire
+from addons.hooks.approval import Approval
 from addons.hooks.metrics import GatewayMetrics, Metrics
+from addons.hooks.recorder import Recorder
 from addons.core.record import Decision, MaskEvent, get_record
 from addons.core.audit.store import StoreWriter
 from tests.e2e.procs import free_port
@@ -77,18 +79,16 @@ def test_off_by_default_and_port_validated():
             tctx.configure(a, bastion_metrics_port=70000)
 
 
-class _FakeApproval:
-    name = "approval"
+def _approval(outcomes) -> Approval:
+    a = Approval()
+    a.pending = {str(i): SimpleNamespace(outcome=o) for i, o in enumerate(outcomes)}
+    return a
 
-    def __init__(self, outcomes):
-        self.pending = {str(i): SimpleNamespace(outcome=o) for i, o in enumerate(outcomes)}
 
-
-class _FakeRecorder:
-    name = "recorder"
-
-    def __init__(self, writer):
-        self.writer = writer
+def _recorder(writer) -> Recorder:
+    r = Recorder()
+    r.writer = writer
+    return r
 
 
 def _scrape(port: int) -> str:
@@ -96,9 +96,9 @@ def _scrape(port: int) -> str:
 
 
 async def test_live_values_read_from_approval_and_recorder(tmp_path):
-    a = Metrics()
     writer = StoreWriter(tmp_path, "t")
-    with taddons.context(a, _FakeApproval([None, None, "approved"]), _FakeRecorder(writer)):
+    a = Metrics(live=(_approval([None, None, "approved"]).live_metrics, _recorder(writer).live_metrics))
+    with taddons.context(a):
         writer.start()
         try:
             writer.submit([b'{"e": 1}\n'], wait=True).result(10)
@@ -118,8 +118,8 @@ async def test_live_values_absent_without_the_addons_and_never_fail_a_scrape(cap
     a = Metrics()
     with taddons.context(a):
         assert "bastion_approvals_pending" not in generate_latest(a.m.registry).decode()
-    b = Metrics()
-    with taddons.context(b, _FakeRecorder(SimpleNamespace())):     # a writer without stats
+    b = Metrics(live=(_recorder(SimpleNamespace()).live_metrics,))
+    with taddons.context(b):                                      # a writer without stats
         text = generate_latest(b.m.registry).decode()             # logged, no exception
     assert "bastion_recorder" not in text
     assert "reading live metrics failed" in caplog.text

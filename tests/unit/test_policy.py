@@ -48,7 +48,7 @@ def error_of(f):
 
 
 def run(tmp_path, addon, body, ident=DEV, **opts):
-    with taddons.context(Router(), addon) as tctx:
+    with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
         for k, v in opts.items():
             setattr(tctx.options, k, v)
@@ -63,7 +63,7 @@ def test_broken_rules_at_startup_are_an_option_error(tmp_path):
     write(good, "rules: []\n")
     write(bad, "rules:\n  - name: a\n    allow: maybe\n")
     addon = Policy()
-    with taddons.context(Router(), addon) as tctx:
+    with taddons.context(Router(addon.registry), addon) as tctx:
         # start from a loadable directory so the failed update rolls back to it (not to the
         # shipped rules, whose demo credential file a fresh clone does not have)
         tctx.options.bastion_rules = str(good)
@@ -119,7 +119,7 @@ def test_rate_limit_trips_and_recovers_on_the_clock(tmp_path, monkeypatch):
     monkeypatch.setattr(policy_mod.time, "monotonic", lambda: now[0])
     addon = Policy()
     results = []
-    with taddons.context(Router(), addon) as tctx:
+    with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
         for t in (0, 0, 0, 4, 5, 5):
             now[0] = 1000.0 + t
@@ -141,7 +141,7 @@ def test_hot_reload_takes_effect_and_keeps_counters(tmp_path):
     write(tmp_path, "rules:\n  - {name: a, when: {tool: t}, allow: true, "
                     "blast_radius: {items: $.ids, max_per_window: 3, per: 3600}}\n")
     addon = Policy()
-    with taddons.context(Router(), addon) as tctx:
+    with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
         f, _ = flow(tool_call("t", {"ids": [1, 2, 3]}))
         addon.request(f)
@@ -233,7 +233,7 @@ def test_allowed_sql_is_forwarded_rewritten_and_recorded_so(tmp_path):
     body = [tool_call("query_sql", {"sql": "SELECT reverse(ssn) /* x */ FROM customers"}, 1),
             tool_call("query_sql", {"sql": "SELECT id FROM customers"}, 2)]
     addon = Policy()
-    with taddons.context(Router(), addon) as tctx:
+    with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
         f, rec = flow(body, ana)
         sql = body[0]["params"]["arguments"]["sql"]

@@ -294,7 +294,7 @@ def _addon(tmp_path, text):
 
 def _ctx(addon):
     """The policy addon with the Router that declares bastion_rules."""
-    return taddons.context(Router(), addon)
+    return taddons.context(Router(addon.registry), addon)
 
 
 BATCH_POLICY = """

@@ -9,6 +9,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
+from addons.core.connections import ConnectionRegistry
 from addons.core import mcpwire
 from addons.hooks.connections import Router
 from addons.hooks.failclosed import FailClosed
@@ -45,7 +46,8 @@ def rules(tmp_path):
 
 @pytest.fixture
 def rw(rules):
-    router, rewriter = FailClosed(Router()), FailClosed(ResponseRewriter())
+    reg = ConnectionRegistry()
+    router, rewriter = FailClosed(Router(reg)), FailClosed(ResponseRewriter(reg))
     with taddons.context(router, rewriter) as tctx:
         tctx.configure(router, bastion_rules=str(rules))
         yield rewriter, router.wrapped

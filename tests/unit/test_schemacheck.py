@@ -23,7 +23,7 @@ def _conns(tmp_path):
 
 
 async def _call(addon, args, tmp_path, **opts):
-    with taddons.context(Router(), addon) as tctx:
+    with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
         for k, v in opts.items():
             setattr(tctx.options, k, v)
@@ -51,7 +51,7 @@ async def test_pinned_schema_refuses_type_confusion(tmp_path):
 async def test_schema_learnt_from_a_tools_list_answer(tmp_path):
     _conns(tmp_path)
     addon = ArgSchema()
-    with taddons.context(Router(), addon) as tctx:
+    with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
         f, rec = flow({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
         await addon.request(f)
@@ -61,7 +61,7 @@ async def test_schema_learnt_from_a_tools_list_answer(tmp_path):
     err = await _call(addon, {"privileged": False}, tmp_path)
     assert "missing required argument(s) image" in err["message"]
     # a tool the upstream does not list: nothing to validate, the upstream answers it
-    with taddons.context(Router(), addon) as tctx:
+    with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
         f, _ = flow(tool_call("no_such_tool", {"x": 1}))
         await addon.request(f)
@@ -83,7 +83,7 @@ async def test_a_batch_is_refused_whole_each_call_with_its_reason(tmp_path):
     _conns(tmp_path)
     ti.write_pins(tmp_path, "demo", [TOOL])
     addon = ArgSchema()
-    with taddons.context(Router(), addon) as tctx:
+    with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
         f, _ = flow([tool_call("launch_container", {"image": "a"}, 1),
                      tool_call("launch_container", {"image": "a", "privileged": "yes"}, 2)])

@@ -144,7 +144,7 @@ def test_pin_file_changes_are_picked_up_by_the_reload_poll_per_connection(tmp_pa
         "connections:\n  a: {upstream: 'http://127.0.0.1:9/mcp'}\n  b: {upstream: 'http://127.0.0.1:9/mcp'}\n")
     ti.write_pins(tmp_path, "a", [TOOL])
     ti.write_pins(tmp_path, "b", [TOOL])
-    with taddons.context(Router(), addon) as tctx:
+    with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
         assert set(addon._pin_set("a")[0]) == {TOOL["name"]} and addon._pin_set("b")[0]
         addon.drifted[("a", TOOL["name"])] = "changed"
