@@ -120,9 +120,7 @@ def parse_connections(path: Path, data: Any) -> dict[str, Connection]:
             raise loc.error(conns, f"connection name {name!r} must match {NAME_RE.pattern}", name)
         if not isinstance(spec, dict):
             raise loc.error(conns, f"connection {name}: must be a mapping", name)
-        unknown = set(map(str, spec)) - _ALLOWED_KEYS
-        if unknown:
-            raise loc.error(spec, f"connection {name}: unknown key(s) {', '.join(sorted(unknown))}", sorted(unknown)[0])
+        loc.check_keys(spec, _ALLOWED_KEYS, context=f"connection {name}: ")
         url = expand_env(str(spec.get("upstream") or ""))
         u = urllib.parse.urlsplit(url)
         try:
@@ -194,10 +192,7 @@ def _delegated_credential(loc: Located, name: str, c: dict, base: Path) -> AnyCr
         raise loc.error(c, f"connection {name}: credential takes one of from / exchange / vault, "
                         f"not {' and '.join(kinds)}", kinds[1])
     kind = kinds[0]
-    unknown = set(map(str, c)) - {kind, "header", "scheme"}
-    if unknown:
-        raise loc.error(c, f"connection {name}: credential: unknown key(s) {', '.join(sorted(unknown))}",
-                        sorted(unknown)[0])
+    loc.check_keys(c, {kind, "header", "scheme"}, context=f"connection {name}: credential: ")
     header, scheme = _header_scheme(loc, name, c)
 
     def resolve(src: str) -> str:

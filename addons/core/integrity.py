@@ -38,10 +38,7 @@ def parse_integrity(loc: Located, spec: Any, name: str) -> IntegrityConfig:
         return IntegrityConfig()
     if not isinstance(spec, dict):
         raise loc.error(spec, f"connection {name}: integrity must be a mapping")
-    unknown = set(map(str, spec)) - {"require_pins", "injection", "max_output_chars", "on_oversize"}
-    if unknown:
-        raise loc.error(spec, f"connection {name}: unknown integrity key(s) {', '.join(sorted(unknown))}",
-                        sorted(unknown)[0])
+    loc.check_keys(spec, {"require_pins", "injection", "max_output_chars", "on_oversize"}, "integrity ", context=f"connection {name}: ")
     req = spec.get("require_pins", False)
     inj = str(spec.get("injection", "mark"))
     cap = spec.get("max_output_chars", 0)

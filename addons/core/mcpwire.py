@@ -592,3 +592,9 @@ def iter_sse_messages(ev: SSEEvent) -> Iterator[Any]:
         yield from obj
     else:
         yield obj
+
+
+def id_key(msg_id: Any) -> str:
+    """A JSON-RPC id as a dictionary key that keeps its type: 7 and "7" are different
+    requests (a string id must never pick up the transforms of a number id)."""
+    return f"{type(msg_id).__name__}:{msg_id}"

@@ -75,6 +75,15 @@ class Located:
     def error(self, node: Any, message: str, key: Any = None) -> RulesError:
         return RulesError(self.file, line_of(node, key), message)
 
+    def check_keys(self, node: Any, allowed: Iterable[str], what: str = "", context: str = "") -> None:
+        """Refuse keys a section does not know, at the line of the first one (a typo must not
+        silently drop a rule): "<context>unknown <what>key(s): a, b (expected one of …)"."""
+        allowed = set(allowed)
+        unknown = sorted(set(map(str, node)) - allowed)
+        if unknown:
+            raise self.error(node, f"{context}unknown {what}key(s): {', '.join(unknown)} "
+                                   f"(expected one of {', '.join(sorted(allowed))})", unknown[0])
+
 
 def to_plain(node: Any) -> Any:
     """Convert ruamel containers to plain dict/list (after validation)."""

@@ -19,20 +19,16 @@ Injector.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from mitmproxy import http
 
+from addons.core.mcpwire import id_key
 from addons.hooks.httputil import checked_snapshot
 from addons.core.record import BastionRecord, get_record
 from addons.core.textsafe import get_logger
 
 log = get_logger("bastion.legacy")
 
-
-
-def _idkey(msg_id: Any) -> str:
-    return f"{type(msg_id).__name__}:{msg_id}"
 
 
 def refusal_errors(body: bytes) -> dict[str, dict] | None:
@@ -50,14 +46,14 @@ def refusal_errors(body: bytes) -> dict[str, dict] | None:
                      or (isinstance(it.get("result"), dict) and it["result"].get("isError") is True))):
             return None
         if it["id"] is not None:
-            out[_idkey(it["id"])] = it
+            out[id_key(it["id"])] = it
     return out
 
 
 def carrier_for(rec: BastionRecord, errors: dict[str, dict]) -> bytes | None:
     """Pings with the ids of the refused requests, or None if some request has no error."""
     ids = [m.id for m in rec.messages if m.kind == "request"]
-    if not ids or any(_idkey(i) not in errors for i in ids):
+    if not ids or any(id_key(i) not in errors for i in ids):
         return None
     pings = [{"jsonrpc": "2.0", "id": i, "method": "ping"} for i in ids]
     return json.dumps(pings if rec.batch else pings[0], separators=(",", ":")).encode()
@@ -66,7 +62,7 @@ def carrier_for(rec: BastionRecord, errors: dict[str, dict]) -> bytes | None:
 def answer_with(errors: dict[str, dict]):
     """Response transform: the answer to a carrier ping becomes the refusal."""
     def transform(message: dict) -> dict:
-        err = errors.get(_idkey(message.get("id"))) if "id" in message else None
+        err = errors.get(id_key(message.get("id"))) if "id" in message else None
         return dict(err) if err is not None and ("result" in message or "error" in message) else message
     return transform
 

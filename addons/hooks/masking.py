@@ -17,6 +17,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
+from addons.core.mcpwire import id_key
 from addons.core.masking.engine import MaskConfig, MaskError, Profile, load_masking, mask_message, mask_value
 from addons.core.privatefiles import private_dir, write_private
 from addons.core.record import BastionRecord, get_record
@@ -66,7 +67,7 @@ class MaskTransform:
         if self.by_id and ("result" in msg or "error" in msg):
             mid = msg.get("id")
             if isinstance(mid, (str, int)) and not isinstance(mid, bool):
-                return self.by_id.get(_idkey(mid), self.default)
+                return self.by_id.get(id_key(mid), self.default)
         return self.default
 
     def __call__(self, msg: dict) -> dict:
@@ -91,10 +92,6 @@ class MaskTransform:
             if events:
                 self.rec.add_masks(events)
         return text if isinstance(text, str) else str(text)
-
-
-def _idkey(mid: Any) -> str:
-    return f"{type(mid).__name__}:{mid}"
 
 
 class Masking:
@@ -200,7 +197,7 @@ class Masking:
                 decision.mask_profile = "+".join(p.name for p in picked)   # for the audit
             profs = [p for p in picked if not p.empty]
             if msg.kind == "request" and isinstance(msg.id, (str, int)):
-                by_id[_idkey(msg.id)] = profs
+                by_id[id_key(msg.id)] = profs
             union += [p for p in profs if p not in union]
         if not rec.messages:
             # GET stream (server notifications, legacy SSE responses): the tool is unknown,

@@ -17,6 +17,7 @@ except ImportError:
 
 from mitmproxy import http
 
+from addons.core.mcpwire import id_key
 from addons.core import mcpwire
 from addons.hooks.httputil import checked_snapshot, refuse_http, refuse_message
 from addons.core.record import get_record
@@ -83,7 +84,7 @@ class McpParser:
         if key is None:
             return
         conn = rec.connection
-        rec.pending_lookup = lambda msg_id: self.pending.get((conn, key, _idkey(msg_id)))
+        rec.pending_lookup = lambda msg_id: self.pending.get((conn, key, id_key(msg_id)))
 
     def _bind_legacy(self, flow: http.HTTPFlow, rec, sid: str) -> None:
         """Legacy HTTP+SSE: the stream's endpoint event names the session the stream is."""
@@ -209,7 +210,7 @@ class McpParser:
         if key is not None:
             for m in parsed.messages:
                 if m.kind == "request":
-                    self.pending[(rec.connection, key, _idkey(m.id))] = rec.response_transforms
+                    self.pending[(rec.connection, key, id_key(m.id))] = rec.response_transforms
             while len(self.pending) > MAX_PENDING:
                 self.pending.popitem(last=False)
         if any(m.method == "tools/list" for m in parsed.messages):
@@ -274,10 +275,6 @@ def decode_bounded(raw: bytes, enc: str, limit: int) -> bytes:
     if not complete:
         raise ValueError("truncated or trailing compressed data")
     return out
-
-
-def _idkey(msg_id) -> str:
-    return f"{type(msg_id).__name__}:{msg_id}"
 
 
 def _fields(req: http.Request) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 
 from addons.core import mcpwire
 from addons.core.connections import ConnectionRegistry, rewrite_endpoint

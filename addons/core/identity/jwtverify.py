@@ -190,6 +190,11 @@ class JwksKeySource:
                 return _vkey(k)
         return None
 
+    def _fetched_without(self, kid: str) -> bool:
+        cache = self.client.jwk_set_cache
+        jwks = cache.get() if cache is not None else None
+        return jwks is not None and all(k.key_id != kid for k in jwks.keys)
+
     def warm(self) -> None:
         """Fetch the set now (start-up), so the first caller does not wait."""
         try:
@@ -208,7 +213,7 @@ class JwksKeySource:
             self._failed_until = time.monotonic() + self.retry_after
             raise KeyUnavailable(f"{self.describe()} unreachable: {e}") from None
         except jwt.PyJWKClientError as e:
-            if "matches" in str(e) or "signing key" in str(e):
+            if self._fetched_without(kid):      # the set was read and has no such key
                 raise TokenError("unknown kid (not in the JWKS)") from None
             self._failed_until = time.monotonic() + self.retry_after
             raise KeyUnavailable(f"{self.describe()} unusable: {e}") from None

@@ -1063,9 +1063,7 @@ def parse_masking(path: str | Path, data: Any, hash_key: bytes = b"") -> MaskCon
         data = {}
     if not isinstance(data, dict):
         raise RulesError(path, line_of(data), "masking rules must be a mapping")
-    for k in data:
-        if k not in _TOP_KEYS:
-            raise loc.error(data, f"unknown key {k!r} (expected one of {', '.join(sorted(_TOP_KEYS))})", k)
+    loc.check_keys(data, _TOP_KEYS)
     raw_profiles = data.get("profiles") or {}
     if not isinstance(raw_profiles, dict):
         raise loc.error(data, "profiles: expected a mapping of profile name -> profile", "profiles")
@@ -1125,10 +1123,7 @@ def _profile_parts(loc: Located, pname: str, pnode: Any, owner: Any, key: str | 
         pnode = {}
     if not isinstance(pnode, dict):
         raise loc.error(owner, f"profile {pname}: expected a mapping", key)
-    for k in pnode:
-        if k not in _PROFILE_KEYS:
-            raise loc.error(pnode, f"profile {pname}: unknown key {k!r} "
-                                   f"(expected one of {', '.join(sorted(_PROFILE_KEYS))})", k)
+    loc.check_keys(pnode, _PROFILE_KEYS, context=f"profile {pname}: ")
     rules = [_parse_rule(loc, pname, i, r, pnode.get("rules"))
              for i, r in enumerate(_seq(loc, pnode, "rules", pname))]
     dets = _parse_detectors(loc, pname, pnode)
@@ -1151,9 +1146,7 @@ def _parse_rule(loc: Located, pname: str, i: int, r: Any, seq: Any) -> Rule:
     where = f"profile {pname}, rule {i + 1}"
     if not isinstance(r, dict):
         raise RulesError(loc.file, line_of(seq, i), f"{where}: expected a mapping")
-    for k in r:
-        if k not in _RULE_KEYS:
-            raise loc.error(r, f"{where}: unknown key {k!r} (expected one of {', '.join(sorted(_RULE_KEYS))})", k)
+    loc.check_keys(r, _RULE_KEYS, context=f"{where}: ")
     style = r.get("style", "redact")
     if style not in STYLES:
         raise loc.error(r, f"{where}: style must be one of {', '.join(STYLES)}", "style" if "style" in r else None)
@@ -1223,9 +1216,7 @@ def _parse_selector(loc: Located, i: int, s: Any, seq: Any, profiles: dict[str, 
     where = f"select rule {i + 1}"
     if not isinstance(s, dict):
         raise RulesError(loc.file, line_of(seq, i), f"{where}: expected a mapping")
-    for k in s:
-        if k not in _SELECT_KEYS:
-            raise loc.error(s, f"{where}: unknown key {k!r} (expected one of {', '.join(sorted(_SELECT_KEYS))})", k)
+    loc.check_keys(s, _SELECT_KEYS, context=f"{where}: ")
     prof = s.get("profile")
     if not isinstance(prof, str) or prof not in profiles:
         raise loc.error(s, f"{where}: profile must name a defined profile (have: {', '.join(profiles)})",

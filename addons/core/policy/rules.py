@@ -405,9 +405,7 @@ def _parse_sql(loc: Located, when: Any, dialect: str, action: str = "allow",
         return None
     if not isinstance(s, dict):
         raise loc.error(when, "'sql' must be a mapping (arg, class, not_class, tables, sensitive_columns)", "sql")
-    unknown = set(map(str, s)) - _SQL_KEYS
-    if unknown:
-        raise loc.error(s, f"unknown sql key(s): {', '.join(sorted(unknown))}")
+    loc.check_keys(s, _SQL_KEYS, "sql ")
     classes = _strs(loc, s, "class")
     not_classes = _strs(loc, s, "not_class")
     any_classes = _strs(loc, s, "any_class")
@@ -516,9 +514,7 @@ def _parse_shell(loc: Located, when: Any, models: dict[str, Model]) -> ShellPred
     if not isinstance(s, dict):
         raise loc.error(when, "'shell' must be a mapping (arg, commands, any_command, operators, paths, cwd, "
                         "options, exec)", "shell")
-    unknown = set(map(str, s)) - {"arg", "commands", "any_command", "operators", "paths", "cwd", "options", "exec"}
-    if unknown:
-        raise loc.error(s, f"unknown shell key(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    loc.check_keys(s, {"arg", "commands", "any_command", "operators", "paths", "cwd", "options", "exec"}, "shell ")
     any_command = _strs(loc, s, "any_command")
     if "commands" not in s:
         if not any_command:
@@ -565,9 +561,7 @@ def _parse_path(loc: Located, when: Any) -> PathPredicate | None:
         return None
     if not isinstance(p, dict) or not isinstance(p.get("arg"), str):
         raise loc.error(when, "'path' needs arg: NAME or $.jsonpath, and roots: [...]", "path")
-    unknown = set(map(str, p)) - {"arg", "access", "roots", "cwd"}
-    if unknown:
-        raise loc.error(p, f"unknown path key(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    loc.check_keys(p, {"arg", "access", "roots", "cwd"}, "path ")
     access = str(p.get("access", "read"))
     if access not in ("read", "write"):
         raise loc.error(p, "'access' is read or write", "access")
@@ -592,9 +586,7 @@ def _parse_blast(loc: Located, node: Any, name: str) -> BlastRadius | None:
         return None
     if not isinstance(b, dict):
         raise loc.error(node, f"rule {name}: blast_radius must be a mapping", "blast_radius")
-    unknown = set(map(str, b)) - {"items", "max_per_call", "max_per_window", "per"}
-    if unknown:
-        raise loc.error(b, f"rule {name}: unknown blast_radius key(s) {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    loc.check_keys(b, {"items", "max_per_call", "max_per_window", "per"}, "blast_radius ", context=f"rule {name}: ")
     if not isinstance(b.get("items"), str):
         raise loc.error(b, f"rule {name}: blast_radius needs items: $.jsonpath (an array or a number argument)")
     try:
@@ -619,9 +611,7 @@ def parse_rule(loc: Located, node: Any, index: int, dialect: str, models: dict[s
                masking_fields: HiddenNames = HiddenNames()) -> Rule:
     if not isinstance(node, dict):
         raise loc.error(node, "a rule must be a mapping")
-    unknown = set(map(str, node)) - _RULE_KEYS
-    if unknown:
-        raise loc.error(node, f"unknown rule key(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    loc.check_keys(node, _RULE_KEYS, "rule ")
     name = node.get("name")
     if not isinstance(name, str) or not name:
         raise loc.error(node, "every rule needs a 'name'")
@@ -654,9 +644,7 @@ def parse_rule(loc: Located, node: Any, index: int, dialect: str, models: dict[s
     when = node.get("when") or {}
     if not isinstance(when, dict):
         raise loc.error(node, f"rule {name}: 'when' must be a mapping", "when")
-    unknown = set(map(str, when)) - _WHEN_KEYS
-    if unknown:
-        raise loc.error(when, f"rule {name}: unknown 'when' key(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    loc.check_keys(when, _WHEN_KEYS, "'when' ", context=f"rule {name}: ")
     methods = _strs(loc, when, "method") or (DEFAULT_METHOD,)
     targets = _strs(loc, when, "tool") + _strs(loc, when, "resource") + _strs(loc, when, "prompt")
     rl = node.get("rate_limit")
@@ -731,9 +719,7 @@ def load_policy(rules_dir: str | Path) -> Policy:
             continue
         if not isinstance(data, dict):
             raise loc.error(data, "top level must be a mapping with 'rules' (and optional 'baseline')")
-        unknown = set(map(str, data)) - {"rules", "baseline", "sql_dialect"}
-        if unknown:
-            raise loc.error(data, f"unknown top-level key(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+        loc.check_keys(data, {"rules", "baseline", "sql_dialect"}, "top-level ")
         if "sql_dialect" in data:
             dialect = str(data["sql_dialect"])
         if "baseline" in data:

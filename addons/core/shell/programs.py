@@ -75,9 +75,7 @@ def load_models(path: str | Path) -> dict[str, Model]:
 def _model(loc: Located, name: str, node: Any) -> Model:
     if not isinstance(node, dict):
         raise loc.error(node, f"program {name}: a model must be a mapping")
-    unknown = set(map(str, node)) - _MODEL_KEYS
-    if unknown:
-        raise loc.error(node, f"program {name}: unknown key(s) {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    loc.check_keys(node, _MODEL_KEYS, context=f"program {name}: ")
     options: dict[str, str] = {}
     for spellings, kind in (node.get("options") or {}).items():
         if kind not in KINDS:
