@@ -77,6 +77,15 @@ def _open(args) -> Store | None:
     return st
 
 
+def _open_session(args) -> tuple[Store, str] | int:
+    """The store and the session args.session names (a unique prefix), or the exit code."""
+    st = _open(args)
+    if st is None:
+        return 2
+    sid = resolve_session(st, args.session)
+    return 1 if sid is None else (st, sid)
+
+
 def _report(st: Store) -> None:
     for p in st.problems:
         print(f"warning: {p} (skipped)", file=sys.stderr)
@@ -256,12 +265,10 @@ def format_timeline(events: list[dict], width: int = 160) -> str:
 
 
 def cli_replay(args) -> int:
-    st = _open(args)
-    if st is None:
-        return 2
-    sid = resolve_session(st, args.session)
-    if sid is None:
-        return 1
+    opened = _open_session(args)
+    if isinstance(opened, int):
+        return opened
+    st, sid = opened
     _report(st)
     if args.web:
         import shutil
@@ -496,12 +503,10 @@ def cli_resend(args) -> int:
     if problem:
         print(f"error: refusing to resend: {problem}", file=sys.stderr)
         return 2
-    st = _open(args)
-    if st is None:
-        return 2
-    sid = resolve_session(st, args.session)
-    if sid is None:
-        return 1
+    opened = _open_session(args)
+    if isinstance(opened, int):
+        return opened
+    st, sid = opened
     try:
         messages = resend_messages(session_events(st, sid))
     except ValueError as e:

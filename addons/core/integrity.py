@@ -2,7 +2,6 @@
 scanning and output caps (docs/integrity.md). No mitmproxy here."""
 from __future__ import annotations
 
-import asyncio
 import difflib
 import hashlib
 import json
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from addons.core.rules import ChangeWatcher, Located, RulesError, load_yaml, poll_forever
+from addons.core.rules import Located, RulesError, RulesWatch, load_yaml
 from addons.core.textsafe import get_logger
 
 log = get_logger("bastion.integrity")
@@ -73,33 +72,6 @@ def pins_path(rules_dir: str | Path, connection: str) -> Path:
     return pins_dir(rules_dir) / f"{connection}.yaml"
 
 
-class PinPoll:
-    """rules/pins/*.yaml watched by the shared hot-reload poll (no stat() on the request
-    path): `on_change()` runs when any pin file moved."""
-
-    def __init__(self, on_change: Callable[[], None]) -> None:
-        self.on_change = on_change
-        self._watcher: ChangeWatcher | None = None
-        self._task: asyncio.Task | None = None
-
-    def watch(self, rules_dir: str | Path) -> None:
-        pins = pins_dir(rules_dir)
-        self._watcher = ChangeWatcher(lambda: sorted(pins.glob("*.yaml")))
-
-    def start(self) -> None:
-        if self._task is None:                   # shared by several stages: one poll
-            self._task = asyncio.get_running_loop().create_task(poll_forever(self.check))
-
-    def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            self._task = None
-
-    def check(self) -> None:
-        if self._watcher is not None and self._watcher.changed():
-            self.on_change()
-
-
 class PinStore:
     """Every connection's pin file, read once and re-read after it changes: one cache and one
     poll shared by the integrity and argument-schema stages (built by addons/bastion.py)."""
@@ -108,7 +80,7 @@ class PinStore:
         self.rules_dir: str | None = None
         self._pins: dict[str, tuple[int, dict | None, SkeletonIndex]] = {}
         self._stale: set[str] = set()            # connections whose pin file may have changed
-        self.poll = PinPoll(self._changed)
+        self.poll = RulesWatch(self._changed)
         self.on_repin: list[Callable[[str], None]] = []   # called with a connection re-read
 
     def watch(self, rules_dir: str | Path) -> None:
@@ -116,7 +88,8 @@ class PinStore:
             self.rules_dir = str(rules_dir)
             self._pins.clear()                   # another rules directory: other pin files
             self._stale.clear()
-            self.poll.watch(rules_dir)
+            pins = pins_dir(rules_dir)
+            self.poll.watch(lambda: sorted(pins.glob("*.yaml")))
 
     def _changed(self) -> None:
         self._stale.update(self._pins)           # each re-reads its file on its next use

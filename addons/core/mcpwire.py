@@ -44,6 +44,12 @@ class McpParseError(Exception):
         self.msg_id = msg_id
 
 
+def _object_at(obj: dict, key: str) -> dict:
+    """obj[key] if it is a JSON object, else {} (a malformed field reads as empty)."""
+    v = obj.get(key)
+    return v if isinstance(v, dict) else {}
+
+
 @dataclass(frozen=True)
 class Message:
     """One JSON-RPC message as the gateway understood it."""
@@ -55,8 +61,7 @@ class Message:
 
     @property
     def params(self) -> dict:
-        p = self.raw.get("params")
-        return p if isinstance(p, dict) else {}
+        return _object_at(self.raw, "params")
 
     @property
     def result(self) -> Any:
@@ -82,13 +87,11 @@ class Message:
 
     @property
     def arguments(self) -> dict:
-        a = self.params.get("arguments")
-        return a if isinstance(a, dict) else {}
+        return _object_at(self.params, "arguments")
 
     @property
     def meta(self) -> dict:
-        m = self.params.get("_meta")
-        return m if isinstance(m, dict) else {}
+        return _object_at(self.params, "_meta")
 
     @property
     def protocol_version(self) -> str | None:

@@ -145,3 +145,39 @@ async def poll_forever(check: Callable[[], object], interval: float = RELOAD_INT
             check()
         except Exception:  # noqa: BLE001 - a reload bug must not end reloading
             get_logger("bastion.rules").exception("reload check failed")
+
+
+class RulesWatch:
+    """The one hot-reload helper for every rules, key and secret file: watches a set of
+    files and runs `on_change` from a poll task every RELOAD_INTERVAL (no stat() on the
+    request path). `check()` is what the poll runs (tests call it to skip the wait)."""
+
+    def __init__(self, on_change: Callable[[], object]) -> None:
+        self.on_change = on_change
+        self._watcher: ChangeWatcher | None = None
+        self._task: asyncio.Task | None = None
+
+    def watch(self, paths: Callable[[], Iterable[Path]]) -> None:
+        self._watcher = ChangeWatcher(paths)
+
+    def unwatch(self) -> None:
+        self._watcher = None
+
+    @property
+    def watching(self) -> bool:
+        return self._watcher is not None
+
+    def start(self) -> None:
+        if self._task is None:                   # one poll, however many stages share it
+            self._task = asyncio.get_running_loop().create_task(poll_forever(self.check))
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def check(self) -> object:
+        """on_change's result if a file moved, else None."""
+        if self._watcher is not None and self._watcher.changed():
+            return self.on_change()
+        return None

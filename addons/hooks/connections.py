@@ -20,9 +20,10 @@ from pathlib import Path
 from mitmproxy import ctx, exceptions, http
 
 from addons.core.identity import credentials as creds
+from addons.hooks.reloading import Watching
 from addons.hooks.httputil import checked_snapshot, json_response, refuse_http, refuse_jsonrpc
 from addons.core.record import METADATA_KEY, BastionRecord, get_record
-from addons.core.rules import ChangeWatcher, RulesError, poll_forever, rules_files
+from addons.core.rules import RulesWatch, RulesError, rules_files
 from addons.core.identity.vault import DEFAULT_KEY, DEFAULT_VAULT, Vault, VaultError, key_path, load_key, updating
 from addons.core.textsafe import get_logger
 from addons.core.connections import (LOCAL_PREFIXES, STRIPPED_REQUEST_HEADERS, Connection, ConnectionRegistry,
@@ -30,15 +31,15 @@ from addons.core.connections import (LOCAL_PREFIXES, STRIPPED_REQUEST_HEADERS, C
 
 log = get_logger("bastion.connections")
 
-class Router:
+class Router(Watching):
     """First in the chain: which connection is this request for?"""
 
     name = "connections"
 
     def __init__(self, registry: ConnectionRegistry | None = None) -> None:
         self.registry = registry or ConnectionRegistry()
-        self._watcher: ChangeWatcher | None = None
-        self._task = None
+        self._watch = RulesWatch(self._reload)
+        self.watches = (self._watch,)
 
     @property
     def connections(self) -> dict[str, Connection]:
@@ -62,22 +63,12 @@ class Router:
                 self.connections = load_connections(rules)
             except RulesError as e:
                 raise exceptions.OptionsError(f"connections: {e}") from None
-            self._watcher = ChangeWatcher(lambda: rules_files(rules, "connections"))
+            self._watch.watch(lambda: rules_files(rules, "connections"))
             log.info("loaded %d connection(s): %s", len(self.connections), ", ".join(self.connections) or "-")
         if "bastion_max_body" in updated and ctx.options.bastion_max_body <= 0:
             raise exceptions.OptionsError("bastion_max_body must be positive")
 
-    def running(self):
-        import asyncio
-        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_reload))
-
-    def done(self):
-        if self._task:
-            self._task.cancel()
-
-    def check_reload(self) -> None:
-        if not (self._watcher and self._watcher.changed()):
-            return
+    def _reload(self) -> None:
         try:
             new = load_connections(ctx.options.bastion_rules)
         except RulesError as e:
@@ -167,8 +158,7 @@ class Injector:
         self.exchanger = creds.TokenExchanger()
         self.upstream = creds.UpstreamCredentials(self.exchanger, self._vault, self._store_refreshed)
         self.vault: Vault | VaultError = VaultError("vault not loaded")
-        self._vault_watcher: ChangeWatcher | None = None
-        self._task = None
+        self._vault_watch = RulesWatch(self._load_vault)
 
     def load(self, loader):
         loader.add_option("bastion_vault", str, DEFAULT_VAULT,
@@ -182,7 +172,7 @@ class Injector:
                 raise exceptions.OptionsError("bastion_vault_key must be file:PATH or env:NAME")
             self._load_vault()
             paths = [Path(ctx.options.bastion_vault)] + ([key_path(ref)] if key_path(ref) else [])
-            self._vault_watcher = ChangeWatcher(lambda: paths)
+            self._vault_watch.watch(lambda: paths)
 
     def _load_vault(self) -> None:
         o = ctx.options
@@ -222,17 +212,14 @@ class Injector:
                                           rule="credential:vault-unavailable") from None
 
     def _check_vault(self) -> None:
-        if self._vault_watcher is not None and self._vault_watcher.changed():
-            self._load_vault()
+        self._vault_watch.check()
 
     async def done(self):
-        if self._task:
-            self._task.cancel()
+        self._vault_watch.stop()
         await self.exchanger.aclose()
 
     def running(self):
-        import asyncio
-        self._task = asyncio.get_running_loop().create_task(poll_forever(self._check_vault))
+        self._vault_watch.start()
         # the Forwarder must come after mitmweb's own addons, which are loaded after scripts,
         # so the Injector registers it with the master now (once: a script reload keeps it)
         if ctx.master.addons.get(Forwarder.name) is None:

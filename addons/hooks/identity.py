@@ -27,7 +27,7 @@ from addons.core.connections import ConnectionRegistry
 from addons.core.identity import jwtverify as jv
 from addons.hooks.httputil import json_response, refuse_http
 from addons.core.record import Transient, get_record
-from addons.core.rules import ChangeWatcher, RulesError, poll_forever
+from addons.core.rules import RulesWatch, RulesError
 from addons.core.textsafe import get_logger
 from addons.core.masking.secretscan import TokenIndexCache
 
@@ -92,7 +92,7 @@ class Identity:
         self.verified = jv.VerifiedTokens()
         self.revoked = jv.Revocations()
         self.token_secrets = TokenIndexCache()  # the caller's token is redacted from what it gets back
-        self._revoked_watcher: ChangeWatcher | None = None
+        self._revoked_watch = RulesWatch(lambda: self._load_revoked(strict=False))
         self._fetch_lock: asyncio.Lock | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -191,7 +191,8 @@ class Identity:
     def _load_revoked(self, strict: bool) -> None:
         path = ctx.options.bastion_revoked
         if not path:
-            self.revoked, self._revoked_watcher = jv.Revocations(), None
+            self.revoked = jv.Revocations()
+            self._revoked_watch.unwatch()
             return
         try:
             self.revoked = jv.load_revocations(path)
@@ -202,24 +203,23 @@ class Identity:
             log.error("revocation list reload rejected, keeping the previous one: %s", e)
             return
         finally:
-            if self._revoked_watcher is None:
-                self._revoked_watcher = ChangeWatcher(lambda: [Path(ctx.options.bastion_revoked)])
+            if not self._revoked_watch.watching:
+                self._revoked_watch.watch(lambda: [Path(ctx.options.bastion_revoked)])
         log.info("revocation list %s: %d entr%s", path, len(self.revoked), "y" if len(self.revoked) == 1 else "ies")
 
     def running(self):
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(poll_forever(self.poll_revoked)))
+        self._revoked_watch.start()
         if not isinstance(self.source, jv.LocalKeySource):
             self._tasks.append(loop.create_task(self._prefetch()))
 
     def done(self):
+        self._revoked_watch.stop()
         for t in self._tasks:
             t.cancel()
 
     def poll_revoked(self) -> None:
-        w = self._revoked_watcher
-        if w is not None and w.changed():
-            self._load_revoked(strict=False)
+        self._revoked_watch.check()
 
     async def _prefetch(self):
         """Warm the JWKS cache at start-up so the first caller does not wait; a failure is

@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 from mitmproxy import ctx, http
 
+from addons.hooks.reloading import Watching
 from addons.core import integrity as ti
 from addons.core.connections import ConnectionRegistry
 from addons.hooks.httputil import refuse_message
@@ -26,13 +27,14 @@ INTEGRITY_REFUSED = -32036
 MAX_DRIFTED = 10_000
 
 
-class Integrity:
+class Integrity(Watching):
     name = "integrity"
 
     def __init__(self, connections: ConnectionRegistry | None = None, pins: ti.PinStore | None = None) -> None:
         self.registry = connections or ConnectionRegistry()
         self.pins = pins or ti.PinStore()
         self.pins.on_repin.append(self._repinned)
+        self.watches = (self.pins.poll,)
         # (connection, tool) -> why the tool is not what was pinned (bounded)
         self.drifted: OrderedDict[tuple[str, str], str] = OrderedDict()
 
@@ -41,12 +43,6 @@ class Integrity:
     def configure(self, updated) -> None:
         if "bastion_rules" in updated:
             self.pins.watch(ctx.options.bastion_rules)
-
-    def running(self) -> None:
-        self.pins.poll.start()
-
-    def done(self) -> None:
-        self.pins.poll.stop()
 
     def check_pins(self) -> None:
         self.pins.poll.check()

@@ -8,7 +8,6 @@ a profile itself. Rules come from rules/masking.yaml and are reloaded on change.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import stat
@@ -21,7 +20,7 @@ from addons.core.mcpwire import id_key
 from addons.core.masking.engine import MaskConfig, MaskError, Profile, load_masking, mask_message, mask_value
 from addons.core.privatefiles import private_dir, write_private
 from addons.core.record import BastionRecord, get_record
-from addons.core.rules import ChangeWatcher, RulesError, poll_forever, rules_files
+from addons.core.rules import RulesError, RulesWatch, rules_files
 from addons.core.textsafe import get_logger
 
 log = get_logger("bastion.masking")
@@ -100,8 +99,7 @@ class Masking:
     def __init__(self) -> None:
         self.config: MaskConfig | None = None
         self.key: bytes = b""
-        self._watcher: ChangeWatcher | None = None
-        self._task: asyncio.Task | None = None
+        self._watch = RulesWatch(self._reload)
 
     def load(self, loader) -> None:
         loader.add_option("bastion_mask_key_file", str, ".secrets/mask-key",
@@ -119,7 +117,7 @@ class Masking:
                 self._load(rules)
             except RulesError as e:
                 raise exceptions.OptionsError(f"masking: {e}") from None
-            self._watcher = ChangeWatcher(lambda: rules_files(rules, "masking"))
+            self._watch.watch(lambda: rules_files(rules, "masking"))
 
     def _load(self, rules_dir: str) -> None:
         self.config = load_masking(rules_dir, self.key)
@@ -128,19 +126,19 @@ class Masking:
                  self.config.default)
 
     def running(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_reload))
+        self._watch.start()
         from mitmproxy import contentviews
         from addons.hooks.maskview import MaskedRequestView
         contentviews.add(MaskedRequestView(lambda: self.config))
 
     def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._watch.stop()
 
     def check_reload(self) -> bool:
         """Reload rules/masking.yaml if it changed; a broken file keeps the last good rules."""
-        if self._watcher is None or not self._watcher.changed():
-            return False
+        return bool(self._watch.check())
+
+    def _reload(self) -> bool:
         try:
             self._load(ctx.options.bastion_rules)
         except RulesError as e:

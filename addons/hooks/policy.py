@@ -6,7 +6,6 @@ caller may use, and server->client requests on the response stream are governed 
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
 
+from addons.hooks.reloading import Watching
 from addons.core.connections import ConnectionRegistry
 from addons.core.shell import paths as pathguard
 from addons.hooks.httputil import checked_snapshot, refuse_jsonrpc
@@ -22,7 +22,7 @@ from addons.core.mcpwire import (LIST_METHODS, SERVER_REQUEST_METHODS, Message, 
                          parse_message)
 from addons.core.policy.rules import (Policy as RulesPolicy, ScanBudget, evaluate, filter_list_result, load_policy, policy_files)
 from addons.core.record import Decision, Identity, get_record
-from addons.core.rules import ChangeWatcher, RulesError, poll_forever
+from addons.core.rules import RulesError, RulesWatch
 from addons.core.textsafe import get_logger
 
 log = get_logger("bastion.policy")
@@ -70,7 +70,7 @@ def refusal_error(d: Decision) -> dict:
                          {"rule": rule})
 
 
-class Policy:
+class Policy(Watching):
     name = "policy"
 
     def __init__(self, connections: ConnectionRegistry | None = None, approvals: bool = False) -> None:
@@ -80,8 +80,8 @@ class Policy:
         self.policy: RulesPolicy | None = None
         self.limiter = RateLimiter()
         self.blast = RateLimiter()      # items touched per principal x rule (survives reloads)
-        self._watcher: ChangeWatcher | None = None
-        self._task: asyncio.Task | None = None
+        self._watch = RulesWatch(self.reload)
+        self.watches = (self._watch,)
         self.budget = ScanBudget()
 
     def load(self, loader):
@@ -109,20 +109,9 @@ class Policy:
             except RulesError as e:
                 raise exceptions.OptionsError(f"policy: {e}") from None
             self.policy.protected = gateway_paths(str(rules))
-            self._watcher = ChangeWatcher(lambda: policy_files(rules))
+            self._watch.watch(lambda: policy_files(rules))
             log.info("policy loaded: %d rule(s), %d blocklist pattern(s)", len(self.policy.rules),
                      len(self.policy.blocklist))
-
-    def running(self):
-        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_reload))
-
-    def done(self):
-        if self._task:
-            self._task.cancel()
-
-    def check_reload(self) -> None:
-        if self._watcher is not None and self._watcher.changed():
-            self.reload()
 
     def reload(self) -> bool:
         try:

@@ -365,16 +365,23 @@ class Recorder:
         self._update_session(flow, st)
         flow.response.stream = StreamTap(inner, st, self, rec)
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def _finish(self, flow: http.HTTPFlow) -> tuple[BastionRecord, _FlowState] | None:
+        """The flow's state, marked done; None if there is nothing (more) to record."""
         rec = get_record(flow.metadata)
         st: _FlowState | None = rec.audit_state
         if st is None:
             if rec.connection is None and rec.refusal is None:
-                return
+                return None
             st = self._state(flow, rec)
         if st.done:
-            return
+            return None
         st.done = True
+        return rec, st
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        if (finished := self._finish(flow)) is None:
+            return
+        rec, st = finished
         self._update_session(flow, st)
         events = self._final_events(flow, rec, st, time.time())
         try:
@@ -389,15 +396,9 @@ class Recorder:
                 flow.response = _unavailable_response()
 
     def error(self, flow: http.HTTPFlow) -> None:
-        rec = get_record(flow.metadata)
-        st: _FlowState | None = rec.audit_state
-        if st is None:
-            if rec.connection is None and rec.refusal is None:
-                return
-            st = self._state(flow, rec)
-        if st.done:
+        if (finished := self._finish(flow)) is None:
             return
-        st.done = True
+        rec, st = finished
         now = time.time()
         events = self._c2s_events(st, rec, now)
         if rec.approval is not None and not st.approval_done:

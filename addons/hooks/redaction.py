@@ -18,7 +18,6 @@ naming the secret by label, never by value.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 from mitmproxy import ctx, http
 
 from addons.core.record import BastionRecord, MaskEvent, get_record
-from addons.core.rules import ChangeWatcher, RulesError, poll_forever, rules_files
+from addons.core.rules import RulesWatch, RulesError, rules_files
 from addons.core.masking.secretscan import (
     Secret, SecretIndex, StreamRedactor, pem_secrets, redact_bytes, redact_obj, redact_str, redact_url,
 )
@@ -101,9 +100,8 @@ class SecretRedaction:
     def __init__(self) -> None:
         self.index = SecretIndex(())
         self._generations: list[list[Secret]] = []
-        self._watcher: ChangeWatcher | None = None
+        self._watch = RulesWatch(self._reread)
         self._files: list[Path] = []
-        self._task: asyncio.Task | None = None
         self._sources: tuple[str, str, str, str] = ("rules", ".secrets", ".secrets/mask-key", "")
         self._log_filter: LogRedactor | None = None
 
@@ -117,15 +115,14 @@ class SecretRedaction:
                 ("bastion_mask_key_file", ".secrets/mask-key"), ("bastion_audit_key", ""))))
 
     def running(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_reload))
+        self._watch.start()
         # the gateway's own secrets out of every log line (mitmproxy's included)
         self._log_filter = LogRedactor(self)
         for h in logging.getLogger().handlers:
             h.addFilter(self._log_filter)
 
     def done(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._watch.stop()
         if self._log_filter is not None:
             for h in logging.getLogger().handlers:
                 h.removeFilter(self._log_filter)
@@ -140,12 +137,13 @@ class SecretRedaction:
             self.index = SecretIndex([s for g in self._generations for s in g])
             log.info("known-secret redaction: %d secret value(s) (%s)", len(self.index.labels),
                      ", ".join(sorted({s.label for s in secrets})) or "-")
-        self._watcher = ChangeWatcher(lambda: self._files)
+        self._watch.watch(lambda: self._files)
 
     def check_reload(self) -> bool:
         """Rebuild the index when a secret's file changed (rotation); True if re-read."""
-        if self._watcher is None or not self._watcher.changed():
-            return False
+        return bool(self._watch.check())
+
+    def _reread(self) -> bool:
         self.reload(*self._sources)
         return True
 

@@ -15,6 +15,7 @@ import logging
 
 from mitmproxy import ctx, exceptions, http
 
+from addons.hooks.reloading import Watching
 from addons.core.connections import ConnectionRegistry
 from addons.core.policy import argschema
 
@@ -32,12 +33,13 @@ class SchemaUnknown(Exception):
     """No schema to validate against (the upstream's tools could not be listed)."""
 
 
-class ArgSchema:
+class ArgSchema(Watching):
     name = "argschema"
 
     def __init__(self, connections: ConnectionRegistry | None = None, pins: ti.PinStore | None = None) -> None:
         self.registry = connections or ConnectionRegistry()
         self.pins = pins or ti.PinStore()               # shared with the integrity stage
+        self.watches = (self.pins.poll,)
         self.book = argschema.SchemaBook()
         self._fetching: dict[str, asyncio.Future] = {}
 
@@ -49,12 +51,6 @@ class ArgSchema:
     def configure(self, updated) -> None:
         if "bastion_rules" in updated:
             self.pins.watch(ctx.options.bastion_rules)
-
-    def running(self) -> None:
-        self.pins.poll.start()
-
-    def done(self) -> None:
-        self.pins.poll.stop()
 
     def _pinned(self, connection: str) -> dict | None:
         try:

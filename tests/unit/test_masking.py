@@ -364,8 +364,10 @@ def test_hot_reload_and_broken_file_keeps_last_good(masking, rules_dir, caplog):
 async def test_reload_task_runs_and_stops(masking):
     m, _ = masking
     m.running()
-    assert m._task is not None and not m._task.done()
+    task = m._watch._task
+    assert task is not None and not task.done()
     m.done()
+    assert m._watch._task is None
 
 
 def test_chosen_profile_is_noted_on_the_decision_for_the_audit(masking):

@@ -329,6 +329,19 @@ def peek_header(token: str, config: VerifyConfig) -> str | None:
 _EXPIRED_DESC = "the access token expired"
 
 
+_JWT_REASONS: dict[type, str] = {
+    jwt.ExpiredSignatureError: "token expired",
+    jwt.ImmatureSignatureError: "token not yet valid ({e})",
+    jwt.InvalidAudienceError: "wrong audience",
+    jwt.InvalidIssuerError: "wrong issuer",
+    jwt.MissingRequiredClaimError: "missing claim {e.claim}",
+    jwt.InvalidAlgorithmError: "algorithm not allowed for this key",
+    jwt.InvalidSignatureError: "bad signature",
+    jwt.InvalidKeyError: "key rejected: {e}",
+    jwt.InvalidTokenError: "invalid token ({name}: {e})",
+}
+
+
 def decode(token: str, key: VerifyKey, config: VerifyConfig, audience: str | None = None) -> dict:
     """Verify signature and claims; return the claims. TokenError on any problem."""
     algs = key.algorithms & config.algorithms
@@ -341,24 +354,13 @@ def decode(token: str, key: VerifyKey, config: VerifyConfig, audience: str | Non
             options={"require": list(REQUIRED_CLAIMS), "verify_signature": True, "verify_aud": True,
                      "verify_iss": True, "verify_exp": True, "verify_nbf": True, "verify_iat": True},
         )
-    except jwt.ExpiredSignatureError:
-        raise TokenError("token expired", _EXPIRED_DESC) from None
-    except jwt.ImmatureSignatureError as e:
-        raise TokenError(f"token not yet valid ({e})") from None
-    except jwt.InvalidAudienceError:
-        raise TokenError("wrong audience") from None
-    except jwt.InvalidIssuerError:
-        raise TokenError("wrong issuer") from None
-    except jwt.MissingRequiredClaimError as e:
-        raise TokenError(f"missing claim {e.claim}") from None
-    except jwt.InvalidAlgorithmError:
-        raise TokenError("algorithm not allowed for this key") from None
-    except jwt.InvalidSignatureError:
-        raise TokenError("bad signature") from None
-    except jwt.InvalidKeyError as e:
-        raise TokenError(f"key rejected: {e}") from None
     except jwt.InvalidTokenError as e:
-        raise TokenError(f"invalid token ({type(e).__name__}: {e})") from None
+        # the most specific PyJWT class names the reason; expiry gets its own description
+        reason = next(_JWT_REASONS[c] for c in type(e).__mro__ if c in _JWT_REASONS)
+        err = TokenError(reason.format(e=e, name=type(e).__name__))
+        if isinstance(e, jwt.ExpiredSignatureError):
+            err.description = _EXPIRED_DESC
+        raise err from None
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub.strip() or len(sub) > 256:
         raise TokenError("sub must be a non-empty string")

@@ -27,9 +27,12 @@ MAX_LEN = 256 * 1024
 
 _B64_BLOB = re.compile(r"(?<![A-Za-z0-9+/=_-])([A-Za-z0-9+/_-]{8,}={0,2})(?![A-Za-z0-9+/=_-])")
 _ESCAPE = re.compile(r"\\u\{?([0-9a-fA-F]{4})\}?|\\U([0-9a-fA-F]{8})|\\x([0-9a-fA-F]{2})")
+# $'\x72m' (bash ANSI-C quoting) spells a word the scan would not see
 _ANSI_C = re.compile(r"\$'((?:[^'\\]|\\.)*)'")
+# ${IFS}, $@, $9: expand to a space or nothing between the letters of a word
 _IFS = re.compile(r"\$\{IFS(?:[^}]*)\}|\$IFS\b|\$\{?9\}?|\$@|\$\*")
 _EMPTY_SUBST = re.compile(r"\$\(\s*\)|`\s*`|\$\{[A-Za-z_][A-Za-z0-9_]*:0:0\}")
+# a=r; b=m; $a$b: variables assigned in the same line are substituted
 _VAR_ASSIGN = re.compile(r"(?:^|[;&|\s])([A-Za-z_][A-Za-z0-9_]*)=(\"[^\"]*\"|'[^']*'|[^\s;&|]+)")
 _WS = re.compile(r"\s+")
 
@@ -90,9 +93,10 @@ _GLOB_WORD = re.compile(r"(^|[;&|(\n]\s*)((?:[\w.\-?*\[\]]*/)*)([\w.\-]*[?*\[][\
 
 # unambiguous (no character both in an item and a separator): linear, no backtracking blow-up
 _BRACE = re.compile(r"\{([^{}\s,]*(?:,[^{}\s,]*)+)\}")
-_DOT_SEGMENTS = re.compile(r"/(?:\.{1,2}/)+")
-_SLASHES = re.compile(r"/{2,}")
-_DOT_END = re.compile(r"(?<!\S)/\.{1,2}(?=[\s;&|)]|$)")
+# /bin//sh, /bin/./sh and `rm -rf /.` name what they would without the extra spelling:
+# dot segments, repeated slashes, a trailing /. or /.. all become one /
+_REDUNDANT_PATH = tuple(re.compile(p) for p in (r"/(?:\.{1,2}/)+", r"/{2,}", r"(?<!\S)/\.{1,2}(?=[\s;&|)]|$)"))
+# ${HOME:0:1} is "/"
 _ROOT_SLICE = re.compile(r"\$\{(?:PATH|HOME|PWD|OLDPWD|SHELL):0:1\}")
 
 
@@ -122,9 +126,8 @@ def _expand(s: str) -> str:
     if "/*" in s:
         s = _strip_block_comments(s)
     if "/." in s or "//" in s:
-        s = _DOT_SEGMENTS.sub("/", s)
-        s = _SLASHES.sub("/", s)
-        s = _DOT_END.sub("/", s)
+        for rx in _REDUNDANT_PATH:
+            s = rx.sub("/", s)
     return s
 
 
