@@ -26,6 +26,7 @@ from jsonpath_ng import jsonpath as jp
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse
 
+from addons.core.globs import matches_any
 from addons.core.mcpwire import McpParseError, strict_loads
 from addons.core.record import MaskEvent
 from addons.core.rules import Located, RulesError, line_of, load_yaml, rules_files
@@ -971,21 +972,17 @@ class Selector:
 
     def matches(self, connection: str | None, tool: str | None, roles: Iterable[str],
                 sub: str | None, client: str | None, *, any_tool: bool = False) -> bool:
-        if self.connections and not _glob_any(connection, self.connections):
+        if self.connections and not matches_any(connection, self.connections):
             return False
-        if self.tools and not any_tool and not _glob_any(tool, self.tools):
+        if self.tools and not any_tool and not matches_any(tool, self.tools):
             return False
         if self.roles and not set(self.roles) & set(roles):
             return False
-        if self.subjects and not _glob_any(sub, self.subjects):
+        if self.subjects and not matches_any(sub, self.subjects):
             return False
-        if self.clients and not _glob_any(client, self.clients):
+        if self.clients and not matches_any(client, self.clients):
             return False
         return True
-
-
-def _glob_any(value: str | None, globs: tuple[str, ...]) -> bool:
-    return value is not None and any(fnmatch.fnmatchcase(value, g) for g in globs)
 
 
 @dataclass

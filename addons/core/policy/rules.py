@@ -12,20 +12,19 @@ file order names the decision.
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from jsonpath_ng import jsonpath as jp
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse
 from sqlglot import exp
 
+from addons.core.globs import matches_any
 from addons.core.shell import paths as pathguard
 
 from addons.core.shell import policy as shellpolicy
@@ -168,7 +167,7 @@ class ShellPredicate:
         if self.any_command:
             info = shell_info(cmd)
             # unparsable: a shell would refuse it too; a deny list matches it
-            if info.parsed and not any(_any_glob(p, self.any_command) for p in info.programs):
+            if info.parsed and not any(matches_any(p, self.any_command) for p in info.programs):
                 return False
         v = self.verdict(arguments, protected)
         return v is None or v.ok
@@ -247,26 +246,26 @@ class Rule:
     blast: BlastRadius | None = None
 
     def matches_subject(self, identity: Identity | None, connection: str, environment: str = "") -> bool:
-        if self.connections and not _any_glob(connection, self.connections):
+        if self.connections and not matches_any(connection, self.connections):
             return False
-        if self.environments and not _any_glob(environment, self.environments):
+        if self.environments and not matches_any(environment, self.environments):
             return False
         if identity is None:
             return not (self.subs or self.roles or self.client_ids)
-        if self.subs and not _any_glob(identity.sub, self.subs):
+        if self.subs and not matches_any(identity.sub, self.subs):
             return False
         if self.roles and not set(identity.roles) & set(self.roles):
             return False
-        if self.client_ids and (identity.client_id is None or not _any_glob(identity.client_id, self.client_ids)):
+        if self.client_ids and (identity.client_id is None or not matches_any(identity.client_id, self.client_ids)):
             return False
         return True
 
     def matches_method(self, method: str | None) -> bool:
-        return _any_glob(method or "", self.methods)
+        return matches_any(method or "", self.methods)
 
     def matches_name(self, target: str | None) -> bool:
         """The tool / resource / prompt globs (none: any)."""
-        return not self.targets or (target is not None and _any_glob(target, self.targets))
+        return not self.targets or (target is not None and matches_any(target, self.targets))
 
     def matches_target(self, method: str | None, target: str | None) -> bool:
         return self.matches_method(method) and self.matches_name(target)
@@ -308,13 +307,13 @@ class Rule:
 
     def subject_mismatch(self, identity: Identity | None, connection: str, environment: str = "") -> str:
         """What keeps this rule from applying to the caller (for refusals and explain)."""
-        if self.connections and not _any_glob(connection, self.connections):
+        if self.connections and not matches_any(connection, self.connections):
             return f"it is for connection(s) {', '.join(self.connections)}"
-        if self.environments and not _any_glob(environment, self.environments):
+        if self.environments and not matches_any(environment, self.environments):
             return f"it is for environment(s) {', '.join(self.environments)}"
         if self.roles and not (identity and set(identity.roles) & set(self.roles)):
             return f"it needs one of the roles {', '.join(self.roles)}"
-        if self.subs and not (identity and _any_glob(identity.sub, self.subs)):
+        if self.subs and not (identity and matches_any(identity.sub, self.subs)):
             return "it is for other callers (sub)"
         if self.client_ids:
             return "it is for other clients (client_id)"
@@ -333,22 +332,6 @@ class Policy:
     protected: tuple[str, ...] = pathguard.protected_dirs()
     # per policy object (not an init field): replace() with another blocklist gets a new one
     scan_cache: ScanCache = field(default_factory=ScanCache, init=False, repr=False, compare=False)
-
-
-def _any_glob(value: str, globs: Iterable[str]) -> bool:
-    return _glob_matcher(tuple(globs))(value)
-
-
-@lru_cache(maxsize=4096)
-def _glob_matcher(globs: tuple[str, ...]) -> Callable[[str], bool]:
-    """One compiled test per glob list (rules are compiled once; this runs per request):
-    exact names by set lookup, wildcards by one combined regex (fnmatch semantics)."""
-    exact = frozenset(g for g in globs if not any(c in g for c in "*?["))
-    wild = [g for g in globs if g not in exact]
-    rx = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in wild)) if wild else None
-    if rx is None:
-        return exact.__contains__
-    return lambda v: v in exact or rx.match(v) is not None
 
 
 def _strs(loc: Located, node: Any, key: str) -> tuple[str, ...]:
@@ -818,7 +801,7 @@ def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Me
         return Decision("allow", "baseline", "", message_id=msg.id)
     candidates = [r for r in policy.rules if r.direction == direction
                   and r.matches_subject(identity, connection, environment) and r.matches_target(msg.method, msg.target)]
-    baseline = direction == "client_to_server" and identity is not None and _any_glob(msg.method or "", policy.baseline)
+    baseline = direction == "client_to_server" and identity is not None and matches_any(msg.method or "", policy.baseline)
     if not baseline and not any(r.action in ("allow", "approve") for r in candidates):
         plain_deny = next((r for r in candidates if r.action == "deny" and not r.has_conditions), None)
         if plain_deny is not None:
