@@ -40,6 +40,7 @@ class Router(Watching):
         self.registry = registry or ConnectionRegistry()
         self._watch = RulesWatch(self._reload)
         self.watches = (self._watch,)
+        self.allowed_origins: frozenset[str] = frozenset()
 
     @property
     def connections(self) -> dict[str, Connection]:
@@ -67,6 +68,9 @@ class Router(Watching):
             log.info("loaded %d connection(s): %s", len(self.connections), ", ".join(self.connections) or "-")
         if "bastion_max_body" in updated and ctx.options.bastion_max_body <= 0:
             raise exceptions.OptionsError("bastion_max_body must be positive")
+        if "bastion_allowed_origins" in updated:
+            self.allowed_origins = frozenset(o.strip() for o in ctx.options.bastion_allowed_origins.split(",")
+                                             if o.strip())
 
     def _reload(self) -> None:
         try:
@@ -131,8 +135,7 @@ class Router(Watching):
             return
 
     def _origin_ok(self, origin: str, flow: http.HTTPFlow) -> bool:
-        allowed = {o.strip() for o in ctx.options.bastion_allowed_origins.split(",") if o.strip()}
-        if origin in allowed:
+        if origin in self.allowed_origins:
             return True
         # same origin as the gateway's own listener. Not the Host header: reverse mode has
         # already rewritten it to the upstream's, and a rebinding page controls it anyway.
