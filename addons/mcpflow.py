@@ -6,8 +6,10 @@ failures with an HTTP error status; the SDK's ERROR_CODE_HTTP_STATUS table).
 """
 from __future__ import annotations
 
+import time
 import zlib
 from collections import OrderedDict
+from pathlib import Path
 
 import brotli
 try:
@@ -18,10 +20,14 @@ except ImportError:
 from mitmproxy import http
 
 from addons import mcpwire
+from addons.connections import query_session, with_query_session
 from addons.httputil import checked_snapshot, refuse_http, refuse_message
 from addons.record import get_record
 from addons.responses import readonly
-from addons.sessions import SessionRefused, SessionTable
+from addons.rules import ChangeWatcher, poll_forever
+from addons.sessionseal import (KEY_FILE, Keyring, KeyringError, SealError, UnknownKey, load_keyring,
+                                owner_fingerprint)
+from addons.sessions import UNKNOWN, SessionRefused, SessionTable
 from addons.textsafe import get_logger
 
 log = get_logger("bastion.mcp")
@@ -39,12 +45,7 @@ def stream_key(rec, req: http.Request) -> str | None:
     transport's session_id query parameter."""
     if rec.session_id:
         return rec.session_id
-    q = req.path.partition("?")[2]
-    for part in q.split("&"):
-        k, _, v = part.partition("=")
-        if k in ("session_id", "sessionId") and v:
-            return v
-    return None
+    return query_session(req.path)
 
 
 class McpParser:
@@ -58,8 +59,20 @@ class McpParser:
         # request follow its response wherever it travels. Bounded.
         self.pending: OrderedDict[tuple[str, str, str], list] = OrderedDict()
         self.sessions = SessionTable()
+        self.keyring: Keyring | None = None
+        self.session_ttl = 86400.0
+        self._keys_path: Path | None = None
+        self._keys_watcher: ChangeWatcher | None = None
+        self._keys_checked = 0.0
+        self._task = None
 
     def load(self, loader) -> None:
+        loader.add_option("bastion_session_keys", str, "",
+                          "Keyring that seals the session ids clients see (AES-256-GCM; '<kid> <key>' per line, "
+                          "the last seals, all open). Default: session-keys in bastion_key_dir, created 0600; "
+                          "replicas that share it serve each other's sessions.")
+        loader.add_option("bastion_session_ttl", float, 86400.0,
+                          "Seconds a session id stays valid (sealed in it); then 404 and the client starts a new session.")
         loader.add_option("bastion_session_limit", int, 100,
                           "Open MCP sessions one identity may hold; one more -> 429.")
         loader.add_option("bastion_session_max", int, 10_000,
@@ -76,6 +89,80 @@ class McpParser:
                 raise exceptions.OptionsError("bastion_session_limit/_max must be >= 1 and bastion_session_idle > 0")
             t = self.sessions
             t.per_identity, t.total, t.idle = o.bastion_session_limit, o.bastion_session_max, o.bastion_session_idle
+        if "bastion_session_ttl" in updated:
+            if not o.bastion_session_ttl > 0:
+                raise exceptions.OptionsError("bastion_session_ttl must be > 0")
+            self.session_ttl = o.bastion_session_ttl
+        if updated & {"bastion_session_keys", "bastion_key_dir"}:
+            key_dir = o.bastion_key_dir if "bastion_key_dir" in o else ".secrets"
+            path = Path(o.bastion_session_keys or Path(key_dir) / KEY_FILE)
+            try:
+                self.keyring = load_keyring(path, log.warning)
+            except (OSError, KeyringError) as e:
+                raise exceptions.OptionsError(f"bastion_session_keys: {e}") from None
+            self._keys_path = path
+            self._keys_watcher = ChangeWatcher(lambda: [path])
+
+    def running(self) -> None:
+        import asyncio
+        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_keys))
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def check_keys(self, force: bool = False) -> None:
+        """Hot reload of the keyring (a rotation); a bad file keeps the last good keys."""
+        if self._keys_path is None or not (self._keys_watcher is not None and self._keys_watcher.changed() or force):
+            return
+        try:
+            self.keyring = load_keyring(self._keys_path, log.warning)
+            log.info("session keyring reloaded: %d key(s)", len(self.keyring.aeads))
+        except (OSError, KeyringError) as e:
+            log.error("session keyring reload rejected, keeping the last good keys: %s", e)
+
+    def _open(self, rec, envelope: str) -> str:
+        """The upstream session id sealed in `envelope`, for this caller and connection;
+        SessionRefused 404 (unknown session) otherwise."""
+        if self.keyring is None or rec.identity is None or rec.connection is None:
+            raise UNKNOWN
+        owner = owner_fingerprint(rec.identity.issuer, rec.identity.sub)
+        try:
+            try:
+                return self.keyring.open(envelope, owner, rec.connection, time.time()).upstream_id
+            except UnknownKey:
+                now = time.monotonic()
+                if now - self._keys_checked < 1.0:
+                    raise
+                self._keys_checked = now        # a rotation another replica saw first: look once
+                self.check_keys(force=True)
+                return self.keyring.open(envelope, owner, rec.connection, time.time()).upstream_id
+        except SealError as e:
+            log.info("session id refused on %s for sub=%s: %s", rec.connection, rec.identity.sub, e)
+            raise UNKNOWN from None
+
+    def _seal(self, rec, upstream_id: str) -> str:
+        if self.keyring is None or rec.identity is None or rec.connection is None:
+            raise SealError("no session keyring loaded, or no verified caller")
+        return self.keyring.seal(upstream_id, owner_fingerprint(rec.identity.issuer, rec.identity.sub),
+                                 rec.connection, int(time.time() + self.session_ttl))
+
+    def _unseal(self, flow: http.HTTPFlow, rec) -> None:
+        """The client's session id is an envelope: open it and put the upstream's id in
+        its place (header, or the legacy query parameter) before anything else reads it."""
+        req = flow.request
+        if rec.session_id is not None:
+            rec.session_envelope = rec.session_id
+            rec.session_id = self._open(rec, rec.session_id)
+            req.headers["mcp-session-id"] = rec.session_id
+            return
+        envelope = query_session(req.path)
+        if envelope is not None:
+            rec.session_envelope = envelope
+            upstream = self._open(rec, envelope)
+            req.path = with_query_session(req.path, upstream)
+            if rec.upstream_path is not None:
+                rec.upstream_path = with_query_session(rec.upstream_path, upstream)
 
     def _follow(self, rec, key: str | None) -> None:
         """A GET stream carries the answers to its session's POSTs: give them the
@@ -85,26 +172,57 @@ class McpParser:
         conn = rec.connection
         rec.notes["pending_lookup"] = lambda msg_id: self.pending.get((conn, key, _idkey(msg_id)))
 
-    def _bind_legacy(self, flow: http.HTTPFlow, rec, sid: str) -> None:
-        """Legacy HTTP+SSE: the stream's endpoint event names the session the stream is."""
+    def _bind_legacy(self, flow: http.HTTPFlow, rec, sid: str) -> str | None:
+        """Legacy HTTP+SSE: the stream's endpoint event names the session the stream is.
+        Returns the envelope the client gets in its place; None: the session is not the
+        caller's to have (the stream is refused)."""
         key = (rec.connection, sid)
-        if rec.identity is not None and self.sessions.bind(flow.id, key, rec.identity.sub):
-            rec.session_key, rec.session_stream = key, True
-            self.sessions.stream(key, +1)
+        if rec.identity is None or not self.sessions.bind(flow.id, key, rec.identity.sub):
+            return None
+        rec.session_key, rec.session_stream = key, True
+        self.sessions.stream(key, +1)
         self._follow(rec, sid)
+        try:
+            return self._seal(rec, sid)
+        except SealError as e:
+            log.warning("legacy endpoint of %s names a session the gateway cannot seal: %s", rec.connection, e)
+            return None
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """Streamable HTTP: the server names the session in the initialize response."""
+        """Streamable HTTP: the server names the session in the initialize response; the
+        client gets it sealed (the raw upstream id never reaches the client)."""
         rec = get_record(flow.metadata)
         resp = flow.response
-        if resp is None or not rec.connection or rec.refusal is not None:
+        if resp is None or not rec.connection:
             return
         sid = resp.headers.get("mcp-session-id")
-        if sid and rec.identity is not None and self.sessions.bind(flow.id, (rec.connection, sid), rec.identity.sub):
-            rec.session_key = (rec.connection, sid)
+        if sid is not None:
+            self._seal_response(flow, rec, sid)
+        if rec.refusal is not None:
+            return
         if rec.session_key is not None and flow.request.method == "GET" and resp.status_code == 200:
             rec.session_stream = True
             self.sessions.stream(rec.session_key, +1)
+
+    def _seal_response(self, flow: http.HTTPFlow, rec, sid: str) -> None:
+        resp = flow.response
+        if len(resp.headers.get_all("mcp-session-id")) == 1 and rec.identity is not None:
+            if rec.session_envelope is not None and sid == rec.session_id:
+                resp.headers["mcp-session-id"] = rec.session_envelope    # the server echoes the session
+                return
+            try:
+                sealed = self._seal(rec, sid)
+            except SealError as e:
+                log.warning("upstream %s named a session the gateway cannot seal (%s); not passed on", rec.connection, e)
+                del resp.headers["mcp-session-id"]
+                return
+            if self.sessions.bind(flow.id, (rec.connection, sid), rec.identity.sub):
+                rec.session_key = (rec.connection, sid)
+                resp.headers["mcp-session-id"] = sealed
+                return
+        # not a session this caller opened here (no initialize, another caller's id, no identity)
+        log.warning("upstream %s named a session outside this caller's initialize; not passed on", rec.connection)
+        del resp.headers["mcp-session-id"]
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._done(flow)
@@ -138,13 +256,14 @@ class McpParser:
             refuse_http(flow, 400, "invalid_request", "Mcp-Session-Id header appears more than once")
             return
         rec.session_id = req.headers.get("mcp-session-id")
-        key = stream_key(rec, req)
         try:
+            # a session belongs to the identity that opened it, on the connection it was
+            # opened on, until its envelope expires: anything else gets 404, nothing forwarded
+            self._unseal(flow, rec)
+            key = stream_key(rec, req)
             if key is not None:
-                # a session belongs to the identity that opened it: another caller who learnt
-                # the id, or any id the gateway does not know, gets 404 and nothing is forwarded
-                self.sessions.use((rec.connection, key), rec.identity.sub if rec.identity else "")
                 rec.session_key = (rec.connection, key)
+                self.sessions.touch(rec.session_key)
             elif req.method == "GET":
                 self._admit(flow, rec)
         except SessionRefused as e:

@@ -94,7 +94,8 @@ class BastionRecord:
     identity: Identity | None = None
     messages: list[Message] = field(default_factory=list)   # parsed client->server messages
     batch: bool = False
-    session_id: str | None = None
+    session_id: str | None = None          # the upstream's session id (the client's envelope opened)
+    session_envelope: str | None = None    # the sealed id the client holds (addons/sessionseal.py)
     session_key: tuple[str, str] | None = None  # (connection, session) this flow uses, owner checked
     session_stream: bool = False           # an open stream of session_key (keeps it from idling out)
     protocol_version: str | None = None

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from mitmproxy import ctx, http
 
 from addons import mcpwire
-from addons.connections import rewrite_endpoint
+from addons.connections import plain_value, query_session, rewrite_endpoint, with_query_session
 from addons.httputil import json_response
 from addons.record import BastionRecord, get_record
 from addons.textsafe import get_logger
@@ -130,10 +130,14 @@ class SSERewriter:
             if self.rewrite_endpoint is None:
                 raise TransformError("endpoint event on a non-legacy connection")
             ev.data = self.rewrite_endpoint(ev.data)
-            bind = self.rec.notes.get("bind_session")
-            sid = _query_session(ev.data)
-            if bind is not None and sid:
-                bind(sid)
+            sid = query_session(ev.data)
+            if sid is not None:
+                # the client gets the session sealed (addons/sessionseal.py), never the raw id
+                bind = self.rec.notes.get("bind_session")
+                sealed = bind(sid) if bind is not None and plain_value(sid) else None
+                if sealed is None:
+                    raise TransformError("endpoint event names a session the gateway cannot seal for this caller")
+                ev.data = with_query_session(ev.data, sealed)
             return ev.encode()
         if ev.type != "message":
             if self.strict:
@@ -168,15 +172,6 @@ class SSERewriter:
             log.info("SSE event id dropped: the masking rules would change it")
             ev.id, changed = None, True
         return changed
-
-
-def _query_session(url: str) -> str | None:
-    import urllib.parse
-    q = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
-    for k in ("session_id", "sessionId"):
-        if q.get(k):
-            return q[k][0]
-    return None
 
 
 def _error_id(rec: BastionRecord) -> Any:
