@@ -106,6 +106,8 @@ class Keyring:
             raw = base64.urlsafe_b64decode(envelope + "=" * (-len(envelope) % 4))
         except ValueError:
             raise SealError("not a session envelope (base64)") from None
+        if base64.urlsafe_b64encode(raw).rstrip(b"=") != envelope.encode():
+            raise SealError("not a session envelope (non-canonical base64)")   # one text per envelope
         if len(raw) < _HEADER.size + NONCE + TAG + 8 + FP + 1:
             raise SealError("not a session envelope (too short)")
         version, kid = _HEADER.unpack_from(raw)

@@ -347,18 +347,33 @@ def test_sse_event_split_secret_never_leaks(rw):
 def test_legacy_endpoint_event_rewritten(rw):
     rewriter, router = rw
     bound = []
-    f, rec = sse_flow(rw, conn="leg")
-    rec.notes["bind_session"] = bound.append
-    stream = b": hi\n\nevent: endpoint\ndata: /messages/?session_id=abc123\n\n" + ev(RESULT)
+
+    def seal(sid: str) -> str:
+        bound.append(sid)
+        return "SEALED-" + sid[::-1]
+    stream = b": hi\n\nevent: endpoint\ndata: /messages/?x=1&session_id=abc123\n\n" + ev(RESULT)
     for i in range(len(stream) + 1):
         f, rec = sse_flow(rw, conn="leg")
-        rec.notes["bind_session"] = bound.append
+        rec.notes["bind_session"] = seal
         out = run_stream(f.response.stream, [stream[:i], stream[i:]])
         evs = [e for e in events_of(out) if e.data]
-        assert evs[0].type == "endpoint" and evs[0].data == "/mcp/leg/messages/?session_id=abc123", i
-        assert evs[1].data == json.dumps(RESULT)
+        assert evs[0].type == "endpoint" and evs[0].data == "/mcp/leg/messages/?x=1&session_id=SEALED-321cba", i
+        assert evs[1].data == json.dumps(RESULT) and b"abc123" not in out
     assert "/messages/" in router.connections["leg"].announced
     assert set(bound) == {"abc123"}
+
+
+@pytest.mark.parametrize("endpoint,binder", [
+    (b"/messages/?session_id=abc123", None),                      # nobody to seal it
+    (b"/messages/?session_id=abc123", lambda sid: None),           # not this caller's session
+    (b"/messages/?session_id=ab%2F12", lambda sid: "SEALED"),      # not a plain value
+])
+def test_legacy_endpoint_session_never_passes_raw(rw, endpoint, binder):
+    f, rec = sse_flow(rw, conn="leg")
+    if binder is not None:
+        rec.notes["bind_session"] = binder
+    out = run_stream(f.response.stream, [b"event: endpoint\ndata: " + endpoint + b"\n\n", ev(RESULT)])
+    assert rec.refusal and b"abc123" not in out and b"ab%2F12" not in out and b"SEALED" not in out
 
 
 def test_legacy_endpoint_to_another_origin_ends_stream(rw):
