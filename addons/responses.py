@@ -38,13 +38,24 @@ def readonly(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
 
 
 def _transforms_for(rec: BastionRecord, obj: dict) -> list:
-    """On a GET stream, a response also gets the transforms of the request it answers."""
+    """On a GET stream, a response also gets the transforms of the request it answers.
+    A response to a request this gateway did not check (posted through another replica,
+    or forgotten) cannot get them: it becomes an error, never passes with fewer checks."""
     lookup = rec.notes.get("pending_lookup")
     if lookup is not None and "id" in obj and ("result" in obj or "error" in obj):
         origin = lookup(obj["id"])
+        if origin is None:
+            return [_unchecked_answer]
         if origin:
             return [*origin, *rec.response_transforms]
     return rec.response_transforms
+
+
+def _unchecked_answer(message: dict) -> dict:
+    log.warning("answer on an event stream to a request this gateway did not check: replaced by an error")
+    return mcpwire.jsonrpc_error(message.get("id"), mcpwire.INTERNAL_ERROR,
+                                 "the gateway holding this event stream did not check the request it answers "
+                                 "(legacy HTTP+SSE behind a non-sticky balancer?)")
 
 
 def transform_message(rec: BastionRecord, obj: Any) -> tuple[Any, bool]:

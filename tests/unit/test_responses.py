@@ -393,10 +393,13 @@ def test_endpoint_event_on_streamable_connection_ends_stream(rw):
 def test_get_stream_applies_transforms_of_the_originating_request(rw):
     f, rec = sse_flow(rw, transforms=[])
     rec.messages = []
-    rec.notes["pending_lookup"] = lambda msg_id: [mask] if msg_id == 5 else None
-    out = run_stream(f.response.stream, [ev(RESULT), ev({**RESULT, "id": 6})])
+    rec.notes["pending_lookup"] = lambda msg_id: {5: [mask], 6: []}.get(msg_id)
+    out = run_stream(f.response.stream, [ev(RESULT), ev({**RESULT, "id": 6}), ev({**RESULT, "id": 7})])
     evs = events_of(out)
     assert "MASKED" in evs[0].data and "123-45-6789" in evs[1].data   # id 6 came from an unmasked request
+    # id 7: no request this gateway checked (posted through another replica): not passed
+    assert json.loads(evs[2].data)["error"]["code"] == -32603 and "123-45" not in evs[2].data
+    assert rec.refusal is None                                        # the stream goes on
 
 
 def test_masked_stream_drops_comments_unknown_fields_and_ids_the_rules_would_change(rw):
