@@ -52,6 +52,7 @@ async def test_one_sdk_session_round_robin_over_three_replicas(demo_server, rule
             assert not r.is_error and r.structured_content["id"] == n, r
     by_instance = calls_by_instance(shared["recordings"])
     print("calls by replica:", by_instance)
+    print("calls by replica:", by_instance)
     assert sum(by_instance.values()) == 9 and len(by_instance) >= 2, by_instance
     # the upstream saw one session, under its own id, never the envelope the client held
     (sid,) = upstream_session_ids(demo)
@@ -76,5 +77,6 @@ async def test_a_replica_killed_mid_session_the_client_goes_on(demo_server, rule
             r = await c.call_tool("get_customer", {"id": n})
             assert not r.is_error and r.structured_content["id"] == n, r
     after = calls_by_instance(shared["recordings"])
+    print("calls by replica before/after the kill:", before, after)
     assert after.get("gw-2", 0) == before.get("gw-2", 0), (before, after)
     assert sum(after.values()) == 11 and {k for k, v in after.items() if v > before.get(k, 0)} == {"gw-1", "gw-3"}
