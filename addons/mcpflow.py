@@ -71,7 +71,7 @@ class McpParser:
                           "Keyring that seals the session ids clients see (AES-256-GCM; '<kid> <key>' per line, "
                           "the last seals, all open). Default: session-keys in bastion_key_dir, created 0600; "
                           "replicas that share it serve each other's sessions.")
-        loader.add_option("bastion_session_ttl", float, 86400.0,
+        loader.add_option("bastion_session_ttl", int, 86400,
                           "Seconds a session id stays valid (sealed in it); then 404 and the client starts a new session.")
         loader.add_option("bastion_session_limit", int, 100,
                           "Open MCP sessions one identity may hold; one more -> 429.")
