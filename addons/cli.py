@@ -19,6 +19,7 @@ CLI_MODULES = (
     "addons.vault",
     "addons.masking",
     "addons.integrity",
+    "addons.sessionseal",
 )
 
 

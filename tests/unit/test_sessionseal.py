@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,15 @@ def test_seal_and_open_cost_microseconds(ring):
     seal_us, open_us = (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
     print(f"seal {seal_us:.1f} us, open {open_us:.1f} us")
     assert seal_us < 500 and open_us < 500        # generous: a shared 2-core machine
+
+
+def test_session_keys_are_known_secrets_for_the_log_redactor(tmp_path):
+    from addons.redaction import gather_secrets
+    ring = load_keyring(tmp_path / "keys" / "session-keys")
+    other = tmp_path / "elsewhere"
+    rotate(other)
+    for key_dir, explicit, want in ((tmp_path / "keys", "", ring.secret_texts),
+                                    (tmp_path / "keys", str(other), load_keyring(other).secret_texts)):
+        secrets, files = gather_secrets(str(tmp_path), str(key_dir), str(tmp_path / "mask-key"), "", explicit)
+        assert [s.value for s in secrets if s.label == "session key"] == list(want)
+        assert (Path(explicit) if explicit else key_dir / "session-keys") in files    # watched: rotation
