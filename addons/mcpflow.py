@@ -74,12 +74,12 @@ class McpParser:
         loader.add_option("bastion_session_ttl", int, 86400,
                           "Seconds a session id stays valid (sealed in it); then 404 and the client starts a new session.")
         loader.add_option("bastion_session_limit", int, 100,
-                          "Open MCP sessions one identity may hold; one more -> 429.")
+                          "Open MCP sessions one identity may hold (opened through this replica); one more -> 429.")
         loader.add_option("bastion_session_max", int, 10_000,
-                          "Open MCP sessions the gateway tracks in all; one more -> 503. Never evicted.")
-        loader.add_option("bastion_session_idle", float, 3600.0,
-                          "Seconds without a request or an open stream after which a session binding "
-                          "expires (the id then gets 404 and the client starts a new session).")
+                          "Open MCP sessions this replica counts in all; one more -> 503. Never evicted.")
+        loader.add_option("bastion_session_idle", int, 3600,
+                          "Seconds without a request or an open stream through this replica after which a "
+                          "session stops counting towards its limits here.")
 
     def configure(self, updated: set[str]) -> None:
         from mitmproxy import ctx, exceptions
