@@ -23,7 +23,7 @@ def haproxy_binary() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def config(port: int, backends: list[int], stats_port: int) -> str:
+def config(port: int, backends: list[int], stats_port: int, balance: str = "roundrobin") -> str:
     servers = "\n".join(f"    server gw{i + 1} 127.0.0.1:{p} check" for i, p in enumerate(backends))
     return f"""\
 global
@@ -50,7 +50,7 @@ frontend stats
     http-request return status 200 content-type text/plain lf-string "up=%[nbsrv(mcp_bastion)]"
 
 backend mcp_bastion
-    balance roundrobin
+    balance {balance}
     option httpchk GET {HEALTH_PATH}
     http-check expect status 200
     default-server inter 200ms fastinter 100ms downinter 500ms fall 1 rise 2
@@ -58,15 +58,16 @@ backend mcp_bastion
 """
 
 
-def start_haproxy(procs: list, backends: list[int], workdir: Path | None = None) -> int:
-    """HAProxy balancing round-robin over 127.0.0.1:<backends>; its process joins `procs`
-    (stopped at teardown). Returns the port it listens on, once every backend is up."""
+def start_haproxy(procs: list, backends: list[int], workdir: Path | None = None, balance: str = "roundrobin") -> int:
+    """HAProxy balancing round-robin (or `balance`, e.g. "source") over 127.0.0.1:<backends>;
+    its process joins `procs` (stopped at teardown). Returns the port it listens on, once
+    every backend is up."""
     binary = haproxy_binary()
     d = Path(workdir or tempfile.mkdtemp(prefix="haproxy-"))
     d.mkdir(parents=True, exist_ok=True)
     port, stats = free_port(), free_port()
     cfg = d / f"haproxy-{port}.cfg"
-    cfg.write_text(config(port, backends, stats))
+    cfg.write_text(config(port, backends, stats, balance))
     check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
     if check.returncode != 0:
         raise RuntimeError(f"haproxy rejected its configuration:\n{check.stdout}{check.stderr}")
