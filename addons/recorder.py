@@ -505,9 +505,9 @@ class Recorder:
     def _update_session(flow: http.HTTPFlow, st: _FlowState) -> None:
         base = st.events.base
         # the upstream's session id (the client holds it sealed: addons/sessionseal.py)
+        named = flow.response.headers.get("mcp-session-id") if flow.response is not None else None
         key = get_record(flow.metadata).session_key
-        named = flow.response is not None and "mcp-session-id" in flow.response.headers
-        sid = key[1] if key is not None and named else None
+        sid = key[1] if key is not None and named else named
         if base["session_synthetic"] and sid:
             base["session_id"], base["session_synthetic"] = sid, False
 
