@@ -6,7 +6,6 @@ failures with an HTTP error status; the SDK's ERROR_CODE_HTTP_STATUS table).
 """
 from __future__ import annotations
 
-import time
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -24,9 +23,8 @@ from addons.connections import query_session, with_query_session
 from addons.httputil import checked_snapshot, refuse_http, refuse_message
 from addons.record import get_record
 from addons.responses import readonly
-from addons.rules import ChangeWatcher, poll_forever
-from addons.sessionseal import (KEY_FILE, Keyring, KeyringError, SealError, UnknownKey, load_keyring,
-                                owner_fingerprint)
+from addons.rules import poll_forever
+from addons.sessionseal import KEY_FILE, KeyringError, SealError, Sealer
 from addons.sessions import UNKNOWN, SessionRefused, SessionTable
 from addons.textsafe import get_logger
 
@@ -59,11 +57,7 @@ class McpParser:
         # request follow its response wherever it travels. Bounded.
         self.pending: OrderedDict[tuple[str, str, str], list] = OrderedDict()
         self.sessions = SessionTable()
-        self.keyring: Keyring | None = None
-        self.session_ttl = 86400.0
-        self._keys_path: Path | None = None
-        self._keys_watcher: ChangeWatcher | None = None
-        self._keys_checked = 0.0
+        self.sealer: Sealer | None = None        # the sealed session ids (addons/sessionseal.py)
         self._task = None
 
     def load(self, loader) -> None:
@@ -89,63 +83,42 @@ class McpParser:
                 raise exceptions.OptionsError("bastion_session_limit/_max must be >= 1 and bastion_session_idle > 0")
             t = self.sessions
             t.per_identity, t.total, t.idle = o.bastion_session_limit, o.bastion_session_max, o.bastion_session_idle
-        if "bastion_session_ttl" in updated:
-            if not o.bastion_session_ttl > 0:
+        if updated & {"bastion_session_keys", "bastion_key_dir", "bastion_session_ttl"}:
+            if o.bastion_session_ttl <= 0:
                 raise exceptions.OptionsError("bastion_session_ttl must be > 0")
-            self.session_ttl = o.bastion_session_ttl
-        if updated & {"bastion_session_keys", "bastion_key_dir"}:
             key_dir = o.bastion_key_dir if "bastion_key_dir" in o else ".secrets"
-            path = Path(o.bastion_session_keys or Path(key_dir) / KEY_FILE)
             try:
-                self.keyring = load_keyring(path, log.warning)
+                self.sealer = Sealer(o.bastion_session_keys or Path(key_dir) / KEY_FILE, o.bastion_session_ttl)
             except (OSError, KeyringError) as e:
                 raise exceptions.OptionsError(f"bastion_session_keys: {e}") from None
-            self._keys_path = path
-            self._keys_watcher = ChangeWatcher(lambda: [path])
 
     def running(self) -> None:
         import asyncio
-        self._task = asyncio.get_running_loop().create_task(poll_forever(self.check_keys))
+        self._task = asyncio.get_running_loop().create_task(poll_forever(self._check_keys))
 
     def done(self) -> None:
         if self._task is not None:
             self._task.cancel()
 
-    def check_keys(self, force: bool = False) -> None:
-        """Hot reload of the keyring (a rotation); a bad file keeps the last good keys."""
-        if self._keys_path is None or not (self._keys_watcher is not None and self._keys_watcher.changed() or force):
-            return
-        try:
-            self.keyring = load_keyring(self._keys_path, log.warning)
-            log.info("session keyring reloaded: %d key(s)", len(self.keyring.aeads))
-        except (OSError, KeyringError) as e:
-            log.error("session keyring reload rejected, keeping the last good keys: %s", e)
+    def _check_keys(self) -> None:
+        if self.sealer is not None:
+            self.sealer.check()
 
     def _open(self, rec, envelope: str) -> str:
         """The upstream session id sealed in `envelope`, for this caller and connection;
         SessionRefused 404 (unknown session) otherwise."""
-        if self.keyring is None or rec.identity is None or rec.connection is None:
+        if self.sealer is None or rec.identity is None or rec.connection is None:
             raise UNKNOWN
-        owner = owner_fingerprint(rec.identity.issuer, rec.identity.sub)
         try:
-            try:
-                return self.keyring.open(envelope, owner, rec.connection, time.time()).upstream_id
-            except UnknownKey:
-                now = time.monotonic()
-                if now - self._keys_checked < 1.0:
-                    raise
-                self._keys_checked = now        # a rotation another replica saw first: look once
-                self.check_keys(force=True)
-                return self.keyring.open(envelope, owner, rec.connection, time.time()).upstream_id
+            return self.sealer.open(envelope, rec.identity.issuer, rec.identity.sub, rec.connection)
         except SealError as e:
             log.info("session id refused on %s for sub=%s: %s", rec.connection, rec.identity.sub, e)
             raise UNKNOWN from None
 
     def _seal(self, rec, upstream_id: str) -> str:
-        if self.keyring is None or rec.identity is None or rec.connection is None:
+        if self.sealer is None or rec.identity is None or rec.connection is None:
             raise SealError("no session keyring loaded, or no verified caller")
-        return self.keyring.seal(upstream_id, owner_fingerprint(rec.identity.issuer, rec.identity.sub),
-                                 rec.connection, int(time.time() + self.session_ttl))
+        return self.sealer.seal(upstream_id, rec.identity.issuer, rec.identity.sub, rec.connection)
 
     def _unseal(self, flow: http.HTTPFlow, rec) -> None:
         """The client's session id is an envelope: open it and put the upstream's id in

@@ -21,6 +21,7 @@ import re
 import secrets
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from addons.privatefiles import private_dir, write_private
+from addons.rules import ChangeWatcher
+from addons.textsafe import get_logger
+
+log = get_logger("bastion.sessions")
 
 VERSION = 1
 KEY_FILE = "session-keys"             # default name, next to the issuer key in bastion_key_dir
@@ -168,6 +173,45 @@ def load_keyring(path: str | os.PathLike, warn: Callable[[str], None] = lambda _
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         warn(f"session keyring {p} is readable by group/others; chmod 600 it")
     return parse_keyring(text, str(p))
+
+
+class Sealer:
+    """Session ids for the gateway: the keyring file (re-read when it changes; a bad file
+    keeps the last good keys), owner fingerprints and the lifetime of new ids."""
+
+    def __init__(self, path: str | os.PathLike, ttl: float, clock: Callable[[], float] = time.time):
+        self.path, self.ttl, self.clock = Path(path), ttl, clock
+        self.keyring = load_keyring(self.path, log.warning)   # KeyringError / OSError: refuse to start
+        self._watcher = ChangeWatcher(lambda: [self.path])
+        self._looked = float("-inf")
+
+    def check(self, force: bool = False) -> None:
+        if not (self._watcher.changed() or force):
+            return
+        try:
+            self.keyring = load_keyring(self.path, log.warning)
+            log.info("session keyring reloaded: %d key(s)", len(self.keyring.aeads))
+        except (OSError, KeyringError) as e:
+            log.error("session keyring reload rejected, keeping the last good keys: %s", e)
+
+    def seal(self, upstream_id: str, issuer: str | None, sub: str, connection: str) -> str:
+        return self.keyring.seal(upstream_id, owner_fingerprint(issuer, sub), connection,
+                                 int(self.clock() + self.ttl))
+
+    def open(self, envelope: str, issuer: str | None, sub: str, connection: str) -> str:
+        """The upstream id; SealError when the envelope does not open for this caller.
+        A key id not in the ring (another replica saw a rotation first) makes it look at
+        the file once, at most every second whatever callers send."""
+        owner = owner_fingerprint(issuer, sub)
+        try:
+            return self.keyring.open(envelope, owner, connection, self.clock()).upstream_id
+        except UnknownKey:
+            now = time.monotonic()
+            if now - self._looked < 1.0:
+                raise
+            self._looked = now
+            self.check(force=True)
+            return self.keyring.open(envelope, owner, connection, self.clock()).upstream_id
 
 
 def rotate(path: str | os.PathLike, keep: int = 2) -> str:

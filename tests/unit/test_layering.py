@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ADDONS = ROOT / "addons"
 # modules with logic only: parsing, policy, masking, audit, identity verification, credentials
-PURE = ("mcpwire", "record", "rules", "policy_rules", "sqlclass", "sqlmask", "shellguard", "shellsyntax",
+PURE = ("mcpwire", "record", "sessionseal", "rules", "policy_rules", "sqlclass", "sqlmask", "shellguard", "shellsyntax",
         "shellpolicy", "programs", "pathguard", "argschema", "maskcore", "toolintegrity", "jwtverify", "store",
         "auditchain", "auditexport", "secretscan", "privatefiles", "textsafe", "sessions", "credentials", "vault")
 

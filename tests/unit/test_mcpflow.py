@@ -326,16 +326,15 @@ def test_raw_upstream_id_and_other_connection_refused(parser):
         assert f.response.status_code == 404 and json.loads(f.response.content)["error"] == "unknown_session"
 
 
-def test_expired_envelope_refused(parser, monkeypatch):
-    from addons import mcpflow
+def test_expired_envelope_refused(parser):
+    import time
     p, tctx = parser
     tctx.configure(p, bastion_session_ttl=60)
     env = bind(p, "s1", "alice")
     f, _ = mkflow(headers=[("mcp-session-id", env)])
     p.request(f)
     assert f.response is None
-    real = mcpflow.time.time
-    monkeypatch.setattr(mcpflow.time, "time", lambda: real() + 61)
+    p.sealer.clock = lambda: time.time() + 61
     f, _ = mkflow(headers=[("mcp-session-id", env)])
     p.request(f)
     assert f.response.status_code == 404
@@ -371,7 +370,7 @@ def test_keyring_rotation_hot_reloads(parser, tmp_path):
     tctx.configure(p, bastion_session_keys=str(keys))
     old = bind(p, "s-old", "alice")
     sessionseal.rotate(keys)
-    p.check_keys()
+    p.sealer.check()
     new = bind(p, "s-new", "alice")
     assert old[:8] != new[:8]                    # version + key id differ: sealed under the new key
     for env, sid in ((old, "s-old"), (new, "s-new")):
@@ -379,13 +378,13 @@ def test_keyring_rotation_hot_reloads(parser, tmp_path):
         p.request(f)
         assert f.response is None and f.request.headers["mcp-session-id"] == sid
     keys.write_text("not a keyring\n")           # a bad file keeps the last good keys
-    p.check_keys()
+    p.sealer.check()
     f, _ = mkflow(headers=[("mcp-session-id", new)])
     p.request(f)
     assert f.response is None
     sessionseal.rotate(keys.with_name("fresh"))  # the old keys rotated out entirely
     keys.write_text(keys.with_name("fresh").read_text())
-    p.check_keys()
+    p.sealer.check()
     f, _ = mkflow(headers=[("mcp-session-id", new)])
     p.request(f)
     assert f.response.status_code == 404
@@ -402,7 +401,7 @@ def test_envelope_under_a_key_loaded_later_opens(parser, tmp_path):
         sessionseal.rotate(keys)
         t2.configure(other, bastion_session_keys=str(keys))
         env = bind(other, "s9", "alice")
-    p._keys_watcher.changed = lambda: False      # the poll has not run yet
+    p.sealer._watcher.changed = lambda: False      # the poll has not run yet
     f, _ = mkflow(headers=[("mcp-session-id", env)])
     p.request(f)
     assert f.response is None and f.request.headers["mcp-session-id"] == "s9"

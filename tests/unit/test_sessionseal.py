@@ -196,3 +196,23 @@ def test_session_keys_are_known_secrets_for_the_log_redactor(tmp_path):
         secrets, files = gather_secrets(str(tmp_path), str(key_dir), str(tmp_path / "mask-key"), "", explicit)
         assert [s.value for s in secrets if s.label == "session key"] == list(want)
         assert (Path(explicit) if explicit else key_dir / "session-keys") in files    # watched: rotation
+
+
+def test_sealer_reloads_on_rotation_and_looks_at_most_once_a_second_for_unknown_keys(tmp_path):
+    from addons.sessionseal import Sealer
+    path = tmp_path / "keys"
+    a, b = Sealer(path, ttl=60, clock=lambda: NOW), Sealer(path, ttl=60, clock=lambda: NOW)
+    old = a.seal(UPSTREAM, "iss", "alice", "demo")
+    rotate(path)
+    a.check()
+    new = a.seal(UPSTREAM, "iss", "alice", "demo")
+    b._watcher.changed = lambda: False            # b's poll has not run yet
+    assert b.open(new, "iss", "alice", "demo") == UPSTREAM     # unknown key id: b looked once
+    reads = []
+    b.check = lambda force=False: reads.append(force)
+    for _ in range(20):                           # made-up key ids cannot make it read the file each time
+        with pytest.raises(UnknownKey):
+            b.open("AQAAAAA" + new[7:], "iss", "alice", "demo")
+    assert len(reads) == 0 and b.open(old, "iss", "alice", "demo") == UPSTREAM
+    with pytest.raises(SealError, match="expired"):
+        Sealer(path, ttl=60, clock=lambda: NOW + 61).open(new, "iss", "alice", "demo")
