@@ -18,6 +18,7 @@ CLI_MODULES = (
     "addons.cli.vault",
     "addons.cli.masking",
     "addons.cli.integrity",
+    "addons.cli.sessionkeys",
 )
 
 

@@ -235,6 +235,7 @@ def validate_dir(rules_dir: str) -> list[str]:
 _BAD_PATH = re.compile(r"(%|\\|//|/\.\.?(/|$)|[\x00-\x20\x7f])")
 _PLAIN_QUERY = re.compile(r"^[A-Za-z0-9._~-]+=[A-Za-z0-9._~-]*(&[A-Za-z0-9._~-]+=[A-Za-z0-9._~-]*)*$")
 SESSION_QUERY_KEYS = ("session_id", "sessionId")
+_PLAIN_VALUE = re.compile(r"^[A-Za-z0-9._~-]+$")
 
 
 def plain_query(query: str) -> bool:
@@ -248,6 +249,28 @@ def plain_query(query: str) -> bool:
         return False
     keys = [p.partition("=")[0] for p in query.split("&")]
     return len(keys) == len(set(keys)) and sum(k in SESSION_QUERY_KEYS for k in keys) <= 1
+
+
+def query_session(path: str) -> str | None:
+    """The legacy transport's session query parameter, raw as written (None: none)."""
+    for part in path.partition("?")[2].split("&"):
+        k, _, v = part.partition("=")
+        if k in SESSION_QUERY_KEYS and v:
+            return v
+    return None
+
+
+def with_query_session(path: str, value: str) -> str:
+    """`path` with its session query parameter set to `value` (a plain_query has one)."""
+    base, _, query = path.partition("?")
+    parts = [f"{k}={value}" if k in SESSION_QUERY_KEYS else k + eq + v
+             for k, eq, v in (p.partition("=") for p in query.split("&"))]
+    return f"{base}?{'&'.join(parts)}"
+
+
+def plain_value(value: str) -> bool:
+    """Unreserved characters only: the value reads the same raw and percent-decoded."""
+    return _PLAIN_VALUE.match(value) is not None
 
 
 def split_path(raw_path: str) -> tuple[str | None, str, str] | None:

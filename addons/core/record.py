@@ -95,7 +95,8 @@ class BastionRecord:
     identity: Identity | None = None
     messages: list[Message] = field(default_factory=list)   # parsed client->server messages
     batch: bool = False
-    session_id: str | None = None
+    session_id: str | None = None          # the upstream's session id (the client's envelope opened)
+    session_envelope: str | None = None    # the sealed id the client holds (addons/core/sessionseal.py)
     session_key: tuple[str, str] | None = None  # (connection, session) this flow uses, owner checked
     session_stream: bool = False           # an open stream of session_key (keeps it from idling out)
     protocol_version: str | None = None
@@ -131,7 +132,7 @@ class BastionRecord:
     # McpParser, legacy stream: the (connection, session) request this response id answers ->
     # its response transforms (responses), and how an `endpoint` event binds the session
     pending_lookup: Callable[[Any], list | None] | None = field(default=None, repr=False)
-    bind_session: Callable[[str], None] | None = field(default=None, repr=False)
+    bind_session: Callable[[str], str | None] | None = field(default=None, repr=False)  # -> the sealed id
     response_messages_dropped: int = 0     # responses: messages not kept (limit; recorder notes it)
     mask_profiles: tuple[str, ...] = ()    # masking: the profiles chosen for this caller
     masks_dropped: int = 0                 # mask events over MAX_MASK_EVENTS (counted, not listed)

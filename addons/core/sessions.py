@@ -1,10 +1,12 @@
-"""Which identity owns which MCP session: the gateway's session table (pure, no mitmproxy).
+"""The sessions this replica opened, per identity: the bound on open sessions (pure, no mitmproxy).
 
-A session id is a bearer secret only if the gateway remembers who opened it, so a binding
-is never evicted to make room: an unknown id is refused (404, as MCP prescribes for a
-session the server does not know), a caller at its limit gets 429, a full table 503.
-A binding ends when the client closes the session (DELETE), when the upstream answers 404
-for it, or after `idle` seconds without a request or an open stream.
+Who owns a session is sealed in the session id itself (addons/core/sessionseal.py), so any
+replica can serve any session; this table only counts. A binding is never evicted to make
+room: a caller at its limit gets 429, a full table 503. A binding ends when the client
+closes the session (DELETE) or the upstream answers 404 for it through this replica, or
+after `idle` seconds without a request or an open stream through this replica. An id that
+does not open is refused with UNKNOWN (404, as MCP prescribes for a session the server
+does not know; the client then starts a new one).
 """
 from __future__ import annotations
 
@@ -64,14 +66,14 @@ class SessionTable:
                 continue
             self.forget(key)
 
-    def use(self, key: Key, sub: str) -> None:
-        """A request on session `key` by `sub`: allowed only for the identity that opened it."""
+    def touch(self, key: Key) -> None:
+        """A request on session `key` (its owner already checked): not idle. A session
+        opened through another replica has no binding here and is not counted here."""
         self.expire()
         b = self.bindings.get(key)
-        if b is None or b.sub != sub:
-            raise UNKNOWN
-        b.last_used = self.clock()
-        self.bindings.move_to_end(key)
+        if b is not None:
+            b.last_used = self.clock()
+            self.bindings.move_to_end(key)
 
     def admit(self, token: Hashable, sub: str) -> None:
         """Reserve room for a session `sub` is about to open (released by bind or release)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
+from pathlib import Path
 
 import brotli
 try:
@@ -19,10 +20,14 @@ from mitmproxy import http
 
 from addons.core.mcpwire import id_key
 from addons.core import mcpwire
+from addons.core.connections import query_session, with_query_session
 from addons.hooks.httputil import checked_snapshot, refuse_http, refuse_message
 from addons.core.record import get_record
 from addons.hooks.responses import readonly
-from addons.core.sessions import SessionRefused, SessionTable
+from addons.core.rules import RulesWatch
+from addons.hooks.reloading import Watching
+from addons.core.sessionseal import KEY_FILE, KeyringError, SealError, Sealer
+from addons.core.sessions import UNKNOWN, SessionRefused, SessionTable
 from addons.core.textsafe import get_logger
 
 log = get_logger("bastion.mcp")
@@ -40,15 +45,10 @@ def stream_key(rec, req: http.Request) -> str | None:
     transport's session_id query parameter."""
     if rec.session_id:
         return rec.session_id
-    q = req.path.partition("?")[2]
-    for part in q.split("&"):
-        k, _, v = part.partition("=")
-        if k in ("session_id", "sessionId") and v:
-            return v
-    return None
+    return query_session(req.path)
 
 
-class McpParser:
+class McpParser(Watching):
     name = "mcp"
 
     def __init__(self) -> None:
@@ -59,15 +59,24 @@ class McpParser:
         # request follow its response wherever it travels. Bounded.
         self.pending: OrderedDict[tuple[str, str, str], list] = OrderedDict()
         self.sessions = SessionTable()
+        self.sealer: Sealer | None = None        # the sealed session ids (addons/core/sessionseal.py)
+        self._keys_watch = RulesWatch(self._reload_keys)
+        self.watches = (self._keys_watch,)
 
     def load(self, loader) -> None:
+        loader.add_option("bastion_session_keys", str, "",
+                          "Keyring that seals the session ids clients see (AES-256-GCM; '<kid> <key>' per line, "
+                          "the last seals, all open). Default: session-keys in bastion_key_dir, created 0600; "
+                          "replicas that share it serve each other's sessions.")
+        loader.add_option("bastion_session_ttl", int, 86400,
+                          "Seconds a session id stays valid (sealed in it); then 404 and the client starts a new session.")
         loader.add_option("bastion_session_limit", int, 100,
-                          "Open MCP sessions one identity may hold; one more -> 429.")
+                          "Open MCP sessions one identity may hold (opened through this replica); one more -> 429.")
         loader.add_option("bastion_session_max", int, 10_000,
-                          "Open MCP sessions the gateway tracks in all; one more -> 503. Never evicted.")
-        loader.add_option("bastion_session_idle", float, 3600.0,
-                          "Seconds without a request or an open stream after which a session binding "
-                          "expires (the id then gets 404 and the client starts a new session).")
+                          "Open MCP sessions this replica counts in all; one more -> 503. Never evicted.")
+        loader.add_option("bastion_session_idle", int, 3600,
+                          "Seconds without a request or an open stream through this replica after which a "
+                          "session stops counting towards its limits here.")
 
     def configure(self, updated: set[str]) -> None:
         from mitmproxy import ctx, exceptions
@@ -77,6 +86,53 @@ class McpParser:
                 raise exceptions.OptionsError("bastion_session_limit/_max must be >= 1 and bastion_session_idle > 0")
             t = self.sessions
             t.per_identity, t.total, t.idle = o.bastion_session_limit, o.bastion_session_max, o.bastion_session_idle
+        if updated & {"bastion_session_keys", "bastion_key_dir", "bastion_session_ttl"}:
+            if o.bastion_session_ttl <= 0:
+                raise exceptions.OptionsError("bastion_session_ttl must be > 0")
+            key_dir = o.bastion_key_dir if "bastion_key_dir" in o else ".secrets"
+            try:
+                self.sealer = Sealer(o.bastion_session_keys or Path(key_dir) / KEY_FILE, o.bastion_session_ttl)
+                sealer = self.sealer
+                self._keys_watch.watch(lambda: [sealer.path])
+            except (OSError, KeyringError) as e:
+                raise exceptions.OptionsError(f"bastion_session_keys: {e}") from None
+
+    def _reload_keys(self) -> None:
+        if self.sealer is not None:
+            self.sealer.reload()
+
+    def _open(self, rec, envelope: str) -> str:
+        """The upstream session id sealed in `envelope`, for this caller and connection;
+        SessionRefused 404 (unknown session) otherwise."""
+        if self.sealer is None or rec.identity is None or rec.connection is None:
+            raise UNKNOWN
+        try:
+            return self.sealer.open(envelope, rec.identity.issuer, rec.identity.sub, rec.connection)
+        except SealError as e:
+            log.info("session id refused on %s for sub=%s: %s", rec.connection, rec.identity.sub, e)
+            raise UNKNOWN from None
+
+    def _seal(self, rec, upstream_id: str) -> str:
+        if self.sealer is None or rec.identity is None or rec.connection is None:
+            raise SealError("no session keyring loaded, or no verified caller")
+        return self.sealer.seal(upstream_id, rec.identity.issuer, rec.identity.sub, rec.connection)
+
+    def _unseal(self, flow: http.HTTPFlow, rec) -> None:
+        """The client's session id is an envelope: open it and put the upstream's id in
+        its place (header, or the legacy query parameter) before anything else reads it."""
+        req = flow.request
+        if rec.session_id is not None:
+            rec.session_envelope = rec.session_id
+            rec.session_id = self._open(rec, rec.session_id)
+            req.headers["mcp-session-id"] = rec.session_id
+            return
+        envelope = query_session(req.path)
+        if envelope is not None:
+            rec.session_envelope = envelope
+            upstream = self._open(rec, envelope)
+            req.path = with_query_session(req.path, upstream)
+            if rec.upstream_path is not None:
+                rec.upstream_path = with_query_session(rec.upstream_path, upstream)
 
     def _follow(self, rec, key: str | None) -> None:
         """A GET stream carries the answers to its session's POSTs: give them the
@@ -86,26 +142,57 @@ class McpParser:
         conn = rec.connection
         rec.pending_lookup = lambda msg_id: self.pending.get((conn, key, id_key(msg_id)))
 
-    def _bind_legacy(self, flow: http.HTTPFlow, rec, sid: str) -> None:
-        """Legacy HTTP+SSE: the stream's endpoint event names the session the stream is."""
+    def _bind_legacy(self, flow: http.HTTPFlow, rec, sid: str) -> str | None:
+        """Legacy HTTP+SSE: the stream's endpoint event names the session the stream is.
+        Returns the envelope the client gets in its place; None: the session is not the
+        caller's to have (the stream is refused)."""
         key = (rec.connection, sid)
-        if rec.identity is not None and self.sessions.bind(flow.id, key, rec.identity.sub):
-            rec.session_key, rec.session_stream = key, True
-            self.sessions.stream(key, +1)
+        if rec.identity is None or not self.sessions.bind(flow.id, key, rec.identity.sub):
+            return None
+        rec.session_key, rec.session_stream = key, True
+        self.sessions.stream(key, +1)
         self._follow(rec, sid)
+        try:
+            return self._seal(rec, sid)
+        except SealError as e:
+            log.warning("legacy endpoint of %s names a session the gateway cannot seal: %s", rec.connection, e)
+            return None
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """Streamable HTTP: the server names the session in the initialize response."""
+        """Streamable HTTP: the server names the session in the initialize response; the
+        client gets it sealed (the raw upstream id never reaches the client)."""
         rec = get_record(flow.metadata)
         resp = flow.response
-        if resp is None or not rec.connection or rec.refusal is not None:
+        if resp is None or not rec.connection:
             return
         sid = resp.headers.get("mcp-session-id")
-        if sid and rec.identity is not None and self.sessions.bind(flow.id, (rec.connection, sid), rec.identity.sub):
-            rec.session_key = (rec.connection, sid)
+        if sid is not None:
+            self._seal_response(flow, rec, sid)
+        if rec.refusal is not None:
+            return
         if rec.session_key is not None and flow.request.method == "GET" and resp.status_code == 200:
             rec.session_stream = True
             self.sessions.stream(rec.session_key, +1)
+
+    def _seal_response(self, flow: http.HTTPFlow, rec, sid: str) -> None:
+        resp = flow.response
+        if len(resp.headers.get_all("mcp-session-id")) == 1 and rec.identity is not None:
+            if rec.session_envelope is not None and sid == rec.session_id:
+                resp.headers["mcp-session-id"] = rec.session_envelope    # the server echoes the session
+                return
+            try:
+                sealed = self._seal(rec, sid)
+            except SealError as e:
+                log.warning("upstream %s named a session the gateway cannot seal (%s); not passed on", rec.connection, e)
+                del resp.headers["mcp-session-id"]
+                return
+            if self.sessions.bind(flow.id, (rec.connection, sid), rec.identity.sub):
+                rec.session_key = (rec.connection, sid)
+                resp.headers["mcp-session-id"] = sealed
+                return
+        # not a session this caller opened here (no initialize, another caller's id, no identity)
+        log.warning("upstream %s named a session outside this caller's initialize; not passed on", rec.connection)
+        del resp.headers["mcp-session-id"]
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._done(flow)
@@ -139,13 +226,14 @@ class McpParser:
             refuse_http(flow, 400, "invalid_request", "Mcp-Session-Id header appears more than once")
             return
         rec.session_id = req.headers.get("mcp-session-id")
-        key = stream_key(rec, req)
         try:
+            # a session belongs to the identity that opened it, on the connection it was
+            # opened on, until its envelope expires: anything else gets 404, nothing forwarded
+            self._unseal(flow, rec)
+            key = stream_key(rec, req)
             if key is not None:
-                # a session belongs to the identity that opened it: another caller who learnt
-                # the id, or any id the gateway does not know, gets 404 and nothing is forwarded
-                self.sessions.use((rec.connection, key), rec.identity.sub if rec.identity else "")
                 rec.session_key = (rec.connection, key)
+                self.sessions.touch(rec.session_key)
             elif req.method == "GET":
                 self._admit(flow, rec)
         except SessionRefused as e:

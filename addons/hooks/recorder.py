@@ -506,7 +506,10 @@ class Recorder:
     @staticmethod
     def _update_session(flow: http.HTTPFlow, st: _FlowState) -> None:
         base = st.events.base
-        sid = flow.response.headers.get("mcp-session-id") if flow.response is not None else None
+        # the upstream's session id (the client holds it sealed: addons/core/sessionseal.py)
+        named = flow.response.headers.get("mcp-session-id") if flow.response is not None else None
+        key = get_record(flow.metadata).session_key
+        sid = key[1] if key is not None and named else named
         if base["session_synthetic"] and sid:
             base["session_id"], base["session_synthetic"] = sid, False
 

@@ -27,6 +27,8 @@ from mitmproxy import ctx, http
 
 from addons.core.record import BastionRecord, MaskEvent, get_record
 from addons.core.rules import RulesWatch, RulesError, rules_files
+from addons.core.sessionseal import KEY_FILE as SESSION_KEY_FILE
+from addons.core.sessionseal import KeyringError, parse_keyring
 from addons.core.masking.secretscan import (
     Secret, SecretIndex, StreamRedactor, pem_secrets, redact_bytes, redact_obj, redact_str, redact_url,
 )
@@ -50,7 +52,7 @@ def credential_value(secret: str, scheme: str | None) -> str:
 
 
 def gather_secrets(rules_dir: str, key_dir: str, mask_key_file: str,
-                   audit_key_file: str = "") -> tuple[list[Secret], list[Path]]:
+                   audit_key_file: str = "", session_keys_file: str = "") -> tuple[list[Secret], list[Path]]:
     """Every secret value the gateway holds, and the files they come from (to watch)."""
     from addons.core.connections import load_connections
     from addons.core.identity.jwtverify import LOCAL_KEY_FILE
@@ -85,6 +87,12 @@ def gather_secrets(rules_dir: str, key_dir: str, mask_key_file: str,
             secrets += pem_secrets("audit signing key", audit.read_bytes())
         except OSError:
             pass
+    ring = Path(session_keys_file or Path(key_dir) / SESSION_KEY_FILE)
+    files.append(ring)
+    try:
+        secrets += [Secret("session key", k) for k in parse_keyring(ring.read_text(encoding="utf-8")).secret_texts]
+    except (OSError, UnicodeDecodeError, KeyringError):
+        pass                                      # not created yet, or refused by the parser addon
     mask_key = Path(mask_key_file)
     files.append(mask_key)
     try:
@@ -102,17 +110,19 @@ class SecretRedaction:
         self._generations: list[list[Secret]] = []
         self._watch = RulesWatch(self._reread)
         self._files: list[Path] = []
-        self._sources: tuple[str, str, str, str] = ("rules", ".secrets", ".secrets/mask-key", "")
+        self._sources: tuple[str, ...] = ("rules", ".secrets", ".secrets/mask-key", "", "")
         self._log_filter: LogRedactor | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
     def configure(self, updated) -> None:
-        if updated & {"bastion_rules", "bastion_key_dir", "bastion_mask_key_file", "bastion_audit_key"}:
+        if updated & {"bastion_rules", "bastion_key_dir", "bastion_mask_key_file", "bastion_audit_key",
+                      "bastion_session_keys"}:
             o = ctx.options
             self.reload(*(getattr(o, name) if name in o else default for name, default in (
                 ("bastion_rules", "rules"), ("bastion_key_dir", ".secrets"),
-                ("bastion_mask_key_file", ".secrets/mask-key"), ("bastion_audit_key", ""))))
+                ("bastion_mask_key_file", ".secrets/mask-key"), ("bastion_audit_key", ""),
+                ("bastion_session_keys", ""))))
 
     def running(self) -> None:
         self._watch.start()
@@ -127,8 +137,9 @@ class SecretRedaction:
             for h in logging.getLogger().handlers:
                 h.removeFilter(self._log_filter)
 
-    def reload(self, rules_dir: str, key_dir: str, mask_key_file: str, audit_key_file: str = "") -> None:
-        self._sources = (rules_dir, key_dir, mask_key_file, audit_key_file)
+    def reload(self, rules_dir: str, key_dir: str, mask_key_file: str, audit_key_file: str = "",
+               session_keys_file: str = "") -> None:
+        self._sources = (rules_dir, key_dir, mask_key_file, audit_key_file, session_keys_file)
         secrets, self._files = gather_secrets(*self._sources)
         values = {s.value for s in secrets}
         if not self._generations or values != {s.value for s in self._generations[-1]}:

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from mitmproxy import http
 
 from addons.core import mcpwire
-from addons.core.connections import ConnectionRegistry, rewrite_endpoint
+from addons.core.connections import (ConnectionRegistry, plain_value, query_session, rewrite_endpoint,
+                                     with_query_session)
 from addons.hooks.httputil import json_response
 from addons.core.record import BastionRecord, get_record
 from addons.core.textsafe import get_logger
@@ -38,13 +39,24 @@ def readonly(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
 
 
 def _transforms_for(rec: BastionRecord, obj: dict) -> list:
-    """On a GET stream, a response also gets the transforms of the request it answers."""
+    """On a GET stream, a response also gets the transforms of the request it answers.
+    A response to a request this gateway did not check (posted through another replica,
+    or forgotten) cannot get them: it becomes an error, never passes with fewer checks."""
     lookup = rec.pending_lookup
     if lookup is not None and "id" in obj and ("result" in obj or "error" in obj):
         origin = lookup(obj["id"])
+        if origin is None:
+            return [_unchecked_answer]
         if origin:
             return [*origin, *rec.response_transforms]
     return rec.response_transforms
+
+
+def _unchecked_answer(message: dict) -> dict:
+    log.warning("answer on an event stream to a request this gateway did not check: replaced by an error")
+    return mcpwire.jsonrpc_error(message.get("id"), mcpwire.INTERNAL_ERROR,
+                                 "the gateway holding this event stream did not check the request it answers "
+                                 "(legacy HTTP+SSE behind a non-sticky balancer?)")
 
 
 def transform_message(rec: BastionRecord, obj: Any) -> tuple[Any, bool]:
@@ -130,10 +142,14 @@ class SSERewriter:
             if self.rewrite_endpoint is None:
                 raise TransformError("endpoint event on a non-legacy connection")
             ev.data = self.rewrite_endpoint(ev.data)
-            bind = self.rec.bind_session
-            sid = _query_session(ev.data)
-            if bind is not None and sid:
-                bind(sid)
+            sid = query_session(ev.data)
+            if sid is not None:
+                # the client gets the session sealed (addons/core/sessionseal.py), never the raw id
+                bind = self.rec.bind_session
+                sealed = bind(sid) if bind is not None and plain_value(sid) else None
+                if sealed is None:
+                    raise TransformError("endpoint event names a session the gateway cannot seal for this caller")
+                ev.data = with_query_session(ev.data, sealed)
             return ev.encode()
         if ev.type != "message":
             if self.strict:
@@ -168,15 +184,6 @@ class SSERewriter:
             log.info("SSE event id dropped: the masking rules would change it")
             ev.id, changed = None, True
         return changed
-
-
-def _query_session(url: str) -> str | None:
-    import urllib.parse
-    q = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
-    for k in ("session_id", "sessionId"):
-        if q.get(k):
-            return q[k][0]
-    return None
 
 
 def _error_id(rec: BastionRecord) -> Any:

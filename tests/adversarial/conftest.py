@@ -80,12 +80,14 @@ def jsonrpc_error(resp: httpx.Response) -> dict:
     return body["error"] if isinstance(body, dict) else body
 
 
-def _stack(tmp_path_factory, transport: str):
+def _stack(tmp_path_factory, transport: str, names: tuple[str, ...] = ("demo",)):
+    """names: connections to the one demo server (several: the same upstream under two names)."""
     procs: list[Proc] = []
     tmp = tmp_path_factory.mktemp(f"adversarial-{transport}")
     try:
         demo = demo_starter(tmp, procs)(transport)
-        gw = gateway_starter(tmp, procs)(rules_maker(tmp)(demo, **{"policy.yaml": POLICY}))
+        gw = gateway_starter(tmp, procs)(rules_maker(tmp)(*[demo] * len(names), names=names,
+                                                          **{"policy.yaml": POLICY}))
         yield Adv(demo, gw, gw.token("mallory", ["e2e-user"]))
     finally:
         for p in reversed(procs):
@@ -104,10 +106,18 @@ def adv_legacy(tmp_path_factory):
     yield from _stack(tmp_path_factory, "legacy")
 
 
+@pytest.fixture(scope="module")
+def adv_sessions(tmp_path_factory):
+    """Streamable HTTP with sessions (stateful demo server), reachable as connection `demo`
+    and as `crm`: one upstream under two names."""
+    yield from _stack(tmp_path_factory, "json", names=("demo", "crm"))
+
+
 @pytest.fixture
 def upstream(request):
     """The demo server's received log, cleared before the case; `upstream.nothing()` after."""
-    adv = request.getfixturevalue("adv_legacy" if "adv_legacy" in request.fixturenames else "adv")
+    name = next((n for n in ("adv_legacy", "adv_sessions") if n in request.fixturenames), "adv")
+    adv = request.getfixturevalue(name)
     adv.demo.clear_received()
 
     class Upstream:

@@ -1,8 +1,11 @@
-"""Issue 18, sessions: one caller opening and closing many sessions cannot push a victim's
-session binding out of the gateway, an id the gateway does not know is refused (404), and
-the limits refuse (429 per identity, 503 in all) instead of evicting. Real mitmdump, real
-stateful demo server, raw HTTP so the attacker can pick session ids."""
+"""Issue 18, sessions: one caller opening and closing many sessions cannot take over a
+victim's session, an id the gateway did not issue is refused (404), and the limits refuse
+(429 per identity, 503 in all) instead of evicting. Issue 19: the id is a sealed envelope
+with an expiry, under keys that rotate live. Real mitmdump, real stateful demo server, raw
+HTTP so the attacker can pick session ids."""
 from __future__ import annotations
+
+import time
 
 import httpx
 
@@ -72,3 +75,41 @@ def test_unknown_session_id_is_404_and_limits_refuse_with_429_and_503(demo_serve
         assert c.delete(url, headers=headers(alice, a)).status_code in (200, 204)
         assert c.post(url, json=CALL, headers=headers(alice, a)).status_code == 404
         assert open_session(c, url, bob).status_code == 200
+
+
+def test_session_id_expires_and_keys_rotate_without_a_restart(demo_server, rules_dir, gateway):
+    """The envelope's expiry is sealed in it (bastion_session_ttl); a rotated keyring is
+    picked up live: old envelopes open while their key is in the ring, not after."""
+    from addons.core.sessionseal import KEY_FILE, rotate
+    demo = demo_server("json")
+    gw = gateway(rules_dir(demo, **{"policy.yaml": ALLOW_ALL_POLICY}), extra_args=("--set", "bastion_session_ttl=3"))
+    alice = gw.token("alice")
+    url = gw.mcp_url()
+    keys = gw.key_dir / KEY_FILE
+    assert keys.exists() and oct(keys.stat().st_mode & 0o777) == "0o600"
+    with httpx.Client(timeout=20) as c:
+        short = open_session(c, url, alice).headers["mcp-session-id"]
+        assert c.post(url, json=CALL, headers=headers(alice, short)).status_code == 200
+        time.sleep(3.2)
+        demo.clear_received()
+        r = c.post(url, json=CALL, headers=headers(alice, short))
+        assert r.status_code == 404 and r.json()["error"] == "unknown_session" and demo.received() == []
+    gw2 = gateway(gw.rules, key_dir=gw.key_dir)          # default ttl, same key dir
+    with httpx.Client(timeout=20) as c:
+        old = open_session(c, gw2.mcp_url(), alice).headers["mcp-session-id"]
+        rotate(keys)                                      # new sealing key; the old one still opens
+        time.sleep(1.5)                                   # the keyring is polled every ~0.5 s
+        new = open_session(c, gw2.mcp_url(), alice).headers["mcp-session-id"]
+        assert new[:7] != old[:7]                         # version + key id: sealed under the new key
+        for sid in (old, new):
+            assert c.post(gw2.mcp_url(), json=CALL, headers=headers(alice, sid)).status_code == 200
+        rotate(keys)                                      # keep=2: the first key leaves the ring
+        time.sleep(1.5)
+        demo.clear_received()
+        r = c.post(gw2.mcp_url(), json=CALL, headers=headers(alice, old))
+        assert r.status_code == 404 and demo.received() == []
+        assert c.post(gw2.mcp_url(), json=CALL, headers=headers(alice, new)).status_code == 200
+    assert "session keyring reloaded" in gw2.log_text()
+    for line in keys.read_text().splitlines():
+        if not line.startswith("#"):
+            assert line.split()[1] not in gw2.log_text()   # no key in the log

@@ -32,9 +32,11 @@ class Opts:
 
 
 @pytest.fixture
-def parser():
+def parser(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)         # a default keyring (.secrets/session-keys) would land here
     p = McpParser()
     with taddons.context(Opts(), p) as tctx:
+        tctx.configure(p, bastion_session_keys=str(tmp_path / "session-keys"))
         yield p, tctx
 
 
@@ -159,10 +161,11 @@ def test_get_or_delete_with_body_refused(parser, method):
 
 def test_get_without_body_is_a_checked_stream(parser):
     p, _ = parser
-    bind(p, "s1", "alice")
-    f, rec = mkflow(method="GET", content=b"", ctype=None, headers=[("mcp-session-id", "s1")])
+    env = bind(p, "s1", "alice")
+    f, rec = mkflow(method="GET", content=b"", ctype=None, headers=[("mcp-session-id", env)])
     p.request(f)
     assert f.response is None and rec.stream_checked and rec.session_id == "s1"
+    assert f.request.headers["mcp-session-id"] == "s1" and rec.session_envelope == env
     assert callable(rec.pending_lookup) and callable(rec.bind_session)
 
 
@@ -282,36 +285,133 @@ def test_skips_refused_and_unrouted_flows(parser):
 
 # --- sessions belong to the identity that opened them ---------------------------------------
 
-def bind(p, sid="s1", sub="alice"):
-    f, rec = mkflow(obj={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}, sub=sub)
+def bind(p, sid="s1", sub="alice", conn="demo") -> str:
+    """An initialize whose upstream answer names session `sid`: the sealed id the client gets."""
+    f, rec = mkflow(obj={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}, sub=sub, conn=conn)
     p.request(f)
     f.response = tutils.tresp(headers=http.Headers([(b"mcp-session-id", sid.encode())]))
     p.responseheaders(f)
     p.response(f)
+    env = f.response.headers["mcp-session-id"]
+    assert env != sid and (len(sid) < 3 or sid not in env)
+    return env
 
 
 def test_session_owner_enforced(parser):
     p, _ = parser
-    bind(p, "s1", "alice")
-    f, _ = mkflow(headers=[("mcp-session-id", "s1")], sub="alice")
+    env = bind(p, "s1", "alice")
+    f, _ = mkflow(headers=[("mcp-session-id", env)], sub="alice")
     p.request(f)
-    assert f.response is None
-    f, rec = mkflow(headers=[("mcp-session-id", "s1")], sub="mallory")
+    assert f.response is None and f.request.headers["mcp-session-id"] == "s1"
+    f, rec = mkflow(headers=[("mcp-session-id", env)], sub="mallory")
     p.request(f)
     assert f.response.status_code == 404 and not rec.messages
-    f, rec = mkflow(method="GET", content=b"", headers=[("mcp-session-id", "s1")], sub="mallory")
+    assert f.request.headers["mcp-session-id"] == env          # nothing of the session opened
+    f, rec = mkflow(method="GET", content=b"", headers=[("mcp-session-id", env)], sub="mallory")
     p.request(f)
     assert f.response.status_code == 404
-    f, rec = mkflow(headers=[("mcp-session-id", "s1")], sub=None)
+    f, rec = mkflow(headers=[("mcp-session-id", env)], sub=None)
     p.request(f)
     assert f.response.status_code == 404
+
+
+def test_raw_upstream_id_and_other_connection_refused(parser):
+    """The upstream's own id is not a session id at the gateway, and an envelope opens
+    only on the connection it was issued for."""
+    p, _ = parser
+    env = bind(p, "s1", "alice")
+    for headers, conn in (([("mcp-session-id", "s1")], "demo"), ([("mcp-session-id", env)], "other")):
+        f, rec = mkflow(headers=headers, sub="alice", conn=conn)
+        p.request(f)
+        assert f.response.status_code == 404 and json.loads(f.response.content)["error"] == "unknown_session"
+
+
+def test_expired_envelope_refused(parser):
+    import time
+    p, tctx = parser
+    tctx.configure(p, bastion_session_ttl=60)
+    env = bind(p, "s1", "alice")
+    f, _ = mkflow(headers=[("mcp-session-id", env)])
+    p.request(f)
+    assert f.response is None
+    p.sealer.clock = lambda: time.time() + 61
+    f, _ = mkflow(headers=[("mcp-session-id", env)])
+    p.request(f)
+    assert f.response.status_code == 404
+
+
+def test_server_echo_gets_the_clients_envelope_and_stray_ids_are_dropped(parser):
+    p, _ = parser
+    env = bind(p, "s1", "alice")
+    f, _ = mkflow(headers=[("mcp-session-id", env)])
+    p.request(f)
+    f.response = tutils.tresp(headers=http.Headers([(b"mcp-session-id", b"s1")]))
+    p.responseheaders(f)
+    assert f.response.headers["mcp-session-id"] == env
+    # an upstream naming a session outside an initialize: the raw id never reaches the client
+    for sid in ("s2", "s1"):
+        f, _ = mkflow(sub="alice")
+        p.request(f)
+        f.response = tutils.tresp(headers=http.Headers([(b"mcp-session-id", sid.encode())]))
+        p.responseheaders(f)
+        assert "mcp-session-id" not in f.response.headers
+    # nor an id the gateway cannot seal (not visible ASCII / too long)
+    f, _ = mkflow(obj={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}})
+    p.request(f)
+    f.response = tutils.tresp(headers=http.Headers([(b"mcp-session-id", b"x" * 300)]))
+    p.responseheaders(f)
+    assert "mcp-session-id" not in f.response.headers
+
+
+def test_keyring_rotation_hot_reloads(parser, tmp_path):
+    from addons.core import sessionseal
+    p, tctx = parser
+    keys = tmp_path / "ring"
+    tctx.configure(p, bastion_session_keys=str(keys))
+    old = bind(p, "s-old", "alice")
+    sessionseal.rotate(keys)
+    p.check_reload()
+    new = bind(p, "s-new", "alice")
+    assert old[:8] != new[:8]                    # version + key id differ: sealed under the new key
+    for env, sid in ((old, "s-old"), (new, "s-new")):
+        f, _ = mkflow(headers=[("mcp-session-id", env)])
+        p.request(f)
+        assert f.response is None and f.request.headers["mcp-session-id"] == sid
+    keys.write_text("not a keyring\n")           # a bad file keeps the last good keys
+    p.check_reload()
+    f, _ = mkflow(headers=[("mcp-session-id", new)])
+    p.request(f)
+    assert f.response is None
+    sessionseal.rotate(keys.with_name("fresh"))  # the old keys rotated out entirely
+    keys.write_text(keys.with_name("fresh").read_text())
+    p.check_reload()
+    f, _ = mkflow(headers=[("mcp-session-id", new)])
+    p.request(f)
+    assert f.response.status_code == 404
+
+
+def test_envelope_under_a_key_loaded_later_opens(parser, tmp_path):
+    """Another replica rotated first: an unknown key id makes the parser look at the file."""
+    from addons.core import sessionseal
+    p, tctx = parser
+    keys = tmp_path / "ring"
+    tctx.configure(p, bastion_session_keys=str(keys))
+    other = McpParser()
+    with taddons.context(Opts(), other) as t2:
+        sessionseal.rotate(keys)
+        t2.configure(other, bastion_session_keys=str(keys))
+        env = bind(other, "s9", "alice")
+    # p's poll has not run yet (no check_reload): the unknown key id makes it look once
+    f, _ = mkflow(headers=[("mcp-session-id", env)])
+    p.request(f)
+    assert f.response is None and f.request.headers["mcp-session-id"] == "s9"
 
 
 def test_duplicate_session_header_refused(parser):
     p, _ = parser
-    bind(p, "victim", "alice")
-    bind(p, "mine", "mallory")
-    for sids in (("victim", "victim"), ("mine", "victim")):
+    victim = bind(p, "victim", "alice")
+    mine = bind(p, "mine", "mallory")
+    for sids in ((victim, victim), (mine, victim)):
         f, rec = mkflow(headers=[("mcp-session-id", sids[0]), ("Mcp-Session-Id", sids[1])], sub="mallory")
         p.request(f)
         assert f.response.status_code == 400 and not rec.messages, sids
@@ -321,13 +421,20 @@ def test_legacy_session_query_owner_enforced(parser):
     p, _ = parser
     f, rec = mkflow(method="GET", content=b"", path="/mcp/leg/sse", conn="leg", sub="alice")
     p.request(f)
-    rec.bind_session("abc")            # the endpoint event named session abc
-    f, rec = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="mallory")
-    p.request(f)
-    assert f.response.status_code == 404
+    env = rec.bind_session("abc")      # the endpoint event named session abc: sealed
+    assert env and "abc" not in env
+    for path in (f"/mcp/leg/messages/?session_id={env}", "/mcp/leg/messages/?session_id=abc"):
+        f, rec = mkflow(path=path, conn="leg", sub="mallory")
+        p.request(f)
+        assert f.response.status_code == 404
     f, rec = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="alice")
     p.request(f)
-    assert f.response is None
+    assert f.response.status_code == 404        # the raw upstream id is no session id here
+    f, rec = mkflow(path=f"/mcp/leg/messages/?x=1&session_id={env}", conn="leg", sub="alice")
+    rec.upstream_path = f"/messages/?x=1&session_id={env}"
+    p.request(f)
+    assert f.response is None and rec.upstream_path == "/messages/?x=1&session_id=abc"
+    assert f.request.path == "/mcp/leg/messages/?x=1&session_id=abc" and rec.session_key == ("leg", "abc")
 
 
 def test_unknown_session_id_is_refused_not_allowed(parser):
@@ -342,20 +449,20 @@ def test_unknown_session_id_is_refused_not_allowed(parser):
 def test_opening_and_closing_many_sessions_never_evicts_a_victim(parser):
     p, tctx = parser
     tctx.configure(p, bastion_session_limit=3, bastion_session_max=5)
-    bind(p, "victim", "alice")
+    victim = bind(p, "victim", "alice")
     for i in range(50):                          # the attack: open, close, repeat
-        bind(p, f"m{i}", "mallory")
-        f, _ = mkflow(method="DELETE", content=b"", ctype=None, headers=[("mcp-session-id", f"m{i}")], sub="mallory")
+        env = bind(p, f"m{i}", "mallory")
+        f, _ = mkflow(method="DELETE", content=b"", ctype=None, headers=[("mcp-session-id", env)], sub="mallory")
         p.request(f)
         assert f.response is None
         f.response = tutils.tresp(status_code=200)
         p.responseheaders(f)
         p.response(f)
     assert len(p.sessions) == 1
-    f, rec = mkflow(headers=[("mcp-session-id", "victim")], sub="mallory")
+    f, rec = mkflow(headers=[("mcp-session-id", victim)], sub="mallory")
     p.request(f)
     assert f.response.status_code == 404
-    f, rec = mkflow(headers=[("mcp-session-id", "victim")], sub="alice")
+    f, rec = mkflow(headers=[("mcp-session-id", victim)], sub="alice")
     p.request(f)
     assert f.response is None
 
@@ -363,9 +470,7 @@ def test_opening_and_closing_many_sessions_never_evicts_a_victim(parser):
 def test_session_limits_refuse_instead_of_evicting(parser):
     p, tctx = parser
     tctx.configure(p, bastion_session_limit=2, bastion_session_max=3)
-    bind(p, "a1", "alice")
-    bind(p, "m1", "mallory")
-    bind(p, "m2", "mallory")
+    envs = {"a1": bind(p, "a1", "alice"), "m1": bind(p, "m1", "mallory"), "m2": bind(p, "m2", "mallory")}
     f, _ = mkflow(obj={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}, sub="mallory")
     p.request(f)
     assert f.response.status_code == 429 and json.loads(f.response.content)["error"] == "too_many_sessions"
@@ -373,7 +478,7 @@ def test_session_limits_refuse_instead_of_evicting(parser):
     p.request(f)
     assert f.response.status_code == 503 and json.loads(f.response.content)["error"] == "session_table_full"
     for sid, sub in (("a1", "alice"), ("m1", "mallory"), ("m2", "mallory")):
-        f, _ = mkflow(headers=[("mcp-session-id", sid)], sub=sub)
+        f, _ = mkflow(headers=[("mcp-session-id", envs[sid])], sub=sub)
         p.request(f)
         assert f.response is None, sid
     # a reservation whose initialize failed upstream is given back
@@ -388,7 +493,7 @@ def test_session_limits_refuse_instead_of_evicting(parser):
 
 
 def test_session_binding_expires_only_when_idle():
-    from addons.core.sessions import SessionRefused, SessionTable
+    from addons.core.sessions import SessionTable
     now = [0.0]
     t = SessionTable(per_identity=5, total=5, idle=10, clock=lambda: now[0])
     t.admit("f1", "alice")
@@ -398,12 +503,12 @@ def test_session_binding_expires_only_when_idle():
     t.stream(("c", "stream"), +1)
     for _ in range(5):
         now[0] += 8
-        t.use(("c", "s"), "alice")               # used: kept
+        t.touch(("c", "s"))                      # used: kept
+    assert len(t) == 2 and t.counts == {"alice": 2}
     now[0] += 11
-    with pytest.raises(SessionRefused) as e:
-        t.use(("c", "s"), "alice")               # idle: forgotten, now unknown (404), never someone else's
-    assert e.value.status == 404
-    t.use(("c", "stream"), "alice")              # an open stream keeps its session
+    t.touch(("c", "other-replicas-session"))     # not counted here: nothing to do
+    assert ("c", "s") not in t.bindings and t.counts == {"alice": 1}   # idle: its count is freed
+    assert ("c", "stream") in t.bindings         # an open stream keeps its session
     assert not t.bind("nothing-reserved", ("c", "x"), "alice")
 
 
@@ -423,14 +528,14 @@ def test_pending_transforms_follow_the_response_and_are_bounded(parser, monkeypa
     from addons.hooks import mcpflow
     p, _ = parser
     monkeypatch.setattr(mcpflow, "MAX_PENDING", 5)
-    bind(p, "s", "alice")
+    env = bind(p, "s", "alice")
     for i in range(8):
-        f, rec = mkflow(obj={**CALL, "id": i}, headers=[("mcp-session-id", "s")])
+        f, rec = mkflow(obj={**CALL, "id": i}, headers=[("mcp-session-id", env)])
         p.request(f)
         marker = lambda m, i=i: m  # noqa: E731
         rec.response_transforms.append(marker)
     assert len(p.pending) == 5
-    g, grec = mkflow(method="GET", content=b"", headers=[("mcp-session-id", "s")])
+    g, grec = mkflow(method="GET", content=b"", headers=[("mcp-session-id", env)])
     p.request(g)
     assert grec.pending_lookup(7) and grec.pending_lookup(0) is None
     assert grec.pending_lookup("7") is None            # ids of another type never collide
@@ -492,11 +597,9 @@ def test_legacy_session_ends_with_its_stream(parser):
     f, rec = mkflow(method="GET", content=b"", ctype=None, path="/mcp/leg/sse", conn="leg", sub="alice")
     p.request(f)
     assert f.response is None
-    rec.bind_session("abc")
-    g, _ = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="alice")
+    env = rec.bind_session("abc")
+    g, _ = mkflow(path=f"/mcp/leg/messages/?session_id={env}", conn="leg", sub="alice")
     p.request(g)
-    assert g.response is None
+    assert g.response is None and len(p.sessions) == 1
     p.error(f)                                    # the SSE stream went away: so did the session
-    g, _ = mkflow(path="/mcp/leg/messages/?session_id=abc", conn="leg", sub="alice")
-    p.request(g)
-    assert g.response.status_code == 404 and len(p.sessions) == 0 and not p.sessions.counts
+    assert len(p.sessions) == 0 and not p.sessions.counts   # (the upstream answers 404 for it now)

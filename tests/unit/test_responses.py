@@ -349,18 +349,33 @@ def test_sse_event_split_secret_never_leaks(rw):
 def test_legacy_endpoint_event_rewritten(rw):
     rewriter, router = rw
     bound = []
-    f, rec = sse_flow(rw, conn="leg")
-    rec.bind_session = bound.append
-    stream = b": hi\n\nevent: endpoint\ndata: /messages/?session_id=abc123\n\n" + ev(RESULT)
+
+    def seal(sid: str) -> str:
+        bound.append(sid)
+        return "SEALED-" + sid[::-1]
+    stream = b": hi\n\nevent: endpoint\ndata: /messages/?x=1&session_id=abc123\n\n" + ev(RESULT)
     for i in range(len(stream) + 1):
         f, rec = sse_flow(rw, conn="leg")
-        rec.bind_session = bound.append
+        rec.bind_session = seal
         out = run_stream(f.response.stream, [stream[:i], stream[i:]])
         evs = [e for e in events_of(out) if e.data]
-        assert evs[0].type == "endpoint" and evs[0].data == "/mcp/leg/messages/?session_id=abc123", i
-        assert evs[1].data == json.dumps(RESULT)
+        assert evs[0].type == "endpoint" and evs[0].data == "/mcp/leg/messages/?x=1&session_id=SEALED-321cba", i
+        assert evs[1].data == json.dumps(RESULT) and b"abc123" not in out
     assert "/messages/" in router.connections["leg"].announced
     assert set(bound) == {"abc123"}
+
+
+@pytest.mark.parametrize("endpoint,binder", [
+    (b"/messages/?session_id=abc123", None),                      # nobody to seal it
+    (b"/messages/?session_id=abc123", lambda sid: None),           # not this caller's session
+    (b"/messages/?session_id=ab%2F12", lambda sid: "SEALED"),      # not a plain value
+])
+def test_legacy_endpoint_session_never_passes_raw(rw, endpoint, binder):
+    f, rec = sse_flow(rw, conn="leg")
+    if binder is not None:
+        rec.bind_session = binder
+    out = run_stream(f.response.stream, [b"event: endpoint\ndata: " + endpoint + b"\n\n", ev(RESULT)])
+    assert rec.refusal and b"abc123" not in out and b"ab%2F12" not in out and b"SEALED" not in out
 
 
 def test_legacy_endpoint_to_another_origin_ends_stream(rw):
@@ -380,10 +395,13 @@ def test_endpoint_event_on_streamable_connection_ends_stream(rw):
 def test_get_stream_applies_transforms_of_the_originating_request(rw):
     f, rec = sse_flow(rw, transforms=[])
     rec.messages = []
-    rec.pending_lookup = lambda msg_id: [mask] if msg_id == 5 else None
-    out = run_stream(f.response.stream, [ev(RESULT), ev({**RESULT, "id": 6})])
+    rec.pending_lookup = lambda msg_id: {5: [mask], 6: []}.get(msg_id)
+    out = run_stream(f.response.stream, [ev(RESULT), ev({**RESULT, "id": 6}), ev({**RESULT, "id": 7})])
     evs = events_of(out)
     assert "MASKED" in evs[0].data and "123-45-6789" in evs[1].data   # id 6 came from an unmasked request
+    # id 7: no request this gateway checked (posted through another replica): not passed
+    assert json.loads(evs[2].data)["error"]["code"] == -32603 and "123-45" not in evs[2].data
+    assert rec.refusal is None                                        # the stream goes on
 
 
 def test_masked_stream_drops_comments_unknown_fields_and_ids_the_rules_would_change(rw):
