@@ -78,7 +78,7 @@ def bench_group_commit(root: Path, n: int, concurrency: int) -> dict:
             "commit_p99_ms": round(sorted(lat)[int(len(lat) * 0.99)] * 1000, 3)}
 
 
-async def bench_hooks(root: Path, calls: int, concurrency: int, record: bool) -> dict:
+async def bench_hooks(root: Path, calls: int, concurrency: int, record: bool, sync: str = "write") -> dict:
     from mitmproxy.test import taddons, tflow, tutils
     from addons.core import mcpwire
     from addons.core.record import Decision, Identity, MaskEvent, get_record
@@ -87,7 +87,8 @@ async def bench_hooks(root: Path, calls: int, concurrency: int, record: bool) ->
     r = Recorder()
     lat: list[float] = []
     with taddons.context(r) as tctx:
-        tctx.configure(r, bastion_recordings=str(root), bastion_instance=f"bench-hooks-{int(record)}")
+        tctx.configure(r, bastion_recordings=str(root), bastion_instance=f"bench-hooks-{int(record)}",
+                       bastion_audit_sync=sync)
         body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                            "params": {"name": "lookup_customer", "arguments": {"customer_id": 42}}}).encode()
         result = {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "[email] " * 20}]}}
@@ -123,7 +124,7 @@ async def bench_hooks(root: Path, calls: int, concurrency: int, record: bool) ->
         dt = time.perf_counter() - t
         r.done()
     lat.sort()
-    return {"recording": record, "calls": len(lat), "calls_per_s": round(len(lat) / dt),
+    return {"recording": record, "sync": sync, "calls": len(lat), "calls_per_s": round(len(lat) / dt),
             "p50_ms": round(lat[len(lat) // 2] * 1000, 3), "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 3)}
 
 
@@ -196,11 +197,14 @@ def main() -> None:
     try:
         print("writer fire-and-forget:", json.dumps(bench_writer(base / "ff", a.events)))
         print("writer group commit:   ", json.dumps(bench_group_commit(base / "gc", a.calls * 4, a.concurrency)))
-        off = asyncio.run(bench_hooks(base / "h0", a.calls, a.concurrency, record=False))
-        on = asyncio.run(bench_hooks(base / "h1", a.calls, a.concurrency, record=True))
-        print("hooks, recording off:  ", json.dumps(off))
-        print("hooks, recording on:   ", json.dumps(on))
-        print(f"hooks: added per call (p50): {on['p50_ms'] - off['p50_ms']:.3f} ms at concurrency {a.concurrency}")
+        for c in sorted({1, a.concurrency}):
+            calls = a.calls if c > 1 else max(500, a.calls // 4)
+            off = asyncio.run(bench_hooks(base / f"h0-{c}", calls, c, record=False))
+            print(f"hooks c={c}, recording off:  ", json.dumps(off))
+            for sync in ("fsync", "write"):          # bastion_audit_sync: what the response waits for
+                on = asyncio.run(bench_hooks(base / f"h1-{c}-{sync}", calls, c, record=True, sync=sync))
+                print(f"hooks c={c}, recording on ({sync}): ", json.dumps(on))
+                print(f"hooks c={c}, {sync}: added per call (p50): {on['p50_ms'] - off['p50_ms']:.3f} ms")
         for c in (int(x) for x in a.gateway_concurrency.split(",")) if a.gateway else ():
             calls = a.gateway_calls if c > 1 else max(200, a.gateway_calls // 8)
             off, on = bench_gateway(base / f"gw{c}", calls, c)

@@ -7,10 +7,14 @@ streaming, or the whole JSON body in the response hook), approval outcome, refus
 masks, and one `http` summary with status, sizes, latency and redacted headers.
 
 Durability: hooks only build events and queue them (addons/core/audit/store.py writes them on its
-own thread). Before a request is forwarded and before a response is released the hook
-waits for the writer's group commit (fsync), so nothing that reached an upstream or a
-client is missing after SIGKILL. If the store cannot write, new MCP requests are refused
-with 503 until a probe succeeds again (fail closed: no unaudited traffic).
+own thread). Before a response is released (and, with bastion_audit_before_forward, before a
+request is forwarded) the hook waits until the writer has written the events (write(2)): a
+completed write is in the kernel's page cache and survives the gateway being killed (SIGKILL),
+so nothing that reached a client is missing after a crash of the process. fdatasync runs in
+the background (group commit, at least every 20 ms); it only matters for power loss or a
+kernel crash, and `bastion_audit_sync=fsync` makes the hook wait for it too. If the store
+cannot write, new MCP requests are refused with 503 until a probe succeeds again (fail
+closed: no unaudited traffic).
 """
 from __future__ import annotations
 
@@ -277,6 +281,11 @@ class Recorder:
                           "manifests (created 0600 when missing). `mcp-bastion verify` checks with it.")
         loader.add_option("bastion_audit_anchor", str, "",
                           "Append each signed segment manifest's digest to this external append-only file.")
+        loader.add_option("bastion_audit_sync", str, "write",
+                          "When a call's audit record counts as stored: 'write' (written to the journal: "
+                          "survives a crash or kill -9 of the gateway; fdatasync follows within 20 ms, so "
+                          "power loss can lose that window) or 'fsync' (after fdatasync).",
+                          choices=("write", "fsync"))
         loader.add_option("bastion_audit_before_forward", bool, False,
                           "Hold each request until its audit record is fsynced, before it goes upstream "
                           "(write-ahead audit: costs one fsync wait per call). Off: requests are durable "
@@ -300,7 +309,8 @@ class Recorder:
         if self._sealing is not None:
             self._sealing.anchor_file = o.bastion_audit_anchor
         if self.writer is None or updated & {"bastion_recordings", "bastion_instance", "bastion_retention_days",
-                                             "bastion_retention_mb", "bastion_record_roll_mb", "bastion_audit_key"}:
+                                             "bastion_retention_mb", "bastion_record_roll_mb", "bastion_audit_key",
+                                             "bastion_audit_sync"}:
             self._start_writer()
 
     def _start_writer(self) -> None:
@@ -315,7 +325,8 @@ class Recorder:
             log.error("recovering leftover journals in %s failed: %s", root, e)
         self.writer = StoreWriter(root, self._instance, roll_bytes=o.bastion_record_roll_mb * 1024 * 1024,
                                   retention_days=o.bastion_retention_days,
-                                  retention_mb=o.bastion_retention_mb, sealing=self._sealing).start()
+                                  retention_mb=o.bastion_retention_mb, sealing=self._sealing,
+                                  ack=o.bastion_audit_sync).start()
         if self.writer.healthy:
             log.info("recording to %s", self.writer.journal)
 
@@ -425,7 +436,8 @@ class Recorder:
         rec.refuse("audit store unavailable", None)
 
     async def _commit(self, events: list[dict], secrets: list | None = None) -> None:
-        """Queue events and wait until they are fsynced (raises StoreUnavailable / TimeoutError)."""
+        """Queue events and wait until they are stored per bastion_audit_sync (raises
+        StoreUnavailable / TimeoutError)."""
         lines = self._encode(events, secrets)
         if self.writer is None:
             raise StoreUnavailable("recorder not configured")

@@ -115,9 +115,10 @@ async def test_tool_call_recorded_with_identity_decision_and_masked_result(rec_c
 
 
 async def test_request_is_durable_before_it_is_forwarded(rec_ctx, monkeypatch):
-    """bastion_audit_before_forward: write-ahead audit, one fsync wait per request."""
+    """bastion_audit_before_forward with bastion_audit_sync=fsync: write-ahead audit, one
+    fsync wait per request."""
     r, tctx, root = rec_ctx
-    tctx.options.bastion_audit_before_forward = True
+    tctx.configure(r, bastion_audit_before_forward=True, bastion_audit_sync="fsync")
     fsyncs = r.writer.stats.fsyncs
     f, rec = mcp_flow(call(1))
     await r.request(f)

@@ -50,7 +50,7 @@ def test_commit_future_resolves_after_fsync_and_events_are_queryable_live(tmp_pa
     synced = []
     real = store._datasync
     monkeypatch.setattr(store, "_datasync", lambda fd: (synced.append(fd), real(fd))[1])
-    w = writers(tmp_path)
+    w = writers(tmp_path, ack="fsync")
     fut = w.submit([encode_event(ev(i)) for i in range(10)], wait=True)
     fut.result(timeout=5)
     assert synced, "the future must only resolve after an fsync"
@@ -233,8 +233,45 @@ def test_unwritable_store_fails_closed_then_recovers(tmp_path, writers):
     assert count(root) == 1
 
 
+def test_write_ack_releases_before_fdatasync_and_fsync_ack_waits(tmp_path, writers, monkeypatch):
+    """ack="write": released once written (the page cache survives SIGKILL), while the group
+    fdatasync is still running; ack="fsync": not before fdatasync returns."""
+    import threading
+    release = threading.Event()
+    real = store._datasync
+
+    def slow_sync(fd):
+        release.wait(10)
+        return real(fd)
+    monkeypatch.setattr(store, "_datasync", slow_sync)
+    fast = writers(tmp_path / "a", ack="write")
+    t0 = time.monotonic()
+    fast.submit([encode_event(ev(1))], wait=True).result(timeout=5)
+    assert time.monotonic() - t0 < 5 and not release.is_set()
+    assert b'"seq":1' in fast.journal.read_bytes().replace(b" ", b"")   # in the file already
+    durable = writers(tmp_path / "b", ack="fsync")
+    fut = durable.submit([encode_event(ev(2))], wait=True)
+    time.sleep(0.3)
+    assert not fut.done()                             # still waiting for fdatasync
+    release.set()
+    fut.result(timeout=5)
+
+
+def test_write_ack_fails_closed_when_the_background_fsync_fails(tmp_path, writers, monkeypatch):
+    w = writers(tmp_path, probe_interval=60, ack="write")
+    w.submit([encode_event(ev(1))], wait=True).result(timeout=5)
+    monkeypatch.setattr(store, "_datasync", lambda fd: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    w.submit([encode_event(ev(2))], wait=True).result(timeout=5)      # written; its fsync fails after
+    deadline = time.time() + 5
+    while w.healthy and time.time() < deadline:
+        time.sleep(0.02)
+    assert not w.healthy
+    with pytest.raises(StoreUnavailable):
+        w.submit([encode_event(ev(3))], wait=True).result(timeout=5)
+
+
 def test_disk_full_during_write_fails_waiters_and_recovers(tmp_path, writers, monkeypatch):
-    w = writers(tmp_path, probe_interval=0.05)
+    w = writers(tmp_path, probe_interval=0.05, ack="fsync")
     w.submit([encode_event(ev(1))], wait=True).result(timeout=5)
     real = store._datasync
     state = {"full": True}

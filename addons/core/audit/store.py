@@ -387,6 +387,11 @@ class StoreWriter:
     roll_bytes: int = 64 * 1024 * 1024
     max_batch: int = 500
     sync_interval: float = 0.02      # fsync at least this often when nobody waits
+    # "write": a waiter is released once its lines are written (write(2): in the kernel's
+    # page cache, which survives the process being killed), fdatasync follows in the
+    # background within sync_interval (power loss / kernel crash can lose that window);
+    # "fsync": a waiter is released only after fdatasync
+    ack: str = "write"
     probe_interval: float = 1.0      # retry period while unhealthy
     retention_days: float = 0
     retention_mb: float = 0
@@ -401,6 +406,7 @@ class StoreWriter:
         self._q: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._roll_q: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
         self._failure: str | None = "not started"
+        self._sync_failed = False
         self._closed = False
         self._file = None
         self._journal: Path | None = None
@@ -438,8 +444,8 @@ class StoreWriter:
         return self
 
     def submit(self, lines: list[bytes], wait: bool = False) -> concurrent.futures.Future | None:
-        """Queue encoded events. With wait=True, the future resolves once they are fsynced
-        (or fails with StoreUnavailable). Never blocks."""
+        """Queue encoded events. With wait=True, the future resolves once they are written
+        (ack="write") or fsynced (ack="fsync"), or fails with StoreUnavailable. Never blocks."""
         fut: concurrent.futures.Future | None = concurrent.futures.Future() if wait else None
         if self._closed:
             if fut is not None:
@@ -569,6 +575,11 @@ class StoreWriter:
                     self._fail_items(batch + pending)
                     pending = []
                     continue
+                if self.ack == "write" and not self._sync_failed:
+                    # written: survives SIGKILL; fsync follows. After a failed fsync, waiters
+                    # wait for one that succeeds again (the background sync is not trusted)
+                    _resolve(batch)
+                    batch = [_Item(it.lines) for it in batch]
                 pending.extend(batch)
             now = time.monotonic()
             must_sync = stop or any(it.waits for it in pending) \
@@ -577,7 +588,9 @@ class StoreWriter:
                 try:
                     _datasync(self._file.fileno())
                     self.stats.fsyncs += 1
+                    self._sync_failed = False
                 except (OSError, ValueError, AttributeError) as e:
+                    self._sync_failed = True
                     self._set_failed(f"journal fsync failed: {e}")
                     self._fail_items(pending)
                     pending = []
