@@ -37,8 +37,8 @@ BASTION_VARIANTS = {
     "no-recorder": ("full chain − recorder", ["recorder"], []),
     "core": ("full chain − masking − recorder", ["masking", "recorder"], []),
 }
-ALL_TARGETS = ["direct", "bare", "bare-stream", *BASTION_VARIANTS, "airlock"]
-QUICK_TARGETS = ["direct", "bare", "bare-stream", "full", "core", "airlock"]
+ALL_TARGETS = ["direct", "bare", "bare-stream", *BASTION_VARIANTS, "lean", "airlock"]
+QUICK_TARGETS = ["direct", "bare", "bare-stream", "full", "lean", "core", "airlock"]
 
 
 def parse_args(argv):
@@ -148,8 +148,10 @@ def start_stack(a, work: Path, wanted: list[str], full_env: dict | None = None) 
         for n in ("bare", "bare-stream"):
             if n not in wanted and n in stack.targets:
                 stack.targets[n].workloads = ()
-    if any(t in BASTION_VARIANTS for t in wanted):
+    if any(t in BASTION_VARIANTS or t == "lean" for t in wanted):
         stack.prepare_bastion()
+        if "lean" in wanted:
+            stack.add_lean()
         for name, (label, skip, extra) in BASTION_VARIANTS.items():
             if name in wanted:
                 stack.add_bastion(name, label, skip, full_env if name == "full" else None, extra)

@@ -192,6 +192,20 @@ class Stack:
         self.targets[name] = t
         return t
 
+    def add_lean(self, name: str = "lean") -> Target:
+        """The full pipeline on `mcp-bastion serve` (the lean master: five mitmproxy built-ins
+        instead of stock mitmdump's ~35), production's own entry point."""
+        port = free_port()
+        cmd = [str(BIN / "mcp-bastion"), "serve", "--listen-host", "127.0.0.1",
+               "--mode", f"reverse:http://127.0.0.1:{self.up_port}@{port}",
+               "--set", "connection_strategy=lazy", "--set", "termlog_verbosity=warn", *self.bastion_sets,
+               "--set", f"bastion_instance=bench-{name}"]
+        p, log = self._spawn(name, cmd, dict(self.bastion_env))
+        t = Target(name, "mcp-bastion full pipeline on `mcp-bastion serve` (lean master)",
+                   Endpoint("127.0.0.1", port, "/mcp/bench", [("Authorization", f"Bearer {self.jwt}")]), p, log)
+        self.targets[name] = t
+        return t
+
     # -- mcp-airlock ---------------------------------------------------------------
     def add_airlock(self) -> Target | None:
         exe = ensure_airlock()

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import os
+import sys
 
 # Modules that contribute subcommands (each defines add_cli(subparsers)).
 CLI_MODULES = (
@@ -19,6 +20,7 @@ CLI_MODULES = (
     "addons.cli.masking",
     "addons.cli.integrity",
     "addons.cli.sessionkeys",
+    "addons.cli.serve",
 )
 
 
@@ -49,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from addons.cli import serve
+        return serve.main(argv[1:])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)

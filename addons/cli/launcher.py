@@ -68,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
          "--received-log", str(ROOT / "recordings" / "demo-data" / "received.jsonl")],
         start_new_session=True)
     procs = [demo]
-    tool = "mitmweb" if args.web else "mitmdump"
-    cmd = [str(bindir / tool), "--listen-host", "127.0.0.1",
+    # the approval console needs mitmweb; otherwise the lean master (`mcp-bastion serve`)
+    tool = "mitmweb" if args.web else "mcp-bastion serve"
+    head = ([str(bindir / "mitmweb"), "-s", str(ROOT / "addons" / "bastion.py")] if args.web
+            else [str(bindir / "mcp-bastion"), "serve"])
+    cmd = [*head, "--listen-host", "127.0.0.1",
            "--mode", f"reverse:http://127.0.0.1:{args.demo_port}@{args.port}",
-           "-s", str(ROOT / "addons" / "bastion.py"),
            "--set", f"bastion_rules={args.rules}", "--set", "connection_strategy=lazy"]
     if args.web:
         cmd += ["--set", f"web_port={args.web_port}", "--set", "web_host=127.0.0.1",

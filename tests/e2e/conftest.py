@@ -244,14 +244,18 @@ def gateway(tmp_path, procs):
 def gateway_starter(tmp_path: Path, procs: list):
     def start(rules: Path, extra_args: tuple[str, ...] = (), web: bool = False, env: dict | None = None,
               key_dir: Path | None = None, recordings: Path | None = None, port: int | None = None,
-              pre_scripts: tuple[str, ...] = ()) -> Gateway:
+              pre_scripts: tuple[str, ...] = (), serve: bool = False) -> Gateway:
         port = port or free_port()
         key_dir = key_dir or tmp_path / "keys"
         recordings = recordings or tmp_path / "recordings"
-        tool = "mitmweb" if web else "mitmdump"
-        cmd = [str(BIN / tool), "--listen-host", "127.0.0.1", "--mode", f"reverse:http://127.0.0.1:1@{port}",
-               *[a for sc in pre_scripts for a in ("-s", sc)],
-               "-s", str(ROOT / "addons" / "bastion.py"), "--set", f"bastion_rules={rules}",
+        tool = "mitmweb" if web else "mcp-bastion" if serve else "mitmdump"
+        if serve:      # the lean master: the pipeline is built in, no scripts
+            head = [str(BIN / tool), "serve"]
+        else:
+            head = [str(BIN / tool), *[a for sc in pre_scripts for a in ("-s", sc)],
+                    "-s", str(ROOT / "addons" / "bastion.py")]
+        cmd = [*head, "--listen-host", "127.0.0.1", "--mode", f"reverse:http://127.0.0.1:1@{port}",
+               "--set", f"bastion_rules={rules}",
                "--set", "connection_strategy=lazy", "--set", "termlog_verbosity=info"]
         if has_module("addons.hooks.identity"):
             cmd += ["--set", f"bastion_key_dir={key_dir}"]
