@@ -35,7 +35,7 @@ APPROVAL_KEY = PREFIX + "approval:"
 BUCKET_KEY = PREFIX + "rl:"
 DECIDED_CHANNEL = PREFIX + "approvals:decided"
 APPROVAL_GRACE = 30          # seconds a record outlives its deadline (late listing shows it expired)
-TIMEOUT = 1.0                # seconds one engine round trip may take before the engine counts as down
+TIMEOUT = 3.0                # seconds one engine round trip may take before the engine counts as down
 
 
 class StateUnavailable(Exception):
@@ -289,7 +289,8 @@ class SharedState:
         self.up = up
         if not up:
             self.outage_since = time.time()
-            log.error("shared state engine unavailable (%s): approval-required and rate-limited calls are "
+            # a warning: mitmproxy exits on an error logged during startup; an outage is not fatal
+            log.warning("shared state engine unavailable (%s): approval-required and rate-limited calls are "
                       "refused until it is back", why)
             return
         log.warning("shared state engine back after %.1fs", time.time() - (self.outage_since or time.time()))
