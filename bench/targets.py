@@ -192,6 +192,33 @@ class Stack:
         self.targets[name] = t
         return t
 
+    def start_shared_state(self) -> list[str]:
+        """A redis-server for the `full+redis` target (scripts/install-redis.sh installs it)
+        and a rules directory whose bench rules all carry a (never reached) rate limit:
+        every call then takes a shared bucket. Returns the gateway's extra --set args."""
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "install-redis.sh")], capture_output=True, text=True,
+                           timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"full+redis: {r.stderr.strip() or r.stdout.strip()}")
+        port, data = free_port(), self.work / "redis"
+        data.mkdir(exist_ok=True)
+        p, log = self._spawn("redis", [r.stdout.strip().splitlines()[-1], "--save", "", "--appendonly", "no",
+                                       "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)])
+        if not wait_port(port, p):
+            raise RuntimeError(f"redis-server did not start; see {log}:\n{_tail(log)}")
+        rules = self.work / "rules-redis"
+        if rules.exists():
+            shutil.rmtree(rules)
+        shutil.copytree(self.bastion_rules, rules)
+        from ruamel.yaml import YAML
+        yaml = YAML()
+        policy = yaml.load((rules / "policy.yaml").read_text())
+        for rule in policy["rules"]:
+            rule["rate_limit"] = {"calls": 10**9, "per": 60}
+        with open(rules / "policy.yaml", "w") as f:
+            yaml.dump(policy, f)
+        return ["--set", f"bastion_rules={rules}", "--set", f"bastion_state=redis://127.0.0.1:{port}/0"]
+
     # -- mcp-airlock ---------------------------------------------------------------
     def add_airlock(self) -> Target | None:
         exe = ensure_airlock()
