@@ -541,18 +541,22 @@ class Approval:
     async def _share(self, p: Pending, rec: BastionRecord) -> bool:
         """Store the hold's sealed record; False when the engine is down (the call is refused)."""
         p.fingerprint, p.next_check = fingerprint(rec), time.monotonic() + SHARED_POLL
-        record = {"id": p.id, "fingerprint": p.fingerprint, "requester": p.requester, "connection": p.connection,
-                  "rule": p.rule, "needs": [{"rule": n.rule, "approvers": list(n.approvers)} for n in p.needs],
-                  "approved_by": {}, "outcome": None, "approver": None, "reason": "", "created": p.created,
-                  "deadline": p.created + p.timeout, "summary": p.summary}
         try:
-            await self.state.store.put_approval(self.state.sealer.seal(record), p.timeout)
+            await self.state.store.put_approval(self._record(p), p.timeout)
         except StateUnavailable as e:
             self.state.mark(False, str(e))
             log.warning("approval for %s on %s refused: the shared state engine is unavailable", p.requester,
                         p.connection)
             return False
         return True
+
+    def _record(self, p: Pending) -> dict:
+        """The hold as the engine stores it, sealed (what other replicas list and decide)."""
+        return self.state.sealer.seal({
+            "id": p.id, "fingerprint": p.fingerprint, "requester": p.requester, "connection": p.connection,
+            "rule": p.rule, "needs": [{"rule": n.rule, "approvers": list(n.approvers)} for n in p.needs],
+            "approved_by": {}, "outcome": None, "approver": None, "reason": "", "created": p.created,
+            "deadline": p.created + p.timeout, "summary": p.summary})
 
     async def _unshare(self, pid: str) -> None:
         try:
@@ -570,6 +574,11 @@ class Approval:
     async def _check_shared(self, p: Pending) -> None:
         try:
             record = await self.state.store.get_approval(p.id)
+            if record is None and p.outcome is None:
+                # the engine restarted empty (or the key was removed): list the hold again
+                await self.state.store.put_approval(self._record(p), max(1.0, p.deadline - time.monotonic()))
+                log.warning("approval %s: record missing in the shared engine, written again", p.id)
+                return
         except StateUnavailable:
             return                # still held; the next look or announcement decides
         if record is None or p.outcome is not None:
