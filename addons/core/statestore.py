@@ -263,7 +263,8 @@ def open_store(url: str) -> StateStore | None:
         return None
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-        raise ValueError(f"bastion_state must be empty or redis://host:port/db, not {parts.scheme or url!r}://…")
+        # the URL itself is not repeated: it may carry the engine's password
+        raise ValueError(f"bastion_state must be empty or redis://host:port/db (scheme {parts.scheme or 'missing'!r})")
     return RedisStore(url)
 
 

@@ -80,7 +80,13 @@ class StateEngine:
                 sealer = Sealer(seal_key(Path(key_file)))
             except (OSError, ValueError) as e:
                 raise exceptions.OptionsError(f"bastion_state_key: {key_file}: {e}") from None
+        old = self.state.store
         self.state.store, self.state.sealer, self.state.up = store, sealer, True
+        if old is not None:
+            try:
+                asyncio.get_running_loop().create_task(old.close())
+            except RuntimeError:
+                pass                 # no loop yet: nothing was opened
         if store is not None:
             log.info("shared state engine: %s", _safe_url(ctx.options.bastion_state))
             self._restart()

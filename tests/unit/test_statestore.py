@@ -137,6 +137,9 @@ def test_open_store_and_health_gauge():
     for bad in ("http://x", "redis://", "nonsense"):
         with pytest.raises(ValueError):
             open_store(bad)
+    with pytest.raises(ValueError) as e:
+        open_store("htp://admin:s3cret-pw@redis.internal:6379/0")      # a typo must not print the password
+    assert "s3cret-pw" not in str(e.value)
     state = SharedState()
     assert state.live_metrics() == {"bastion_state_up": 1.0, "bastion_state_shared": 0.0}
     state.store = MemoryStore()
