@@ -185,7 +185,7 @@ class Stack:
         env = {**self.bastion_env, "BENCH_SKIP": ",".join(skip), **(env_extra or {})}
         # each gateway instance needs its own bastion_instance (the recorder locks its journal)
         cmd = self._mitmdump(port, ["-s", str(self.chain_script), *self.bastion_sets,
-                                    "--set", f"bastion_instance=bench-{name}", *(extra or [])])
+                                    "--set", f"bastion_instance=bench-{name.replace('+', '-')}", *(extra or [])])
         p, log = self._spawn(name, cmd, env)
         t = Target(name, label, Endpoint("127.0.0.1", port, "/mcp/bench", [("Authorization", f"Bearer {self.jwt}")]),
                    p, log)
