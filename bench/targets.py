@@ -184,7 +184,7 @@ class Stack:
         port = free_port()
         env = {**self.bastion_env, "BENCH_SKIP": ",".join(skip), **(env_extra or {})}
         # each gateway instance needs its own bastion_instance (the recorder locks its journal)
-        cmd = self._mitmdump(port, ["-s", str(self.chain_script), *self.bastion_sets,
+        cmd = self._mitmdump(port, ["-s", str(self.chain_script), *_without(self.bastion_sets, extra or []),
                                     "--set", f"bastion_instance=bench-{name.replace('+', '-')}", *(extra or [])])
         p, log = self._spawn(name, cmd, env)
         t = Target(name, label, Endpoint("127.0.0.1", port, "/mcp/bench", [("Authorization", f"Bearer {self.jwt}")]),
@@ -266,6 +266,14 @@ class Stack:
                         parts = dict(p.split("=", 1) for p in line.split() if "=" in p and p.startswith("BENCH_"))
                         return {"standins": parts.get("BENCH_STANDINS"), "chain": parts.get("BENCH_CHAIN")}
         return {"standins": None, "chain": None}
+
+
+def _without(sets: list[str], extra: list[str]) -> list[str]:
+    """`--set k=v` pairs of `sets` whose option `extra` sets again (mitmproxy refuses an
+    option given twice)."""
+    overridden = {v.split("=", 1)[0] for k, v in zip(extra, extra[1:]) if k == "--set"}
+    pairs = list(zip(sets[::2], sets[1::2]))
+    return [x for k, v in pairs if not (k == "--set" and v.split("=", 1)[0] in overridden) for x in (k, v)]
 
 
 def _tail(path: Path | None, n: int = 30) -> str:

@@ -110,13 +110,18 @@ class StateEngine:
             t.cancel()
 
     async def _health(self) -> None:
-        store = self.state.store
+        store, failures = self.state.store, 0
         while store is self.state.store:
             try:
                 await store.ping()
+                failures = 0
                 self.state.mark(True)
             except StateUnavailable as e:
-                self.state.mark(False, str(e))
+                # two missed pings in a row: one can be this process's own stall (startup);
+                # a failed take or approval write marks the outage at once
+                failures += 1
+                if failures >= 2:
+                    self.state.mark(False, str(e))
             await asyncio.sleep(HEALTH_EVERY)
 
     async def _listen(self) -> None:
