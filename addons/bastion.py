@@ -19,6 +19,7 @@ if _ROOT not in sys.path:
 
 from addons.core.connections import ConnectionRegistry  # noqa: E402
 from addons.core.integrity import PinStore  # noqa: E402
+from addons.core.statestore import SharedState  # noqa: E402
 from addons.hooks.approval import Approval  # noqa: E402
 from addons.hooks.connections import Injector, Router  # noqa: E402
 from addons.hooks.failclosed import FailClosed  # noqa: E402
@@ -33,27 +34,30 @@ from addons.hooks.recorder import Recorder  # noqa: E402
 from addons.hooks.redaction import SecretRedaction  # noqa: E402
 from addons.hooks.responses import ResponseRewriter  # noqa: E402
 from addons.hooks.schemacheck import ArgSchema  # noqa: E402
+from addons.hooks.state import StateEngine  # noqa: E402
 
 
 def build_stages() -> list:
-    """Every stage, in order, sharing one connection registry and one pin store."""
+    """Every stage, in order, sharing one connection registry, one pin store and one state engine."""
     connections = ConnectionRegistry()      # the Router loads and reloads it; the rest read it
     pins = PinStore()                        # rules/pins/*.yaml: integrity and argument schemas
+    state = SharedState()                    # bastion_state: in-process, or Redis shared by replicas
     masking = Masking()
-    approval = Approval(masking_config=lambda: masking.config)   # approvers see masked arguments
+    approval = Approval(masking_config=lambda: masking.config, state=state)   # approvers see masked arguments
     recorder = Recorder(connections)
     return [
         Router(connections),
         Identity(connections),
         McpParser(),
         ArgSchema(connections, pins),
-        Policy(connections, approvals=True),
+        Policy(connections, approvals=True, state=state),
+        StateEngine(state),                  # shared buckets the policy left (bastion_state)
         Integrity(connections, pins),
         approval,
         masking,
         ResponseRewriter(connections),
         SecretRedaction(),
-        Metrics(live=(approval.live_metrics, recorder.live_metrics)),
+        Metrics(live=(approval.live_metrics, recorder.live_metrics, state.live_metrics)),
         recorder,
         LegacyRefusals(),
         Injector(connections),

@@ -36,6 +36,9 @@ BASTION_VARIANTS = {
     "no-masking": ("full chain − masking", ["masking"], []),
     "no-recorder": ("full chain − recorder", ["recorder"], []),
     "core": ("full chain − masking − recorder", ["masking", "recorder"], []),
+    # the shared state engine: a real redis-server (started by the bench) and a rate limit
+    # on every bench rule, so each call pays one atomic bucket take (extra args at start)
+    "full+redis": ("full chain, bastion_state=redis:// and a rate limit on every rule", [], []),
 }
 ALL_TARGETS = ["direct", "bare", "bare-stream", *BASTION_VARIANTS, "lean", "airlock"]
 QUICK_TARGETS = ["direct", "bare", "bare-stream", "full", "lean", "core", "airlock"]
@@ -154,6 +157,8 @@ def start_stack(a, work: Path, wanted: list[str], full_env: dict | None = None) 
             stack.add_lean()
         for name, (label, skip, extra) in BASTION_VARIANTS.items():
             if name in wanted:
+                if name == "full+redis":
+                    extra = stack.start_shared_state()
                 stack.add_bastion(name, label, skip, full_env if name == "full" else None, extra)
     if "airlock" in wanted:
         stack.add_airlock()

@@ -184,8 +184,8 @@ class Stack:
         port = free_port()
         env = {**self.bastion_env, "BENCH_SKIP": ",".join(skip), **(env_extra or {})}
         # each gateway instance needs its own bastion_instance (the recorder locks its journal)
-        cmd = self._mitmdump(port, ["-s", str(self.chain_script), *self.bastion_sets,
-                                    "--set", f"bastion_instance=bench-{name}", *(extra or [])])
+        cmd = self._mitmdump(port, ["-s", str(self.chain_script), *_without(self.bastion_sets, extra or []),
+                                    "--set", f"bastion_instance=bench-{name.replace('+', '-')}", *(extra or [])])
         p, log = self._spawn(name, cmd, env)
         t = Target(name, label, Endpoint("127.0.0.1", port, "/mcp/bench", [("Authorization", f"Bearer {self.jwt}")]),
                    p, log)
@@ -205,6 +205,33 @@ class Stack:
                    Endpoint("127.0.0.1", port, "/mcp/bench", [("Authorization", f"Bearer {self.jwt}")]), p, log)
         self.targets[name] = t
         return t
+
+    def start_shared_state(self) -> list[str]:
+        """A redis-server for the `full+redis` target (scripts/install-redis.sh installs it)
+        and a rules directory whose bench rules all carry a (never reached) rate limit:
+        every call then takes a shared bucket. Returns the gateway's extra --set args."""
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "install-redis.sh")], capture_output=True, text=True,
+                           timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"full+redis: {r.stderr.strip() or r.stdout.strip()}")
+        port, data = free_port(), self.work / "redis"
+        data.mkdir(exist_ok=True)
+        p, log = self._spawn("redis", [r.stdout.strip().splitlines()[-1], "--save", "", "--appendonly", "no",
+                                       "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)])
+        if not wait_port(port, p):
+            raise RuntimeError(f"redis-server did not start; see {log}:\n{_tail(log)}")
+        rules = self.work / "rules-redis"
+        if rules.exists():
+            shutil.rmtree(rules)
+        shutil.copytree(self.bastion_rules, rules)
+        from ruamel.yaml import YAML
+        yaml = YAML()
+        policy = yaml.load((rules / "policy.yaml").read_text())
+        for rule in policy["rules"]:
+            rule["rate_limit"] = {"calls": 10**9, "per": 60}
+        with open(rules / "policy.yaml", "w") as f:
+            yaml.dump(policy, f)
+        return ["--set", f"bastion_rules={rules}", "--set", f"bastion_state=redis://127.0.0.1:{port}/0"]
 
     # -- mcp-airlock ---------------------------------------------------------------
     def add_airlock(self) -> Target | None:
@@ -253,6 +280,14 @@ class Stack:
                         parts = dict(p.split("=", 1) for p in line.split() if "=" in p and p.startswith("BENCH_"))
                         return {"standins": parts.get("BENCH_STANDINS"), "chain": parts.get("BENCH_CHAIN")}
         return {"standins": None, "chain": None}
+
+
+def _without(sets: list[str], extra: list[str]) -> list[str]:
+    """`--set k=v` pairs of `sets` whose option `extra` sets again (mitmproxy refuses an
+    option given twice)."""
+    overridden = {v.split("=", 1)[0] for k, v in zip(extra, extra[1:]) if k == "--set"}
+    pairs = list(zip(sets[::2], sets[1::2]))
+    return [x for k, v in pairs if not (k == "--set" and v.split("=", 1)[0] in overridden) for x in (k, v)]
 
 
 def _tail(path: Path | None, n: int = 30) -> str:

@@ -87,6 +87,20 @@ class CheckedRequest:
     body_sha256: str         # the body as inspected (the audit's request_sha256)
 
 
+@dataclass(frozen=True)
+class SharedTake:
+    """A rate-limit / blast-radius bucket take the policy leaves for the shared state engine
+    (bastion_state set): the state stage takes it atomically, or refuses the call."""
+    key: tuple                 # (kind, rule, principal[, tool])
+    calls: int                 # bucket capacity
+    per: float                 # seconds to refill it
+    cost: int                  # tokens this call takes
+    message_id: Any
+    rule: str
+    code: int                  # JSON-RPC error code when the bucket is empty
+    why: str                   # the refusal's text
+
+
 @dataclass
 class BastionRecord:
     started: float = field(default_factory=time.time)
@@ -145,6 +159,7 @@ class BastionRecord:
     # the caller's Authorization header values, taken out of the flow before anything
     # (mitmweb, flow files) sees it; cleared once the identity addon has verified them
     caller_authorization: tuple[str, ...] | None = field(default=None, repr=False)
+    shared_takes: list[SharedTake] = field(default_factory=list)  # policy -> state stage (bastion_state)
     checked: CheckedRequest | None = None     # fixed when the body was parsed (McpParser)
     outgoing: CheckedRequest | None = None    # as the Injector made it: host, path, no credentials
     # (header, value) the forwarder adds at the last moment, outside any flow the UI shows

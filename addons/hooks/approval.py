@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -32,11 +33,12 @@ from mitmproxy import command, ctx, exceptions, flow as mflow, hooks, http
 from mitmproxy.connection import ConnectionState
 
 from addons.hooks import webconsole
-from addons.hooks.httputil import checked_snapshot, json_response, refuse_http, refuse_jsonrpc
+from addons.hooks.httputil import checked_snapshot, json_response, refuse_http, refuse_jsonrpc, refuse_unavailable
 from addons.core.mcpwire import jsonrpc_error
 from addons.core.record import METADATA_KEY, BastionRecord, get_record
 from addons.core.textsafe import esc, get_logger
 from addons.core.masking.secretscan import redact_obj
+from addons.core.statestore import SharedState, StateUnavailable
 
 log = get_logger("bastion.approval")
 
@@ -46,6 +48,8 @@ APPROVAL_CANCELLED = -32035
 ADMIN_PREFIX = "/_bastion/approvals"
 MAX_GRANTS = 10_000
 MAX_REASON = 500
+SHARED_POLL = 2.0  # seconds between a held call's looks at its shared record (a missed announcement)
+APPROVAL_ID = re.compile(r"[0-9a-f]{12}")
 POLL = 0.1  # how often a hold looks at mitmweb's resume/kill and the client connection
 WEB_CONSOLE = "mitmweb (shared web password)"   # who decided, when mitmweb decided
 WEB_APPROVALS = ("identified", "console")
@@ -78,6 +82,8 @@ class Pending:
     approver: str | None = None
     reason: str = ""
     approved_by: dict[int, str] = field(default_factory=dict)   # index in needs -> approver
+    fingerprint: str = ""             # shared engine: what the stored record must be bound to
+    next_check: float = 0.0           # shared engine: next look at the stored record (monotonic)
 
     @property
     def approvers(self) -> tuple[str, ...]:
@@ -86,7 +92,7 @@ class Pending:
 
     def may_decide(self, roles: Sequence[str]) -> list[int]:
         """Indexes of the needs an identity with these roles may give (never an empty approver list)."""
-        return [i for i, n in enumerate(self.needs) if set(n.approvers) & set(roles)]
+        return may_decide(self.needs, roles)
 
     @property
     def deadline_utc(self) -> str:
@@ -98,6 +104,10 @@ class Pending:
                 "needs": [{"rule": n.rule, "approvers": list(n.approvers), "approved_by": self.approved_by.get(i)}
                           for i, n in enumerate(self.needs)],
                 "expires_in": round(max(0.0, self.deadline - time.monotonic()), 1), **self.summary}
+
+
+def may_decide(needs: Sequence[Need], roles: Sequence[str]) -> list[int]:
+    return [i for i, n in enumerate(needs) if set(n.approvers) & set(roles)]
 
 
 # --- what an approver sees (pure) ------------------------------------------------------
@@ -174,9 +184,13 @@ def client_gone(flow: http.HTTPFlow) -> bool:
 class Approval:
     name = "approval"
 
-    def __init__(self, masking_config: Callable[[], Any] = lambda: None) -> None:
+    def __init__(self, masking_config: Callable[[], Any] = lambda: None, state: SharedState | None = None) -> None:
         # masking_config: the masking stage's current rules (approvers see arguments masked)
         self.masking_config = masking_config
+        # state: with a shared engine (bastion_state) every pending call is also a sealed
+        # record there, listed and decided through any replica (addons/core/statestore.py)
+        self.state = state or SharedState()
+        self.state.listeners.append(self._on_announced)
         self.pending: dict[str, Pending] = {}
         self.grants = Grants()
         self._background: set[asyncio.Task] = set()
@@ -228,7 +242,10 @@ class Approval:
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
         if flow.request.path.startswith(ADMIN_PREFIX) and rec.connection is None:
-            self.admin(flow, rec)
+            if self.state.shared:
+                await self.admin_shared(flow, rec)
+            else:
+                self.admin(flow, rec)
             return
         if flow.response is not None or rec.connection is None:
             return
@@ -242,6 +259,9 @@ class Approval:
             log.info("approval grant reused by %s on %s", rec.identity.sub if rec.identity else "-", rec.connection)
             return
         p = self._pending(flow, rec, held)
+        if self.state.shared and not await self._share(p, rec):
+            refuse_unavailable(flow, rec, f"the approval of rule {p.rule}")
+            return
         self.pending[p.id] = p
         flow.metadata["bastion_approval_id"] = p.id
         flow.intercept()
@@ -261,6 +281,8 @@ class Approval:
             raise
         finally:
             self.pending.pop(p.id, None)
+            if p.fingerprint:
+                self._spawn(self._unshare(p.id))
             # mitmweb's Revert restores the flow from a copy, which has no record
             flow.metadata[METADATA_KEY] = rec
             if p.outcome == "approved" and checked_snapshot(flow.request) != rec.checked:
@@ -328,6 +350,9 @@ class Approval:
                     await self._update(flow)
             elif client_gone(flow):
                 p.outcome, p.reason = "cancelled", "client disconnected"
+            elif p.fingerprint and time.monotonic() >= p.next_check:
+                p.next_check = time.monotonic() + SHARED_POLL
+                self._spawn(self._check_shared(p))
 
     def _finish(self, p: Pending, rec: BastionRecord) -> None:
         flow = p.flow
@@ -394,7 +419,10 @@ class Approval:
         url = ctx.options.bastion_approval_webhook
         if not url:
             return
-        task = asyncio.get_running_loop().create_task(self._post_webhook(url, {"event": "approval.pending", **p.public()}))
+        self._spawn(self._post_webhook(url, {"event": "approval.pending", **p.public()}))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -443,22 +471,40 @@ class Approval:
 
     # --- admin API: /_bastion/approvals[/<id>/approve|deny] ----------------------------------
 
-    def admin(self, flow: http.HTTPFlow, rec: BastionRecord) -> None:
+    @staticmethod
+    def _admin_parts(flow: http.HTTPFlow, rec: BastionRecord) -> list[str] | None:
+        """The admin path's parts once the caller is identified; None when already answered."""
         if flow.response is not None:
-            return  # identity already refused the token
-        ident = rec.identity
-        if ident is None:
+            return None  # identity already refused the token
+        if rec.identity is None:
             refuse_http(flow, 401, "unauthorized", "an approver bearer token is required",
                         {"www-authenticate": "Bearer"})
-            return
+            return None
         parts = flow.request.path.split("?")[0][len(ADMIN_PREFIX):].strip("/").split("/")
         if parts == [""] and flow.request.method == "GET":
+            return parts
+        if len(parts) != 2 or parts[1] not in ("approve", "deny") or flow.request.method != "POST":
+            refuse_http(flow, 404, "not_found", "use GET /_bastion/approvals or POST /_bastion/approvals/<id>/approve|deny")
+            return None
+        return parts
+
+    @staticmethod
+    def _deny_reason(flow: http.HTTPFlow) -> str:
+        try:
+            body = json.loads(flow.request.get_text() or "{}")
+            return str(body.get("reason", "")) if isinstance(body, dict) else ""
+        except (ValueError, UnicodeDecodeError):
+            return ""
+
+    def admin(self, flow: http.HTTPFlow, rec: BastionRecord) -> None:
+        parts = self._admin_parts(flow, rec)
+        if parts is None:
+            return
+        ident = rec.identity
+        if parts == [""]:
             visible = [p.public() for p in self.pending.values()
                        if p.outcome is None and set(p.approvers) & set(ident.roles)]
             flow.response = json_response(200, {"pending": visible})
-            return
-        if len(parts) != 2 or parts[1] not in ("approve", "deny") or flow.request.method != "POST":
-            refuse_http(flow, 404, "not_found", "use GET /_bastion/approvals or POST /_bastion/approvals/<id>/approve|deny")
             return
         pid, action = parts
         p = self.pending.get(pid)
@@ -476,12 +522,7 @@ class Approval:
                         rule="approval:role")
             return
         if action == "deny":
-            try:
-                body = json.loads(flow.request.get_text() or "{}")
-                reason = str(body.get("reason", "")) if isinstance(body, dict) else ""
-            except (ValueError, UnicodeDecodeError):
-                reason = ""
-            self.decide(pid, "denied", ident.sub, reason)      # any one held call refused refuses all
+            self.decide(pid, "denied", ident.sub, self._deny_reason(flow))      # any one held call refused refuses all
         else:
             for i in mine:
                 p.approved_by.setdefault(i, ident.sub)
@@ -494,6 +535,135 @@ class Approval:
                 return
             self.decide(pid, "approved", ", ".join(dict.fromkeys(p.approved_by.values())))
         flow.response = json_response(200, {"id": pid, "outcome": p.outcome, "approver": p.approver})
+
+    # --- shared engine (bastion_state): a sealed record per hold, decided through any replica ---
+
+    async def _share(self, p: Pending, rec: BastionRecord) -> bool:
+        """Store the hold's sealed record; False when the engine is down (the call is refused)."""
+        p.fingerprint, p.next_check = fingerprint(rec), time.monotonic() + SHARED_POLL
+        try:
+            await self.state.store.put_approval(self._record(p), p.timeout)
+        except StateUnavailable as e:
+            self.state.mark(False, str(e))
+            log.warning("approval for %s on %s refused: the shared state engine is unavailable", p.requester,
+                        p.connection)
+            return False
+        return True
+
+    def _record(self, p: Pending) -> dict:
+        """The hold as the engine stores it, sealed (what other replicas list and decide)."""
+        return self.state.sealer.seal({
+            "id": p.id, "fingerprint": p.fingerprint, "requester": p.requester, "connection": p.connection,
+            "rule": p.rule, "needs": [{"rule": n.rule, "approvers": list(n.approvers)} for n in p.needs],
+            "approved_by": {}, "outcome": None, "approver": None, "reason": "", "created": p.created,
+            "deadline": p.created + p.timeout, "summary": p.summary})
+
+    async def _unshare(self, pid: str) -> None:
+        try:
+            await self.state.store.drop_approval(pid)
+        except StateUnavailable:
+            pass                  # the record expires by itself (deadline + grace)
+
+    def _on_announced(self, pid: str) -> None:
+        """A replica announced a decision (pid) or the subscription restarted (""): each
+        hold concerned re-reads its record; the message itself decides nothing."""
+        for p in ([self.pending.get(pid)] if pid else list(self.pending.values())):
+            if p is not None and p.outcome is None and p.fingerprint:
+                self._spawn(self._check_shared(p))
+
+    async def _check_shared(self, p: Pending) -> None:
+        try:
+            record = await self.state.store.get_approval(p.id)
+            if record is None and p.outcome is None:
+                # the engine restarted empty (or the key was removed): list the hold again
+                await self.state.store.put_approval(self._record(p), max(1.0, p.deadline - time.monotonic()))
+                log.warning("approval %s: record missing in the shared engine, written again", p.id)
+                return
+        except StateUnavailable:
+            return                # still held; the next look or announcement decides
+        if record is None or p.outcome is not None:
+            return
+        if not (self.state.sealer.valid(record) and record.get("id") == p.id
+                and record.get("fingerprint") == p.fingerprint):
+            log.warning("approval %s: ignored a stored record not sealed for this call", p.id)
+            return
+        if record.get("outcome") in ("approved", "denied"):
+            self.decide(p.id, record["outcome"], str(record.get("approver") or ""), str(record.get("reason") or ""))
+
+    @staticmethod
+    def _shared_public(r: dict) -> dict:
+        by = r.get("approved_by") or {}
+        left = sorted({a for i, n in enumerate(r["needs"]) if str(i) not in by for a in n["approvers"]})
+        return {"id": r["id"], "requester": r["requester"], "connection": r["connection"], "rule": r["rule"],
+                "approvers": left, "created": r["created"],
+                "deadline": datetime.fromtimestamp(r["deadline"], timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "needs": [{**n, "approved_by": by.get(str(i))} for i, n in enumerate(r["needs"])],
+                "expires_in": round(max(0.0, r["deadline"] - time.time()), 1), **r.get("summary", {})}
+
+    def _live_record(self, r: Any) -> bool:
+        return (self.state.sealer.valid(r) and r.get("outcome") is None and isinstance(r.get("deadline"), (int, float))
+                and r["deadline"] > time.time())
+
+    async def admin_shared(self, flow: http.HTTPFlow, rec: BastionRecord) -> None:
+        """The admin API over the shared records: any replica lists and decides any hold;
+        the holder is told through the engine's channel and checks the sealed record."""
+        parts = self._admin_parts(flow, rec)
+        if parts is None:
+            return
+        ident, store = rec.identity, self.state.store
+        try:
+            if parts == [""]:
+                visible = [self._shared_public(r) for r in await store.list_approvals()
+                           if self._live_record(r) and set(self._shared_public(r)["approvers"]) & set(ident.roles)]
+                flow.response = json_response(200, {"pending": visible})
+                return
+            pid, action = parts
+            refusal: list = [(404, "not_found", "no pending approval with that id (unknown or already decided)", None)]
+            reason = self._deny_reason(flow) if action == "deny" else ""
+
+            def change(r: dict) -> dict | None:
+                if not self._live_record(r) or r.get("id") != pid:
+                    return None
+                if ident.sub == r["requester"]:
+                    refusal[0] = (403, "forbidden", "you cannot decide your own request", "approval:self")
+                    return None
+                mine = may_decide([Need(n["rule"], tuple(n["approvers"])) for n in r["needs"]], ident.roles)
+                if not mine:
+                    refusal[0] = (403, "insufficient_scope", "deciding needs one of the roles "
+                                  f"{', '.join(self._shared_public(r)['approvers'])}", "approval:role")
+                    return None
+                new = {k: v for k, v in r.items() if k != "mac"}
+                if action == "deny":
+                    new.update(outcome="denied", approver=ident.sub, reason=reason[:MAX_REASON])
+                else:
+                    by = {**r["approved_by"], **{str(i): r["approved_by"].get(str(i), ident.sub) for i in mine}}
+                    new["approved_by"] = by
+                    if len(by) >= len(r["needs"]):
+                        new.update(outcome="approved", approver=", ".join(dict.fromkeys(by.values())))
+                return self.state.sealer.seal(new)
+
+            new = await store.update_approval(pid, change) if APPROVAL_ID.fullmatch(pid) else None
+            if new is None:
+                status, error, text, rule = refusal[0]
+                if status == 403:
+                    log.warning("approval %s: %s refused (%s)", pid, esc(ident.sub), rule)
+                refuse_http(flow, status, error, text, rule=rule)
+                return
+            try:
+                await store.announce(pid)
+            except StateUnavailable:
+                pass              # the holder's periodic look at its record finds the decision
+        except StateUnavailable as e:
+            self.state.mark(False, str(e))
+            refuse_http(flow, 503, "state_unavailable", "the shared state engine is unavailable: "
+                        "pending approvals cannot be listed or decided right now", rule="state:unavailable")
+            return
+        if new["outcome"] is None:
+            flow.response = json_response(200, {"id": pid, "outcome": "pending", "approver": ident.sub,
+                                                "waiting_for": self._shared_public(new)["approvers"]})
+            return
+        log.warning("approval %s: %s by %s (through the shared engine)", pid, new["outcome"], esc(new["approver"]))
+        flow.response = json_response(200, {"id": pid, "outcome": new["outcome"], "approver": new["approver"]})
 
 
 # --- CLI ------------------------------------------------------------------------------------

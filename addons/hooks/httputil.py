@@ -10,6 +10,7 @@ from mitmproxy import http
 from addons.core.mcpwire import jsonrpc_error
 from addons.core.record import CheckedRequest, get_record
 
+STATE_UNAVAILABLE = -32039   # JSON-RPC: the shared state engine (bastion_state) is down
 JSON_HEADERS = {"content-type": "application/json", "cache-control": "no-store"}
 
 
@@ -49,3 +50,12 @@ def checked_snapshot(req: http.Request) -> CheckedRequest:
             h.update(name.lower() + b"\0" + value + b"\n")
     return CheckedRequest(req.method, req.scheme, req.host, req.port, req.path, h.hexdigest(),
                           hashlib.sha256(req.raw_content or b"").hexdigest())
+
+
+def refuse_unavailable(flow: http.HTTPFlow, rec, what: str) -> None:
+    """The clear refusal for a call that needs the shared engine while it is down."""
+    msg = f"the shared state engine is unavailable: {what} cannot be checked, so the call is refused"
+    errors = [jsonrpc_error(m.id, STATE_UNAVAILABLE, msg, {"retry": True})
+              for m in rec.messages if m.kind == "request"]
+    refuse_jsonrpc(flow, errors or [jsonrpc_error(None, STATE_UNAVAILABLE, msg)], rec.batch, 200,
+                   reason=msg, rule="state:unavailable")

@@ -21,7 +21,8 @@ from addons.hooks.httputil import checked_snapshot, refuse_jsonrpc
 from addons.core.mcpwire import (LIST_METHODS, SERVER_REQUEST_METHODS, Message, decode_header_value, jsonrpc_error,
                          parse_message)
 from addons.core.policy.rules import (Policy as RulesPolicy, ScanBudget, evaluate, filter_list_result, load_policy, policy_files)
-from addons.core.record import Decision, Identity, get_record
+from addons.core.record import Decision, Identity, SharedTake, get_record
+from addons.core.statestore import SharedState
 from addons.core.rules import RulesError, RulesWatch
 from addons.core.textsafe import get_logger
 
@@ -73,8 +74,12 @@ def refusal_error(d: Decision) -> dict:
 class Policy(Watching):
     name = "policy"
 
-    def __init__(self, connections: ConnectionRegistry | None = None, approvals: bool = False) -> None:
+    def __init__(self, connections: ConnectionRegistry | None = None, approvals: bool = False,
+                 state: SharedState | None = None) -> None:
         self.registry = connections or ConnectionRegistry()
+        # state: with a shared engine (bastion_state), bucket takes are left on the record
+        # for the state stage (atomic across replicas); embedded, the buckets below count
+        self.state = state or SharedState()
         # approvals: an approval stage follows; without one, `approve` decisions are refused
         self.approvals = approvals
         self.policy: RulesPolicy | None = None
@@ -134,7 +139,8 @@ class Policy(Watching):
         rec.response_transforms.append(lambda m: govern_server_request(policy, ident, conn, m, env))
         if flow.request.method != "POST":
             return
-        decisions = [self._decide(policy, ident, conn, m, env) for m in rec.messages]
+        deferred = rec.shared_takes if self.state.shared else None
+        decisions = [self._decide(policy, ident, conn, m, env, deferred) for m in rec.messages]
         rec.decisions = decisions
         for d in decisions:
             log.info("%s %s %s -> %s (%s)", ident.sub if ident else "-", conn,
@@ -166,7 +172,8 @@ class Policy(Watching):
                 rec.response_transforms.append(
                     lambda msg, method=method: _filter(policy, ident, conn, method, msg, env))
 
-    def _decide(self, policy: RulesPolicy, ident: Identity | None, conn: str, m: Message, env: str = "") -> Decision:
+    def _decide(self, policy: RulesPolicy, ident: Identity | None, conn: str, m: Message, env: str = "",
+                deferred: list[SharedTake] | None = None) -> Decision:
         d = evaluate(policy, ident, conn, m, environment=env, budget=self.budget)
         if d.action == "deny" or d.rule is None:
             return d
@@ -174,25 +181,35 @@ class Policy(Watching):
         sub = ident.sub if ident else ""
         if rule is not None and rule.rate_limit is not None:
             calls, per = rule.rate_limit
-            wait = self.limiter.take((rule.name, sub, m.target or m.method), calls, per)
-            if wait > 0:
-                return Decision("deny", rule.name, f"rate limit of {calls} calls per {per:g}s exceeded; "
-                                f"retry after {wait:.1f}s", message_id=m.id, code=RATE_LIMITED)
+            key, why = (rule.name, sub, m.target or m.method), f"rate limit of {calls} calls per {per:g}s exceeded"
+            if deferred is not None:
+                deferred.append(SharedTake(("rate", *key), calls, per, 1, m.id, rule.name, RATE_LIMITED, why))
+            else:
+                wait = self.limiter.take(key, calls, per)
+                if wait > 0:
+                    return Decision("deny", rule.name, f"{why}; retry after {wait:.1f}s", message_id=m.id,
+                                    code=RATE_LIMITED)
         if rule is not None and rule.blast is not None:
-            why = self._blast(rule, sub, m)
+            why = self._blast(rule, sub, m, deferred)
             if why:
                 return Decision("deny", rule.name, why, message_id=m.id, code=BLAST_RADIUS)
         return d
 
-    def _blast(self, rule, sub: str, m: Message) -> str | None:
+    def _blast(self, rule, sub: str, m: Message, deferred: list[SharedTake] | None = None) -> str | None:
         b = rule.blast
         n = b.count(m.arguments)
         if b.max_per_call is not None and n > b.max_per_call:
             return f"blast radius: this call touches {n} items ({b.path}), the limit is {b.max_per_call} per call"
         if b.max_per_window is not None and n:
-            if n > b.max_per_window or self.blast.take((rule.name, sub), b.max_per_window, b.per, cost=n) > 0:
-                return (f"blast radius: {sub or 'this caller'} may touch {b.max_per_window} items per "
-                        f"{b.per:g}s under this rule; this call ({n}) would exceed it")
+            why = (f"blast radius: {sub or 'this caller'} may touch {b.max_per_window} items per "
+                   f"{b.per:g}s under this rule; this call ({n}) would exceed it")
+            if n > b.max_per_window:
+                return why
+            if deferred is not None:
+                deferred.append(SharedTake(("blast", rule.name, sub), b.max_per_window, b.per, n, m.id, rule.name,
+                                           BLAST_RADIUS, why))
+            elif self.blast.take((rule.name, sub), b.max_per_window, b.per, cost=n) > 0:
+                return why
         return None
 
 
