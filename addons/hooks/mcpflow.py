@@ -63,20 +63,26 @@ class McpParser(Watching):
         self._keys_watch = RulesWatch(self._reload_keys)
         self.watches = (self._keys_watch,)
 
+    # (name, type, default, help): sessions, sealed ids and the per-replica bounds
+    OPTIONS = (
+        ("bastion_session_keys", str, "",
+         "Keyring that seals the session ids clients see (AES-256-GCM; '<kid> <key>' per line, the last "
+         "seals, all open). Default: session-keys in bastion_key_dir, created 0600; replicas that share it "
+         "serve each other's sessions."),
+        ("bastion_session_ttl", int, 86400,
+         "Seconds a session id stays valid (sealed in it); then 404 and the client starts a new session."),
+        ("bastion_session_limit", int, 100,
+         "Open MCP sessions one identity may hold (opened through this replica); one more -> 429."),
+        ("bastion_session_max", int, 10_000,
+         "Open MCP sessions this replica counts in all; one more -> 503. Never evicted."),
+        ("bastion_session_idle", int, 3600,
+         "Seconds without a request or an open stream through this replica after which a session stops "
+         "counting towards its limits here."),
+    )
+
     def load(self, loader) -> None:
-        loader.add_option("bastion_session_keys", str, "",
-                          "Keyring that seals the session ids clients see (AES-256-GCM; '<kid> <key>' per line, "
-                          "the last seals, all open). Default: session-keys in bastion_key_dir, created 0600; "
-                          "replicas that share it serve each other's sessions.")
-        loader.add_option("bastion_session_ttl", int, 86400,
-                          "Seconds a session id stays valid (sealed in it); then 404 and the client starts a new session.")
-        loader.add_option("bastion_session_limit", int, 100,
-                          "Open MCP sessions one identity may hold (opened through this replica); one more -> 429.")
-        loader.add_option("bastion_session_max", int, 10_000,
-                          "Open MCP sessions this replica counts in all; one more -> 503. Never evicted.")
-        loader.add_option("bastion_session_idle", int, 3600,
-                          "Seconds without a request or an open stream through this replica after which a "
-                          "session stops counting towards its limits here.")
+        for name, typ, default, help in self.OPTIONS:
+            loader.add_option(name, typ, default, help)
 
     def configure(self, updated: set[str]) -> None:
         from mitmproxy import ctx, exceptions
