@@ -23,10 +23,10 @@ def replicas(demo_server, rules_dir, gateway, tmp_path, n: int = 3):
     return demo, gws, shared
 
 
-def calls_by_instance(store) -> dict[str, int]:
+def calls_by_instance(store, one_session: bool = True) -> dict[str, int]:
     rows = sql(store, "SELECT instance, count(*) AS calls, count(DISTINCT session_id) AS sessions FROM messages "
                       "WHERE method = 'tools/call' AND direction = 'c2s' GROUP BY instance ORDER BY instance")
-    assert all(r["sessions"] == 1 for r in rows), rows
+    assert not one_session or all(r["sessions"] == 1 for r in rows), rows
     return {r["instance"]: r["calls"] for r in rows}
 
 
@@ -96,4 +96,5 @@ async def test_legacy_sse_behind_replicas_needs_the_stream_and_its_posts_on_one(
         for n in range(1, 5):
             r = await c.call_tool("get_customer", {"id": n})
             assert not r.is_error and r.structured_content["id"] == n, r
-    assert sum(calls_by_instance(shared["recordings"]).values()) == 4
+    # (legacy POSTs carry no Mcp-Session-Id: the audit groups them per client connection)
+    assert sum(calls_by_instance(shared["recordings"], one_session=False).values()) == 4
