@@ -81,19 +81,3 @@ async def test_a_replica_killed_mid_session_the_client_goes_on(demo_server, rule
     assert after.get("gw-2", 0) == before.get("gw-2", 0), (before, after)
     assert sum(after.values()) == 11 and {k for k, v in after.items() if v > before.get(k, 0)} == {"gw-1", "gw-3"}
 
-
-async def test_legacy_sse_behind_replicas_needs_the_stream_and_its_posts_on_one(demo_server, rules_dir, gateway,
-                                                                                  procs, tmp_path):
-    """2024-11-05 HTTP+SSE answers travel on the event stream another replica may hold:
-    with `balance source` the stream and its POSTs meet; the session id is sealed anyway."""
-    demo = demo_server("legacy")
-    rules = rules_dir(demo, **{"policy.yaml": ALLOW_ALL_POLICY})
-    shared = dict(key_dir=tmp_path / "shared-keys", recordings=tmp_path / "shared-recordings")
-    gws = [gateway(rules, extra_args=("--set", f"bastion_instance=gw-{i + 1}"), **shared) for i in range(3)]
-    lb = start_haproxy(procs, [g.port for g in gws], tmp_path / "haproxy", balance="source")
-    token = gws[0].token("ci/job-7", ["e2e-all"])
-    async with connect(f"http://127.0.0.1:{lb}/mcp/demo", token, legacy=True) as c:
-        for n in range(1, 5):
-            r = await c.call_tool("get_customer", {"id": n})
-            assert not r.is_error and r.structured_content["id"] == n, r
-    assert sum(calls_by_instance(shared["recordings"]).values()) == 4
