@@ -487,14 +487,13 @@ def _first_response(r) -> dict | None:
     try:
         if ctype.startswith("text/event-stream"):
             for ev in mcpwire.SSEParser().feed(r.content, final=True):
-                if ev.data and ev.type == "message":
-                    obj = json.loads(ev.data)
+                for obj in mcpwire.iter_sse_messages(ev):
                     if isinstance(obj, dict) and ("result" in obj or "error" in obj):
                         return obj
             return None
         obj = r.json()
         return obj if isinstance(obj, dict) else None
-    except ValueError:
+    except (ValueError, mcpwire.McpParseError):
         return None
 
 

@@ -606,14 +606,12 @@ class StreamTap:
         now = time.time()
         events, is_final = [], False
         for ev in self.parser.feed(out, final=final):
-            if ev.data is None or ev.type != "message" or not ev.data.strip():
-                continue
             try:
-                obj = json.loads(ev.data)
-            except ValueError:
+                items = list(mcpwire.iter_sse_messages(ev))
+            except mcpwire.McpParseError:
                 events.append(self.st.events.http(now, note="SSE message event that is not JSON"))
                 continue
-            for item in obj if isinstance(obj, list) else [obj]:
+            for item in items:
                 e = self.st.events.s2c(item, "sse", now)
                 is_final = is_final or e["kind"] in FINAL_KINDS
                 events.append(e)
@@ -642,12 +640,10 @@ def _caller_messages(resp: http.Response, rec: BastionRecord) -> list[Any]:
     if ctype == "text/event-stream":
         out = []
         for ev in mcpwire.SSEParser(max_event=64 * 1024 * 1024).feed(body, final=True):
-            if ev.data and ev.type == "message" and ev.data.strip():
-                try:
-                    obj = json.loads(ev.data)
-                except ValueError:
-                    continue
-                out.extend(obj if isinstance(obj, list) else [obj])
+            try:
+                out.extend(mcpwire.iter_sse_messages(ev))
+            except mcpwire.McpParseError:
+                continue
         return out
     return []
 
