@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-# mitmproxy built-ins the gateway needs, and why (docs/performance.md keeps this list):
+# mitmproxy built-ins the gateway needs (added in lean_master_class), and why
+# (docs/performance.md keeps this list):
 #   core         the core options and commands (mode, listen_host/port, connection_strategy, ...)
 #   proxyserver  the listener and the proxy itself (reverse mode)
 #   next_layer   picks the protocol layer for each connection (HTTP/1, HTTP/2)
 #   tlsconfig    TLS towards https upstreams and, with certificates, towards clients
 #   errorcheck   exits with a message when the startup configuration fails
 #   termlog      (added by the master) the log on the terminal
-LEAN_BUILTINS = ("core", "proxyserver", "next_layer", "tlsconfig", "errorcheck")
 
 
 def lean_master_class():
