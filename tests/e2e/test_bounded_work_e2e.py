@@ -59,5 +59,9 @@ async def test_legitimate_call_is_fast_while_8_large_bodies_are_refused(stack, a
         err = a.json()["error"]
         assert err["code"] == -32030, err
         assert ("default deny" in err["message"]) if not attacker_roles else ("too large to check" in err["message"])
-    assert latency < 1.0
+    # Without the bound the legitimate call waited 4.1 s (no roles) and 7.5 s (allowed the tool)
+    # behind the scans. With it, what is left is parsing the eight bodies on the event loop:
+    # 0.1-0.3 s on an idle machine, 1.05 s seen once on a loaded CI run. 2 s still fails the
+    # unbounded behaviour by a wide margin without failing on machine load.
+    assert latency < 2.0
     assert "ls -la /tmp" not in demo.received_bodies()
