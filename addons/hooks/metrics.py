@@ -73,7 +73,7 @@ class GatewayMetrics:
 # name -> (kind, help). Counters are exposed with the `_total` suffix.
 LIVE = {
     "bastion_approvals_pending": ("gauge", "Calls held for a human decision"),
-    "bastion_recorder_queue": ("gauge", "Batches queued for the audit journal writer (recorder lag)"),
+    "bastion_recorder_queue": ("gauge", "Audit commits waiting for the background fdatasync (bastion_audit_sync=fsync: the recorder lag)"),
     "bastion_recorder_healthy": ("gauge", "1 while the audit store accepts writes"),
     "bastion_state_up": ("gauge", "1 while the shared state engine (bastion_state) answers; 1 when embedded"),
     "bastion_state_shared": ("gauge", "1 when approvals and limits live in a shared state engine (bastion_state)"),

@@ -6,13 +6,13 @@ message exactly as the caller received it — after masking — (per SSE event w
 streaming, or the whole JSON body in the response hook), approval outcome, refusal,
 masks, and one `http` summary with status, sizes, latency and redacted headers.
 
-Durability: hooks only build events and queue them (addons/core/audit/store.py writes them on its
-own thread). Before a response is released (and, with bastion_audit_before_forward, before a
-request is forwarded) the hook waits until the writer has written the events (write(2)): a
-completed write is in the kernel's page cache and survives the gateway being killed (SIGKILL),
-so nothing that reached a client is missing after a crash of the process. fdatasync runs in
-the background (group commit, at least every 20 ms); it only matters for power loss or a
-kernel crash, and `bastion_audit_sync=fsync` makes the hook wait for it too. If the store
+Durability: before a response is released (and, with bastion_audit_before_forward, before a
+request is forwarded) the hook writes its events to the journal itself (write(2), on the event
+loop, microseconds: addons/core/audit/store.py): a completed write is in the kernel's page
+cache and survives the gateway being killed (SIGKILL), so nothing that reached a client is
+missing after a crash of the process. fdatasync runs on a background thread (group commit,
+within 20 ms); it only matters for power loss or a kernel crash, and
+`bastion_audit_sync=fsync` makes the hook wait for it too. If the store
 cannot write, new MCP requests are refused with 503 until a probe succeeds again (fail
 closed: no unaudited traffic).
 """
@@ -436,12 +436,14 @@ class Recorder:
         rec.refuse("audit store unavailable", None)
 
     async def _commit(self, events: list[dict], secrets: list | None = None) -> None:
-        """Queue events and wait until they are stored per bastion_audit_sync (raises
-        StoreUnavailable / TimeoutError)."""
+        """Write events and return once they are stored per bastion_audit_sync: at once after
+        write(2), or after the background fdatasync (raises StoreUnavailable / TimeoutError)."""
         lines = self._encode(events, secrets)
         if self.writer is None:
             raise StoreUnavailable("recorder not configured")
-        await asyncio.wait_for(self.writer.submit_async(lines), COMMIT_TIMEOUT)
+        synced = self.writer.commit(lines)
+        if synced is not None:
+            await asyncio.wait_for(synced, COMMIT_TIMEOUT)
 
     def _encode(self, events: list[dict], secrets: list | None = None) -> list[bytes]:
         for ev in events:

@@ -131,7 +131,7 @@ async def test_request_is_durable_before_it_is_forwarded(rec_ctx, monkeypatch):
 async def test_by_default_requests_are_not_held_for_fsync(rec_ctx, monkeypatch):
     """The response waits for the fsync that covers the request too (one ordered journal)."""
     r, tctx, root = rec_ctx
-    monkeypatch.setattr(r.writer, "submit_async", lambda lines: pytest.fail("request waited for fsync"))
+    monkeypatch.setattr(r.writer, "commit", lambda lines: pytest.fail("request waited for fsync"))
     f, rec = mcp_flow(call(1))
     await r.request(f)
     assert f.response is None

@@ -337,3 +337,38 @@ def test_a_badly_damaged_journal_keeps_its_good_events_and_logs_a_summary(tmp_pa
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) < 10 and "skipped 10000 unparsable lines" in caplog.text   # not one per line
     assert count(tmp_path, "SELECT count(*) FROM events") == 10_000
+
+
+async def test_commit_writes_on_the_callers_thread_and_waits_only_in_fsync_mode(tmp_path, writers, monkeypatch):
+    """ack="write": commit() returns None with the line already in the journal file (no
+    hand-off to a writer thread); ack="fsync": it returns a future that the background
+    fdatasync releases; a store that cannot write raises at once."""
+    import asyncio
+    synced = []
+    real = store._datasync
+    monkeypatch.setattr(store, "_datasync", lambda fd: (synced.append(fd), real(fd))[1])
+    w = writers(tmp_path / "a", ack="write")
+    assert w.commit([encode_event(ev(1))]) is None
+    assert b'"seq":1' in w.journal.read_bytes()
+    d = writers(tmp_path / "b", ack="fsync")
+    before = len(synced)
+    fut = d.commit([encode_event(ev(2))])
+    assert isinstance(fut, asyncio.Future)
+    await asyncio.wait_for(fut, 5)
+    assert len(synced) > before
+    d.close()
+    with pytest.raises(StoreUnavailable):
+        d.commit([encode_event(ev(3))])
+
+
+def test_rolled_over_journal_is_synced_before_it_becomes_a_segment(tmp_path, writers, monkeypatch):
+    synced = []
+    real = store._datasync
+    monkeypatch.setattr(store, "_datasync", lambda fd: (synced.append(fd), real(fd))[1])
+    w = writers(tmp_path, roll_events=10)
+    for i in range(25):
+        w.submit([encode_event(ev(i))])
+    w.close()
+    assert len(synced) >= 3                                  # each of the three journals
+    assert not list((tmp_path / "gw1").glob("journal-*.jsonl"))
+    assert count(tmp_path, "SELECT count(DISTINCT seq) FROM events") == 25

@@ -3,15 +3,16 @@
 Layout (one subdirectory per gateway instance, so several gateways share one store):
 
     <root>/<instance>/.lock                 flock held while the instance runs
-    <root>/<instance>/journal-<n>.jsonl     live journal: one JSON event per line, fsynced in batches
+    <root>/<instance>/journal-<n>.jsonl     live journal: one JSON event per line, fdatasynced in groups
     <root>/<instance>/seg-<n>.parquet       rolled segment (immutable)
 
-Writing: `StoreWriter.submit(lines)` only enqueues; a background thread appends to the
-journal, flushes and fsyncs a whole batch at once (group commit) and then resolves the
-returned future, so a caller that awaits it knows its events survive SIGKILL. A full
-journal is closed and handed to a roller thread that COPYs it into Parquet with DuckDB,
-so rolling never delays commits. On any write failure the writer turns unhealthy (the
-recorder refuses traffic) and probes until writing works again.
+Writing: `StoreWriter.commit(lines)` appends to the journal on the caller's thread (one
+write(2) under a lock: once it returns the lines survive SIGKILL of the process); a syncer
+thread fdatasyncs in the background (group commit) and releases callers that asked to wait
+for it (ack="fsync"). A full journal is handed to the syncer and then to a roller thread
+that COPYs it into Parquet with DuckDB, so rolling never delays commits. On any write or
+sync failure the writer turns unhealthy (the recorder refuses traffic) and probes until
+writing works again.
 
 Reading: `open_store()` builds an in-memory DuckDB over every segment plus the live
 journals. DuckDB never opens a file the gateway holds open for writing in a locking
@@ -330,19 +331,15 @@ def enforce_retention(d: Path, days: float, mb: float, now: float | None = None,
 # Writer
 
 
-@dataclass
-class _Item:
-    lines: list[bytes]
-    future: concurrent.futures.Future | None = None
-    afuture: Any = None             # asyncio.Future, settled on its own loop
-
-    @property
-    def waits(self) -> bool:
-        return self.future is not None or self.afuture is not None
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def _settle(futs: list, exc: BaseException | None) -> None:
-    """Runs on the event loop: one wake-up settles every waiter of a batch."""
+    """Settles futures (on their own event loop when they are asyncio futures)."""
     for f in futs:
         if not f.done():
             if exc is None:
@@ -351,19 +348,16 @@ def _settle(futs: list, exc: BaseException | None) -> None:
                 f.set_exception(exc)
 
 
-def _resolve(items: list[_Item], exc: BaseException | None = None) -> None:
+def _release(futs: list, exc: BaseException | None = None) -> None:
     by_loop: dict[Any, list] = {}
-    for it in items:
-        if it.future is not None and not it.future.done():
-            if exc is None:
-                it.future.set_result(None)
-            else:
-                it.future.set_exception(exc)
-        if it.afuture is not None:
-            by_loop.setdefault(it.afuture.get_loop(), []).append(it.afuture)
-    for loop, futs in by_loop.items():
+    for f in futs:
+        if isinstance(f, concurrent.futures.Future):
+            _settle([f], exc)
+        else:
+            by_loop.setdefault(f.get_loop(), []).append(f)
+    for loop, fs in by_loop.items():
         try:
-            loop.call_soon_threadsafe(_settle, futs, exc)
+            loop.call_soon_threadsafe(_settle, fs, exc)     # one wake-up per loop and batch
         except RuntimeError:        # loop closed: nobody is waiting any more
             pass
 
@@ -378,19 +372,34 @@ class WriterStats:
 
 
 @dataclass
+class _Retired:
+    """A journal no longer appended to: the syncer fdatasyncs and closes it, then the roller
+    turns it into a segment."""
+    fd: int
+    path: Path
+    events: int
+    strict: bool          # rolled over while healthy: commits in it wait for its fdatasync
+
+
+@dataclass
 class StoreWriter:
-    """Journal writer thread plus roller thread for one instance directory."""
+    """Journal writer for one instance directory.
+
+    Appends run on the caller's thread (the event loop) under a lock: sealing and write(2)
+    take microseconds, so a commit needs no hand-off to another thread and no wake-up back.
+    A syncer thread runs fdatasync in the background (group commit) and probes the store
+    while it is unhealthy; a roller thread turns full journals into Parquet segments."""
 
     root: Path
     instance: str
     roll_events: int = 100_000
     roll_bytes: int = 64 * 1024 * 1024
-    max_batch: int = 500
-    sync_interval: float = 0.02      # fsync at least this often when nobody waits
-    # "write": a waiter is released once its lines are written (write(2): in the kernel's
-    # page cache, which survives the process being killed), fdatasync follows in the
-    # background within sync_interval (power loss / kernel crash can lose that window);
-    # "fsync": a waiter is released only after fdatasync
+    max_batch: int = 500             # this many unsynced events start the background sync at once
+    sync_interval: float = 0.02      # otherwise unsynced events wait at most this long for it
+    # "write": a commit counts once its lines are written (write(2): in the kernel's page
+    # cache, which survives the process being killed); fdatasync follows in the background
+    # within sync_interval (power loss / kernel crash can lose that window).
+    # "fsync": a commit counts only after the fdatasync that covers it.
     ack: str = "write"
     probe_interval: float = 1.0      # retry period while unhealthy
     retention_days: float = 0
@@ -403,19 +412,25 @@ class StoreWriter:
         if not INSTANCE_RE.match(self.instance):
             raise ValueError(f"invalid instance name {self.instance!r}")
         self.dir = self.root / self.instance
-        self._q: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()            # journal fd, chain, counters, waiters
+        self._wake = threading.Event()           # something to sync (or to probe)
+        self._urgent = threading.Event()         # somebody waits: sync now, do not gather
         self._roll_q: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
         self._failure: str | None = "not started"
-        self._sync_failed = False
+        self._sync_failed = False                # until a sync succeeds, "write" acks wait for one
         self._closed = False
-        self._file = None
+        self._fd: int | None = None
         self._journal: Path | None = None
         self._n = 0
         self._journal_events = 0
         self._journal_bytes = 0
+        self._written = 0                        # lines appended since start: commit sequence numbers
+        self._synced = 0                         # lines covered by a successful fdatasync
+        self._retired: list[_Retired] = []
+        self._waiters: list[tuple[int, Any]] = []   # (sequence, future): released once synced
         self._lock_fd: int | None = None
         self._chain: Chain | None = Chain(self.sealing.chain_key) if self.sealing is not None else None
-        self._thread = threading.Thread(target=self._run, name=f"bastion-journal-{self.instance}", daemon=True)
+        self._syncer = threading.Thread(target=self._sync_loop, name=f"bastion-sync-{self.instance}", daemon=True)
         self._roller = threading.Thread(target=self._roll_loop, name=f"bastion-roller-{self.instance}", daemon=True)
 
     # -- public API (any thread) ---------------------------------------------------------
@@ -434,50 +449,109 @@ class StoreWriter:
 
     @property
     def queued(self) -> int:
-        """Submitted batches the writer thread has not taken yet (the recorder's lag; approximate)."""
-        return self._q.qsize()
+        """Commits waiting for a background fdatasync (the recorder's lag)."""
+        return len(self._waiters)
 
     def start(self) -> "StoreWriter":
-        self._open()               # first attempt synchronously: healthy at once if it can write
-        self._thread.start()
+        with self._lock:
+            self._open()           # first attempt synchronously: healthy at once if it can write
+        self._syncer.start()
         self._roller.start()
         return self
 
-    def submit(self, lines: list[bytes], wait: bool = False) -> concurrent.futures.Future | None:
-        """Queue encoded events. With wait=True, the future resolves once they are written
-        (ack="write") or fsynced (ack="fsync"), or fails with StoreUnavailable. Never blocks."""
-        fut: concurrent.futures.Future | None = concurrent.futures.Future() if wait else None
-        if self._closed:
-            if fut is not None:
-                fut.set_exception(StoreUnavailable("audit store closed"))
+    def commit(self, lines: list[bytes]) -> Any:
+        """Append encoded events now. Returns None when they count as stored (ack="write":
+        written), else an asyncio.Future of the running loop that resolves after the
+        fdatasync covering them. Raises StoreUnavailable if they cannot be written."""
+        with self._lock:
+            seq = self._append(lines)
+            if not self._must_wait(seq):
+                return None
+            import asyncio
+            fut = asyncio.get_running_loop().create_future()
+            self._wait_for_sync(seq, fut)
             return fut
-        self._q.put(_Item(lines, fut))
-        return fut
 
-    def submit_async(self, lines: list[bytes]):
-        """Like submit(wait=True) for coroutines: an asyncio.Future of the running loop.
-        Waiters of one batch are woken with a single call_soon_threadsafe."""
-        import asyncio
-        fut = asyncio.get_running_loop().create_future()
-        if self._closed:
-            fut.set_exception(StoreUnavailable("audit store closed"))
-        else:
-            self._q.put(_Item(lines, None, fut))
+    def submit(self, lines: list[bytes], wait: bool = False) -> concurrent.futures.Future | None:
+        """Append encoded events now (any thread). With wait=True, a future that resolves
+        like commit() or fails with StoreUnavailable; without, a failure is only counted."""
+        fut: concurrent.futures.Future | None = concurrent.futures.Future() if wait else None
+        try:
+            with self._lock:
+                seq = self._append(lines)
+                if fut is not None and self._must_wait(seq):
+                    self._wait_for_sync(seq, fut)
+                    return fut
+        except StoreUnavailable as e:
+            if fut is not None:
+                fut.set_exception(e)
+            return fut
+        if fut is not None:
+            fut.set_result(None)
         return fut
 
     def close(self, timeout: float = 30.0) -> None:
-        """Commit what is queued, roll the journal into a segment, stop both threads."""
-        if self._closed:
-            return
-        self._closed = True
-        self._q.put(None)
-        self._thread.join(timeout)
-        self._roller.join(timeout)
+        """Sync what is written, roll the journal into a segment, stop both threads."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._urgent.set()
+        self._wake.set()
+        if self._syncer.is_alive():
+            self._syncer.join(timeout)
+        else:                                    # never started: nothing to sync
+            self._roll_q.put(None)
+        if self._roller.is_alive():
+            self._roller.join(timeout)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    # -- writer thread -------------------------------------------------------------------
+    # -- appending (caller's thread, lock held) ------------------------------------------
+
+    def _append(self, lines: list[bytes]) -> int:
+        if self._closed:
+            raise StoreUnavailable("audit store closed")
+        if self._failure is not None:
+            raise StoreUnavailable(self._failure)
+        if not lines:
+            return self._written
+        committed = self._chain.prev if self._chain is not None else None
+        if self._chain is not None:
+            seal = self._chain.seal
+            data = b"".join([seal(line) for line in lines])
+        else:
+            data = b"".join(lines)
+        try:
+            _write_all(self._fd, data)
+        except (OSError, TypeError) as e:
+            if self._chain is not None:
+                self._chain.prev = committed     # the next journal starts from what is stored
+            self._set_failed(f"journal write failed: {e}")
+            raise StoreUnavailable(self._failure) from None
+        n = len(lines)
+        self._written += n
+        self._journal_events += n
+        self._journal_bytes += len(data)
+        self.stats.events += n
+        self.stats.batches += 1
+        if self._written - self._synced >= self.max_batch:
+            self._urgent.set()
+        if not self._wake.is_set():
+            self._wake.set()
+        if self._journal_events >= self.roll_events or self._journal_bytes >= self.roll_bytes:
+            self._retire(strict=True)
+            self._open()                         # rare (every roll_events): a file and a dir fsync
+        return self._written
+
+    def _must_wait(self, seq: int) -> bool:
+        return (self.ack == "fsync" or self._sync_failed) and seq > self._synced
+
+    def _wait_for_sync(self, seq: int, fut: Any) -> None:
+        self._waiters.append((seq, fut))
+        self._urgent.set()
+        self._wake.set()
 
     def _open(self) -> None:
         """Create the directory, take the instance lock, recover, open a new journal."""
@@ -495,8 +569,7 @@ class StoreWriter:
                     self._chain.prev = last_chain_value(self.dir)
             self._n = _next_number(self.dir)
             path = self.dir / f"journal-{self._n:08d}.jsonl"
-            fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            self._file = os.fdopen(fd, "wb", buffering=0)
+            self._fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
             _fsync_dir(self.dir)
             self._journal = path
             self._journal_events = self._journal_bytes = 0
@@ -511,128 +584,79 @@ class StoreWriter:
             log.error("audit store unavailable, refusing MCP traffic: %s", why)
         self._failure = why
         self.stats.failures += 1
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
-            if self._journal is not None and self._journal_events:
-                self._roll_q.put(self._journal)   # what was committed stays queryable / rolled
-            elif self._journal is not None:
-                self._journal.unlink(missing_ok=True)
+        self._retire()                           # what was written stays queryable / rolled
+        self._wake.set()                         # the syncer probes from now on
+
+    def _retire(self, strict: bool = False) -> None:
+        if self._fd is not None:
+            self._retired.append(_Retired(self._fd, self._journal, self._journal_events, strict))
+            self._fd = None
             self._journal = None
 
-    def _run(self) -> None:
-        pending: list[_Item] = []        # written + flushed, not yet fsynced (nobody waits)
-        last_sync = time.monotonic()
-        stop = False
-        while not stop:
-            timeout = self.probe_interval if self._failure else (self.sync_interval if pending else None)
+    # -- syncer thread -------------------------------------------------------------------
+
+    def _sync_loop(self) -> None:
+        while True:
+            self._wake.wait(self.probe_interval if self._failure is not None else None)
+            if not self._urgent.is_set():
+                self._urgent.wait(self.sync_interval)      # group commit: let more lines join
+            self._wake.clear()
+            self._urgent.clear()
+            with self._lock:
+                closing = self._closed
+                if closing:
+                    self._retire()
+                elif self._failure is not None:
+                    self._open()                           # periodic probe
+                retired, self._retired = self._retired, []
+                fd, upto = self._fd, self._written
             try:
-                item = self._q.get(timeout=timeout)
-            except queue.Empty:
-                item = ...
-            batch: list[_Item] = []
-            if item is None:
-                stop = True
-            elif item is not ...:
-                batch.append(item)
-                n = len(item.lines)
-                while n < self.max_batch:
-                    try:
-                        nxt = self._q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    batch.append(nxt)
-                    n += len(nxt.lines)
-            if self._failure is not None:
-                self._open()                         # periodic probe
-                if self._failure is not None:
-                    self._fail_items(batch + pending)
-                    pending = []
-                    continue
-            if batch:
-                committed = self._chain.prev if self._chain is not None else None
-                try:
-                    if self._chain is not None:
-                        seal = self._chain.seal
-                        data = b"".join(seal(line) for it in batch for line in it.lines)
-                    else:
-                        data = b"".join(line for it in batch for line in it.lines)
-                    self._file.write(data)
-                    self._journal_bytes += len(data)
-                    self._journal_events += sum(len(it.lines) for it in batch)
-                    self.stats.events += sum(len(it.lines) for it in batch)
-                    self.stats.batches += 1
-                except (OSError, ValueError, AttributeError) as e:
-                    if self._chain is not None:
-                        self._chain.prev = committed     # nothing of this batch is on disk
-                    self._set_failed(f"journal write failed: {e}")
-                    self._fail_items(batch + pending)
-                    pending = []
-                    continue
-                if self.ack == "write" and not self._sync_failed:
-                    # written: survives SIGKILL; fsync follows. After a failed fsync, waiters
-                    # wait for one that succeeds again (the background sync is not trusted)
-                    _resolve(batch)
-                    batch = [_Item(it.lines) for it in batch]
-                pending.extend(batch)
-            now = time.monotonic()
-            must_sync = stop or any(it.waits for it in pending) \
-                or now - last_sync >= self.sync_interval or len(pending) >= self.max_batch
-            if pending and must_sync:
-                try:
-                    _datasync(self._file.fileno())
+                for r in retired:
+                    self._finish(r)
+                if fd is not None and upto > self._synced:
+                    _datasync(fd)
                     self.stats.fsyncs += 1
-                    self._sync_failed = False
-                except (OSError, ValueError, AttributeError) as e:
+            except (OSError, ValueError) as e:
+                with self._lock:
                     self._sync_failed = True
                     self._set_failed(f"journal fsync failed: {e}")
-                    self._fail_items(pending)
-                    pending = []
-                    continue
-                last_sync = now
-                _resolve(pending)
-                pending = []
-            if not stop and (self._journal_events >= self.roll_events or self._journal_bytes >= self.roll_bytes):
-                self._rotate()
-        # shutdown: whatever is left in the queue fails, the journal becomes a segment
-        self._drain_fail()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            if self._journal_events:
-                self._roll_q.put(self._journal)
-            elif self._journal is not None:
-                self._journal.unlink(missing_ok=True)
-        self._roll_q.put(None)
-
-    def _fail_items(self, items: list[_Item]) -> None:
-        _resolve(items, StoreUnavailable(self._failure or "audit store unavailable"))
-
-    def _drain_fail(self) -> None:
-        while True:
-            try:
-                it = self._q.get_nowait()
-            except queue.Empty:
+                    waiters, self._waiters = self._waiters, []
+                _release([f for _, f in waiters], StoreUnavailable(self._failure or "journal fsync failed"))
+            else:
+                with self._lock:
+                    self._synced = max(self._synced, upto)
+                    self._sync_failed = False
+                    done = [f for s, f in self._waiters if s <= upto]
+                    self._waiters = [(s, f) for s, f in self._waiters if s > upto]
+                _release(done)
+            if closing:
+                with self._lock:
+                    retired, self._retired = self._retired, []
+                    waiters, self._waiters = self._waiters, []
+                for r in retired:
+                    self._finish(r, sync=False)
+                _release([f for _, f in waiters], StoreUnavailable("audit store closed"))
+                self._roll_q.put(None)
                 return
-            if it is not None:
-                self._fail_items([it])
 
-    def _rotate(self) -> None:
-        old = self._journal
+    def _finish(self, r: _Retired, sync: bool = True) -> None:
+        """fdatasync, close, hand to the roller. A failed sync raises for a journal rolled
+        over while healthy (its commits are not durable); for one retired on a failure or at
+        close it is only logged (the failure is already known, or nobody waits)."""
         try:
-            self._file.close()
-        except OSError:
-            pass
-        self._file = None
-        self._journal = None
-        self._roll_q.put(old)
-        self._open()
+            if sync:
+                _datasync(r.fd)
+                self.stats.fsyncs += 1
+        except (OSError, ValueError) as e:
+            if r.strict:
+                raise
+            log.warning("fdatasync of retired journal %s failed: %s", r.path, e)
+        finally:
+            os.close(r.fd)
+            if r.events:
+                self._roll_q.put(r.path)
+            else:
+                r.path.unlink(missing_ok=True)
 
     # -- roller thread -------------------------------------------------------------------
 
