@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+import orjson
 from addons.core.textsafe import get_logger
 
 from addons.core.audit.chain import (
@@ -101,8 +103,19 @@ class StoreUnavailable(Exception):
     """The store cannot make events durable right now (disk full, unwritable, closed)."""
 
 
+_ORJSON_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
+
+
 def encode_event(event: dict) -> bytes:
-    """One journal line. ASCII-only so a torn write can never split a UTF-8 sequence."""
+    """One journal line. ASCII-only so a torn write can never split a UTF-8 sequence.
+    orjson (~6x faster on the event loop) when its output is ASCII; the stdlib escapes the
+    rest, and takes what orjson refuses (integers beyond 64 bits)."""
+    try:
+        line = orjson.dumps(event, default=str, option=_ORJSON_OPTS)
+        if line.isascii():
+            return line
+    except TypeError:
+        pass
     return json.dumps(event, separators=(",", ":"), ensure_ascii=True, default=str).encode() + b"\n"
 
 
