@@ -4,8 +4,9 @@ Built once, here: the state the stages share (the connection registry, the pin s
 and the stages in their order — route, verify, parse, decide, hold, rewrite responses,
 record, and only then point the request at its upstream with the service credential.
 Each stage gets what it uses through its constructor; none looks another up at run time.
-Every stage is wrapped by FailClosed: an exception refuses the flow. docs/architecture.md
-explains the order, the per-flow record and where each rule is enforced.
+mitmproxy sees one addon, the Pipeline, which runs the stages in order and fails closed per
+stage: an exception refuses the flow. docs/architecture.md explains the order, the per-flow
+record and where each rule is enforced.
 """
 from __future__ import annotations
 
@@ -22,13 +23,13 @@ from addons.core.integrity import PinStore  # noqa: E402
 from addons.core.statestore import SharedState  # noqa: E402
 from addons.hooks.approval import Approval  # noqa: E402
 from addons.hooks.connections import Injector, Router  # noqa: E402
-from addons.hooks.failclosed import FailClosed  # noqa: E402
 from addons.hooks.identity import Identity  # noqa: E402
 from addons.hooks.integrity import Integrity  # noqa: E402
 from addons.hooks.legacyrefusal import LegacyRefusals  # noqa: E402
 from addons.hooks.masking import Masking  # noqa: E402
 from addons.hooks.mcpflow import McpParser  # noqa: E402
 from addons.hooks.metrics import Metrics  # noqa: E402
+from addons.hooks.pipeline import Pipeline  # noqa: E402
 from addons.hooks.policy import Policy  # noqa: E402
 from addons.hooks.recorder import Recorder  # noqa: E402
 from addons.hooks.redaction import SecretRedaction  # noqa: E402
@@ -64,16 +65,12 @@ def build_stages() -> list:
     ]
 
 
-class Bastion:
-    """The one addon mitmproxy loads from this script. Its stages are mitmproxy child addons
-    (the `addons` attribute), so mitmproxy itself dispatches each hook to them in order,
-    awaits the async ones without blocking other flows, loads their options and registers
-    their commands (mitmweb's approval UI); each child is wrapped by FailClosed."""
-
-    name = "bastion"
+class Bastion(Pipeline):
+    """The one addon mitmproxy loads from this script: every stage of build_stages() (or the
+    given ones), run in order by addons/hooks/pipeline.py."""
 
     def __init__(self, stages: list | None = None) -> None:
-        self.addons = [FailClosed(s) for s in (build_stages() if stages is None else stages)]
+        super().__init__(build_stages() if stages is None else stages)
 
 
 addons = [Bastion()]

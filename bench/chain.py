@@ -23,7 +23,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from addons.bastion import build_stages  # noqa: E402
-from addons.hooks.failclosed import FailClosed  # noqa: E402
+from addons.hooks.pipeline import Pipeline  # noqa: E402
 
 log = logging.getLogger("bench.chain")
 
@@ -103,13 +103,14 @@ class HookTimes:
 
 def bench_chain() -> list:
     skip = frozenset(s.strip().lower() for s in os.environ.get("BENCH_SKIP", "").split(",") if s.strip())
-    chain = [FailClosed(s) for s in build_stages() if s.name not in skip]
-    log.warning("BENCH_STANDINS=- BENCH_CHAIN=%s", ",".join(a.name for a in chain))
+    stages = [s for s in build_stages() if s.name not in skip]
+    log.warning("BENCH_STANDINS=- BENCH_CHAIN=%s", ",".join(s.name for s in stages))
+    chain: list = [Profiler(os.environ["BENCH_PROFILE"])] if os.environ.get("BENCH_PROFILE") else []
     if os.environ.get("BENCH_HOOKTIMES"):
         table: dict = {}
-        chain = [HookTimer(a, table) for a in chain] + [HookTimes(os.environ["BENCH_HOOKTIMES"], table)]
-    if os.environ.get("BENCH_PROFILE"):
-        chain.insert(0, Profiler(os.environ["BENCH_PROFILE"]))
+        chain += [Pipeline([HookTimer(s, table) for s in stages]), HookTimes(os.environ["BENCH_HOOKTIMES"], table)]
+    else:
+        chain.append(Pipeline(stages))
     return chain
 
 

@@ -221,12 +221,13 @@ def test_commands_options_and_lifecycle_pass_through():
         assert f.response.status_code == 502
 
 
-def test_the_shipped_chain_is_wrapped():
+def test_the_shipped_chain_is_one_pipeline_in_order():
     from addons import bastion
+    from addons.hooks.pipeline import Pipeline
     assert [a.name for a in bastion.addons] == ["bastion"]      # mitmproxy sees one addon
-    chain = bastion.addons[0].addons
-    assert chain and all(isinstance(a, FailClosed) for a in chain)
-    names = [a.name for a in chain]
+    p = bastion.addons[0]
+    assert isinstance(p, Pipeline) and not hasattr(p, "addons")  # no nested children to walk
+    names = [s.name for s in p.stages]
     assert names[0] == "connections" and names[-1] == "injector"
     assert "mcp" in names and "responses" in names
     assert names.index("mcp") < names.index("responses") < names.index("injector")
@@ -250,7 +251,7 @@ def test_production_script_has_no_stage_switch(tmp_path):
     import sys
     probe = ("import sys; sys.argv = ['x']\n"
              "import runpy; ns = runpy.run_path('addons/bastion.py')\n"
-             "print(','.join(a.name for a in ns['addons'][0].addons))")
+             "print(','.join(s.name for s in ns['addons'][0].stages))")
     env = {"BASTION_SKIP": "masking,recorder,identity,policy", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env,
                          timeout=120)
