@@ -18,13 +18,13 @@ naming the secret by label, never by value.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, http
 
+from addons.core import mcpwire
 from addons.core.record import BastionRecord, MaskEvent, get_record
 from addons.core.rules import RulesWatch, RulesError, rules_files
 from addons.core.sessionseal import KEY_FILE as SESSION_KEY_FILE
@@ -261,7 +261,7 @@ class MessageRedactor:
     def __call__(self, msg: dict) -> Any:
         # one C-speed pass over the message as JSON text first: a decoded string appears
         # there JSON-escaped, and that escaping is one of the variants searched for
-        if not redact_str(self.rec.known_secrets, json.dumps(msg, ensure_ascii=False))[1]:
+        if not redact_str(self.rec.known_secrets, mcpwire.dumps(msg).decode("utf-8", "surrogatepass"))[1]:
             self.readonly = True
             return msg
         labels: set[str] = set()

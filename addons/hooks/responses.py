@@ -95,7 +95,7 @@ def transform_json_body(rec: BastionRecord, body: bytes) -> bytes | None:
         _remember(rec, new)
     if not any_changed:
         return None
-    return json.dumps(out if isinstance(obj, list) else out[0], ensure_ascii=False, separators=(",", ":")).encode()
+    return mcpwire.dumps(out if isinstance(obj, list) else out[0])
 
 
 class SSERewriter:
@@ -171,7 +171,7 @@ class SSERewriter:
             out.append(new)
             _remember(self.rec, new)
         if any_changed:
-            ev.data = json.dumps(out if isinstance(obj, list) else out[0], ensure_ascii=False, separators=(",", ":"))
+            ev.data = mcpwire.dumps(out if isinstance(obj, list) else out[0]).decode("utf-8", "surrogatepass")
         return ev.encode() if any_changed or changed else ev.raw
 
     def _check_fields(self, ev: mcpwire.SSEEvent) -> bool:

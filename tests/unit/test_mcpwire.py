@@ -9,6 +9,7 @@ import base64
 import json
 
 import pytest
+from hypothesis import given, strategies as st
 from mcp.shared import inbound as sdk
 
 from addons.core import mcpwire
@@ -517,3 +518,24 @@ def test_integral_float_argument_matches_the_sdk_client_rendering():
     # a string argument compares as a string: "10.0" does not mirror "10"
     assert gw_params({**ARGS, "region": "10"}, {**legit_headers({**ARGS, "region": "10"}),
                                                  "Mcp-Param-Region": "10.0"}).code == HEADER_MISMATCH
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=20)
+
+
+@given(_json_values)
+def test_dumps_is_the_compact_stdlib_serialisation_read_back(obj):
+    """mcpwire.dumps (orjson, stdlib fallback) decodes to the same value as the stdlib's compact
+    output; strings are escaped identically (redaction searches the text for escaped secrets)."""
+    out = mcpwire.dumps(obj)
+    assert json.loads(out) == json.loads(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+
+
+def test_dumps_escapes_strings_like_the_stdlib():
+    s = "".join(chr(i) for i in range(0x80)) + "é\u2028\u2029\U0001f600"
+    assert mcpwire.dumps({"k": s, "big": 2**70}) == json.dumps({"k": s, "big": 2**70}, ensure_ascii=False,
+                                                                separators=(",", ":")).encode()
