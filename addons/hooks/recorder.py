@@ -35,7 +35,7 @@ from addons.core import mcpwire
 from addons.hooks.httputil import json_response
 from addons.core.connections import ConnectionRegistry
 from addons.core.record import BastionRecord, Decision, MaskEvent, get_record
-from addons.core.masking.secretscan import redact_bytes, redact_obj, redact_url
+from addons.core.masking.secretscan import find_spans, redact_bytes, redact_obj, redact_url
 from addons.core.audit.chain import DEFAULT_AUDIT_KEY, load_or_create_signing_key
 from addons.core.audit.store import (
     Sealing, StoreUnavailable, StoreWriter, encode_event, recover_store,
@@ -78,6 +78,24 @@ def redact_path(path: str, secrets: list | None = None) -> str:
     """Tokens never belong in URLs, but a careless client may put one there (query
     parameter or path segment): see secretscan.redact_url."""
     return redact_url(path, secrets or ())
+
+
+def encode_lines(events: list[dict], secrets: list | None, shared: dict | None = None) -> list[bytes]:
+    """Journal lines with every known secret redacted. Events of one flow all carry the
+    fields of `shared` (caller, session, connection: most of a small line), so the scan
+    reads those once, then what each event adds, all in one pass (a scan costs a few ns a
+    byte). Only when it hits is each line taken through encode_redacted."""
+    lines = [encode_event(ev) for ev in events]
+    if not secrets:
+        return lines
+    if shared:
+        parts = [encode_event(shared)]
+        parts += [encode_event({k: v for k, v in ev.items() if k not in shared or shared[k] is not v}) for ev in events]
+    else:
+        parts = lines
+    if not find_spans(secrets, b"".join(parts))[1]:
+        return lines
+    return [encode_redacted(ev, secrets) for ev in events]
 
 
 def encode_redacted(event: dict, secrets: list | None) -> bytes:
@@ -359,10 +377,10 @@ class Recorder:
             return
         if refused or not ctx.options.bastion_audit_before_forward:
             # the journal is written in order: the fsync the response waits for covers these
-            self._submit(events, wait=False, secrets=rec.known_secrets)
+            self._submit(events, wait=False, secrets=rec.known_secrets, shared=st.events.base)
             return
         try:
-            await self._commit(events, rec.known_secrets)
+            await self._commit(events, rec.known_secrets, st.events.base)
         except (StoreUnavailable, asyncio.TimeoutError) as e:
             self._refuse_unavailable(flow, rec, str(e) or "commit timed out")
 
@@ -396,7 +414,7 @@ class Recorder:
         self._update_session(flow, st)
         events = self._final_events(flow, rec, st, time.time())
         try:
-            await self._commit(events, rec.known_secrets)
+            await self._commit(events, rec.known_secrets, st.events.base)
         except (StoreUnavailable, asyncio.TimeoutError) as e:
             log.error("response not recorded (%s); not releasing it", e or "commit timed out")
             rec.refuse("audit store unavailable", None)
@@ -422,7 +440,7 @@ class Recorder:
                                      request_sha256=_forwarded_sha256(rec),
                                      response_bytes=st.response_bytes or None, latency_ms=_ms(st.events.t0, now),
                                      req_headers=st.req_headers, note=msg[:500], credential=rec.credential_kind))
-        self._submit(events, wait=False, secrets=rec.known_secrets)
+        self._submit(events, wait=False, secrets=rec.known_secrets, shared=st.events.base)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -435,23 +453,23 @@ class Recorder:
         flow.response = _unavailable_response()
         rec.refuse("audit store unavailable", None)
 
-    async def _commit(self, events: list[dict], secrets: list | None = None) -> None:
+    async def _commit(self, events: list[dict], secrets: list | None = None, shared: dict | None = None) -> None:
         """Write events and return once they are stored per bastion_audit_sync: at once after
         write(2), or after the background fdatasync (raises StoreUnavailable / TimeoutError)."""
-        lines = self._encode(events, secrets)
+        lines = self._encode(events, secrets, shared)
         if self.writer is None:
             raise StoreUnavailable("recorder not configured")
         synced = self.writer.commit(lines)
         if synced is not None:
             await asyncio.wait_for(synced, COMMIT_TIMEOUT)
 
-    def _encode(self, events: list[dict], secrets: list | None = None) -> list[bytes]:
+    def _encode(self, events: list[dict], secrets: list | None = None, shared: dict | None = None) -> list[bytes]:
         for ev in events:
             ev["seq"] = next(self._seq)
-        return [encode_redacted(ev, secrets) for ev in events]
+        return encode_lines(events, secrets, shared)
 
-    def _submit(self, events: list[dict], wait: bool, secrets: list | None = None):
-        lines = self._encode(events, secrets)
+    def _submit(self, events: list[dict], wait: bool, secrets: list | None = None, shared: dict | None = None):
+        lines = self._encode(events, secrets, shared)
         if self.writer is None:
             if wait:
                 import concurrent.futures
@@ -591,7 +609,7 @@ class StreamTap:
             events, final = [self.st.events.http(time.time(), note=f"unrecorded SSE bytes: {type(e).__name__}")], False
         if not events:
             return sent
-        fut = self.recorder._submit(events, wait=final, secrets=self.rec.known_secrets)
+        fut = self.recorder._submit(events, wait=final, secrets=self.rec.known_secrets, shared=self.st.events.base)
         if fut is None:
             return sent
         try:

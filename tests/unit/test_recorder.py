@@ -543,3 +543,26 @@ async def test_initialize_answered_on_sse_carries_method_and_server_session(rec_
     rows = q(root, "SELECT direction, method, session_id FROM messages ORDER BY time, seq")
     assert rows == [{"direction": "c2s", "method": "initialize", "session_id": "srv-sse"},
                     {"direction": "s2c", "method": "initialize", "session_id": "srv-sse"}]
+
+
+@pytest.mark.parametrize("where", ["shared", "own", "shared-overridden", "none"])
+def test_encode_lines_redacts_a_secret_wherever_it_sits(where):
+    """encode_lines scans the fields every event of a flow shares once and each event's own
+    fields after: a secret in either is redacted in every line; clean lines are unchanged."""
+    from addons.core.audit.store import encode_event
+    from addons.core.masking.secretscan import Secret, SecretIndex
+    from addons.hooks.recorder import encode_lines
+    secret = "tok_live_9f8e7d6c5b4a39281706"
+    idx = SecretIndex([Secret("service credential", secret)])
+    base = {"instance": "gw", "sub": secret if where == "shared" else "alice", "roles": ["support"]}
+    evs = [dict(base, kind="mask", seq=i, mask_path=f"$.x{i}") for i in range(5)]
+    if where == "own":
+        evs[3]["params"] = {"arguments": {"note": f"copy of {secret}"}}
+    if where == "shared-overridden":
+        evs[2]["sub"] = secret                       # same key as the base, another value
+    lines = encode_lines(evs, [idx], base)
+    assert len(lines) == 5 and all(secret.encode() not in ln for ln in lines)
+    if where == "none":
+        assert lines == [encode_event(e) for e in evs]
+    else:
+        assert any(b"redacted:known-secret" in ln for ln in lines)
