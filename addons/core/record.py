@@ -120,6 +120,10 @@ class BastionRecord:
     approval: dict[str, Any] | None = None  # outcome of an approval hold
     masks: list[MaskEvent] = field(default_factory=list)
     response_messages: list[dict] = field(default_factory=list)  # JSON-RPC messages as the caller saw them
+    # Written by redaction (response hook): the final JSON body was scanned with
+    # known_secrets and nothing was found. Read by the recorder, which then does not scan
+    # the same messages a second time when it records them.
+    response_body_clean: bool = False
     # Pure functions the response pipeline applies, in order, to every JSON-RPC message
     # of the response (whole JSON body or each SSE event). Registered by policy (list
     # filtering) and masking. Raising = fail closed (message replaced by an error).

@@ -80,17 +80,25 @@ def redact_path(path: str, secrets: list | None = None) -> str:
     return redact_url(path, secrets or ())
 
 
-def encode_lines(events: list[dict], secrets: list | None, shared: dict | None = None) -> list[bytes]:
+BODY_KEYS = frozenset({"result", "error", "params"})   # a recorded message's payload
+
+
+def encode_lines(events: list[dict], secrets: list | None, shared: dict | None = None,
+                 scanned: frozenset[int] = frozenset()) -> list[bytes]:
     """Journal lines with every known secret redacted. Events of one flow all carry the
     fields of `shared` (caller, session, connection: most of a small line), so the scan
     reads those once, then what each event adds, all in one pass (a scan costs a few ns a
-    byte). Only when it hits is each line taken through encode_redacted."""
+    byte). The payload of events in `scanned` (ids) was scanned already, as the body the
+    caller received. Only when the scan hits is each line taken through encode_redacted."""
     lines = [encode_event(ev) for ev in events]
     if not secrets:
         return lines
-    if shared:
+    if shared or scanned:
+        shared = shared or {}
         parts = [encode_event(shared)]
-        parts += [encode_event({k: v for k, v in ev.items() if k not in shared or shared[k] is not v}) for ev in events]
+        parts += [encode_event({k: v for k, v in ev.items()
+                                if (k not in shared or shared[k] is not v) and not (k in BODY_KEYS and id(ev) in scanned)})
+                  for ev in events]
     else:
         parts = lines
     if not find_spans(secrets, b"".join(parts))[1]:
@@ -412,9 +420,9 @@ class Recorder:
             return
         rec, st = finished
         self._update_session(flow, st)
-        events = self._final_events(flow, rec, st, time.time())
+        events, scanned = self._final_events(flow, rec, st, time.time())
         try:
-            await self._commit(events, rec.known_secrets, st.events.base)
+            await self._commit(events, rec.known_secrets, st.events.base, scanned)
         except (StoreUnavailable, asyncio.TimeoutError) as e:
             log.error("response not recorded (%s); not releasing it", e or "commit timed out")
             rec.refuse("audit store unavailable", None)
@@ -453,20 +461,22 @@ class Recorder:
         flow.response = _unavailable_response()
         rec.refuse("audit store unavailable", None)
 
-    async def _commit(self, events: list[dict], secrets: list | None = None, shared: dict | None = None) -> None:
+    async def _commit(self, events: list[dict], secrets: list | None = None, shared: dict | None = None,
+                      scanned: frozenset[int] = frozenset()) -> None:
         """Write events and return once they are stored per bastion_audit_sync: at once after
         write(2), or after the background fdatasync (raises StoreUnavailable / TimeoutError)."""
-        lines = self._encode(events, secrets, shared)
+        lines = self._encode(events, secrets, shared, scanned)
         if self.writer is None:
             raise StoreUnavailable("recorder not configured")
         synced = self.writer.commit(lines)
         if synced is not None:
             await asyncio.wait_for(synced, COMMIT_TIMEOUT)
 
-    def _encode(self, events: list[dict], secrets: list | None = None, shared: dict | None = None) -> list[bytes]:
+    def _encode(self, events: list[dict], secrets: list | None = None, shared: dict | None = None,
+                scanned: frozenset[int] = frozenset()) -> list[bytes]:
         for ev in events:
             ev["seq"] = next(self._seq)
-        return encode_lines(events, secrets, shared)
+        return encode_lines(events, secrets, shared, scanned)
 
     def _submit(self, events: list[dict], wait: bool, secrets: list | None = None, shared: dict | None = None):
         lines = self._encode(events, secrets, shared)
@@ -545,13 +555,17 @@ class Recorder:
         if base["session_synthetic"] and sid:
             base["session_id"], base["session_synthetic"] = sid, False
 
-    def _final_events(self, flow: http.HTTPFlow, rec: BastionRecord, st: _FlowState, now: float) -> list[dict]:
+    def _final_events(self, flow: http.HTTPFlow, rec: BastionRecord, st: _FlowState,
+                      now: float) -> tuple[list[dict], frozenset[int]]:
+        """The exchange's last events, and the ids of those whose payload is the response body
+        redaction already scanned clean."""
         ev = st.events
         events = self._c2s_events(st, rec, now)
         if rec.approval is not None and not st.approval_done:
             st.approval_done = True
             events.append(ev.approval(rec.approval, now))
         resp = flow.response
+        scanned: frozenset[int] = frozenset()
         status = resp.status_code if resp is not None else None
         if rec.refusal is not None:
             events.append(ev.refusal(rec.refusal, rec.refusal_rule, status, (resp.timestamp_start if resp else None) or now,
@@ -559,7 +573,10 @@ class Recorder:
         if resp is not None and not st.streamed:
             via = "gateway" if rec.refusal is not None else "json"
             t_resp = resp.timestamp_end or now
-            events += [ev.s2c(m, via, t_resp) for m in _caller_messages(resp, rec)]
+            s2c = [ev.s2c(m, via, t_resp) for m in _caller_messages(resp, rec)]
+            events += s2c
+            if rec.response_body_clean and rec.refusal is None:
+                scanned = frozenset(map(id, s2c))
             st.response_bytes = len(resp.raw_content or b"")
         profile = next((d.mask_profile for d in rec.decisions if d.mask_profile), None)
         events += [ev.mask(m, profile, now) for m in rec.masks]
@@ -572,7 +589,7 @@ class Recorder:
             latency_ms=_ms(ev.t0, (resp.timestamp_end if resp else None) or now),
             req_headers=st.req_headers, note=note, credential=rec.credential_kind,
             resp_headers=redact_headers(resp.headers.fields, st.extra_redact) if resp is not None else None))
-        return events
+        return events, scanned
 
 
 def _forwarded_sha256(rec: BastionRecord) -> str | None:

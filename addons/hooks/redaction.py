@@ -212,6 +212,8 @@ class SecretRedaction:
             if hit:
                 resp.content = new
                 note_hits(rec, "response body", hit)
+            else:
+                rec.response_body_clean = True
 
     @staticmethod
     def _headers(rec: BastionRecord, resp: http.Response) -> None:

@@ -56,6 +56,15 @@ def test_clean_response_untouched():
     a.requestheaders(f)
     a.response(f)
     assert f.response.content == b'{"jsonrpc":"2.0","id":1,"result":{}}' and not get_record(f.metadata).masks
+    assert get_record(f.metadata).response_body_clean          # the recorder need not scan it again
+
+
+def test_a_body_with_a_secret_is_never_marked_clean():
+    a = addon()
+    f = flow(json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"t": SECRET}}).encode())
+    a.requestheaders(f)
+    a.response(f)
+    assert SECRET.encode() not in f.response.content and not get_record(f.metadata).response_body_clean
 
 
 def test_message_transform_registered_and_sees_through_escapes():
