@@ -30,7 +30,7 @@ from addons.core.rules import RulesWatch, RulesError, rules_files
 from addons.core.sessionseal import KEY_FILE as SESSION_KEY_FILE
 from addons.core.sessionseal import KeyringError, parse_keyring
 from addons.core.masking.secretscan import (
-    Secret, SecretIndex, StreamRedactor, pem_secrets, redact_bytes, redact_obj, redact_str, redact_url,
+    Secret, SecretIndex, StreamRedactor, find_spans, pem_secrets, redact_bytes, redact_obj, redact_str, redact_url,
 )
 
 log = logging.getLogger("bastion.redaction")
@@ -217,6 +217,10 @@ class SecretRedaction:
 
     @staticmethod
     def _headers(rec: BastionRecord, resp: http.Response) -> None:
+        # one scan over every value (a scan's fixed cost dwarfs a header's bytes); values
+        # cannot hold a newline, so a match across two of them only costs the slow path
+        if not find_spans(rec.known_secrets, b"\n".join(v for _, v in resp.headers.fields))[1]:
+            return
         found: set[str] = set()
         fields = []
         for k, v in resp.headers.fields:
