@@ -35,6 +35,8 @@ MAX_DEPTH = 64             # deeper documents are refused (fail closed), like th
 MAX_NODES = 2_000_000      # per message; bounds the work a hostile upstream can cause
 MAX_EVENT_PATHS = 1024     # distinct (path, type) pairs kept per message
 MAX_RENDERED = 65_536      # memoised path texts per message
+MAX_MEMO = 8192            # memoised scans / styled values per message
+MAX_MEMO_LEN = 1024        # longest value memoised
 MIN_DETECT_LEN = 6         # shortest string any detector can match ("a@b.cc")
 
 STYLES = ("redact", "partial", "hash", "keep")
@@ -385,7 +387,7 @@ def _strip_anchors(rx: str) -> str:
 # --- the walk ----------------------------------------------------------------------------
 
 class _Ctx:
-    __slots__ = ("p", "events", "nodes", "fallback", "rendered", "segs", "structured")
+    __slots__ = ("p", "events", "nodes", "fallback", "rendered", "keys", "structured", "scanned", "styled")
 
     def __init__(self, profile: Profile):
         self.p = profile
@@ -395,25 +397,42 @@ class _Ctx:
         # id(path node) -> (node, rendered text): the node is kept alive so its id is not
         # reused; one message's walk only, bounded by MAX_RENDERED
         self.rendered: dict[int, tuple[tuple, str]] = {}
-        self.segs: dict[str, str] = {}
+        # (id(parent node), key, type) -> (parent node, events key): a hit on a key already
+        # seen under the same parent (every row of an array shares one parent node, see
+        # _children) costs a lookup, not a rendering. Bounded by MAX_RENDERED.
+        self.keys: dict[tuple, tuple[tuple, tuple[str, str]]] = {}
         # a tool result's structuredContent, masked: (original, masked, changed, rendered
         # path, events it produced). Its text twin in content[] reuses it (same data).
         self.structured: tuple[Any, Any, bool, str, dict] | None = None
+        # per-message memos of pure functions of the profile and a value (values repeat
+        # down a column): text -> (scanned text, tags hit in order); (style, tag, value) ->
+        # masked value. Bounded by MAX_MEMO entries each.
+        self.scanned: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.styled: dict[tuple[str, str, str], str] = {}
 
     def hit(self, path: tuple, type_: str, n: int = 1) -> None:
         if not path:
             self._count("", type_, n)
             return
         parent, seg = path
-        if isinstance(seg, str) and not isinstance(seg, _Mark):
-            st = self.segs.get(seg)               # key names repeat on every row
-            if st is None:
-                st = _seg_text(seg)
-                if len(self.segs) < MAX_RENDERED:
-                    self.segs[seg] = st
+        if isinstance(seg, _Mark):
+            self._count(self.path_text(parent) + seg, type_, n)
+            return
+        fk = (id(parent), seg, type_)
+        ent = self.keys.get(fk)
+        if ent is None or ent[0] is not parent:
+            ent = (parent, (self.path_text(parent) + _seg_text(seg), type_))
+            if len(self.keys) < MAX_RENDERED:
+                self.keys[fk] = ent
+        k = ent[1]
+        events = self.events
+        c = events.get(k)
+        if c is not None:
+            events[k] = c + n
+        elif len(events) < MAX_EVENT_PATHS:
+            events[k] = n
         else:
-            st = _seg_text(seg)
-        self._count(self.path_text(parent) + st, type_, n)
+            events[("$", "other")] = events.get(("$", "other"), 0) + n
 
     def path_text(self, path: tuple) -> str:
         """_render(path), memoised per path node: rows of one array share their parent's
@@ -435,6 +454,18 @@ class _Ctx:
             self.events[k] = self.events.get(k, 0) + n
         else:
             self.events[("$", "other")] = self.events.get(("$", "other"), 0) + n
+
+    def style(self, style: str, tag: str, value: str) -> str:
+        """apply_style, memoised per message (a keyed hash or a partial mask per value)."""
+        if style == "redact":
+            return f"[MASKED:{tag}]"
+        k = (style, tag, value)
+        out = self.styled.get(k)
+        if out is None:
+            out = apply_style(style, tag, value, self.p.hash_key)
+            if len(self.styled) < MAX_MEMO and len(value) <= MAX_MEMO_LEN:
+                self.styled[k] = out
+        return out
 
 
 class _Mark(str):
@@ -566,14 +597,7 @@ def _walk(ctx: _Ctx, value: Any, path: tuple, states: tuple, keys: tuple, depth:
             return value, False
         if isinstance(value, (dict, list)):
             return _children(ctx, value, path, (), keys, depth, forced, key)
-        if value is None or value == "":
-            return value, False
-        text = value if isinstance(value, str) else json.dumps(value)
-        if _ALREADY.match(text):
-            return value, False
-        tag = rule.tag(key)
-        ctx.hit(path, tag)
-        return apply_style(rule.style, tag, text, p.hash_key), True
+        return _leaf(ctx, rule, value, path, key)
     if isinstance(value, (dict, list)):
         return _children(ctx, value, path, states, keys, depth, -1, None)
     if isinstance(value, str) and len(value) >= MIN_DETECT_LEN and p._scans:
@@ -582,24 +606,43 @@ def _walk(ctx: _Ctx, value: Any, path: tuple, states: tuple, keys: tuple, depth:
     return value, False
 
 
+def _leaf(ctx: _Ctx, rule: Rule, value: Any, path: tuple, key: Any) -> tuple[Any, bool]:
+    """A scalar a field/JSONPath rule matched: masked whole (numbers become masked strings)."""
+    if rule.style == "keep" or value is None or value == "":
+        return value, False
+    text = value if isinstance(value, str) else json.dumps(value)
+    if _ALREADY.match(text):
+        return value, False
+    tag = rule.tag(key)
+    ctx.hit(path, tag)
+    return ctx.style(rule.style, tag, text), True
+
+
 def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: tuple, depth: int,
               forced: int, tagkey: Any) -> tuple[Any, bool]:
     """Children of a container; `forced` = rule inherited from a matched ancestor (whose
     key, `tagkey`, names the [MASKED:type] of every leaf below it)."""
     p = ctx.p
     changed: dict[Any, Any] | None = None
-    items = value.items() if isinstance(value, dict) else enumerate(value)
+    is_dict = isinstance(value, dict)
+    items = value.items() if is_dict else enumerate(value)
     length = len(value)
     track_keys = ctx.fallback is not None
     key_cache = p._key_cache
+    rules = p.rules
     scans = p._scans
     if depth + 1 > MAX_DEPTH and length:
         raise MaskError(f"response nested deeper than {MAX_DEPTH}")
+    # every element of an array gets the same path node (an index renders as [*]), so the
+    # rendered paths and event keys below it are computed once per array, not per row
+    item_path = None if is_dict else (path, 0)
     for k, v in items:
-        child_forced = forced
+        cpath = (path, k) if is_dict else item_path
         child_states: tuple = ()
         child_keys = keys + (k,) if track_keys else ()
-        if forced < 0:
+        if forced >= 0:
+            rule_i, tkey = forced, tagkey
+        else:
             best = (key_cache[k] if k in key_cache else p.rule_for_key(k)) if isinstance(k, str) else -1
             if states:
                 child_states, pm = _advance(p, states, k, length)
@@ -609,30 +652,41 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
                 fb = _fallback_rule(ctx, child_keys)
                 if fb >= 0 and (best < 0 or fb < best):
                     best = fb
-            child_forced = best
-            if best < 0 and not isinstance(v, (dict, list)):
-                # fast path for the common case: an unmatched scalar
-                ctx.nodes += 1
-                if ctx.nodes > MAX_NODES:
-                    raise MaskError(f"response has more than {MAX_NODES} JSON values")
-                if scans and isinstance(v, str) and len(v) >= MIN_DETECT_LEN:
-                    new = _scan_text(ctx, v, (path, k))
-                    if new is not v:
-                        if changed is None:
-                            changed = {}
-                        changed[k] = new
+            rule_i, tkey = best, k
+        if not isinstance(v, (dict, list)):
+            # a scalar (the common case) without the call to _walk
+            ctx.nodes += 1
+            if ctx.nodes > MAX_NODES:
+                raise MaskError(f"response has more than {MAX_NODES} JSON values")
+            if rule_i >= 0:
+                new, ch = _leaf(ctx, rules[rule_i], v, cpath, tkey)
+                if not ch:
+                    continue
+            elif scans and isinstance(v, str) and len(v) >= MIN_DETECT_LEN:
+                new = _scan_text(ctx, v, cpath)
+                if new is v:
+                    continue
+            else:
                 continue
-        new, ch = _walk(ctx, v, (path, k), child_states, child_keys, depth + 1, child_forced,
-                        tagkey if forced >= 0 else k)
+            if changed is None:
+                changed = {}
+            changed[k] = new
+            continue
+        new, ch = _walk(ctx, v, cpath, child_states, child_keys, depth + 1, rule_i, tkey)
         if ch:
             if changed is None:
                 changed = {}
             changed[k] = new
     if changed is None:
         return value, False
-    if isinstance(value, dict):
-        return {k: (changed[k] if k in changed else v) for k, v in value.items()}, True
-    return [changed.get(i, v) for i, v in enumerate(value)], True
+    if is_dict:
+        out = dict(value)
+        out.update(changed)          # same keys: the order is kept
+        return out, True
+    lst = list(value)
+    for i, new in changed.items():
+        lst[i] = new
+    return lst, True
 
 
 def _scan_text(ctx: _Ctx, text: str, path: tuple) -> str:
