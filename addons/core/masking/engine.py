@@ -134,6 +134,8 @@ _BY_NEEDLE: dict[str, set[str]] = {}   # needle -> detectors
 for _d, _ns in _NEEDLES.items():
     for _n in _ns:
         _BY_NEEDLE.setdefault(_n, set()).add(_d)
+_NEEDLE_LIST = tuple(_BY_NEEDLE)
+_NOTHING: frozenset[str] = frozenset()
 _MIN_DIGITS = {"iban": 6, "payment_card": 13, "ssn": 9, "phone": 10}
 
 
@@ -326,6 +328,11 @@ class Profile:
             text_keys += [re.escape(n.lower()) for n in last_fields]
         self._has_fallback = any(p.steps is None for p in self._path_rules)
         self._dets = [(DETECTORS[n], _COMPILED[n], st) for n, st in self.detectors.items()]
+        # the same, as _scan_new runs them: by needle, and by the digits they need
+        plan = {d.name: (_MIN_DIGITS.get(d.name, 0), d.name, rx, st, "v" in rx.groupindex, _PRIORITY[d.name],
+                         d.label, d.validate, d.lower) for d, rx, st in self._dets}
+        self._needled = {n: e for n, e in plan.items() if n in _NEEDLES}
+        self._digits = [e for n, e in plan.items() if n not in _NEEDLES]
         self._kv = None
         if text_keys:
             # `key: value` pairs whose key names a masked field; matched on lowercased text
@@ -690,35 +697,56 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
 
 
 def _scan_text(ctx: _Ctx, text: str, path: tuple) -> str:
-    """Detectors (and `key: value` of masked field names) over free text; same object if clean."""
+    """Detectors (and `key: value` of masked field names) over free text; same object if clean.
+
+    Memoised per message: the same string (a status, a name down a column) is scanned once."""
+    ent = ctx.scanned.get(text) if len(text) <= MAX_MEMO_LEN else None
+    if ent is None:
+        tags: list[str] = []
+        new = _scan_new(ctx, text, tags)
+        if len(text) <= MAX_MEMO_LEN and len(ctx.scanned) < MAX_MEMO:
+            ctx.scanned[text] = (None if new is text else new, tuple(tags))
+    else:
+        new, tags = (text if ent[0] is None else ent[0]), ent[1]
+    for tag in tags:
+        ctx.hit(path, tag)
+    return new
+
+
+def _scan_new(ctx: _Ctx, text: str, tags: list[str]) -> str:
+    """The scan itself; the tag of each value masked is appended to `tags`, in text order."""
     p = ctx.p
     raw = text.encode("utf-8", "surrogatepass")
     ndig = len(raw) - len(raw.translate(None, b"0123456789"))
     low = text.lower()
-    # C substring searches; an alternation regex over all needles costs as much again
-    maybe = {d for n, ds in _BY_NEEDLE.items() if n in low for d in ds}
+    # C substring searches (filter runs the loop in C); an alternation regex over all
+    # needles costs as much again
+    found = list(filter(low.__contains__, _NEEDLE_LIST))
+    maybe = {d for n in found for d in _BY_NEEDLE[n]} if found else _NOTHING
     hits: list[tuple[int, int, int, int, str, str]] = []   # start, prio, vs, ve, style, tag
     kv = p._kv is not None and (":" in text or "=" in text)
-    if not maybe and ndig < 6 and not kv:
+    if not found and ndig < 6 and not kv:
         return text
     same_len = len(low) == len(text)   # case mapping can change lengths outside ASCII
-    for det, rx, style in p._dets:
-        if (det.name not in maybe) if det.name in _NEEDLES else (ndig < _MIN_DIGITS[det.name]):
-            continue
-        if det.lower and not same_len:
-            rx, subject = re.compile(det.pattern, re.I), text
+    # only the detectors whose needle occurs or whose digit count is reached (the order
+    # does not matter: hits are sorted below)
+    run = [p._needled[d] for d in maybe if d in p._needled]
+    if ndig >= 6:
+        run += [e for e in p._digits if ndig >= e[0]]
+    for _, name, rx, style, has_v, prio, label, validate, lower in run:
+        if lower and not same_len:
+            rx, subject = re.compile(rx.pattern, re.I), text
         else:
-            subject = low if det.lower else text
-        has_v = "v" in rx.groupindex
+            subject = low if lower else text
         # an e-mail holds an '@' at most 64 characters after its start: skip the prose before
-        pos = max(0, text.find("@") - 66) if det.name == "email" else 0
+        pos = max(0, text.find("@") - 66) if name == "email" else 0
         while (m := rx.search(subject, pos)) is not None:
-            if det.validate is not None and not det.validate(text[m.start():m.end()]):
+            if validate is not None and not validate(text[m.start():m.end()]):
                 pos = m.start() + 1      # a failed candidate must not hide one inside it
                 continue
             pos = max(m.end(), m.start() + 1)
             vs, ve = m.span("v") if has_v and m.start("v") >= 0 else m.span()
-            hits.append((m.start(), _PRIORITY[det.name], vs, ve, style, det.label))
+            hits.append((m.start(), prio, vs, ve, style, label))
     if kv:
         rx, subject = (p._kv, low) if same_len else (re.compile(p._kv.pattern, re.I), text)
         for m in rx.finditer(subject):
@@ -750,9 +778,9 @@ def _scan_text(ctx: _Ctx, text: str, path: tuple) -> str:
         if not val or _ALREADY.match(val):
             continue
         out.append(text[pos:vs])
-        out.append(apply_style(style, tag, val, p.hash_key))
+        out.append(ctx.style(style, tag, val))
         pos = ve
-        ctx.hit(path, tag)
+        tags.append(tag)
     if not out:
         return text
     out.append(text[pos:])
