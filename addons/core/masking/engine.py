@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import ahocorasick_rs
 from jsonpath_ng import jsonpath as jp
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse
@@ -135,6 +136,9 @@ for _d, _ns in _NEEDLES.items():
     for _n in _ns:
         _BY_NEEDLE.setdefault(_n, set()).add(_d)
 _NEEDLE_LIST = tuple(_BY_NEEDLE)
+# every needle in one pass (Aho-Corasick, overlapping: every needle that occurs is reported)
+_NEEDLE_AC = ahocorasick_rs.AhoCorasick(list(_NEEDLE_LIST))
+_NEEDLE_DETS = [_BY_NEEDLE[n] for n in _NEEDLE_LIST]
 _NOTHING: frozenset[str] = frozenset()
 _MIN_DIGITS = {"iban": 6, "payment_card": 13, "ssn": 9, "phone": 10}
 
@@ -719,10 +723,9 @@ def _scan_new(ctx: _Ctx, text: str, tags: list[str]) -> str:
     raw = text.encode("utf-8", "surrogatepass")
     ndig = len(raw) - len(raw.translate(None, b"0123456789"))
     low = text.lower()
-    # C substring searches (filter runs the loop in C); an alternation regex over all
-    # needles costs as much again
-    found = list(filter(low.__contains__, _NEEDLE_LIST))
-    maybe = {d for n in found for d in _BY_NEEDLE[n]} if found else _NOTHING
+    # one Aho-Corasick pass for all needles (26 substring searches cost 5x as much)
+    found = _NEEDLE_AC.find_matches_as_indexes(low, overlapping=True)
+    maybe = {d for i, _, _ in found for d in _NEEDLE_DETS[i]} if found else _NOTHING
     hits: list[tuple[int, int, int, int, str, str]] = []   # start, prio, vs, ve, style, tag
     kv = p._kv is not None and (":" in text or "=" in text)
     if not found and ndig < 6 and not kv:
@@ -738,9 +741,18 @@ def _scan_new(ctx: _Ctx, text: str, tags: list[str]) -> str:
             rx, subject = re.compile(rx.pattern, re.I), text
         else:
             subject = low if lower else text
-        # an e-mail holds an '@' at most 64 characters after its start: skip the prose before
-        pos = max(0, text.find("@") - 66) if name == "email" else 0
-        while (m := rx.search(subject, pos)) is not None:
+        pos = 0
+        while True:
+            if name == "email":
+                # an e-mail holds an '@' at most 64 characters after its start, within one
+                # run of local-part characters (no space): skip the prose before it
+                at = text.find("@", pos)
+                if at < 0:
+                    break
+                pos = max(pos, at - 66, text.rfind(" ", 0, at) + 1)
+            m = rx.search(subject, pos)
+            if m is None:
+                break
             if validate is not None and not validate(text[m.start():m.end()]):
                 pos = m.start() + 1      # a failed candidate must not hide one inside it
                 continue
@@ -792,6 +804,11 @@ def _scan_new(ctx: _Ctx, text: str, tags: list[str]) -> str:
 def _mask_text_block(ctx: _Ctx, text: str, path: tuple) -> str:
     stripped = text.lstrip()
     if stripped[:1] in ("{", "["):
+        twin = ctx.structured
+        if twin is not None and _serialises(twin[0], text):
+            # the text is structuredContent as json.dumps writes it: one C-speed dump and a
+            # compare instead of a strict parse, a deep compare and a second walk
+            return _reuse_structured(ctx, twin, text, (path, _JSON))
         try:
             doc = strict_loads(text)
         except McpParseError as e:
@@ -799,8 +816,7 @@ def _mask_text_block(ctx: _Ctx, text: str, path: tuple) -> str:
                 raise MaskError(f"JSON text nested deeper than {MAX_DEPTH}") from None
             doc = None     # not strict JSON (duplicate keys, NaN, ...): masked as free text
         if isinstance(doc, (dict, list)):
-            twin = ctx.structured
-            if twin is not None and doc == twin[0]:
+            if twin is not None and doc == twin[0] and _same_json(doc, twin[0]):
                 return _reuse_structured(ctx, twin, text, (path, _JSON))
             new, changed = _mask_doc(ctx, doc, (path, _JSON))
             return _dumps_like(new, text) if changed else text
@@ -809,6 +825,26 @@ def _mask_text_block(ctx: _Ctx, text: str, path: tuple) -> str:
     if ctx.p._scans and len(text) >= MIN_DETECT_LEN:
         return _scan_text(ctx, text, path)
     return text
+
+
+def _serialises(value: Any, text: str) -> bool:
+    """`text` is exactly json.dumps(value) in the text's own layout, so it decodes to
+    exactly `value` (a decoded JSON value) under any JSON parser: no duplicate keys,
+    escapes or number spellings another parser could read differently."""
+    try:
+        return json.dumps(value, allow_nan=False, **_layout(text)) == text
+    except (TypeError, ValueError):
+        return False
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON, not only as Python values (1 == 1.0 == True): a text that differs in a
+    number's type from structuredContent is masked on its own, not replaced by it."""
+    try:
+        return (json.dumps(a, sort_keys=True, allow_nan=False)
+                == json.dumps(b, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError):
+        return False
 
 
 def _reuse_structured(ctx: _Ctx, twin: tuple, text: str, path: tuple) -> str:
@@ -821,17 +857,21 @@ def _reuse_structured(ctx: _Ctx, twin: tuple, text: str, path: tuple) -> str:
     return _dumps_like(masked, text) if changed else text
 
 
-def _dumps_like(obj: Any, original: str) -> str:
-    """Re-serialise JSON text in roughly the layout it came in."""
+def _layout(original: str) -> dict[str, Any]:
+    """json.dumps arguments that write JSON in roughly the layout `original` has."""
     ascii_ = "\\u" in original and original.isascii()
     nl = original.find("\n")
     if nl >= 0:
         rest = original[nl + 1:]
-        indent = len(rest) - len(rest.lstrip(" ")) or 2
-        return json.dumps(obj, ensure_ascii=ascii_, indent=indent)
+        return {"ensure_ascii": ascii_, "indent": len(rest) - len(rest.lstrip(" ")) or 2}
     if '": ' in original or '", ' in original:
-        return json.dumps(obj, ensure_ascii=ascii_)
-    return json.dumps(obj, ensure_ascii=ascii_, separators=(",", ":"))
+        return {"ensure_ascii": ascii_}
+    return {"ensure_ascii": ascii_, "separators": (",", ":")}
+
+
+def _dumps_like(obj: Any, original: str) -> str:
+    """Re-serialise JSON text in roughly the layout it came in."""
+    return json.dumps(obj, **_layout(original))
 
 
 _TABLE_SEPS = (",", "\t", "|", ";")
