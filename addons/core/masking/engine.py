@@ -591,14 +591,20 @@ def _fallback_rule(ctx: _Ctx, keys: tuple) -> int:
 def _mask_doc(ctx: _Ctx, doc: Any, path: tuple) -> tuple[Any, bool]:
     """Structural masking of one document (structuredContent, JSON text, error.data, ...)."""
     ctx.fallback = _fallback_paths(ctx.p, doc)
+    _count_nodes(ctx, 1)
     return _walk(ctx, doc, path, _root_states(ctx.p), (), 1, -1, None)
+
+
+def _count_nodes(ctx: _Ctx, n: int) -> None:
+    """Values are counted when their container is entered (all of its children are walked)."""
+    ctx.nodes += n
+    if ctx.nodes > MAX_NODES:
+        raise MaskError(f"response has more than {MAX_NODES} JSON values")
 
 
 def _walk(ctx: _Ctx, value: Any, path: tuple, states: tuple, keys: tuple, depth: int,
           forced: int, key: Any) -> tuple[Any, bool]:
-    ctx.nodes += 1
-    if ctx.nodes > MAX_NODES:
-        raise MaskError(f"response has more than {MAX_NODES} JSON values")
+    """One value, already counted (_count_nodes)."""
     if depth > MAX_DEPTH:
         raise MaskError(f"response nested deeper than {MAX_DEPTH}")
     p = ctx.p
@@ -617,14 +623,18 @@ def _walk(ctx: _Ctx, value: Any, path: tuple, states: tuple, keys: tuple, depth:
     return value, False
 
 
+# A value _ALREADY can match starts with one of these (or is empty): a cheap pre-check.
+_ALREADY_FIRST = frozenset(("", "[", "*", '"', "'"))
+
+
 def _leaf(ctx: _Ctx, rule: Rule, value: Any, path: tuple, key: Any) -> tuple[Any, bool]:
     """A scalar a field/JSONPath rule matched: masked whole (numbers become masked strings)."""
     if rule.style == "keep" or value is None or value == "":
         return value, False
     text = value if isinstance(value, str) else json.dumps(value)
-    if _ALREADY.match(text):
+    if text[:1] in _ALREADY_FIRST and _ALREADY.match(text):
         return value, False
-    tag = rule.tag(key)
+    tag = rule.type or (key.lower() if type(key) is str and key else rule.tag(key))
     ctx.hit(path, tag)
     return ctx.style(rule.style, tag, text), True
 
@@ -644,6 +654,7 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
     scans = p._scans
     if depth + 1 > MAX_DEPTH and length:
         raise MaskError(f"response nested deeper than {MAX_DEPTH}")
+    _count_nodes(ctx, length)
     # every element of an array gets the same path node (an index renders as [*]), so the
     # rendered paths and event keys below it are computed once per array, not per row
     item_path = None if is_dict else (path, 0)
@@ -654,7 +665,9 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
         if forced >= 0:
             rule_i, tkey = forced, tagkey
         else:
-            best = (key_cache[k] if k in key_cache else p.rule_for_key(k)) if isinstance(k, str) else -1
+            best = key_cache.get(k) if is_dict else -1
+            if best is None:
+                best = p.rule_for_key(k) if isinstance(k, str) else -1
             if states:
                 child_states, pm = _advance(p, states, k, length)
                 if pm >= 0 and (best < 0 or pm < best):
@@ -664,30 +677,24 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
                 if fb >= 0 and (best < 0 or fb < best):
                     best = fb
             rule_i, tkey = best, k
-        if not isinstance(v, (dict, list)):
-            # a scalar (the common case) without the call to _walk
-            ctx.nodes += 1
-            if ctx.nodes > MAX_NODES:
-                raise MaskError(f"response has more than {MAX_NODES} JSON values")
-            if rule_i >= 0:
-                new, ch = _leaf(ctx, rules[rule_i], v, cpath, tkey)
-                if not ch:
-                    continue
-            elif scans and isinstance(v, str) and len(v) >= MIN_DETECT_LEN:
-                new = _scan_text(ctx, v, cpath)
-                if new is v:
-                    continue
-            else:
+        t = type(v)
+        if t is dict or t is list or (t is not str and isinstance(v, (dict, list))):
+            new, ch = _walk(ctx, v, cpath, child_states, child_keys, depth + 1, rule_i, tkey)
+            if not ch:
                 continue
-            if changed is None:
-                changed = {}
-            changed[k] = new
+        elif rule_i >= 0:      # a scalar (the common case): no call to _walk
+            new, ch = _leaf(ctx, rules[rule_i], v, cpath, tkey)
+            if not ch:
+                continue
+        elif scans and (t is str or isinstance(v, str)) and len(v) >= MIN_DETECT_LEN:
+            new = _scan_text(ctx, v, cpath)
+            if new is v:
+                continue
+        else:
             continue
-        new, ch = _walk(ctx, v, cpath, child_states, child_keys, depth + 1, rule_i, tkey)
-        if ch:
-            if changed is None:
-                changed = {}
-            changed[k] = new
+        if changed is None:
+            changed = {}
+        changed[k] = new
     if changed is None:
         return value, False
     if is_dict:
