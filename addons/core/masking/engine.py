@@ -138,7 +138,7 @@ for _d, _ns in _NEEDLES.items():
 _NEEDLE_LIST = tuple(_BY_NEEDLE)
 # every needle in one pass (Aho-Corasick, overlapping: every needle that occurs is reported)
 _NEEDLE_AC = ahocorasick_rs.AhoCorasick(list(_NEEDLE_LIST))
-_NEEDLE_DETS = [_BY_NEEDLE[n] for n in _NEEDLE_LIST]
+_NEEDLE_DETS = [frozenset(_BY_NEEDLE[n]) for n in _NEEDLE_LIST]
 _NOTHING: frozenset[str] = frozenset()
 _MIN_DIGITS = {"iban": 6, "payment_card": 13, "ssn": 9, "phone": 10}
 
@@ -175,6 +175,9 @@ _COMPILED = {d.name: re.compile(d.pattern) for d in DETECTORS.values()}
 
 # A text hit whose value is already a mask must not be masked again (idempotence).
 _ALREADY = re.compile(r"^[\"']?(?:\[MASKED:[\w.-]*\]|\[HASH:[0-9a-f]{12}\]|\**)[\"']?$")
+# what a value _ALREADY matches can start with ("\n": `$` matches before a final newline):
+# a cheap pre-check before the regex
+_ALREADY_FIRST = frozenset(("", "\n", "[", "*", '"', "'"))
 
 
 # --- styles ------------------------------------------------------------------------------
@@ -623,10 +626,6 @@ def _walk(ctx: _Ctx, value: Any, path: tuple, states: tuple, keys: tuple, depth:
     return value, False
 
 
-# A value _ALREADY can match starts with one of these (or is empty): a cheap pre-check.
-_ALREADY_FIRST = frozenset(("", "[", "*", '"', "'"))
-
-
 def _leaf(ctx: _Ctx, rule: Rule, value: Any, path: tuple, key: Any) -> tuple[Any, bool]:
     """A scalar a field/JSONPath rule matched: masked whole (numbers become masked strings)."""
     if rule.style == "keep" or value is None or value == "":
@@ -732,7 +731,12 @@ def _scan_new(ctx: _Ctx, text: str, tags: list[str]) -> str:
     low = text.lower()
     # one Aho-Corasick pass for all needles (26 substring searches cost 5x as much)
     found = _NEEDLE_AC.find_matches_as_indexes(low, overlapping=True)
-    maybe = {d for i, _, _ in found for d in _NEEDLE_DETS[i]} if found else _NOTHING
+    if not found:
+        maybe = _NOTHING
+    elif len(found) == 1:
+        maybe = _NEEDLE_DETS[found[0][0]]
+    else:
+        maybe = {d for i, _, _ in found for d in _NEEDLE_DETS[i]}
     hits: list[tuple[int, int, int, int, str, str]] = []   # start, prio, vs, ve, style, tag
     kv = p._kv is not None and (":" in text or "=" in text)
     if not found and ndig < 6 and not kv:
@@ -785,7 +789,8 @@ def _scan_new(ctx: _Ctx, text: str, tags: list[str]) -> str:
             hits.append((ks, len(_PRIORITY), vs, ve, rule.style, rule.tag(key)))
     if not hits:
         return text
-    hits.sort()
+    if len(hits) > 1:
+        hits.sort()
     out: list[str] = []
     pos = 0
     for start, _, vs, ve, style, tag in hits:
@@ -794,7 +799,7 @@ def _scan_new(ctx: _Ctx, text: str, tags: list[str]) -> str:
         val = text[vs:ve]
         if len(val) >= 2 and val[0] == val[-1] and val[0] in "\"'":
             vs, ve, val = vs + 1, ve - 1, val[1:-1]
-        if not val or _ALREADY.match(val):
+        if not val or (val[:1] in _ALREADY_FIRST and _ALREADY.match(val)):
             continue
         out.append(text[pos:vs])
         out.append(ctx.style(style, tag, val))
