@@ -678,7 +678,13 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
             rule_i, tkey = best, k
         t = type(v)
         if t is dict or t is list or (t is not str and isinstance(v, (dict, list))):
-            new, ch = _walk(ctx, v, cpath, child_states, child_keys, depth + 1, rule_i, tkey)
+            # what _walk would do for a container (its depth was checked above)
+            if rule_i < 0:
+                new, ch = _children(ctx, v, cpath, child_states, child_keys, depth + 1, -1, None)
+            elif rules[rule_i].style == "keep":
+                continue
+            else:
+                new, ch = _children(ctx, v, cpath, (), child_keys, depth + 1, rule_i, tkey)
             if not ch:
                 continue
         elif rule_i >= 0:      # a scalar (the common case): no call to _walk
@@ -843,8 +849,11 @@ def _serialises(value: Any, text: str) -> bool:
     """`text` is exactly json.dumps(value) in the text's own layout, so it decodes to
     exactly `value` (a decoded JSON value) under any JSON parser: no duplicate keys,
     escapes or number spellings another parser could read differently."""
+    layout = _layout(text)
+    if not layout["ensure_ascii"] and text.isascii():
+        layout["ensure_ascii"] = True     # the same text for an ASCII value, written faster
     try:
-        return json.dumps(value, allow_nan=False, **_layout(text)) == text
+        return json.dumps(value, allow_nan=False, **layout) == text
     except (TypeError, ValueError):
         return False
 
@@ -870,15 +879,18 @@ def _reuse_structured(ctx: _Ctx, twin: tuple, text: str, path: tuple) -> str:
 
 
 def _layout(original: str) -> dict[str, Any]:
-    """json.dumps arguments that write JSON in roughly the layout `original` has."""
+    """json.dumps arguments that write JSON in roughly the layout `original` has. No
+    circular-reference check: what is written here was walked first, and a cycle fails
+    that walk (MaskError at MAX_DEPTH)."""
     ascii_ = "\\u" in original and original.isascii()
     nl = original.find("\n")
     if nl >= 0:
         rest = original[nl + 1:]
-        return {"ensure_ascii": ascii_, "indent": len(rest) - len(rest.lstrip(" ")) or 2}
+        return {"ensure_ascii": ascii_, "check_circular": False,
+                "indent": len(rest) - len(rest.lstrip(" ")) or 2}
     if '": ' in original or '", ' in original:
-        return {"ensure_ascii": ascii_}
-    return {"ensure_ascii": ascii_, "separators": (",", ":")}
+        return {"ensure_ascii": ascii_, "check_circular": False}
+    return {"ensure_ascii": ascii_, "check_circular": False, "separators": (",", ":")}
 
 
 def _dumps_like(obj: Any, original: str) -> str:
