@@ -658,7 +658,6 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
     # rendered paths and event keys below it are computed once per array, not per row
     item_path = None if is_dict else (path, 0)
     for k, v in items:
-        cpath = (path, k) if is_dict else item_path
         child_states: tuple = ()
         child_keys = keys + (k,) if track_keys else ()
         if forced >= 0:
@@ -679,6 +678,7 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
         t = type(v)
         if t is dict or t is list or (t is not str and isinstance(v, (dict, list))):
             # what _walk would do for a container (its depth was checked above)
+            cpath = (path, k) if is_dict else item_path
             if rule_i < 0:
                 new, ch = _children(ctx, v, cpath, child_states, child_keys, depth + 1, -1, None)
             elif rules[rule_i].style == "keep":
@@ -688,11 +688,11 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
             if not ch:
                 continue
         elif rule_i >= 0:      # a scalar (the common case): no call to _walk
-            new, ch = _leaf(ctx, rules[rule_i], v, cpath, tkey)
+            new, ch = _leaf(ctx, rules[rule_i], v, (path, k) if is_dict else item_path, tkey)
             if not ch:
                 continue
         elif scans and (t is str or isinstance(v, str)) and len(v) >= MIN_DETECT_LEN:
-            new = _scan_text(ctx, v, cpath)
+            new = _scan_text(ctx, v, (path, k) if is_dict else item_path)
             if new is v:
                 continue
         else:
@@ -770,12 +770,13 @@ def _scan_new(ctx: _Ctx, text: str, tags: list[str]) -> str:
             m = rx.search(subject, pos)
             if m is None:
                 break
-            if validate is not None and not validate(text[m.start():m.end()]):
-                pos = m.start() + 1      # a failed candidate must not hide one inside it
+            start, end = m.span()
+            if validate is not None and not validate(text[start:end]):
+                pos = start + 1          # a failed candidate must not hide one inside it
                 continue
-            pos = max(m.end(), m.start() + 1)
-            vs, ve = m.span("v") if has_v and m.start("v") >= 0 else m.span()
-            hits.append((m.start(), prio, vs, ve, style, label))
+            pos = end if end > start else start + 1
+            vs, ve = m.span("v") if has_v and m.start("v") >= 0 else (start, end)
+            hits.append((start, prio, vs, ve, style, label))
     if kv:
         rx, subject = (p._kv, low) if same_len else (re.compile(p._kv.pattern, re.I), text)
         for m in rx.finditer(subject):
