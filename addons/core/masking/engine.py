@@ -5,11 +5,15 @@ what was masked (path, type, count; never the value). It is copy-on-write: the i
 never mutated, and when nothing was masked the very same object comes back, so the
 response pipeline can forward the original bytes untouched.
 
-Performance notes (a 256 KiB result must be cheap): every regex is compiled once per
-profile load; free text is scanned with one combined alternation per profile; field-name
-lookups are memoised per key; JSONPath rules run as a small automaton advanced while the
-document is walked once (jsonpath-ng is used to parse and validate them, and to evaluate
-the rare expressions the automaton does not cover, e.g. filters).
+Performance notes (a 256 KiB result must be cheap; bench/masking_bench.py measures it):
+every regex is compiled once per profile load; free text gets one Aho-Corasick pass for
+the detectors' needles and a digit count, then only the detectors that can match run;
+field-name lookups are memoised per key; JSONPath rules run as a small automaton advanced
+while the document is walked once (jsonpath-ng is used to parse and validate them, and to
+evaluate the rare expressions the automaton does not cover, e.g. filters). Per message:
+scans and partial/hash masks are memoised by value, one path node serves every row of an
+array (a hit costs a lookup, not a path rendering), and the JSON text twin of
+structuredContent reuses its masking when it is exactly its serialisation.
 """
 from __future__ import annotations
 
