@@ -887,7 +887,8 @@ def _layout(original: str) -> dict[str, Any]:
     """json.dumps arguments that write JSON in roughly the layout `original` has. No
     circular-reference check: what is written here was walked first, and a cycle fails
     that walk (MaskError at MAX_DEPTH)."""
-    ascii_ = "\\u" in original and original.isascii()
+    # isascii() is O(1) and a one-character search runs at memchr speed: test those first
+    ascii_ = original.isascii() and "\\" in original and "\\u" in original
     nl = original.find("\n")
     if nl >= 0:
         rest = original[nl + 1:]
