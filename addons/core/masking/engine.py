@@ -5,11 +5,15 @@ what was masked (path, type, count; never the value). It is copy-on-write: the i
 never mutated, and when nothing was masked the very same object comes back, so the
 response pipeline can forward the original bytes untouched.
 
-Performance notes (a 256 KiB result must be cheap): every regex is compiled once per
-profile load; free text is scanned with one combined alternation per profile; field-name
-lookups are memoised per key; JSONPath rules run as a small automaton advanced while the
-document is walked once (jsonpath-ng is used to parse and validate them, and to evaluate
-the rare expressions the automaton does not cover, e.g. filters).
+Performance notes (a 256 KiB result must be cheap; bench/masking_bench.py measures it):
+every regex is compiled once per profile load; free text gets one Aho-Corasick pass for
+the detectors' needles and a digit count, then only the detectors that can match run;
+field-name lookups are memoised per key; JSONPath rules run as a small automaton advanced
+while the document is walked once (jsonpath-ng is used to parse and validate them, and to
+evaluate the rare expressions the automaton does not cover, e.g. filters). Per message:
+scans and partial/hash masks are memoised by value, one path node serves every row of an
+array (a hit costs a lookup, not a path rendering), and the JSON text twin of
+structuredContent reuses its masking when it is exactly its serialisation.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import ahocorasick_rs
 from jsonpath_ng import jsonpath as jp
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse
@@ -35,6 +40,8 @@ MAX_DEPTH = 64             # deeper documents are refused (fail closed), like th
 MAX_NODES = 2_000_000      # per message; bounds the work a hostile upstream can cause
 MAX_EVENT_PATHS = 1024     # distinct (path, type) pairs kept per message
 MAX_RENDERED = 65_536      # memoised path texts per message
+MAX_MEMO = 8192            # memoised scans / styled values per message
+MAX_MEMO_LEN = 1024        # longest value memoised
 MIN_DETECT_LEN = 6         # shortest string any detector can match ("a@b.cc")
 
 STYLES = ("redact", "partial", "hash", "keep")
@@ -132,6 +139,11 @@ _BY_NEEDLE: dict[str, set[str]] = {}   # needle -> detectors
 for _d, _ns in _NEEDLES.items():
     for _n in _ns:
         _BY_NEEDLE.setdefault(_n, set()).add(_d)
+_NEEDLE_LIST = tuple(_BY_NEEDLE)
+# every needle in one pass (Aho-Corasick, overlapping: every needle that occurs is reported)
+_NEEDLE_AC = ahocorasick_rs.AhoCorasick(list(_NEEDLE_LIST))
+_NEEDLE_DETS = [frozenset(_BY_NEEDLE[n]) for n in _NEEDLE_LIST]
+_NOTHING: frozenset[str] = frozenset()
 _MIN_DIGITS = {"iban": 6, "payment_card": 13, "ssn": 9, "phone": 10}
 
 
@@ -167,6 +179,9 @@ _COMPILED = {d.name: re.compile(d.pattern) for d in DETECTORS.values()}
 
 # A text hit whose value is already a mask must not be masked again (idempotence).
 _ALREADY = re.compile(r"^[\"']?(?:\[MASKED:[\w.-]*\]|\[HASH:[0-9a-f]{12}\]|\**)[\"']?$")
+# what a value _ALREADY matches can start with ("\n": `$` matches before a final newline):
+# a cheap pre-check before the regex
+_ALREADY_FIRST = frozenset(("", "\n", "[", "*", '"', "'"))
 
 
 # --- styles ------------------------------------------------------------------------------
@@ -324,6 +339,11 @@ class Profile:
             text_keys += [re.escape(n.lower()) for n in last_fields]
         self._has_fallback = any(p.steps is None for p in self._path_rules)
         self._dets = [(DETECTORS[n], _COMPILED[n], st) for n, st in self.detectors.items()]
+        # the same, as _scan_new runs them: by needle, and by the digits they need
+        plan = {d.name: (_MIN_DIGITS.get(d.name, 0), d.name, rx, st, "v" in rx.groupindex, _PRIORITY[d.name],
+                         d.label, d.validate, d.lower) for d, rx, st in self._dets}
+        self._needled = {n: e for n, e in plan.items() if n in _NEEDLES}
+        self._digits = [e for n, e in plan.items() if n not in _NEEDLES]
         self._kv = None
         if text_keys:
             # `key: value` pairs whose key names a masked field; matched on lowercased text
@@ -385,7 +405,7 @@ def _strip_anchors(rx: str) -> str:
 # --- the walk ----------------------------------------------------------------------------
 
 class _Ctx:
-    __slots__ = ("p", "events", "nodes", "fallback", "rendered", "segs", "structured")
+    __slots__ = ("p", "events", "nodes", "fallback", "rendered", "keys", "structured", "scanned", "styled")
 
     def __init__(self, profile: Profile):
         self.p = profile
@@ -395,25 +415,42 @@ class _Ctx:
         # id(path node) -> (node, rendered text): the node is kept alive so its id is not
         # reused; one message's walk only, bounded by MAX_RENDERED
         self.rendered: dict[int, tuple[tuple, str]] = {}
-        self.segs: dict[str, str] = {}
+        # (id(parent node), key, type) -> (parent node, events key): a hit on a key already
+        # seen under the same parent (every row of an array shares one parent node, see
+        # _children) costs a lookup, not a rendering. Bounded by MAX_RENDERED.
+        self.keys: dict[tuple, tuple[tuple, tuple[str, str]]] = {}
         # a tool result's structuredContent, masked: (original, masked, changed, rendered
         # path, events it produced). Its text twin in content[] reuses it (same data).
         self.structured: tuple[Any, Any, bool, str, dict] | None = None
+        # per-message memos of pure functions of the profile and a value (values repeat
+        # down a column): text -> (scanned text, tags hit in order); (style, tag, value) ->
+        # masked value. Bounded by MAX_MEMO entries each.
+        self.scanned: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.styled: dict[tuple[str, str, str], str] = {}
 
     def hit(self, path: tuple, type_: str, n: int = 1) -> None:
         if not path:
             self._count("", type_, n)
             return
         parent, seg = path
-        if isinstance(seg, str) and not isinstance(seg, _Mark):
-            st = self.segs.get(seg)               # key names repeat on every row
-            if st is None:
-                st = _seg_text(seg)
-                if len(self.segs) < MAX_RENDERED:
-                    self.segs[seg] = st
+        if isinstance(seg, _Mark):
+            self._count(self.path_text(parent) + seg, type_, n)
+            return
+        fk = (id(parent), seg, type_)
+        ent = self.keys.get(fk)
+        if ent is None or ent[0] is not parent:
+            ent = (parent, (self.path_text(parent) + _seg_text(seg), type_))
+            if len(self.keys) < MAX_RENDERED:
+                self.keys[fk] = ent
+        k = ent[1]
+        events = self.events
+        c = events.get(k)
+        if c is not None:
+            events[k] = c + n
+        elif len(events) < MAX_EVENT_PATHS:
+            events[k] = n
         else:
-            st = _seg_text(seg)
-        self._count(self.path_text(parent) + st, type_, n)
+            events[("$", "other")] = events.get(("$", "other"), 0) + n
 
     def path_text(self, path: tuple) -> str:
         """_render(path), memoised per path node: rows of one array share their parent's
@@ -435,6 +472,18 @@ class _Ctx:
             self.events[k] = self.events.get(k, 0) + n
         else:
             self.events[("$", "other")] = self.events.get(("$", "other"), 0) + n
+
+    def style(self, style: str, tag: str, value: str) -> str:
+        """apply_style, memoised per message (a keyed hash or a partial mask per value)."""
+        if style == "redact":
+            return f"[MASKED:{tag}]"
+        k = (style, tag, value)
+        out = self.styled.get(k)
+        if out is None:
+            out = apply_style(style, tag, value, self.p.hash_key)
+            if len(self.styled) < MAX_MEMO and len(value) <= MAX_MEMO_LEN:
+                self.styled[k] = out
+        return out
 
 
 class _Mark(str):
@@ -549,14 +598,20 @@ def _fallback_rule(ctx: _Ctx, keys: tuple) -> int:
 def _mask_doc(ctx: _Ctx, doc: Any, path: tuple) -> tuple[Any, bool]:
     """Structural masking of one document (structuredContent, JSON text, error.data, ...)."""
     ctx.fallback = _fallback_paths(ctx.p, doc)
+    _count_nodes(ctx, 1)
     return _walk(ctx, doc, path, _root_states(ctx.p), (), 1, -1, None)
+
+
+def _count_nodes(ctx: _Ctx, n: int) -> None:
+    """Values are counted when their container is entered (all of its children are walked)."""
+    ctx.nodes += n
+    if ctx.nodes > MAX_NODES:
+        raise MaskError(f"response has more than {MAX_NODES} JSON values")
 
 
 def _walk(ctx: _Ctx, value: Any, path: tuple, states: tuple, keys: tuple, depth: int,
           forced: int, key: Any) -> tuple[Any, bool]:
-    ctx.nodes += 1
-    if ctx.nodes > MAX_NODES:
-        raise MaskError(f"response has more than {MAX_NODES} JSON values")
+    """One value, already counted (_count_nodes)."""
     if depth > MAX_DEPTH:
         raise MaskError(f"response nested deeper than {MAX_DEPTH}")
     p = ctx.p
@@ -566,14 +621,7 @@ def _walk(ctx: _Ctx, value: Any, path: tuple, states: tuple, keys: tuple, depth:
             return value, False
         if isinstance(value, (dict, list)):
             return _children(ctx, value, path, (), keys, depth, forced, key)
-        if value is None or value == "":
-            return value, False
-        text = value if isinstance(value, str) else json.dumps(value)
-        if _ALREADY.match(text):
-            return value, False
-        tag = rule.tag(key)
-        ctx.hit(path, tag)
-        return apply_style(rule.style, tag, text, p.hash_key), True
+        return _leaf(ctx, rule, value, path, key)
     if isinstance(value, (dict, list)):
         return _children(ctx, value, path, states, keys, depth, -1, None)
     if isinstance(value, str) and len(value) >= MIN_DETECT_LEN and p._scans:
@@ -582,25 +630,46 @@ def _walk(ctx: _Ctx, value: Any, path: tuple, states: tuple, keys: tuple, depth:
     return value, False
 
 
+def _leaf(ctx: _Ctx, rule: Rule, value: Any, path: tuple, key: Any) -> tuple[Any, bool]:
+    """A scalar a field/JSONPath rule matched: masked whole (numbers become masked strings)."""
+    if rule.style == "keep" or value is None or value == "":
+        return value, False
+    text = value if isinstance(value, str) else json.dumps(value)
+    if text[:1] in _ALREADY_FIRST and _ALREADY.match(text):
+        return value, False
+    tag = rule.type or (key.lower() if type(key) is str and key else rule.tag(key))
+    ctx.hit(path, tag)
+    return ctx.style(rule.style, tag, text), True
+
+
 def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: tuple, depth: int,
               forced: int, tagkey: Any) -> tuple[Any, bool]:
     """Children of a container; `forced` = rule inherited from a matched ancestor (whose
     key, `tagkey`, names the [MASKED:type] of every leaf below it)."""
     p = ctx.p
     changed: dict[Any, Any] | None = None
-    items = value.items() if isinstance(value, dict) else enumerate(value)
+    is_dict = isinstance(value, dict)
+    items = value.items() if is_dict else enumerate(value)
     length = len(value)
     track_keys = ctx.fallback is not None
     key_cache = p._key_cache
+    rules = p.rules
     scans = p._scans
     if depth + 1 > MAX_DEPTH and length:
         raise MaskError(f"response nested deeper than {MAX_DEPTH}")
+    _count_nodes(ctx, length)
+    # every element of an array gets the same path node (an index renders as [*]), so the
+    # rendered paths and event keys below it are computed once per array, not per row
+    item_path = None if is_dict else (path, 0)
     for k, v in items:
-        child_forced = forced
         child_states: tuple = ()
         child_keys = keys + (k,) if track_keys else ()
-        if forced < 0:
-            best = (key_cache[k] if k in key_cache else p.rule_for_key(k)) if isinstance(k, str) else -1
+        if forced >= 0:
+            rule_i, tkey = forced, tagkey
+        else:
+            best = key_cache.get(k) if is_dict else -1
+            if best is None:
+                best = p.rule_for_key(k) if isinstance(k, str) else -1
             if states:
                 child_states, pm = _advance(p, states, k, length)
                 if pm >= 0 and (best < 0 or pm < best):
@@ -609,62 +678,109 @@ def _children(ctx: _Ctx, value: dict | list, path: tuple, states: tuple, keys: t
                 fb = _fallback_rule(ctx, child_keys)
                 if fb >= 0 and (best < 0 or fb < best):
                     best = fb
-            child_forced = best
-            if best < 0 and not isinstance(v, (dict, list)):
-                # fast path for the common case: an unmatched scalar
-                ctx.nodes += 1
-                if ctx.nodes > MAX_NODES:
-                    raise MaskError(f"response has more than {MAX_NODES} JSON values")
-                if scans and isinstance(v, str) and len(v) >= MIN_DETECT_LEN:
-                    new = _scan_text(ctx, v, (path, k))
-                    if new is not v:
-                        if changed is None:
-                            changed = {}
-                        changed[k] = new
+            rule_i, tkey = best, k
+        t = type(v)
+        if t is dict or t is list or (t is not str and isinstance(v, (dict, list))):
+            # what _walk would do for a container (its depth was checked above)
+            cpath = (path, k) if is_dict else item_path
+            if rule_i < 0:
+                new, ch = _children(ctx, v, cpath, child_states, child_keys, depth + 1, -1, None)
+            elif rules[rule_i].style == "keep":
                 continue
-        new, ch = _walk(ctx, v, (path, k), child_states, child_keys, depth + 1, child_forced,
-                        tagkey if forced >= 0 else k)
-        if ch:
-            if changed is None:
-                changed = {}
-            changed[k] = new
+            else:
+                new, ch = _children(ctx, v, cpath, (), child_keys, depth + 1, rule_i, tkey)
+            if not ch:
+                continue
+        elif rule_i >= 0:      # a scalar (the common case): no call to _walk
+            new, ch = _leaf(ctx, rules[rule_i], v, (path, k) if is_dict else item_path, tkey)
+            if not ch:
+                continue
+        elif scans and (t is str or isinstance(v, str)) and len(v) >= MIN_DETECT_LEN:
+            new = _scan_text(ctx, v, (path, k) if is_dict else item_path)
+            if new is v:
+                continue
+        else:
+            continue
+        if changed is None:
+            changed = {}
+        changed[k] = new
     if changed is None:
         return value, False
-    if isinstance(value, dict):
-        return {k: (changed[k] if k in changed else v) for k, v in value.items()}, True
-    return [changed.get(i, v) for i, v in enumerate(value)], True
+    if is_dict:
+        out = dict(value)
+        out.update(changed)          # same keys: the order is kept
+        return out, True
+    lst = list(value)
+    for i, new in changed.items():
+        lst[i] = new
+    return lst, True
 
 
 def _scan_text(ctx: _Ctx, text: str, path: tuple) -> str:
-    """Detectors (and `key: value` of masked field names) over free text; same object if clean."""
+    """Detectors (and `key: value` of masked field names) over free text; same object if clean.
+
+    Memoised per message: the same string (a status, a name down a column) is scanned once."""
+    ent = ctx.scanned.get(text) if len(text) <= MAX_MEMO_LEN else None
+    if ent is None:
+        tags: list[str] = []
+        new = _scan_new(ctx, text, tags)
+        if len(text) <= MAX_MEMO_LEN and len(ctx.scanned) < MAX_MEMO:
+            ctx.scanned[text] = (None if new is text else new, tuple(tags))
+    else:
+        new, tags = (text if ent[0] is None else ent[0]), ent[1]
+    for tag in tags:
+        ctx.hit(path, tag)
+    return new
+
+
+def _scan_new(ctx: _Ctx, text: str, tags: list[str]) -> str:
+    """The scan itself; the tag of each value masked is appended to `tags`, in text order."""
     p = ctx.p
     raw = text.encode("utf-8", "surrogatepass")
     ndig = len(raw) - len(raw.translate(None, b"0123456789"))
     low = text.lower()
-    # C substring searches; an alternation regex over all needles costs as much again
-    maybe = {d for n, ds in _BY_NEEDLE.items() if n in low for d in ds}
+    # one Aho-Corasick pass for all needles (26 substring searches cost 5x as much)
+    found = _NEEDLE_AC.find_matches_as_indexes(low, overlapping=True)
+    if not found:
+        maybe = _NOTHING
+    elif len(found) == 1:
+        maybe = _NEEDLE_DETS[found[0][0]]
+    else:
+        maybe = {d for i, _, _ in found for d in _NEEDLE_DETS[i]}
     hits: list[tuple[int, int, int, int, str, str]] = []   # start, prio, vs, ve, style, tag
     kv = p._kv is not None and (":" in text or "=" in text)
-    if not maybe and ndig < 6 and not kv:
+    if not found and ndig < 6 and not kv:
         return text
     same_len = len(low) == len(text)   # case mapping can change lengths outside ASCII
-    for det, rx, style in p._dets:
-        if (det.name not in maybe) if det.name in _NEEDLES else (ndig < _MIN_DIGITS[det.name]):
-            continue
-        if det.lower and not same_len:
-            rx, subject = re.compile(det.pattern, re.I), text
+    # only the detectors whose needle occurs or whose digit count is reached (the order
+    # does not matter: hits are sorted below)
+    run = [p._needled[d] for d in maybe if d in p._needled]
+    if ndig >= 6:
+        run += [e for e in p._digits if ndig >= e[0]]
+    for _, name, rx, style, has_v, prio, label, validate, lower in run:
+        if lower and not same_len:
+            rx, subject = re.compile(rx.pattern, re.I), text
         else:
-            subject = low if det.lower else text
-        has_v = "v" in rx.groupindex
-        # an e-mail holds an '@' at most 64 characters after its start: skip the prose before
-        pos = max(0, text.find("@") - 66) if det.name == "email" else 0
-        while (m := rx.search(subject, pos)) is not None:
-            if det.validate is not None and not det.validate(text[m.start():m.end()]):
-                pos = m.start() + 1      # a failed candidate must not hide one inside it
+            subject = low if lower else text
+        pos = 0
+        while True:
+            if name == "email":
+                # an e-mail holds an '@' at most 64 characters after its start, within one
+                # run of local-part characters (no space): skip the prose before it
+                at = text.find("@", pos)
+                if at < 0:
+                    break
+                pos = max(pos, at - 66, text.rfind(" ", 0, at) + 1)
+            m = rx.search(subject, pos)
+            if m is None:
+                break
+            start, end = m.span()
+            if validate is not None and not validate(text[start:end]):
+                pos = start + 1          # a failed candidate must not hide one inside it
                 continue
-            pos = max(m.end(), m.start() + 1)
-            vs, ve = m.span("v") if has_v and m.start("v") >= 0 else m.span()
-            hits.append((m.start(), _PRIORITY[det.name], vs, ve, style, det.label))
+            pos = end if end > start else start + 1
+            vs, ve = m.span("v") if has_v and m.start("v") >= 0 else (start, end)
+            hits.append((start, prio, vs, ve, style, label))
     if kv:
         rx, subject = (p._kv, low) if same_len else (re.compile(p._kv.pattern, re.I), text)
         for m in rx.finditer(subject):
@@ -684,7 +800,8 @@ def _scan_text(ctx: _Ctx, text: str, path: tuple) -> str:
             hits.append((ks, len(_PRIORITY), vs, ve, rule.style, rule.tag(key)))
     if not hits:
         return text
-    hits.sort()
+    if len(hits) > 1:
+        hits.sort()
     out: list[str] = []
     pos = 0
     for start, _, vs, ve, style, tag in hits:
@@ -693,12 +810,12 @@ def _scan_text(ctx: _Ctx, text: str, path: tuple) -> str:
         val = text[vs:ve]
         if len(val) >= 2 and val[0] == val[-1] and val[0] in "\"'":
             vs, ve, val = vs + 1, ve - 1, val[1:-1]
-        if not val or _ALREADY.match(val):
+        if not val or (val[:1] in _ALREADY_FIRST and _ALREADY.match(val)):
             continue
         out.append(text[pos:vs])
-        out.append(apply_style(style, tag, val, p.hash_key))
+        out.append(ctx.style(style, tag, val))
         pos = ve
-        ctx.hit(path, tag)
+        tags.append(tag)
     if not out:
         return text
     out.append(text[pos:])
@@ -710,6 +827,11 @@ def _scan_text(ctx: _Ctx, text: str, path: tuple) -> str:
 def _mask_text_block(ctx: _Ctx, text: str, path: tuple) -> str:
     stripped = text.lstrip()
     if stripped[:1] in ("{", "["):
+        twin = ctx.structured
+        if twin is not None and _serialises(twin[0], text):
+            # the text is structuredContent as json.dumps writes it: one C-speed dump and a
+            # compare instead of a strict parse, a deep compare and a second walk
+            return _reuse_structured(ctx, twin, text, (path, _JSON))
         try:
             doc = strict_loads(text)
         except McpParseError as e:
@@ -717,8 +839,7 @@ def _mask_text_block(ctx: _Ctx, text: str, path: tuple) -> str:
                 raise MaskError(f"JSON text nested deeper than {MAX_DEPTH}") from None
             doc = None     # not strict JSON (duplicate keys, NaN, ...): masked as free text
         if isinstance(doc, (dict, list)):
-            twin = ctx.structured
-            if twin is not None and doc == twin[0]:
+            if twin is not None and doc == twin[0] and _same_json(doc, twin[0]):
                 return _reuse_structured(ctx, twin, text, (path, _JSON))
             new, changed = _mask_doc(ctx, doc, (path, _JSON))
             return _dumps_like(new, text) if changed else text
@@ -727,6 +848,29 @@ def _mask_text_block(ctx: _Ctx, text: str, path: tuple) -> str:
     if ctx.p._scans and len(text) >= MIN_DETECT_LEN:
         return _scan_text(ctx, text, path)
     return text
+
+
+def _serialises(value: Any, text: str) -> bool:
+    """`text` is exactly json.dumps(value) in the text's own layout, so it decodes to
+    exactly `value` (a decoded JSON value) under any JSON parser: no duplicate keys,
+    escapes or number spellings another parser could read differently."""
+    layout = _layout(text)
+    if not layout["ensure_ascii"] and text.isascii():
+        layout["ensure_ascii"] = True     # the same text for an ASCII value, written faster
+    try:
+        return json.dumps(value, allow_nan=False, **layout) == text
+    except (TypeError, ValueError):
+        return False
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON, not only as Python values (1 == 1.0 == True): a text that differs in a
+    number's type from structuredContent is masked on its own, not replaced by it."""
+    try:
+        return (json.dumps(a, sort_keys=True, allow_nan=False)
+                == json.dumps(b, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError):
+        return False
 
 
 def _reuse_structured(ctx: _Ctx, twin: tuple, text: str, path: tuple) -> str:
@@ -739,17 +883,25 @@ def _reuse_structured(ctx: _Ctx, twin: tuple, text: str, path: tuple) -> str:
     return _dumps_like(masked, text) if changed else text
 
 
-def _dumps_like(obj: Any, original: str) -> str:
-    """Re-serialise JSON text in roughly the layout it came in."""
-    ascii_ = "\\u" in original and original.isascii()
+def _layout(original: str) -> dict[str, Any]:
+    """json.dumps arguments that write JSON in roughly the layout `original` has. No
+    circular-reference check: what is written here was walked first, and a cycle fails
+    that walk (MaskError at MAX_DEPTH)."""
+    # isascii() is O(1) and a one-character search runs at memchr speed: test those first
+    ascii_ = original.isascii() and "\\" in original and "\\u" in original
     nl = original.find("\n")
     if nl >= 0:
         rest = original[nl + 1:]
-        indent = len(rest) - len(rest.lstrip(" ")) or 2
-        return json.dumps(obj, ensure_ascii=ascii_, indent=indent)
+        return {"ensure_ascii": ascii_, "check_circular": False,
+                "indent": len(rest) - len(rest.lstrip(" ")) or 2}
     if '": ' in original or '", ' in original:
-        return json.dumps(obj, ensure_ascii=ascii_)
-    return json.dumps(obj, ensure_ascii=ascii_, separators=(",", ":"))
+        return {"ensure_ascii": ascii_, "check_circular": False}
+    return {"ensure_ascii": ascii_, "check_circular": False, "separators": (",", ":")}
+
+
+def _dumps_like(obj: Any, original: str) -> str:
+    """Re-serialise JSON text in roughly the layout it came in."""
+    return json.dumps(obj, **_layout(original))
 
 
 _TABLE_SEPS = (",", "\t", "|", ";")
