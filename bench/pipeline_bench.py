@@ -1,13 +1,14 @@
 """One exchange through the real pipeline, in one process: time per stage hook.
 
-    .venv/bin/python bench/pipeline_bench.py [--workload small|masked|list] [--reps 300] [--profile]
+    .venv/bin/python bench/pipeline_bench.py [--workload small|masked|list|sse] [--reps 300] [--profile]
 
 The stages are the ones addons/bastion.py builds, run by the same Pipeline mitmproxy loads,
 configured as the bench's `full` target is (bench/targets.py: the shipped rules with
 bench/policy.yaml, a `bench` connection, a minted caller JWT, a recorder writing to a temp
 store). Each repetition drives one request of the workload and the upstream's answer
 (bench/upstream.py) through requestheaders, request, responseheaders and response, on one
-asyncio loop; nothing is sent anywhere. Prints the median time per stage hook (and per
+asyncio loop (for `sse`, the 101 events go through the stream callable the stages install,
+timed as `stream.chunks`); nothing is sent anywhere. Prints the median time per stage hook (and per
 response transform, which run inside responses.response) and per whole exchange; with
 --profile, cProfile's top entries over the same repetitions instead. What mitmproxy itself
 adds (HTTP parsing, the other addons' dispatch, sockets) is what the multi-process bench
@@ -38,12 +39,14 @@ from addons.hooks.failclosed import guard  # noqa: E402
 from addons.hooks.pipeline import Pipeline  # noqa: E402
 from bench.loadgen import WORKLOADS  # noqa: E402
 from bench.targets import Stack  # noqa: E402
-from bench.upstream import big_result, customer_result, tools_list  # noqa: E402
+from bench.upstream import Upstream, big_result, customer_result, tools_list  # noqa: E402
 
 HOOKS = ("requestheaders", "request", "responseheaders", "response")
 
 
-def upstream_answer(workload: str, stack: Stack) -> bytes:
+def upstream_answer(workload: str, stack: Stack) -> bytes | list[bytes]:
+    if workload == "sse":
+        return list(Upstream("x", 1024, 1, 100, 0).sse_events_bytes(b"1"))
     result = {"small": customer_result, "masked": lambda: big_result(stack.big_kib * 1024),
               "list": lambda: tools_list(stack.many_tools)}[workload]()
     return b'{"jsonrpc":"2.0","id":1,"result":' + json.dumps(result, separators=(",", ":")).encode() + b"}"
@@ -51,6 +54,10 @@ def upstream_answer(workload: str, stack: Stack) -> bytes:
 
 def check(workload: str, body: bytes) -> str:
     """The answer is what the full chain must give: masked, filtered, not an error."""
+    if workload == "sse":
+        if b'"report":"done"' not in body or b"grace.hopper1@example.com" in body:
+            raise RuntimeError(f"unexpected stream: {body[-300:]!r}")
+        return f"{body.count(b'event: message')} events out"
     msg = json.loads(body)
     if "result" not in msg:
         raise RuntimeError(f"the chain answered with an error: {body[:300]!r}")
@@ -133,7 +140,9 @@ class Exchange:
             if hook == "responseheaders":
                 if f.response is not None:
                     raise RuntimeError(f"the chain refused the request: {f.response.content[:300]!r}")
-                f.response = tutils.tresp(content=self.answer, headers=((b"content-type", b"application/json"),))
+                sse = isinstance(self.answer, list)
+                f.response = tutils.tresp(content=b"" if sse else self.answer, headers=(
+                    (b"content-type", b"text/event-stream" if sse else b"application/json"),))
                 if timed:
                     rec = get_record(f.metadata)
                     rec.response_transforms = [TimedTransform(t, self.times) for t in rec.response_transforms]
@@ -145,9 +154,14 @@ class Exchange:
                     fn(f)
                 if timed:
                     self.times.setdefault((name, hook), []).append(time.perf_counter() - t)
+            if hook == "responseheaders" and callable(f.response.stream):
+                t = time.perf_counter()
+                out = b"".join(b"".join(f.response.stream(c)) for c in [*self.answer, b""])
+                if timed:
+                    self.times.setdefault(("stream", "chunks"), []).append(time.perf_counter() - t)
         if timed:
             self.totals.append(time.perf_counter() - t0)
-        return f.response.content
+        return out if isinstance(self.answer, list) else f.response.content
 
 
 async def run(args, work: Path) -> None:
@@ -191,7 +205,7 @@ async def run(args, work: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=("small", "masked", "list"), default="small")
+    p.add_argument("--workload", choices=("small", "masked", "list", "sse"), default="small")
     p.add_argument("--reps", type=int, default=300, help="repetitions (>= 50)")
     p.add_argument("--profile", action="store_true", help="cProfile instead of the per-hook table")
     args = p.parse_args()

@@ -83,25 +83,30 @@ def redact_path(path: str, secrets: list | None = None) -> str:
 BODY_KEYS = frozenset({"result", "error", "params"})   # a recorded message's payload
 
 
-def encode_lines(events: list[dict], secrets: list | None, shared: dict | None = None,
+def encode_lines(events: list[dict], secrets: list | None, flow: "FlowEvents | None" = None,
                  scanned: frozenset[int] = frozenset()) -> list[bytes]:
-    """Journal lines with every known secret redacted. Events of one flow all carry the
-    fields of `shared` (caller, session, connection: most of a small line), so the scan
-    reads those once, then what each event adds, all in one pass (a scan costs a few ns a
-    byte). The payload of events in `scanned` (ids) was scanned already, as the body the
-    caller received. Only when the scan hits is each line taken through encode_redacted."""
+    """Journal lines with every known secret redacted, in one scan. Events of one flow all
+    carry its base fields (caller, session, connection: most of a small line): those are
+    scanned once per flow (again only if they change), then what each event adds (a scan
+    costs a few ns a byte). The payload of events in `scanned` (ids) was scanned already,
+    as the body the caller received. Only on a hit is each line taken through
+    encode_redacted."""
     lines = [encode_event(ev) for ev in events]
     if not secrets:
         return lines
-    if shared or scanned:
-        shared = shared or {}
-        parts = [encode_event(shared)]
+    if flow is None:
+        parts = lines
+    else:
+        shared = flow.base
+        base = encode_event(shared)
+        memo = (base, tuple(map(id, secrets)))          # a reloaded index scans it again
+        parts = [] if memo == flow.clean_base else [base]
         parts += [encode_event({k: v for k, v in ev.items()
                                 if (k not in shared or shared[k] is not v) and not (k in BODY_KEYS and id(ev) in scanned)})
                   for ev in events]
-    else:
-        parts = lines
     if not find_spans(secrets, b"".join(parts))[1]:
+        if flow is not None:
+            flow.clean_base = memo
         return lines
     return [encode_redacted(ev, secrets) for ev in events]
 
@@ -156,6 +161,7 @@ class FlowEvents:
     requests: dict[str, tuple[str | None, str | None, str | None]] = field(default_factory=dict)
     mask_c2s: Any = None          # BastionRecord.request_mask: arguments as they may be stored
     request_masks: list[MaskEvent] = field(default_factory=list)
+    clean_base: tuple = ()        # encode_lines: (base, indexes) last scanned without a hit
 
     def _ev(self, kind: str, ts: float, **kw: Any) -> dict[str, Any]:
         ev = dict(self.base)
@@ -385,10 +391,10 @@ class Recorder:
             return
         if refused or not ctx.options.bastion_audit_before_forward:
             # the journal is written in order: the fsync the response waits for covers these
-            self._submit(events, wait=False, secrets=rec.known_secrets, shared=st.events.base)
+            self._submit(events, wait=False, secrets=rec.known_secrets, flow=st.events)
             return
         try:
-            await self._commit(events, rec.known_secrets, st.events.base)
+            await self._commit(events, rec.known_secrets, st.events)
         except (StoreUnavailable, asyncio.TimeoutError) as e:
             self._refuse_unavailable(flow, rec, str(e) or "commit timed out")
 
@@ -422,7 +428,7 @@ class Recorder:
         self._update_session(flow, st)
         events, scanned = self._final_events(flow, rec, st, time.time())
         try:
-            await self._commit(events, rec.known_secrets, st.events.base, scanned)
+            await self._commit(events, rec.known_secrets, st.events, scanned)
         except (StoreUnavailable, asyncio.TimeoutError) as e:
             log.error("response not recorded (%s); not releasing it", e or "commit timed out")
             rec.refuse("audit store unavailable", None)
@@ -448,7 +454,7 @@ class Recorder:
                                      request_sha256=_forwarded_sha256(rec),
                                      response_bytes=st.response_bytes or None, latency_ms=_ms(st.events.t0, now),
                                      req_headers=st.req_headers, note=msg[:500], credential=rec.credential_kind))
-        self._submit(events, wait=False, secrets=rec.known_secrets, shared=st.events.base)
+        self._submit(events, wait=False, secrets=rec.known_secrets, flow=st.events)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -461,25 +467,25 @@ class Recorder:
         flow.response = _unavailable_response()
         rec.refuse("audit store unavailable", None)
 
-    async def _commit(self, events: list[dict], secrets: list | None = None, shared: dict | None = None,
+    async def _commit(self, events: list[dict], secrets: list | None = None, flow: FlowEvents | None = None,
                       scanned: frozenset[int] = frozenset()) -> None:
         """Write events and return once they are stored per bastion_audit_sync: at once after
         write(2), or after the background fdatasync (raises StoreUnavailable / TimeoutError)."""
-        lines = self._encode(events, secrets, shared, scanned)
+        lines = self._encode(events, secrets, flow, scanned)
         if self.writer is None:
             raise StoreUnavailable("recorder not configured")
         synced = self.writer.commit(lines)
         if synced is not None:
             await asyncio.wait_for(synced, COMMIT_TIMEOUT)
 
-    def _encode(self, events: list[dict], secrets: list | None = None, shared: dict | None = None,
+    def _encode(self, events: list[dict], secrets: list | None = None, flow: FlowEvents | None = None,
                 scanned: frozenset[int] = frozenset()) -> list[bytes]:
         for ev in events:
             ev["seq"] = next(self._seq)
-        return encode_lines(events, secrets, shared, scanned)
+        return encode_lines(events, secrets, flow, scanned)
 
-    def _submit(self, events: list[dict], wait: bool, secrets: list | None = None, shared: dict | None = None):
-        lines = self._encode(events, secrets, shared)
+    def _submit(self, events: list[dict], wait: bool, secrets: list | None = None, flow: FlowEvents | None = None):
+        lines = self._encode(events, secrets, flow)
         if self.writer is None:
             if wait:
                 import concurrent.futures
@@ -626,7 +632,7 @@ class StreamTap:
             events, final = [self.st.events.http(time.time(), note=f"unrecorded SSE bytes: {type(e).__name__}")], False
         if not events:
             return sent
-        fut = self.recorder._submit(events, wait=final, secrets=self.rec.known_secrets, shared=self.st.events.base)
+        fut = self.recorder._submit(events, wait=final, secrets=self.rec.known_secrets, flow=self.st.events)
         if fut is None:
             return sent
         try:
