@@ -502,6 +502,11 @@ class SSEParser:
         self._skip_lf = False     # the last read ended in CR: an LF first in the next is its pair
         self._stray_lf = False    # the current block starts with such an LF (not a blank line)
 
+    @property
+    def pending(self) -> bool:
+        """Part of an event is buffered (the next event completed will hold earlier bytes)."""
+        return len(self._buf) > self._start
+
     def feed(self, chunk: bytes, final: bool = False) -> list[SSEEvent]:
         self._buf += chunk
         events: list[SSEEvent] = []

@@ -124,6 +124,10 @@ class BastionRecord:
     # known_secrets and nothing was found. Read by the recorder, which then does not scan
     # the same messages a second time when it records them.
     response_body_clean: bool = False
+    # Written by redaction's SSE stream callable for each output it returns: that output was
+    # scanned with known_secrets without a hit. Read (and reset) by the recorder's stream
+    # callable, which wraps it, so it does not scan those messages a second time.
+    stream_chunk_clean: bool = False
     # Pure functions the response pipeline applies, in order, to every JSON-RPC message
     # of the response (whole JSON body or each SSE event). Registered by policy (list
     # filtering) and masking. Raising = fail closed (message replaced by an error).

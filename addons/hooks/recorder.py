@@ -484,8 +484,9 @@ class Recorder:
             ev["seq"] = next(self._seq)
         return encode_lines(events, secrets, flow, scanned)
 
-    def _submit(self, events: list[dict], wait: bool, secrets: list | None = None, flow: FlowEvents | None = None):
-        lines = self._encode(events, secrets, flow)
+    def _submit(self, events: list[dict], wait: bool, secrets: list | None = None, flow: FlowEvents | None = None,
+                scanned: frozenset[int] = frozenset()):
+        lines = self._encode(events, secrets, flow, scanned)
         if self.writer is None:
             if wait:
                 import concurrent.futures
@@ -621,9 +622,12 @@ class StreamTap:
         """Chunks for the client; never an empty one (on a chunked body, the end)."""
         if self.closed:
             return []
+        whole = not self.parser.pending           # the events this output completes are all in it
+        self.rec.stream_chunk_clean = False
         out = self.inner(data) if self.inner is not None else data
         if not isinstance(out, bytes):
             out = b"".join(out)
+        clean = whole and self.rec.stream_chunk_clean    # redaction scanned exactly these bytes
         sent = [out] if out else []
         self.st.response_bytes += len(out)
         try:
@@ -632,7 +636,9 @@ class StreamTap:
             events, final = [self.st.events.http(time.time(), note=f"unrecorded SSE bytes: {type(e).__name__}")], False
         if not events:
             return sent
-        fut = self.recorder._submit(events, wait=final, secrets=self.rec.known_secrets, flow=self.st.events)
+        scanned = frozenset(map(id, events)) if clean else frozenset()
+        fut = self.recorder._submit(events, wait=final, secrets=self.rec.known_secrets, flow=self.st.events,
+                                    scanned=scanned)
         if fut is None:
             return sent
         try:

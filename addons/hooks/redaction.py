@@ -290,6 +290,7 @@ class EventStreamRedactor:
             out = b"".join(out)
         new, hit = redact_bytes(self.rec.known_secrets, out)
         note_hits(self.rec, "SSE event", hit)
+        self.rec.stream_chunk_clean = not hit
         return new
 
 

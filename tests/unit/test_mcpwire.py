@@ -539,3 +539,11 @@ def test_dumps_escapes_strings_like_the_stdlib():
     s = "".join(chr(i) for i in range(0x80)) + "é\u2028\u2029\U0001f600"
     assert mcpwire.dumps({"k": s, "big": 2**70}) == json.dumps({"k": s, "big": 2**70}, ensure_ascii=False,
                                                                 separators=(",", ":")).encode()
+
+
+def test_sse_parser_pending_says_whether_part_of_an_event_is_buffered():
+    p = mcpwire.SSEParser()
+    assert not p.pending
+    assert p.feed(b"event: message\ndata: {}\n\n") and not p.pending
+    assert p.feed(b"data: {\"a\"") == [] and p.pending
+    assert p.feed(b":1}\n\n") and not p.pending
