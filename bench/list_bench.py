@@ -1,6 +1,6 @@
 """tools/list through the real chain, in one process: time per stage hook.
 
-    .venv/bin/python bench/list_bench.py [--reps 200] [--many-tools 200] [--profile]
+    .venv/bin/python bench/list_bench.py [--reps 200] [--many-tools 200] [--pins] [--profile]
 
 The stages are the ones addons/bastion.py builds (build_stages(), each wrapped by
 FailClosed), configured as the bench's `full` target is (bench/targets.py: the shipped
@@ -8,8 +8,9 @@ rules with bench/policy.yaml, a `bench` connection, a minted caller JWT). Each r
 drives one `tools/list` request and the upstream's answer (bench/upstream.py: 206 tools, of
 which the policy lets the caller see 13) through every stage's requestheaders, request,
 responseheaders and response hooks, in pipeline order, on one asyncio loop; nothing is
-sent anywhere. Prints the median time per stage hook and per whole exchange; --profile
-prints cProfile's top 20 (cumulative) over the same repetitions instead.
+sent anywhere. Prints the median time per stage hook and per whole exchange; --pins pins
+every upstream tool first (rules/pins/bench.yaml: integrity then hashes each tool shown);
+--profile prints cProfile's top 20 (cumulative) over the same repetitions instead.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mitmproxy.test import taddons, tflow, tutils  # noqa: E402
 
 from addons.bastion import build_stages  # noqa: E402
+from addons.core.integrity import write_pins  # noqa: E402
 from addons.core.record import get_record  # noqa: E402
 from addons.hooks.failclosed import FailClosed  # noqa: E402
 from bench.loadgen import WORKLOADS  # noqa: E402
@@ -65,10 +67,12 @@ class TimedTransform:
 class ListExchange:
     """The chain, loaded in a mitmproxy test context, and one tools/list exchange through it."""
 
-    def __init__(self, work: Path, many_tools: int) -> None:
+    def __init__(self, work: Path, many_tools: int, pins: bool = False) -> None:
         stack = Stack(work, many_tools=many_tools)
         stack.up_port = 9                         # never connected to: the hooks only name it
         stack.prepare_bastion()
+        if pins:                                  # every upstream tool reviewed (mcp-bastion pin)
+            write_pins(stack.bastion_rules, "bench", tools_list(many_tools)["tools"])
         self.stack = stack
         self.chain = [FailClosed(s) for s in build_stages()]
         wl = WORKLOADS["list"]
@@ -80,7 +84,8 @@ class ListExchange:
         result = json.dumps(tools_list(many_tools), separators=(",", ":")).encode()
         self.answer = b'{"jsonrpc":"2.0","id":1,"result":' + result + b"}"
         self.times: dict[tuple[str, str], list[float]] = {}
-        self.totals: list[float] = []
+        self.totals: list[float] = []          # every hook of one exchange
+        self.unrecorded: list[float] = []      # the same without the recorder's hooks (its I/O varies most)
 
     def options(self) -> dict:
         sets = self.stack.bastion_sets
@@ -90,7 +95,7 @@ class ListExchange:
     async def one(self, timed: bool = True) -> bytes:
         f = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/mcp/bench", content=self.body,
                                         headers=tuple(self.headers)), resp=False)
-        t0 = time.perf_counter()
+        total = recording = 0.0
         for hook in HOOKS:
             if hook == "responseheaders":
                 if f.response is not None:
@@ -107,10 +112,14 @@ class ListExchange:
                 out = fn(f)
                 if inspect.isawaitable(out):
                     await out
+                dt = time.perf_counter() - t
+                total += dt
+                recording += dt if a.name == "recorder" else 0.0
                 if timed:
-                    self.times.setdefault((a.name, hook), []).append(time.perf_counter() - t)
+                    self.times.setdefault((a.name, hook), []).append(dt)
         if timed:
-            self.totals.append(time.perf_counter() - t0)
+            self.totals.append(total)
+            self.unrecorded.append(total - recording)
         return f.response.content
 
 
@@ -124,19 +133,22 @@ def check(body: bytes) -> int:
     return len(names)
 
 
+async def lifecycle(chain: list, hook: str) -> None:
+    """mitmproxy's `running` / `done` for every stage (the recorder starts and stops its writer)."""
+    for a in chain:
+        fn = getattr(a, hook, None)
+        if fn is not None:
+            out = fn()
+            if inspect.isawaitable(out):
+                await out
+
+
 async def run(args, work: Path) -> None:
-    ex = ListExchange(work, args.many_tools)
+    ex = ListExchange(work, args.many_tools, args.pins)
     with taddons.context(*ex.chain) as tctx:
-        for a in ex.chain:
-            a_opts = {k: v for k, v in ex.options().items() if k in tctx.options}
-            tctx.configure(a, **a_opts)
-            break                                 # options are global: once is enough
-        for a in ex.chain:
-            running = getattr(a, "running", None)
-            if running is not None:
-                out = running()
-                if inspect.isawaitable(out):
-                    await out
+        # options are global: configuring them through one addon reaches every stage
+        tctx.configure(ex.chain[0], **{k: v for k, v in ex.options().items() if k in tctx.options})
+        await lifecycle(ex.chain, "running")
         kept = check(await ex.one(timed=False))    # warm-up (first-use caches, imports)
         for _ in range(5):
             await ex.one(timed=False)
@@ -146,12 +158,10 @@ async def run(args, work: Path) -> None:
             for _ in range(args.reps):
                 await ex.one(timed=False)
             prof.disable()
-            s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(20)
-            s2 = io.StringIO()
-            pstats.Stats(prof, stream=s2).sort_stats("tottime").print_stats(20)
-            print(s.getvalue())
-            print(s2.getvalue())
+            for order in ("cumulative", "tottime"):
+                s = io.StringIO()
+                pstats.Stats(prof, stream=s).sort_stats(order).print_stats(20)
+                print(s.getvalue())
         else:
             for _ in range(args.reps):
                 await ex.one()
@@ -165,18 +175,15 @@ async def run(args, work: Path) -> None:
                     print(f"  {(name + '.' + hook).lstrip('.'):44s} {med:9.1f}")
             print("  (transforms run inside responses.response)")
             print(f"  {'total (every hook)':44s} {statistics.median(ex.totals) * 1e6:9.1f}")
-        for a in ex.chain:
-            done = getattr(a, "done", None)
-            if done is not None:
-                out = done()
-                if inspect.isawaitable(out):
-                    await out
+            print(f"  {'total without the recorder':44s} {statistics.median(ex.unrecorded) * 1e6:9.1f}")
+        await lifecycle(ex.chain, "done")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=200, help="repetitions (>= 50)")
     p.add_argument("--many-tools", type=int, default=200, help="trivial tools on top of the demo's 6")
+    p.add_argument("--pins", action="store_true", help="pin every upstream tool (integrity checks each shown one)")
     p.add_argument("--profile", action="store_true", help="cProfile top 20 instead of the per-hook table")
     args = p.parse_args()
     if args.reps < 50:
