@@ -19,7 +19,7 @@ from addons.hooks.connections import Router
 from addons.hooks.integrity import Integrity
 from addons.hooks.mcpflow import McpParser
 from addons.hooks.policy import Policy
-from addons.hooks.responses import readonly, transform_json_body
+from addons.hooks.responses import SSERewriter, readonly, transform_json_body
 from addons.hooks.schemacheck import ArgSchema
 from tests.unit.test_policy import flow
 
@@ -153,6 +153,23 @@ def test_reload_other_list_and_other_roles_each_get_a_new_answer(tmp_path):
         assert addon.reload() and addon.policy is not old and len(addon.policy.list_cache) == 0
         assert list_through(addon, body(TOOLS), ANA) == ["read_a"]
         assert list_through(addon, body(more), ANA) == ["read_a", "read_c"]
+
+
+def test_an_event_stream_answer_uses_the_same_cache(tmp_path, monkeypatch):
+    setup(tmp_path)
+    addon = Policy()
+    filtered = []
+    item_test = policy_rules._item_test
+    monkeypatch.setattr(policy_rules, "_item_test", lambda rules: filtered.append(1) or item_test(rules))
+    with taddons.context(Router(addon.registry), addon) as tctx:
+        tctx.options.bastion_rules = str(tmp_path)
+        assert list_through(addon, body(TOOLS, 1), ANA, 1) == ["read_a", "read_b"]
+        f, rec = flow({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, ANA)
+        addon.request(f)
+        out = b"".join(SSERewriter(rec, None, 2)(b"event: message\ndata: " + body(TOOLS, 2) + b"\n\n"))
+    data = json.loads(out.split(b"data: ", 1)[1])
+    assert [t["name"] for t in data["result"]["tools"]] == ["read_a", "read_b"] and data["id"] == 2
+    assert len(filtered) == 1                                             # the JSON answer's entry, reused
 
 
 def test_without_a_source_the_list_is_filtered_uncached(tmp_path):
