@@ -8,6 +8,7 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -211,8 +212,11 @@ def lookalike_of(name: str, known) -> str | None:
     return twin if twin is not None and twin != name else None
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,128}")
+
+
 def plain_name(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9_.\-/]{1,128}", name))
+    return _PLAIN_NAME.fullmatch(name) is not None
 
 
 # --- prompt injection ----------------------------------------------------------------------
@@ -262,6 +266,20 @@ def scan(text: str) -> list[Finding]:
             continue
         out += [Finding(kind, m.start(), m.end()) for m in rx.finditer(text)]
     return sorted(out, key=lambda f: f.start)
+
+
+DESCRIPTION_MEMO_CHARS = 2048     # descriptions up to this long have their scan remembered
+
+
+@lru_cache(maxsize=2048)
+def _scan_memo(text: str) -> tuple[Finding, ...]:
+    return tuple(scan(text))
+
+
+def scan_description(text: str) -> list[Finding]:
+    """scan() of a tool description: the same descriptions come back in every tools/list,
+    so short ones are scanned once (bounded memo of a pure function)."""
+    return list(_scan_memo(text)) if len(text) <= DESCRIPTION_MEMO_CHARS else scan(text)
 
 
 def strip(text: str, findings: list[Finding]) -> str:

@@ -5,6 +5,8 @@ so policy, masking and recorder code can be tested without a flow.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -101,6 +103,51 @@ class SharedTake:
     why: str                   # the refusal's text
 
 
+# How SDKs frame a result (compact, or json.dumps' default separators): the id in its
+# canonical JSON spelling; another framing simply gets no ResultSource
+_RESULT_ENVELOPES = ('{"jsonrpc":"2.0","id":%s,"result":', '{"jsonrpc": "2.0", "id": %s, "result": ')
+
+
+class ResultSource:
+    """The exact text of one upstream message's `result`: what follows the envelope
+    `{"jsonrpc":"2.0","id":<id>,"result":` at the very start of the text it was parsed from.
+    That prefix is a complete run of top-level tokens, so the rest of the text alone
+    determines the result: equal digests, equal results, whatever the (per-request) id.
+    The digest (computed once, on first use) keys caches of what depends only on a result:
+    tools/list visibility, learned argument schemas."""
+
+    __slots__ = ("text", "start", "_digest")
+
+    def __init__(self, text: bytes | str, start: int) -> None:
+        self.text, self.start = text, start
+        self._digest: bytes | None = None
+
+    @classmethod
+    def of(cls, text: bytes | str, msg: Any) -> ResultSource | None:
+        """The result text of `msg` (parsed from `text`), or None: no result, another framing,
+        or a batch (its text starts with `[`)."""
+        if not isinstance(msg, dict) or "result" not in msg:
+            return None
+        mid = msg.get("id")
+        if isinstance(mid, bool) or not isinstance(mid, (int, str)):
+            return None
+        canon = json.dumps(mid)
+        for envelope in _RESULT_ENVELOPES:
+            prefix: bytes | str = envelope % canon
+            if isinstance(text, bytes):
+                prefix = prefix.encode()
+            if text.startswith(prefix):      # type: ignore[arg-type]
+                return cls(text, len(prefix))
+        return None
+
+    def digest(self) -> bytes:
+        if self._digest is None:
+            rest = memoryview(self.text)[self.start:] if isinstance(self.text, bytes) \
+                else self.text[self.start:].encode("utf-8", "surrogatepass")
+            self._digest = hashlib.sha256(rest).digest()
+        return self._digest
+
+
 @dataclass
 class BastionRecord:
     started: float = field(default_factory=time.time)
@@ -133,6 +180,9 @@ class BastionRecord:
     # filtering) and masking. Raising = fail closed (message replaced by an error).
     response_transforms: list[Callable[[dict], dict]] = field(default_factory=list)
     mask_required: bool = False            # unparsable response must not pass raw
+    # responses: the text of the result now being transformed, while the message is still
+    # exactly what the upstream sent (None once a transform changed it, and between messages)
+    response_source: ResultSource | None = field(default=None, repr=False)
     # The caller's verified bearer token, kept only for the Injector to exchange (RFC 8693
     # subject_token) and cleared there; never recorded, never forwarded.
     subject_token: Transient | None = field(default=None, repr=False)

@@ -135,7 +135,7 @@ class Integrity(Watching):
 
     def _scan_tool(self, cfg: ti.IntegrityConfig, tool: dict, rec: BastionRecord) -> tuple[dict, str | None]:
         text = tool.get("description")
-        findings = ti.scan(text) if isinstance(text, str) else []
+        findings = ti.scan_description(text) if isinstance(text, str) else []
         if not findings:
             return tool, None
         kinds = sorted({f.kind for f in findings})

@@ -22,7 +22,8 @@ from addons.core.mcpwire import id_key
 from addons.core import mcpwire
 from addons.core.connections import query_session, with_query_session
 from addons.hooks.httputil import checked_snapshot, refuse_http, refuse_message
-from addons.core.record import get_record
+from addons.core.listcache import LearnedLists
+from addons.core.record import ResultSource, get_record
 from addons.hooks.responses import readonly
 from addons.core.rules import RulesWatch
 from addons.hooks.reloading import Watching
@@ -54,6 +55,7 @@ class McpParser(Watching):
     def __init__(self) -> None:
         # (connection, tool) -> Mcp-Param-* map learned from tools/list results (bounded)
         self.param_maps: OrderedDict[tuple[str, str], dict] = OrderedDict()
+        self._learned = LearnedLists()           # the tools/list result they came from, per connection
         # (connection, stream, id) -> transforms of the request, for responses that arrive
         # on another flow (legacy SSE stream, or a resumed GET stream): the transforms of a
         # request follow its response wherever it travels. Bounded.
@@ -309,23 +311,29 @@ class McpParser(Watching):
                 self.pending.popitem(last=False)
         if any(m.method == "tools/list" for m in parsed.messages):
             conn = rec.connection
-            rec.response_transforms.append(readonly(lambda m: self._learn(conn, m)))
+            rec.response_transforms.append(readonly(lambda m, r=rec: self._learn(conn, m, r.response_source)))
 
     def _admit(self, flow: http.HTTPFlow, rec) -> None:
         """Room for the session this request may open (initialize, legacy SSE stream)."""
         if rec.identity is not None:
             self.sessions.admit(flow.id, rec.identity.sub)
 
-    def _learn(self, conn: str, message: dict) -> dict:
+    def _learn(self, conn: str, message: dict, source: ResultSource | None = None) -> dict:
         tools = (message.get("result") or {}).get("tools") if isinstance(message.get("result"), dict) else None
         if isinstance(tools, list):
+            digest = source.digest() if source is not None else None
+            if self._learned.seen(conn, digest):
+                return message            # the list these maps were learned from, again
             for t in tools:
                 if isinstance(t, dict) and isinstance(t.get("name"), str):
                     key = (conn, t["name"])
                     self.param_maps[key] = mcpwire.param_header_map(t.get("inputSchema"))
                     self.param_maps.move_to_end(key)
+            if len(self.param_maps) > MAX_SCHEMAS:
+                self._learned.forget()    # maps of some listed tools are about to go
             while len(self.param_maps) > MAX_SCHEMAS:
                 self.param_maps.popitem(last=False)
+            self._learned.learned(conn, digest)
         return message
 
 

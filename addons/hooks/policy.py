@@ -21,7 +21,7 @@ from addons.hooks.httputil import checked_snapshot, refuse_jsonrpc
 from addons.core.mcpwire import (LIST_METHODS, SERVER_REQUEST_METHODS, Message, decode_header_value, jsonrpc_error,
                          parse_message)
 from addons.core.policy.rules import (Policy as RulesPolicy, ScanBudget, evaluate, filter_list_result, load_policy, policy_files)
-from addons.core.record import Decision, Identity, SharedTake, get_record
+from addons.core.record import Decision, Identity, ResultSource, SharedTake, get_record
 from addons.core.statestore import SharedState
 from addons.core.rules import RulesError, RulesWatch
 from addons.core.textsafe import get_logger
@@ -135,6 +135,15 @@ class Policy(Watching):
             return
         policy, conn, ident = self.policy, rec.connection, rec.identity
         env = self._environment(conn)
+        # list results shown only with what the caller may use (a refused request never gets
+        # its response here). Before the transform below, which changes only server->client
+        # requests: the filter still sees the result as the upstream sent it
+        # (rec.response_source), so its cached answer for that list can be used.
+        for m in rec.messages:
+            if m.method in LIST_METHODS:
+                method = m.method
+                rec.response_transforms.append(
+                    lambda msg, method=method: _filter(policy, ident, conn, method, msg, env, rec.response_source))
         # server->client requests travelling back on this flow's response stream
         rec.response_transforms.append(lambda m: govern_server_request(policy, ident, conn, m, env))
         if flow.request.method != "POST":
@@ -166,11 +175,6 @@ class Policy(Watching):
             return
         if any(d.rewrites for d in decisions):
             apply_rewrites(flow, rec)
-        for m in rec.messages:
-            if m.method in LIST_METHODS:
-                method = m.method
-                rec.response_transforms.append(
-                    lambda msg, method=method: _filter(policy, ident, conn, method, msg, env))
 
     def _decide(self, policy: RulesPolicy, ident: Identity | None, conn: str, m: Message, env: str = "",
                 deferred: list[SharedTake] | None = None) -> Decision:
@@ -270,9 +274,10 @@ def _what(messages: list[Message], d: Decision) -> str:
     return f"{m.method}:{m.target}" if m.target else str(m.method)
 
 
-def _filter(policy, ident, conn, method: str, msg: dict, env: str = "") -> dict:
+def _filter(policy, ident, conn, method: str, msg: dict, env: str = "", source: ResultSource | None = None) -> dict:
     if "result" in msg and "id" in msg:
-        msg = {**msg, "result": filter_list_result(policy, ident, conn, method, msg["result"], env)}
+        digest = source.digest() if source is not None else None
+        msg = {**msg, "result": filter_list_result(policy, ident, conn, method, msg["result"], env, digest)}
     return msg
 
 

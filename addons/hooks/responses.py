@@ -20,7 +20,7 @@ from addons.core import mcpwire
 from addons.core.connections import (ConnectionRegistry, plain_value, query_session, rewrite_endpoint,
                                      with_query_session)
 from addons.hooks.httputil import json_response
-from addons.core.record import BastionRecord, get_record
+from addons.core.record import BastionRecord, ResultSource, get_record
 from addons.core.textsafe import get_logger
 
 log = get_logger("bastion.responses")
@@ -59,20 +59,27 @@ def _unchecked_answer(message: dict) -> dict:
                                  "(legacy HTTP+SSE behind a non-sticky balancer?)")
 
 
-def transform_message(rec: BastionRecord, obj: Any) -> tuple[Any, bool]:
+def transform_message(rec: BastionRecord, obj: Any, source: ResultSource | None = None) -> tuple[Any, bool]:
     """Run every registered transform over one decoded JSON-RPC message.
 
     Transforms may mutate in place, so any non-readonly transform counts as a change
     and the message is re-serialised: correctness over a saved json.dumps.
+    `source`: the text of `obj`'s result; transforms see it as rec.response_source until
+    one of them changes the message (then it no longer describes what they get).
     """
     if not isinstance(obj, dict):
         if rec.mask_required:
             raise TransformError("response is not a JSON-RPC message")
         return obj, False
     changed = False
-    for t in _transforms_for(rec, obj):
-        obj = t(obj)
-        changed = changed or not getattr(t, "readonly", False)
+    rec.response_source = source
+    try:
+        for t in _transforms_for(rec, obj):
+            obj = t(obj)
+            if not getattr(t, "readonly", False):
+                changed, rec.response_source = True, None
+    finally:
+        rec.response_source = None
     return obj, changed
 
 
@@ -89,7 +96,7 @@ def transform_json_body(rec: BastionRecord, body: bytes) -> bytes | None:
     items = obj if isinstance(obj, list) else [obj]
     out, any_changed = [], False
     for item in items:
-        new, changed = transform_message(rec, item)
+        new, changed = transform_message(rec, item, ResultSource.of(body, item))
         any_changed |= changed
         out.append(new)
         _remember(rec, new)
@@ -166,7 +173,7 @@ class SSERewriter:
         items = obj if isinstance(obj, list) else [obj]
         out, any_changed = [], False
         for item in items:
-            new, item_changed = transform_message(self.rec, item)
+            new, item_changed = transform_message(self.rec, item, ResultSource.of(ev.data, item))
             any_changed |= item_changed
             out.append(new)
             _remember(self.rec, new)

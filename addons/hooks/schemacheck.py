@@ -21,8 +21,9 @@ from addons.core.policy import argschema
 
 from addons.core import integrity as ti
 from addons.hooks.httputil import json_response
+from addons.hooks.responses import readonly
 from addons.core.mcpwire import jsonrpc_error
-from addons.core.record import get_record
+from addons.core.record import ResultSource, get_record
 from addons.core.rules import RulesError
 
 log = logging.getLogger("bastion.argschema")
@@ -66,7 +67,9 @@ class ArgSchema(Watching):
         answers: dict[int, dict] = {}
         for i, m in enumerate(rec.messages):
             if m.method == "tools/list":
-                rec.response_transforms.append(lambda msg, c=conn: self._learn(c, msg))
+                # readonly: later transforms still get the list's text (rec.response_source)
+                rec.response_transforms.append(
+                    readonly(lambda msg, c=conn, r=rec: self._learn(c, msg, r.response_source)))
             elif m.method == "tools/call":
                 answer = await self._refusal(conn, m)
                 if answer is not None:
@@ -95,10 +98,10 @@ class ArgSchema(Watching):
         log.warning("refused tools/call %r on %s: %s", name, conn, why)
         return argschema.tool_error(m.id, f"mcp-bastion: invalid arguments for tool {name}: {why}")
 
-    def _learn(self, connection: str, msg: dict) -> dict:
+    def _learn(self, connection: str, msg: dict, source: ResultSource | None = None) -> dict:
         result = msg.get("result")
         if isinstance(result, dict):
-            self.book.learn(connection, result.get("tools"))
+            self.book.learn(connection, result.get("tools"), source.digest() if source is not None else None)
         return msg
 
     async def _problem(self, connection: str, tool: str, arguments: dict) -> str | None:

@@ -14,6 +14,8 @@ from typing import Any
 
 from jsonschema import exceptions as js_exceptions, validators
 
+from addons.core.listcache import LearnedLists
+
 INVALID_PARAMS = -32602          # JSON-RPC "Invalid params": no schema to validate against
 
 
@@ -33,10 +35,14 @@ class SchemaBook:
         self._schemas: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._listed: set[str] = set()            # connections whose tools/list was seen
         self._validators: dict[int, tuple[dict, Any]] = {}   # id -> (schema, compiled validator)
+        self._learned = LearnedLists()            # the tools/list result they came from, per connection
         self.max = max_tools
 
-    def learn(self, connection: str, tools: Any) -> None:
-        if not isinstance(tools, list):
+    def learn(self, connection: str, tools: Any, digest: bytes | None = None) -> None:
+        """`digest`: of the exact text of the list result (ResultSource), when known; the
+        result last learned for this connection, again, changes nothing (and keeps the
+        compiled validators)."""
+        if not isinstance(tools, list) or self._learned.seen(connection, digest):
             return
         self._listed.add(connection)
         for t in tools:
@@ -44,9 +50,12 @@ class SchemaBook:
                 key = (connection, t["name"])
                 self._schemas[key] = t.get("inputSchema")
                 self._schemas.move_to_end(key)
+        if len(self._schemas) > self.max:
+            self._learned.forget()                # schemas of some listed tools are about to go
         while len(self._schemas) > self.max:
             self._schemas.popitem(last=False)
         self._validators.clear()
+        self._learned.learned(connection, digest)
 
     def listed(self, connection: str) -> bool:
         return connection in self._listed

@@ -16,6 +16,7 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,7 @@ from jsonpath_ng.ext import parse as jsonpath_parse
 from sqlglot import exp
 
 from addons.core.globs import matches_any
+from addons.core.listcache import LRU
 from addons.core.shell import paths as pathguard
 
 from addons.core.shell import policy as shellpolicy
@@ -38,6 +40,7 @@ from addons.core.shell.guard import Pattern, ScanBudgetExceeded, ScanCache, scan
 from addons.core.sql.mask import STYLES, ColumnPolicy, HiddenNames, rewrite as sql_rewrite
 
 DEFAULT_METHOD = "tools/call"
+LIST_CACHE_ENTRIES = 256          # cached list answers per policy (Policy.list_cache)
 DEFAULT_APPROVAL_TIMEOUT = 120.0
 DEFAULT_BASELINE = (
     "initialize", "ping", "server/discover", "notifications/*", "tools/list", "resources/list",
@@ -332,6 +335,10 @@ class Policy:
     protected: tuple[str, ...] = pathguard.protected_dirs()
     # per policy object (not an init field): replace() with another blocklist gets a new one
     scan_cache: ScanCache = field(default_factory=ScanCache, init=False, repr=False, compare=False)
+    # (list method, the rules that apply to the caller, digest of the upstream's list result)
+    # -> which items are shown, one byte each (filter_list_result). Per policy object, like
+    # scan_cache: a reload builds a new Policy, so no answer outlives the rules it came from.
+    list_cache: LRU = field(default_factory=lambda: LRU(LIST_CACHE_ENTRIES), init=False, repr=False, compare=False)
 
 
 def _strs(loc: Located, node: Any, key: str) -> tuple[str, ...]:
@@ -865,17 +872,17 @@ LIST_CALL_METHOD = {"tools/list": "tools/call", "resources/list": "resources/rea
                     "resources/templates/list": "resources/read", "prompts/list": "prompts/get"}
 
 
-def visibility(policy: Policy, identity: Identity | None, connection: str, method: str,
-               environment: str = "") -> Callable[[str], bool]:
-    """A test for the items of one list: may the caller use this tool/resource/prompt at
-    all (allowed or approvable for some arguments)? Rules with argument or SQL predicates
-    count as 'some arguments'; a deny rule hides the item only when it has no argument
-    predicates. Subject and method are matched once per list, not once per item."""
+def _list_rules(policy: Policy, identity: Identity | None, connection: str, method: str,
+                environment: str) -> tuple[int, ...]:
+    """Positions of the rules that can show or hide an item of this list to this caller:
+    subject (sub, roles, client, connection, environment) and method matched once per list."""
     call_method = LIST_CALL_METHOD[method]
-    rules = [r for r in policy.rules
-             if r.direction == "client_to_server" and r.matches_subject(identity, connection, environment)
-             and r.matches_method(call_method)]
+    return tuple(i for i, r in enumerate(policy.rules)
+                 if r.direction == "client_to_server" and r.matches_subject(identity, connection, environment)
+                 and r.matches_method(call_method))
 
+
+def _item_test(rules: list[Rule]) -> Callable[[str], bool]:
     def test(name: str) -> bool:
         any_ok = False
         for r in rules:
@@ -889,22 +896,44 @@ def visibility(policy: Policy, identity: Identity | None, connection: str, metho
     return test
 
 
+def visibility(policy: Policy, identity: Identity | None, connection: str, method: str,
+               environment: str = "") -> Callable[[str], bool]:
+    """A test for the items of one list: may the caller use this tool/resource/prompt at
+    all (allowed or approvable for some arguments)? Rules with argument or SQL predicates
+    count as 'some arguments'; a deny rule hides the item only when it has no argument
+    predicates. Subject and method are matched once per list, not once per item."""
+    return _item_test([policy.rules[i] for i in _list_rules(policy, identity, connection, method, environment)])
+
+
 def visible(policy: Policy, identity: Identity | None, connection: str, method: str, name: str,
             environment: str = "") -> bool:
     return visibility(policy, identity, connection, method, environment)(name)
 
 
 def filter_list_result(policy: Policy, identity: Identity | None, connection: str, method: str,
-                       result: Any, environment: str = "") -> Any:
-    """Drop list items the caller may not use. Returns a new result dict."""
+                       result: Any, environment: str = "", digest: bytes | None = None) -> Any:
+    """Drop list items the caller may not use. Returns a new result dict.
+
+    `digest`: of the exact text of `result` as the upstream sent it (ResultSource), when
+    known. Which items are shown then comes from the policy's list_cache, keyed by it and
+    by the rules that apply to this caller: the same list, seen by a caller the same rules
+    apply to, is not filtered item by item again."""
     key = LIST_METHODS.get(method)
     if key is None or not isinstance(result, dict) or not isinstance(result.get(key), list):
         return result
-    name_key = "uri" if key == "resources" else ("uriTemplate" if key == "resourceTemplates" else "name")
-    test = visibility(policy, identity, connection, method, environment)
-    kept = [item for item in result[key]
-            if isinstance(item, dict) and isinstance(item.get(name_key), str) and test(item[name_key])]
-    return {**result, key: kept}
+    items = result[key]
+    which = _list_rules(policy, identity, connection, method, environment)
+    cache_key = (method, which, digest) if digest is not None else None
+    shown = policy.list_cache.get(cache_key) if cache_key is not None else None
+    if shown is None:
+        name_key = "uri" if key == "resources" else ("uriTemplate" if key == "resourceTemplates" else "name")
+        test = _item_test([policy.rules[i] for i in which])
+        # one byte per item, 1 = shown: compact, and applied by itertools.compress at C speed
+        shown = bytes(isinstance(item, dict) and isinstance(item.get(name_key), str) and test(item[name_key])
+                      for item in items)
+        if cache_key is not None:
+            policy.list_cache.put(cache_key, shown)
+    return {**result, key: list(compress(items, shown))}
 
 
 def explain(policy: Policy, identity: Identity | None, connection: str, msg: Message,
