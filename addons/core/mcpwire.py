@@ -195,8 +195,46 @@ def _check_str(s: str) -> None:
             raise McpParseError(PARSE_ERROR, "JSON string holds a lone surrogate") from None
 
 
+# strict_loads' fast path: orjson, then two C-speed checks that it read what the stdlib
+# path would accept and return. See strict_loads.
+_DIGIT_RUNS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))   # digits -> "0", else " "
+_LONG_NUMBER = b"0" * 19          # 19+ digits may exceed orjson's 64-bit integers (it gives a float)
+_TOO_DEEP = b"\n" + b" " * (2 * MAX_DEPTH)   # a member below the depth limit (_check_tree's rule)
+
+
 def strict_loads(data: bytes | str) -> Any:
-    """json.loads that refuses what other parsers could read differently."""
+    """json.loads that refuses what other parsers could read differently.
+
+    Fast path: orjson parses (it refuses invalid UTF-8, lone surrogates, NaN, infinities and
+    trailing data on its own); duplicate keys are then detected by counting: orjson keeps
+    one member per key, so its own serialisation has fewer `:` outside strings than the
+    input exactly when a key repeats (`:` inside strings is written as is on both sides;
+    an input spelling one as \u003a takes the slow path); the depth limit is read off the
+    indentation of that serialisation. Inputs with a run of 19+ digits
+    (orjson reads integers past 64 bits as floats) and anything orjson refuses go to the
+    stdlib path, which decides and words every refusal."""
+    try:
+        raw = data if isinstance(data, bytes) else data.encode("utf-8")
+    except UnicodeEncodeError:                  # a lone surrogate in a str
+        raw = None
+    if raw is not None and not raw.startswith(b"\xef\xbb\xbf"):
+        try:
+            obj = orjson.loads(raw)
+            # indented: a member at nesting level k starts a line with 2k spaces (strings
+            # hold no raw newline), which bounds the depth without walking the tree
+            canonical = orjson.dumps(obj, option=orjson.OPT_INDENT_2)
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+            pass
+        else:
+            if (raw.count(b":") == canonical.count(b":") and b"\\u003" not in raw
+                    and _LONG_NUMBER not in raw.translate(_DIGIT_RUNS)):
+                if _TOO_DEEP in canonical:
+                    raise McpParseError(PARSE_ERROR, f"JSON nested deeper than {MAX_DEPTH}")
+                return obj
+    return _stdlib_strict_loads(data)
+
+
+def _stdlib_strict_loads(data: bytes | str) -> Any:
     if isinstance(data, bytes):
         if data.startswith(b"\xef\xbb\xbf"):
             raise McpParseError(PARSE_ERROR, "UTF-8 byte order mark is not allowed")

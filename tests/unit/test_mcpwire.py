@@ -547,3 +547,48 @@ def test_sse_parser_pending_says_whether_part_of_an_event_is_buffered():
     assert p.feed(b"event: message\ndata: {}\n\n") and not p.pending
     assert p.feed(b"data: {\"a\"") == [] and p.pending
     assert p.feed(b":1}\n\n") and not p.pending
+
+
+def _outcome(fn, data):
+    try:
+        v = fn(data)
+    except McpParseError as e:
+        return ("refused", e.code)
+    return ("ok", json.dumps(v, sort_keys=True), repr(v))
+
+
+_keys = st.sampled_from(["a", "b", "\\u0061", "a:b", "\\u003a", "\\u003A", "é", "\\ud83d\\ude00", "\\ud800"])
+_atoms = st.sampled_from(["1", "-0", "1.5e3", "1e400", "18446744073709551616", "-9223372036854775809",
+                          "123456789012345678901234567890", "0.1", "true", "null", "NaN", '"x:y"', '"\\u003a"',
+                          '"\\ud800"', '"\\ud83d\\ude00"', '"\\u0000"', "[]", "{}"])
+
+
+@st.composite
+def _json_texts(draw, depth=0):
+    if depth > 3 or draw(st.booleans()):
+        return draw(_atoms)
+    if draw(st.booleans()):
+        items = draw(st.lists(_json_texts(depth + 1), max_size=3))
+        return "[" + ",".join(items) + "]"
+    members = draw(st.lists(st.tuples(_keys, _json_texts(depth + 1)), max_size=3))
+    return "{" + ",".join(f'"{k}":{v}' for k, v in members) + "}"
+
+
+@given(_json_texts(), st.sampled_from(["", " ", "\n"]), st.sampled_from(["bytes", "str"]))
+def test_fast_strict_loads_decides_exactly_like_the_stdlib_path(text, ws, kind):
+    """The orjson fast path accepts, refuses and returns exactly what the stdlib path does:
+    duplicate keys (also spelled with escapes or colons in keys), big integers, lone
+    surrogates, constants, infinities."""
+    from addons.core.mcpwire import _stdlib_strict_loads
+    data = (ws + text + ws)
+    data = data.encode() if kind == "bytes" else data
+    assert _outcome(strict_loads, data) == _outcome(_stdlib_strict_loads, data)
+
+
+@pytest.mark.parametrize("depth", [62, 63, 64, 65, 200, 2000])
+@pytest.mark.parametrize("shape", ["[", '{"k":'])
+def test_fast_strict_loads_depth_limit_matches_the_stdlib_path(depth, shape):
+    from addons.core.mcpwire import _stdlib_strict_loads
+    close = "]" if shape == "[" else "}"
+    data = (shape * depth + "1" + close * depth).encode()
+    assert _outcome(strict_loads, data) == _outcome(_stdlib_strict_loads, data)
