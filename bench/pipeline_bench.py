@@ -1,6 +1,6 @@
 """One exchange through the real pipeline, in one process: time per stage hook.
 
-    .venv/bin/python bench/pipeline_bench.py [--workload small|masked|list|sse] [--reps 300] [--profile]
+    .venv/bin/python bench/pipeline_bench.py [--workload small|masked|list|sse] [--reps 300] [--pins] [--profile]
 
 The stages are the ones addons/bastion.py builds, run by the same Pipeline mitmproxy loads,
 configured as the bench's `full` target is (bench/targets.py: the shipped rules with
@@ -10,7 +10,9 @@ store). Each repetition drives one request of the workload and the upstream's an
 asyncio loop (for `sse`, the 101 events go through the stream callable the stages install,
 timed as `stream.chunks`); nothing is sent anywhere. Prints the median time per stage hook (and per
 response transform, which run inside responses.response) and per whole exchange; with
---profile, cProfile's top entries over the same repetitions instead. What mitmproxy itself
+--profile, cProfile's top entries over the same repetitions instead. --pins pins every
+upstream tool first (rules/pins/bench.yaml: tool integrity then checks each tool it shows
+or calls against its pin). What mitmproxy itself
 adds (HTTP parsing, the other addons' dispatch, sockets) is what the multi-process bench
 measures on top.
 """
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mitmproxy.test import taddons, tflow, tutils  # noqa: E402
 
 from addons.bastion import build_stages  # noqa: E402
+from addons.core.integrity import write_pins  # noqa: E402
 from addons.core.record import get_record  # noqa: E402
 from addons.hooks.failclosed import guard  # noqa: E402
 from addons.hooks.pipeline import Pipeline  # noqa: E402
@@ -95,10 +98,12 @@ class TimedTransform:
 class Exchange:
     """The pipeline in a mitmproxy test context, and one exchange of the workload through it."""
 
-    def __init__(self, work: Path, workload: str) -> None:
+    def __init__(self, work: Path, workload: str, pins: bool = False) -> None:
         stack = Stack(work)
         stack.up_port = 9                         # never connected to: the hooks only name it
         stack.prepare_bastion()
+        if pins:                                  # every upstream tool reviewed (mcp-bastion pin)
+            write_pins(stack.bastion_rules, "bench", tools_list(stack.many_tools)["tools"])
         self.stack, self.workload = stack, workload
         self.pipeline = Pipeline(build_stages())
         self.body, self.headers = self.request(workload)
@@ -165,7 +170,7 @@ class Exchange:
 
 
 async def run(args, work: Path) -> None:
-    ex = Exchange(work, args.workload)
+    ex = Exchange(work, args.workload, args.pins)
     with taddons.context(ex.pipeline) as tctx:
         tctx.configure(ex.pipeline, **{k: v for k, v in ex.options().items() if k in tctx.options})
         if hasattr(ex.pipeline, "running"):
@@ -208,6 +213,7 @@ def main() -> None:
     p.add_argument("--workload", choices=("small", "masked", "list", "sse"), default="small")
     p.add_argument("--reps", type=int, default=300, help="repetitions (>= 50)")
     p.add_argument("--profile", action="store_true", help="cProfile instead of the per-hook table")
+    p.add_argument("--pins", action="store_true", help="pin every upstream tool (integrity checks each one)")
     args = p.parse_args()
     if args.reps < 50:
         p.error("--reps must be at least 50")
