@@ -175,6 +175,10 @@ class BastionRecord:
     # scanned with known_secrets without a hit. Read (and reset) by the recorder's stream
     # callable, which wraps it, so it does not scan those messages a second time.
     stream_chunk_clean: bool = False
+    # Written by redaction's message transform: the JSON text (mcpwire.dumps) of the last
+    # message it scanned without a hit. Read by redaction's response hook: a final body
+    # byte-identical to it was scanned already.
+    clean_json_text: bytes | None = field(default=None, repr=False)
     # Pure functions the response pipeline applies, in order, to every JSON-RPC message
     # of the response (whole JSON body or each SSE event). Registered by policy (list
     # filtering) and masking. Raising = fail closed (message replaced by an error).

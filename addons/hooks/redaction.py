@@ -207,7 +207,9 @@ class SecretRedaction:
                     resp.content = new
                     note_hits(rec, "response body", hit)
             return
-        if body:
+        if body and body == rec.clean_json_text:
+            rec.response_body_clean = True          # exactly the text the message transform scanned
+        elif body:
             new, hit = redact_bytes(rec.known_secrets, body)
             if hit:
                 resp.content = new
@@ -267,8 +269,10 @@ class MessageRedactor:
     def __call__(self, msg: dict) -> Any:
         # one C-speed pass over the message as JSON text first: a decoded string appears
         # there JSON-escaped, and that escaping is one of the variants searched for
-        if not redact_str(self.rec.known_secrets, mcpwire.dumps(msg).decode("utf-8", "surrogatepass"))[1]:
+        text = mcpwire.dumps(msg)
+        if not find_spans(self.rec.known_secrets, text)[1]:
             self.readonly = True
+            self.rec.clean_json_text = text
             return msg
         labels: set[str] = set()
         out = redact_obj(self.rec.known_secrets, msg, labels)

@@ -103,3 +103,23 @@ def test_refused_flow_path_is_cleaned_before_logging():
     a.requestheaders(f)
     a.request(f)            # refused: a response is already set
     assert SECRET not in f.request.path and f.request.path.endswith("?access_token=[redacted]&x=1")
+
+
+def test_a_body_identical_to_the_scanned_message_text_is_not_scanned_twice_and_any_other_is():
+    from addons.core import mcpwire
+    from addons.hooks.redaction import MessageRedactor
+    a = addon()
+    msg = {"jsonrpc": "2.0", "id": 1, "result": {"t": "clean"}}
+    f = flow(mcpwire.dumps(msg))
+    a.requestheaders(f)
+    rec = get_record(f.metadata)
+    assert MessageRedactor(rec)(msg) is msg and rec.clean_json_text == mcpwire.dumps(msg)
+    a.response(f)
+    assert rec.response_body_clean
+    # a body that is not byte for byte the scanned text (a secret added after the transform)
+    g = flow(json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"t": "clean", "u": SECRET}}).encode())
+    a.requestheaders(g)
+    grec = get_record(g.metadata)
+    MessageRedactor(grec)(msg)
+    a.response(g)
+    assert SECRET.encode() not in g.response.content and not grec.response_body_clean
