@@ -2,9 +2,9 @@
 
 mitmproxy dispatches every event (about ten per HTTP exchange, `update` included) to every
 addon it knows, walking nested `addons` lists and looking each hook up by name each time.
-With the stages as fourteen nested child addons that walk cost 216-255 us per `request`
-event; here each hook is resolved once, at construction, into one callable that runs the
-stages' implementations in order (27-88 us). Flow hooks are guarded per stage
+Here each hook is resolved once, at construction, into one callable that runs the stages'
+implementations in order: dispatching an exchange's four HTTP hooks to fifteen stages costs
+60 us, against 146-156 us with the stages as nested child addons. Flow hooks are guarded per stage
 (addons/hooks/failclosed.py): an exception refuses the flow and the later stages still run,
 so the recorder and the metrics see the refusal. Async hooks are awaited inside the flow's
 own task, so an approval hold does not block other flows. Options and commands of every
