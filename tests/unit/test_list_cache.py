@@ -120,12 +120,18 @@ def test_cached_visibility_equals_uncached_for_every_caller(tmp_path):
     assert len(p.list_cache) == 3            # ANA and ANA_TOO: the same rules apply, one entry
 
 
+def count_filtering(monkeypatch) -> list:
+    """A list that grows by one each time a list result is filtered item by item."""
+    filtered: list = []
+    item_test = policy_rules._item_test
+    monkeypatch.setattr(policy_rules, "_item_test", lambda rules: filtered.append(1) or item_test(rules))
+    return filtered
+
+
 def test_the_gateway_reuses_the_answer_for_the_same_list_and_caller(tmp_path, monkeypatch):
     setup(tmp_path)
     addon = Policy()
-    filtered = []
-    item_test = policy_rules._item_test
-    monkeypatch.setattr(policy_rules, "_item_test", lambda rules: filtered.append(1) or item_test(rules))
+    filtered = count_filtering(monkeypatch)
     with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
         first = list_through(addon, body(TOOLS, 1), ANA, 1)
@@ -158,9 +164,7 @@ def test_reload_other_list_and_other_roles_each_get_a_new_answer(tmp_path):
 def test_an_event_stream_answer_uses_the_same_cache(tmp_path, monkeypatch):
     setup(tmp_path)
     addon = Policy()
-    filtered = []
-    item_test = policy_rules._item_test
-    monkeypatch.setattr(policy_rules, "_item_test", lambda rules: filtered.append(1) or item_test(rules))
+    filtered = count_filtering(monkeypatch)
     with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
         assert list_through(addon, body(TOOLS, 1), ANA, 1) == ["read_a", "read_b"]
