@@ -40,6 +40,7 @@ from addons.core.integrity import write_pins  # noqa: E402
 from addons.core.record import get_record  # noqa: E402
 from addons.hooks.failclosed import guard  # noqa: E402
 from addons.hooks.pipeline import Pipeline  # noqa: E402
+from bench.__main__ import EMAIL, SSN  # noqa: E402
 from bench.loadgen import WORKLOADS  # noqa: E402
 from bench.targets import Stack  # noqa: E402
 from bench.upstream import Upstream, big_result, customer_result, tools_list  # noqa: E402
@@ -69,10 +70,10 @@ def check(workload: str, body: bytes) -> str:
         if len(names) != 13:
             raise RuntimeError(f"unexpected tools/list answer: {names}")
         return f"{len(names)} tools shown"
-    text = body.decode()
-    if "123-45-" in text or "@example." in text.split("[email")[0][-200:] and workload == "small":
-        raise RuntimeError("an SSN or e-mail left the chain in clear")
-    return f"{len(body)} bytes out"
+    ssn, mails = len(SSN.findall(body)), len(EMAIL.findall(body))
+    if ssn or mails:
+        raise RuntimeError(f"{ssn} SSNs and {mails} e-mail addresses left the chain in clear")
+    return f"{len(body)} bytes out, {body.count(b'[MASKED') + body.count(b'[HASH:')} values masked"
 
 
 class TimedTransform:

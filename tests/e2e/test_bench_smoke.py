@@ -103,3 +103,14 @@ async def test_loadgen_parses_chunked_sse_and_content_length_across_any_split(se
     _feed(conn, resp2, rnd)
     assert fut.done() and bytes(conn.collect) == b"{\"ok\": 1}\r\n" and not conn.sse
     await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("workload", ["small", "masked", "list", "sse"])
+def test_pipeline_bench_drives_every_workload_through_the_real_pipeline(workload):
+    """bench/pipeline_bench.py checks each answer before timing (masked, filtered, the whole
+    stream): it must run clean on every workload and print a per-stage table."""
+    p = subprocess.run([sys.executable, "bench/pipeline_bench.py", "--workload", workload, "--reps", "50"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert p.stdout.startswith(f"{workload}: ") and "total (every hook)" in p.stdout
+    assert "recorder.response" in p.stdout and "policy.request" in p.stdout
