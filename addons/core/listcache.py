@@ -3,36 +3,9 @@ addons/core/record.py ResultSource): a tools/list answered again with the same t
 a dictionary lookup instead of a pass over every tool. Pure; no mitmproxy."""
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Hashable
+from addons.core.lru import LRU
 
 MAX_ENTRIES = 1024
-
-
-class LRU:
-    """A small least-recently-used map: at most `max_entries` keys, the oldest dropped."""
-
-    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
-        self.max = max_entries
-
-    def get(self, key: Hashable) -> Any:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: Hashable, value: Any) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.max:
-            self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 class LearnedLists:

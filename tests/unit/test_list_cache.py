@@ -11,7 +11,8 @@ from mitmproxy.test import taddons
 
 from addons.core import integrity as ti
 from addons.core import mcpwire
-from addons.core.listcache import LRU, LearnedLists
+from addons.core.listcache import LearnedLists
+from addons.core.lru import LRU
 from addons.core.policy import argschema, rules as policy_rules
 from addons.core.policy.rules import filter_list_result, load_policy
 from addons.core.record import Identity, ResultSource, get_record

@@ -22,7 +22,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import OrderedDict
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from addons.core.lru import LRU
 from addons.core.privatefiles import private_dir, write_private
 from addons.core.record import Identity
 from addons.core.rules import RulesError, load_yaml
@@ -556,7 +556,7 @@ class VerifiedTokens:
     caller on every use. Bounded (LRU)."""
 
     def __init__(self, max_entries: int = 10_000, ttl: float = 60.0):
-        self._d: OrderedDict[bytes, tuple[dict, float]] = OrderedDict()
+        self._d = LRU(max_entries)                # key -> (claims, until)
         self.max = max_entries
         self.ttl = ttl
 
@@ -572,18 +572,15 @@ class VerifiedTokens:
             return None
         claims, until = hit
         if now >= until or now > float(claims["exp"]) + leeway:
-            del self._d[k]
+            self._d.discard(k)
             return None
-        self._d.move_to_end(k)
         return claims
 
     def put(self, token: str, audience: str | None, claims: dict, now: float | None = None) -> None:
         if self.max <= 0 or not isinstance(claims.get("exp"), (int, float)):
             return
         now = time.time() if now is None else now
-        self._d[self._key(token, audience)] = (claims, now + self.ttl)
-        while len(self._d) > self.max:
-            self._d.popitem(last=False)
+        self._d.put(self._key(token, audience), (claims, now + self.ttl))
 
     def clear(self) -> None:
         self._d.clear()

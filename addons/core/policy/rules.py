@@ -26,7 +26,7 @@ from jsonpath_ng.ext import parse as jsonpath_parse
 from sqlglot import exp
 
 from addons.core.globs import matches_any
-from addons.core.listcache import LRU
+from addons.core.lru import LRU
 from addons.core.shell import paths as pathguard
 
 from addons.core.shell import policy as shellpolicy
