@@ -33,3 +33,6 @@ class LRU:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __iter__(self):
+        return iter(self._items)
