@@ -19,6 +19,7 @@ naming the secret by label, never by value.
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from addons.core import mcpwire
 from addons.core.record import BastionRecord, MaskEvent, get_record
 from addons.core.rules import RulesWatch, RulesError, rules_files
 from addons.core.sessionseal import KEY_FILE as SESSION_KEY_FILE
+from addons.hooks.state import KEY_FILE as STATE_KEY_FILE
 from addons.core.sessionseal import KeyringError, parse_keyring
 from addons.core.masking.secretscan import (
     Secret, SecretIndex, StreamRedactor, find_spans, pem_secrets, redact_bytes, redact_obj, redact_str, redact_url,
@@ -51,8 +53,9 @@ def credential_value(secret: str, scheme: str | None) -> str:
     return secret[len(scheme) + 1:] if scheme and secret.startswith(scheme + " ") else secret
 
 
-def gather_secrets(rules_dir: str, key_dir: str, mask_key_file: str,
-                   audit_key_file: str = "", session_keys_file: str = "") -> tuple[list[Secret], list[Path]]:
+def gather_secrets(rules_dir: str, key_dir: str, mask_key_file: str, audit_key_file: str = "",
+                   session_keys_file: str = "", state_key_file: str = "",
+                   state_url: str = "") -> tuple[list[Secret], list[Path]]:
     """Every secret value the gateway holds, and the files they come from (to watch)."""
     from addons.core.connections import load_connections
     from addons.core.identity.jwtverify import LOCAL_KEY_FILE
@@ -99,6 +102,15 @@ def gather_secrets(rules_dir: str, key_dir: str, mask_key_file: str,
         secrets.append(Secret("masking key", mask_key.read_text(encoding="utf-8").strip()))
     except (OSError, UnicodeDecodeError):
         pass
+    state_key = Path(state_key_file or Path(key_dir) / STATE_KEY_FILE)
+    files.append(state_key)
+    try:
+        secrets.append(Secret("state engine key", state_key.read_text(encoding="utf-8").strip()))
+    except (OSError, UnicodeDecodeError):
+        pass                                      # no shared state engine (or not created yet)
+    password = urllib.parse.urlsplit(state_url).password if state_url else None
+    if password:
+        secrets.append(Secret("state engine password", urllib.parse.unquote(password)))
     return secrets, files
 
 
@@ -110,19 +122,19 @@ class SecretRedaction:
         self._generations: list[list[Secret]] = []
         self._watch = RulesWatch(self._reread)
         self._files: list[Path] = []
-        self._sources: tuple[str, ...] = ("rules", ".secrets", ".secrets/mask-key", "", "")
+        self._sources: tuple[str, ...] = ("rules", ".secrets", ".secrets/mask-key", "", "", "", "")
         self._log_filter: LogRedactor | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
     def configure(self, updated) -> None:
         if updated & {"bastion_rules", "bastion_key_dir", "bastion_mask_key_file", "bastion_audit_key",
-                      "bastion_session_keys"}:
+                      "bastion_session_keys", "bastion_state_key", "bastion_state"}:
             o = ctx.options
             self.reload(*(getattr(o, name) if name in o else default for name, default in (
                 ("bastion_rules", "rules"), ("bastion_key_dir", ".secrets"),
                 ("bastion_mask_key_file", ".secrets/mask-key"), ("bastion_audit_key", ""),
-                ("bastion_session_keys", ""))))
+                ("bastion_session_keys", ""), ("bastion_state_key", ""), ("bastion_state", ""))))
 
     def running(self) -> None:
         self._watch.start()
@@ -138,8 +150,9 @@ class SecretRedaction:
                 h.removeFilter(self._log_filter)
 
     def reload(self, rules_dir: str, key_dir: str, mask_key_file: str, audit_key_file: str = "",
-               session_keys_file: str = "") -> None:
-        self._sources = (rules_dir, key_dir, mask_key_file, audit_key_file, session_keys_file)
+               session_keys_file: str = "", state_key_file: str = "", state_url: str = "") -> None:
+        self._sources = (rules_dir, key_dir, mask_key_file, audit_key_file, session_keys_file, state_key_file,
+                         state_url)
         secrets, self._files = gather_secrets(*self._sources)
         values = {s.value for s in secrets}
         if not self._generations or values != {s.value for s in self._generations[-1]}:

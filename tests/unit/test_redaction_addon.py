@@ -123,3 +123,24 @@ def test_a_body_identical_to_the_scanned_message_text_is_not_scanned_twice_and_a
     MessageRedactor(grec)(msg)
     a.response(g)
     assert SECRET.encode() not in g.response.content and not grec.response_body_clean
+
+
+def test_the_state_engine_key_and_password_are_known_secrets(tmp_path):
+    """The shared state engine's seal key (<key_dir>/state.key or bastion_state_key) and a
+    password in the bastion_state URL are redacted like every other secret the gateway holds."""
+    from addons.hooks.redaction import gather_secrets
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir()
+    key = secrets.token_hex(32)
+    (key_dir / "state.key").write_text(key)
+    found, files = gather_secrets(str(tmp_path), str(key_dir), str(tmp_path / "mask-key"),
+                                  state_url="redis://:p%40ss-w0rd-longer@127.0.0.1:6379/0")
+    values = {s.label: s.value for s in found}
+    assert values["state engine key"] == key and values["state engine password"] == "p@ss-w0rd-longer"
+    assert key_dir / "state.key" in files                       # watched: a new key is picked up
+    other = tmp_path / "elsewhere.key"
+    other.write_text(secrets.token_hex(32))
+    found, _ = gather_secrets(str(tmp_path), str(key_dir), str(tmp_path / "mask-key"), state_key_file=str(other))
+    assert {s.value for s in found if s.label == "state engine key"} == {other.read_text()}
+    found, _ = gather_secrets(str(tmp_path), str(key_dir), str(tmp_path / "mask-key"), state_url="redis://127.0.0.1/0")
+    assert not [s for s in found if s.label == "state engine password"]
