@@ -21,7 +21,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons.core.identity import credentials as creds
 from addons.hooks.reloading import Watching
-from addons.hooks.httputil import checked_snapshot, json_response, refuse_http, refuse_jsonrpc
+from addons.hooks.httputil import HeaderView, checked_snapshot, json_response, refuse_http, refuse_jsonrpc
 from addons.core.record import METADATA_KEY, BastionRecord, get_record
 from addons.core.rules import RulesWatch, RulesError, rules_files
 from addons.core.identity.vault import DEFAULT_KEY, DEFAULT_VAULT, Vault, VaultError, key_path, load_key, updating
@@ -41,6 +41,7 @@ class Router(Watching):
         self._watch = RulesWatch(self._reload)
         self.watches = (self._watch,)
         self.allowed_origins: frozenset[str] = frozenset()
+        self.max_body = 4 * 1024 * 1024         # bastion_max_body, read in configure (not per call)
 
     @property
     def connections(self) -> dict[str, Connection]:
@@ -66,8 +67,10 @@ class Router(Watching):
                 raise exceptions.OptionsError(f"connections: {e}") from None
             self._watch.watch(lambda: rules_files(rules, "connections"))
             log.info("loaded %d connection(s): %s", len(self.connections), ", ".join(self.connections) or "-")
-        if "bastion_max_body" in updated and ctx.options.bastion_max_body <= 0:
-            raise exceptions.OptionsError("bastion_max_body must be positive")
+        if "bastion_max_body" in updated:
+            if ctx.options.bastion_max_body <= 0:
+                raise exceptions.OptionsError("bastion_max_body must be positive")
+            self.max_body = ctx.options.bastion_max_body
         if "bastion_allowed_origins" in updated:
             self.allowed_origins = frozenset(o.strip() for o in ctx.options.bastion_allowed_origins.split(",")
                                              if o.strip())
@@ -104,7 +107,8 @@ class Router(Watching):
             refuse_http(flow, 404, "unknown_connection", "no connection with that name")
             return
         rec.connection = conn.name
-        origin = req.headers.get("origin")
+        headers = HeaderView(req.headers)
+        origin = headers.get(b"origin")
         if origin is not None and not self._origin_ok(origin, flow):
             refuse_http(flow, 403, "forbidden_origin", "Origin is not allowed")
             return
@@ -129,9 +133,9 @@ class Router(Watching):
                         {"allow": "POST, GET, DELETE"})
             return
         rec.upstream_path = upstream_path
-        cl = req.headers.get("content-length")
-        if cl is not None and (not cl.isdigit() or int(cl) > ctx.options.bastion_max_body):
-            refuse_http(flow, 413, "body_too_large", f"request body exceeds {ctx.options.bastion_max_body} bytes")
+        cl = headers.get(b"content-length")
+        if cl is not None and (not cl.isdigit() or int(cl) > self.max_body):
+            refuse_http(flow, 413, "body_too_large", f"request body exceeds {self.max_body} bytes")
             return
 
     def _origin_ok(self, origin: str, flow: http.HTTPFlow) -> bool:
