@@ -271,7 +271,9 @@ class Injector:
         if injected:
             drop |= {injected.header.lower().encode()}
         strip_headers(req.headers, drop)
-        req.scheme, req.host, req.port = conn.scheme, conn.host, conn.port
+        # the port setter re-derives the Host header and authority from scheme, host and
+        # port, as the host setter would (once is enough: the result depends only on the three)
+        req.scheme, req.data.host, req.port = conn.scheme, conn.host, conn.port
         req.path = rec.upstream_path
         req.headers["host"] = conn.host if conn.port in (80, 443) else f"{conn.host}:{conn.port}"
         rec.outgoing = checked_snapshot(req)

@@ -509,6 +509,12 @@ def test_content_length_limit(chain):
     f.request.headers["content-length"] = "101"
     router.requestheaders(f)
     assert error_body(f)["error"] == "body_too_large"
+    # the limit is kept from configure: a later change applies to the next request
+    tctx.options.bastion_max_body = 101
+    f = mkflow()
+    f.request.headers["content-length"] = "101"
+    router.requestheaders(f)
+    assert f.response is None
 
 
 def test_methods(chain):
