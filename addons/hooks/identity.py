@@ -51,14 +51,17 @@ def _http_url(value: str, what: str) -> str:
     return value
 
 
-def redact_authorization(req: http.Request, values: list[str] | None = None) -> None:
+def redact_authorization(req: http.Request) -> tuple[str, ...]:
     """The caller's token is consumed here: nothing later (mitmweb while a call is held,
-    flow files, recordings, the upstream) may see it. `values`: the Authorization values
-    just read from these headers (else read here)."""
-    if values is None:
-        values = req.headers.get_all("authorization")
-    if values:
-        req.headers.set_all("authorization", [v.split(" ", 1)[0] + " [redacted]" for v in values])
+    flow files, recordings, the upstream) may see it. Returns the values taken, as
+    Headers.get_all reads them; each field keeps its place and name, its value becomes
+    "<scheme> [redacted]" (one pass over the fields, not a lookup and a rewrite)."""
+    fields = req.headers.fields
+    found = [v for k, v in fields if k.lower() == b"authorization"]
+    if found:
+        req.headers.fields = tuple((k, v.split(b" ", 1)[0] + b" [redacted]") if k.lower() == b"authorization"
+                                   else (k, v) for k, v in fields)
+    return tuple(v.decode("utf-8", "surrogateescape") for v in found)
 
 
 def take_authorization(flow: http.HTTPFlow) -> tuple[str, ...]:
@@ -66,9 +69,7 @@ def take_authorization(flow: http.HTTPFlow) -> tuple[str, ...]:
     first time a hook sees the flow (requestheaders: mitmweb lists the flow right after)."""
     rec = get_record(flow.metadata)
     if rec.caller_authorization is None:
-        values = flow.request.headers.get_all("authorization")
-        rec.caller_authorization = tuple(values)
-        redact_authorization(flow.request, values)
+        rec.caller_authorization = redact_authorization(flow.request)
     return rec.caller_authorization
 
 
