@@ -379,7 +379,12 @@ KEPT_DESPITE_CONNECTION = frozenset({b"host", b"content-length", b"transfer-enco
 def connection_listed(headers) -> frozenset[bytes]:
     """Header names the client's Connection header declares hop-by-hop (RFC 9110 7.6.1),
     except framing and MCP headers."""
-    names = [t.strip().lower().encode() for v in headers.get_all("connection") for t in v.split(",")]
+    # the fields scanned directly: what Headers.get_all("connection") gives, without its
+    # per-call key conversions (most requests carry no Connection header at all)
+    values = [v.decode("utf-8", "surrogateescape") for k, v in headers.fields if k.lower() == b"connection"]
+    if not values:
+        return frozenset()
+    names = [t.strip().lower().encode() for v in values for t in v.split(",")]
     return frozenset(n for n in names if n and n not in KEPT_DESPITE_CONNECTION and not n.startswith(b"mcp-"))
 
 

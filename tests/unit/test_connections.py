@@ -611,6 +611,18 @@ async def test_injector_strips_client_credentials_and_injects(chain):
     assert rec.injected_header == "Authorization"
 
 
+async def test_injector_points_an_http2_request_and_its_authority_at_the_upstream(chain):
+    router, injector, _ = chain
+    f, rec = checked_post(router)
+    f.request.http_version = "HTTP/2.0"
+    f.request.authority = "gw.example:443"
+    rec.checked = checked_snapshot(f.request)
+    await injector.request(f)
+    assert f.response is None
+    assert (f.request.host, f.request.port, f.request.authority) == ("127.0.0.1", 9100, "127.0.0.1:9100")
+    assert f.request.headers.get_all("host") == ["127.0.0.1:9100"]
+
+
 async def test_connection_header_cannot_strip_framing_or_mcp_headers(chain):
     # Connection-listed names are hop-by-hop, but dropping Content-Length would make the
     # upstream read the body as a second request that the gateway never checked
