@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http import url
 
 from addons.core.identity import credentials as creds
 from addons.hooks.reloading import Watching
@@ -270,12 +271,8 @@ class Injector:
         drop = STRIPPED_REQUEST_HEADERS | connection_listed(req.headers)
         if injected:
             drop |= {injected.header.lower().encode()}
-        strip_headers(req.headers, drop)
-        # the port setter re-derives the Host header and authority from scheme, host and
-        # port, as the host setter would (once is enough: the result depends only on the three)
-        req.scheme, req.data.host, req.port = conn.scheme, conn.host, conn.port
+        point_at(req, conn, drop)
         req.path = rec.upstream_path
-        req.headers["host"] = conn.host if conn.port in (80, 443) else f"{conn.host}:{conn.port}"
         rec.outgoing = checked_snapshot(req)
         if injected:
             rec.credential = (injected.header, injected.value)
@@ -388,13 +385,31 @@ def connection_listed(headers) -> frozenset[bytes]:
     return frozenset(n for n in names if n and n not in KEPT_DESPITE_CONNECTION and not n.startswith(b"mcp-"))
 
 
-def strip_headers(headers, names: frozenset[bytes]) -> None:
-    """Drop every field whose lower-cased name is in names, in one pass (Headers.pop per
-    name rescans all fields and dominated the Injector's cost)."""
-    fields = headers.fields
-    kept = tuple(f for f in fields if f[0].lower() not in names)
-    if len(kept) != len(fields):
-        headers.fields = kept
+def point_at(req: http.Request, conn: Connection, drop: frozenset[bytes]) -> None:
+    """Aim the request at the connection's upstream: every field named in `drop` removed
+    and the Host field set, in one pass over the fields (Headers.pop per name, the host and
+    port setters' Host lookups and a Host write each rescan all fields). The result is what
+    mitmproxy's setters give: Host keeps its place and spelling (further Host fields go),
+    or is appended when there was none; an HTTP/2 authority becomes host[:port]."""
+    host = (conn.host if conn.port in (80, 443) else f"{conn.host}:{conn.port}").encode("utf-8", "surrogateescape")
+    fields, has_host = [], False
+    for name, value in req.headers.fields:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == b"host":
+            if not has_host:
+                fields.append((name, host))
+                has_host = True
+            continue
+        fields.append((name, value))
+    if not has_host:
+        fields.append((b"host", host))
+    req.headers.fields = tuple(fields)
+    req.scheme = conn.scheme
+    req.data.host, req.data.port = conn.host, conn.port
+    if req.data.authority:
+        req.authority = url.hostport(conn.scheme, conn.host, conn.port)
 
 
 def unchecked_reason(rec, http_method: str, identity_required: bool = True) -> str | None:

@@ -623,6 +623,30 @@ async def test_injector_points_an_http2_request_and_its_authority_at_the_upstrea
     assert f.request.headers.get_all("host") == ["127.0.0.1:9100"]
 
 
+@pytest.mark.parametrize("fields", [
+    [(b"Host", b"gw:8080"), (b"accept", b"*/*"), (b"cookie", b"a")],
+    [(b"accept", b"*/*"), (b"HOST", b"a"), (b"x-foo", b"1"), (b"host", b"b")],
+    [(b"accept", b"*/*")],
+    [(b"host", b"gw"), (b"Cookie", b"a"), (b"cookie", b"b"), (b"x-foo", b"2")],
+])
+@pytest.mark.parametrize("version,authority", [("HTTP/1.1", ""), ("HTTP/2.0", "gw.example:443"), ("HTTP/2.0", "")])
+@pytest.mark.parametrize("scheme,host,port", [("http", "127.0.0.1", 9100), ("https", "up.example", 443),
+                                              ("http", "up.example", 80), ("https", "up.example", 80)])
+def test_point_at_gives_what_the_mitmproxy_setters_give(fields, version, authority, scheme, host, port):
+    from addons.hooks.connections import point_at
+    drop = frozenset({b"cookie", b"x-foo"})
+    conn = Connection("c", scheme, host, port, "/mcp", None)
+    mine, theirs = (tutils.treq(headers=tuple(fields), http_version=version.encode()) for _ in range(2))
+    for r in (mine, theirs):
+        r.authority = authority
+    point_at(mine, conn, drop)
+    # the sequence point_at replaces
+    theirs.headers.fields = tuple(f for f in theirs.headers.fields if f[0].lower() not in drop)
+    theirs.scheme, theirs.host, theirs.port = scheme, host, port
+    theirs.headers["host"] = host if port in (80, 443) else f"{host}:{port}"
+    assert mine.get_state() == theirs.get_state()
+
+
 async def test_connection_header_cannot_strip_framing_or_mcp_headers(chain):
     # Connection-listed names are hop-by-hop, but dropping Content-Length would make the
     # upstream read the body as a second request that the gateway never checked
