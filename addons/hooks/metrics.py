@@ -69,8 +69,12 @@ class GatewayMetrics:
             self.child(self.requests, conn, method, d.action if d else "none").inc()
         if rec.refusal is not None:
             self.child(self.refusals, rec.refusal_rule or _refusal_kind(rec.refusal)).inc()
+        masked: dict[str, int] = {}         # one increment per type, not per (path, type)
         for ev in rec.masks:
-            self.child(self.masked, self._mask_type(ev.type)).inc(ev.count)
+            label = self._mask_type(ev.type)
+            masked[label] = masked.get(label, 0) + ev.count
+        for label, count in masked.items():
+            self.child(self.masked, label).inc(count)
         if duration is not None and rec.connection is not None:
             self.child(self.latency, conn).observe(max(duration, 0.0))
 
