@@ -83,9 +83,11 @@ class HeaderView:
     def __contains__(self, name: bytes) -> bool:
         return name in self._index
 
-    def str_fields(self) -> list[tuple[str, str]]:
-        """The raw header lines as latin-1 text (names as sent, duplicates kept)."""
-        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.fields]
+    def mcp_fields(self) -> list[tuple[str, str]]:
+        """The raw Mcp-* header lines as latin-1 text (names as sent, duplicates kept): all
+        that the routing and Mcp-Param-* checks read (a latin-1 name lower-cases to "mcp-…"
+        exactly when its bytes do)."""
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.fields if k[:4].lower() == b"mcp-"]
 
 
 def refuse_unavailable(flow: http.HTTPFlow, rec, what: str) -> None:

@@ -284,7 +284,7 @@ class McpParser(Watching):
             return
         try:
             parsed = mcpwire.parse_body(body)
-            fields = headers.str_fields()
+            fields = headers.mcp_fields()
             err = mcpwire.check_routing_headers(fields, parsed)
             if err is None and not parsed.batch and parsed.messages[0].method == "tools/call":
                 msg = parsed.messages[0]
