@@ -386,4 +386,3 @@ def decode_bounded(raw: bytes, enc: str, limit: int) -> bytes:
     if not complete:
         raise ValueError("truncated or trailing compressed data")
     return out
-
