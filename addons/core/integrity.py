@@ -189,6 +189,7 @@ _INVISIBLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180
                         "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e0fff]")
 
 
+@lru_cache(maxsize=4096)     # pure: a tool called again is not normalised again
 def skeleton(name: str) -> str:
     """What a name looks like: NFKC, invisible characters dropped, look-alikes mapped, case folded."""
     return _INVISIBLE.sub("", unicodedata.normalize("NFKC", name)).translate(_CONFUSABLE).casefold()

@@ -6,6 +6,8 @@ surrogates, NaN) is refused instead of interpreted.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -201,6 +203,11 @@ _DIGIT_RUNS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))   # digits 
 _LONG_NUMBER = b"0" * 19          # 19+ digits may exceed orjson's 64-bit integers (it gives a float)
 _TOO_DEEP = b"\n" + b" " * (2 * MAX_DEPTH)   # a member below the depth limit (_check_tree's rule)
 
+# one decoder for every stdlib parse: json.loads(text, **hooks) builds a new one per call (a fifth of
+# a small message's parse time); decode() keeps no state between calls
+_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                                   parse_float=_finite_float)
+
 
 def strict_loads(data: bytes | str) -> Any:
     """json.loads that refuses what other parsers could read differently.
@@ -247,8 +254,7 @@ def _stdlib_strict_loads(data: bytes | str) -> Any:
         if text.startswith("\ufeff"):
             raise McpParseError(PARSE_ERROR, "byte order mark is not allowed")
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                         parse_float=_finite_float)
+        obj = _STRICT_DECODER.decode(text)      # the BOM json.loads would refuse is refused above
     except McpParseError:
         raise
     except (ValueError, RecursionError) as e:
@@ -391,9 +397,6 @@ _B64_SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
 
 def decode_header_value(value: str | None) -> str | None:
     """The 2026-07-28 `=?base64?…?=` header encoding (same rules as the SDK's codec)."""
-    import base64
-    import binascii
-
     if value is None:
         return None
     m = _B64_SENTINEL.fullmatch(value)

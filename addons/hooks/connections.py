@@ -18,10 +18,11 @@ import re
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http import url
 
 from addons.core.identity import credentials as creds
 from addons.hooks.reloading import Watching
-from addons.hooks.httputil import checked_snapshot, json_response, refuse_http, refuse_jsonrpc
+from addons.hooks.httputil import HeaderView, checked_snapshot, json_response, refuse_http, refuse_jsonrpc
 from addons.core.record import METADATA_KEY, BastionRecord, get_record
 from addons.core.rules import RulesWatch, RulesError, rules_files
 from addons.core.identity.vault import DEFAULT_KEY, DEFAULT_VAULT, Vault, VaultError, key_path, load_key, updating
@@ -41,6 +42,7 @@ class Router(Watching):
         self._watch = RulesWatch(self._reload)
         self.watches = (self._watch,)
         self.allowed_origins: frozenset[str] = frozenset()
+        self.max_body = 4 * 1024 * 1024         # bastion_max_body, read in configure (not per call)
 
     @property
     def connections(self) -> dict[str, Connection]:
@@ -66,8 +68,10 @@ class Router(Watching):
                 raise exceptions.OptionsError(f"connections: {e}") from None
             self._watch.watch(lambda: rules_files(rules, "connections"))
             log.info("loaded %d connection(s): %s", len(self.connections), ", ".join(self.connections) or "-")
-        if "bastion_max_body" in updated and ctx.options.bastion_max_body <= 0:
-            raise exceptions.OptionsError("bastion_max_body must be positive")
+        if "bastion_max_body" in updated:
+            if ctx.options.bastion_max_body <= 0:
+                raise exceptions.OptionsError("bastion_max_body must be positive")
+            self.max_body = ctx.options.bastion_max_body
         if "bastion_allowed_origins" in updated:
             self.allowed_origins = frozenset(o.strip() for o in ctx.options.bastion_allowed_origins.split(",")
                                              if o.strip())
@@ -104,7 +108,8 @@ class Router(Watching):
             refuse_http(flow, 404, "unknown_connection", "no connection with that name")
             return
         rec.connection = conn.name
-        origin = req.headers.get("origin")
+        headers = HeaderView(req.headers)
+        origin = headers.get(b"origin")
         if origin is not None and not self._origin_ok(origin, flow):
             refuse_http(flow, 403, "forbidden_origin", "Origin is not allowed")
             return
@@ -129,9 +134,9 @@ class Router(Watching):
                         {"allow": "POST, GET, DELETE"})
             return
         rec.upstream_path = upstream_path
-        cl = req.headers.get("content-length")
-        if cl is not None and (not cl.isdigit() or int(cl) > ctx.options.bastion_max_body):
-            refuse_http(flow, 413, "body_too_large", f"request body exceeds {ctx.options.bastion_max_body} bytes")
+        cl = headers.get(b"content-length")
+        if cl is not None and (not cl.isdigit() or int(cl) > self.max_body):
+            refuse_http(flow, 413, "body_too_large", f"request body exceeds {self.max_body} bytes")
             return
 
     def _origin_ok(self, origin: str, flow: http.HTTPFlow) -> bool:
@@ -266,10 +271,8 @@ class Injector:
         drop = STRIPPED_REQUEST_HEADERS | connection_listed(req.headers)
         if injected:
             drop |= {injected.header.lower().encode()}
-        strip_headers(req.headers, drop)
-        req.scheme, req.host, req.port = conn.scheme, conn.host, conn.port
+        point_at(req, conn, drop)
         req.path = rec.upstream_path
-        req.headers["host"] = conn.host if conn.port in (80, 443) else f"{conn.host}:{conn.port}"
         rec.outgoing = checked_snapshot(req)
         if injected:
             rec.credential = (injected.header, injected.value)
@@ -373,17 +376,40 @@ KEPT_DESPITE_CONNECTION = frozenset({b"host", b"content-length", b"transfer-enco
 def connection_listed(headers) -> frozenset[bytes]:
     """Header names the client's Connection header declares hop-by-hop (RFC 9110 7.6.1),
     except framing and MCP headers."""
-    names = [t.strip().lower().encode() for v in headers.get_all("connection") for t in v.split(",")]
+    # the fields scanned directly: what Headers.get_all("connection") gives, without its
+    # per-call key conversions (most requests carry no Connection header at all)
+    values = [v.decode("utf-8", "surrogateescape") for k, v in headers.fields if k.lower() == b"connection"]
+    if not values:
+        return frozenset()
+    names = [t.strip().lower().encode() for v in values for t in v.split(",")]
     return frozenset(n for n in names if n and n not in KEPT_DESPITE_CONNECTION and not n.startswith(b"mcp-"))
 
 
-def strip_headers(headers, names: frozenset[bytes]) -> None:
-    """Drop every field whose lower-cased name is in names, in one pass (Headers.pop per
-    name rescans all fields and dominated the Injector's cost)."""
-    fields = headers.fields
-    kept = tuple(f for f in fields if f[0].lower() not in names)
-    if len(kept) != len(fields):
-        headers.fields = kept
+def point_at(req: http.Request, conn: Connection, drop: frozenset[bytes]) -> None:
+    """Aim the request at the connection's upstream: every field named in `drop` removed
+    and the Host field set, in one pass over the fields (Headers.pop per name, the host and
+    port setters' Host lookups and a Host write each rescan all fields). The result is what
+    mitmproxy's setters give: Host keeps its place and spelling (further Host fields go),
+    or is appended when there was none; an HTTP/2 authority becomes host[:port]."""
+    host = (conn.host if conn.port in (80, 443) else f"{conn.host}:{conn.port}").encode("utf-8", "surrogateescape")
+    fields, has_host = [], False
+    for name, value in req.headers.fields:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == b"host":
+            if not has_host:
+                fields.append((name, host))
+                has_host = True
+            continue
+        fields.append((name, value))
+    if not has_host:
+        fields.append((b"host", host))
+    req.headers.fields = tuple(fields)
+    req.scheme = conn.scheme
+    req.data.host, req.data.port = conn.host, conn.port
+    if req.data.authority:
+        req.authority = url.hostport(conn.scheme, conn.host, conn.port)
 
 
 def unchecked_reason(rec, http_method: str, identity_required: bool = True) -> str | None:

@@ -44,12 +44,50 @@ _UNHASHED = (b"host", b"content-length")    # set by the Injector / recomputed b
 
 def checked_snapshot(req: http.Request) -> CheckedRequest:
     """What a later stage compares against to know the request is still the one checked."""
-    h = hashlib.sha256()
+    lines = []
     for name, value in req.headers.fields:
-        if name.lower() not in _UNHASHED:
-            h.update(name.lower() + b"\0" + value + b"\n")
-    return CheckedRequest(req.method, req.scheme, req.host, req.port, req.path, h.hexdigest(),
+        name = name.lower()
+        if name not in _UNHASHED:
+            lines.append(name + b"\0" + value + b"\n")
+    # one digest of the joined lines: the same as one update per line, a third of the cost
+    return CheckedRequest(req.method, req.scheme, req.host, req.port, req.path,
+                          hashlib.sha256(b"".join(lines)).hexdigest(),
                           hashlib.sha256(req.raw_content or b"").hexdigest())
+
+
+class HeaderView:
+    """A request's header fields read once, indexed by lower-cased name: get/get_all answer
+    what mitmproxy's Headers.get/get_all answer for those fields (values decoded the same
+    way, several folded with ", "), without Headers' case folding of every field on every
+    lookup. A snapshot: a hook that changes the headers reads them again afterwards."""
+
+    __slots__ = ("fields", "_index")
+
+    def __init__(self, headers: http.Headers) -> None:
+        self.fields: tuple[tuple[bytes, bytes], ...] = headers.fields
+        index: dict[bytes, list[bytes]] = {}
+        for name, value in self.fields:
+            index.setdefault(name.lower(), []).append(value)
+        self._index = index
+
+    def get_all(self, name: bytes) -> list[str]:
+        """`name` lower-cased bytes."""
+        return [v.decode("utf-8", "surrogateescape") for v in self._index.get(name, ())]
+
+    def get(self, name: bytes, default: str | None = None) -> str | None:
+        values = self._index.get(name)
+        if not values:
+            return default
+        return ", ".join(v.decode("utf-8", "surrogateescape") for v in values)
+
+    def __contains__(self, name: bytes) -> bool:
+        return name in self._index
+
+    def mcp_fields(self) -> list[tuple[str, str]]:
+        """The raw Mcp-* header lines as latin-1 text (names as sent, duplicates kept): all
+        that the routing and Mcp-Param-* checks read (a latin-1 name lower-cases to "mcp-…"
+        exactly when its bytes do)."""
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.fields if k[:4].lower() == b"mcp-"]
 
 
 def refuse_unavailable(flow: http.HTTPFlow, rec, what: str) -> None:

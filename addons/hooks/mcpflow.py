@@ -21,7 +21,7 @@ from mitmproxy import http
 from addons.core.mcpwire import id_key
 from addons.core import mcpwire
 from addons.core.connections import query_session, with_query_session
-from addons.hooks.httputil import checked_snapshot, refuse_http, refuse_message
+from addons.hooks.httputil import HeaderView, checked_snapshot, refuse_http, refuse_message
 from addons.core.listcache import LearnedLists
 from addons.core.record import ResultSource, get_record
 from addons.hooks.responses import readonly
@@ -64,6 +64,9 @@ class McpParser(Watching):
         self.sealer: Sealer | None = None        # the sealed session ids (addons/core/sessionseal.py)
         self._keys_watch = RulesWatch(self._reload_keys)
         self.watches = (self._keys_watch,)
+        # bastion_max_body (the Router declares it), read in configure: an option read
+        # through ctx.options deep-copies the value on every call
+        self.max_body = 4 * 1024 * 1024
 
     # (name, type, default, help): sessions, sealed ids and the per-replica bounds
     OPTIONS = (
@@ -89,6 +92,8 @@ class McpParser(Watching):
     def configure(self, updated: set[str]) -> None:
         from mitmproxy import ctx, exceptions
         o = ctx.options
+        if "bastion_max_body" in updated:
+            self.max_body = o.bastion_max_body
         if updated & {"bastion_session_limit", "bastion_session_max", "bastion_session_idle"}:
             if o.bastion_session_limit < 1 or o.bastion_session_max < 1 or o.bastion_session_idle <= 0:
                 raise exceptions.OptionsError("bastion_session_limit/_max must be >= 1 and bastion_session_idle > 0")
@@ -229,11 +234,13 @@ class McpParser(Watching):
         if flow.response is not None or rec.connection is None:
             return
         req = flow.request
-        if len(req.headers.get_all("mcp-session-id")) > 1:
+        # the headers read once: _unseal below rewrites only mcp-session-id, which is not read again
+        headers = HeaderView(req.headers)
+        if len(headers.get_all(b"mcp-session-id")) > 1:
             # mitmproxy would join them ("a, b": nobody's session), Starlette routes on the first
             refuse_http(flow, 400, "invalid_request", "Mcp-Session-Id header appears more than once")
             return
-        rec.session_id = req.headers.get("mcp-session-id")
+        rec.session_id = headers.get(b"mcp-session-id")
         try:
             # a session belongs to the identity that opened it, on the connection it was
             # opened on, until its envelope expires: anything else gets 404, nothing forwarded
@@ -258,28 +265,30 @@ class McpParser(Watching):
                 # legacy HTTP+SSE: the session is named later, in the stream's endpoint event
                 rec.bind_session = lambda sid, flow=flow, rec=rec: self._bind_legacy(flow, rec, sid)
             return
-        ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
+        ctype = headers.get(b"content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             refuse_http(flow, 415, "unsupported_media_type", "MCP messages are POSTed as application/json")
             return
-        enc = req.headers.get("content-encoding", "")
+        enc = headers.get(b"content-encoding", "")
+        max_body = self.max_body
         try:
-            body = decode_bounded(req.raw_content or b"", enc, _max_body())
+            body = decode_bounded(req.raw_content or b"", enc, max_body)
         except BodyTooLarge:
             body = None
         except ValueError:
             refuse_message(flow, None, mcpwire.PARSE_ERROR, "request body has a Content-Encoding the gateway cannot decode",
                            status=400)
             return
-        if body is None or len(body) > _max_body():
-            refuse_http(flow, 413, "body_too_large", f"request body exceeds {_max_body()} bytes")
+        if body is None or len(body) > max_body:
+            refuse_http(flow, 413, "body_too_large", f"request body exceeds {max_body} bytes")
             return
         try:
             parsed = mcpwire.parse_body(body)
-            err = mcpwire.check_routing_headers(_fields(req), parsed)
+            fields = headers.mcp_fields()
+            err = mcpwire.check_routing_headers(fields, parsed)
             if err is None and not parsed.batch and parsed.messages[0].method == "tools/call":
                 msg = parsed.messages[0]
-                err = mcpwire.check_param_headers(_fields(req), msg,
+                err = mcpwire.check_param_headers(fields, msg,
                                               self.param_maps.get((rec.connection, msg.tool_name or "")))
             if err is not None:
                 raise err
@@ -295,12 +304,12 @@ class McpParser(Watching):
                 return
         rec.messages = parsed.messages
         rec.batch = parsed.batch
-        rec.protocol_version = req.headers.get("mcp-protocol-version") or next(
+        rec.protocol_version = headers.get(b"mcp-protocol-version") or next(
             (m.protocol_version for m in parsed.messages if m.protocol_version), None)
-        if "content-encoding" in req.headers:
+        if b"content-encoding" in headers:
             del req.headers["content-encoding"]
             req.content = body  # upstream gets exactly the bytes that were inspected
-        if req.headers.get("content-type") != "application/json":
+        if headers.get(b"content-type") != "application/json":
             req.headers["content-type"] = "application/json"  # what was inspected: UTF-8 JSON
         rec.checked = checked_snapshot(req)     # what policy and approval decide on
         if key is not None:
@@ -377,12 +386,3 @@ def decode_bounded(raw: bytes, enc: str, limit: int) -> bytes:
     if not complete:
         raise ValueError("truncated or trailing compressed data")
     return out
-
-
-def _fields(req: http.Request) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers.fields]
-
-
-def _max_body() -> int:
-    from mitmproxy import ctx
-    return ctx.options.bastion_max_body

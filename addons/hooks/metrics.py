@@ -26,6 +26,7 @@ log = get_logger("bastion.metrics")
 KNOWN_METHODS = mcpwire.CLIENT_REQUEST_METHODS | mcpwire.CLIENT_NOTIFICATION_METHODS
 MAX_MASK_TYPES = 64                  # mask types may be field names from upstream data: bound them
 MASK_TYPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+MAX_CHILDREN = 10_000               # labelled series remembered by GatewayMetrics.child
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
 
 
@@ -42,6 +43,19 @@ class GatewayMetrics:
         self.latency = Histogram("bastion_request_seconds", "Request start to response end, by connection",
                                  ["connection"], buckets=LATENCY_BUCKETS, registry=r)
         self._mask_types: set[str] = set()
+        self._children: dict[tuple, object] = {}     # (metric, label values) -> its series
+
+    def child(self, metric, *values: str):
+        """metric.labels(*values), remembered: prometheus_client takes a lock and checks the
+        values on every labels() call (most of a small call's metrics cost). The series
+        themselves live as long as the metric, so an entry never goes stale; bounded."""
+        key = (metric, values)
+        series = self._children.get(key)
+        if series is None:
+            if len(self._children) >= MAX_CHILDREN:
+                self._children.clear()
+            series = self._children[key] = metric.labels(*values)
+        return series
 
     def live(self, read: Callable[[], dict[str, float]]) -> None:
         """Values read from the other addons at scrape time (they keep the state, not us)."""
@@ -52,13 +66,17 @@ class GatewayMetrics:
         for i, m in enumerate(rec.messages):
             d = rec.decisions[i] if i < len(rec.decisions) else None
             method = m.method if m.method in KNOWN_METHODS else ("response" if m.method is None else "other")
-            self.requests.labels(conn, method, d.action if d else "none").inc()
+            self.child(self.requests, conn, method, d.action if d else "none").inc()
         if rec.refusal is not None:
-            self.refusals.labels(rec.refusal_rule or _refusal_kind(rec.refusal)).inc()
+            self.child(self.refusals, rec.refusal_rule or _refusal_kind(rec.refusal)).inc()
+        masked: dict[str, int] = {}         # one increment per type, not per (path, type)
         for ev in rec.masks:
-            self.masked.labels(self._mask_type(ev.type)).inc(ev.count)
+            label = self._mask_type(ev.type)
+            masked[label] = masked.get(label, 0) + ev.count
+        for label, count in masked.items():
+            self.child(self.masked, label).inc(count)
         if duration is not None and rec.connection is not None:
-            self.latency.labels(conn).observe(max(duration, 0.0))
+            self.child(self.latency, conn).observe(max(duration, 0.0))
 
     def _mask_type(self, t: str) -> str:
         """A bounded label: untyped rules tag a mask with the (upstream-chosen) field name."""

@@ -85,6 +85,7 @@ class Policy(Watching):
         self.policy: RulesPolicy | None = None
         self.limiter = RateLimiter()
         self.blast = RateLimiter()      # items touched per principal x rule (survives reloads)
+        self.environment = ""           # bastion_environment (configure)
         self._watch = RulesWatch(self.reload)
         self.watches = (self._watch,)
         self.budget = ScanBudget()
@@ -100,9 +101,11 @@ class Policy(Watching):
 
     def _environment(self, connection: str) -> str:
         conn = self.registry.get(connection)
-        return (conn.environment if conn is not None else None) or ctx.options.bastion_environment
+        return (conn.environment if conn is not None else None) or self.environment
 
     def configure(self, updated):
+        if "bastion_environment" in updated:
+            self.environment = ctx.options.bastion_environment     # read here, not on every call
         if updated & {"bastion_scan_limit", "bastion_scan_seconds"}:
             if ctx.options.bastion_scan_limit < 1 or ctx.options.bastion_scan_seconds <= 0:
                 raise exceptions.OptionsError("bastion_scan_limit and bastion_scan_seconds must be positive")

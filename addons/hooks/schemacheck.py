@@ -43,6 +43,7 @@ class ArgSchema(Watching):
         self.watches = (self.pins.poll,)
         self.book = argschema.SchemaBook()
         self._fetching: dict[str, asyncio.Future] = {}
+        self.enabled = True             # bastion_validate_args, read in configure (not per call)
 
     def load(self, loader) -> None:
         loader.add_option("bastion_validate_args", bool, True,
@@ -50,6 +51,8 @@ class ArgSchema(Watching):
                           "(deny rules on typed values rely on it).")
 
     def configure(self, updated) -> None:
+        if "bastion_validate_args" in updated:
+            self.enabled = ctx.options.bastion_validate_args
         if "bastion_rules" in updated:
             self.pins.watch(ctx.options.bastion_rules)
 
@@ -61,7 +64,7 @@ class ArgSchema(Watching):
 
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)
-        if flow.response is not None or rec.connection is None or not ctx.options.bastion_validate_args:
+        if flow.response is not None or rec.connection is None or not self.enabled:
             return
         conn = rec.connection
         answers: dict[int, dict] = {}

@@ -509,6 +509,12 @@ def test_content_length_limit(chain):
     f.request.headers["content-length"] = "101"
     router.requestheaders(f)
     assert error_body(f)["error"] == "body_too_large"
+    # the limit is kept from configure: a later change applies to the next request
+    tctx.options.bastion_max_body = 101
+    f = mkflow()
+    f.request.headers["content-length"] = "101"
+    router.requestheaders(f)
+    assert f.response is None
 
 
 def test_methods(chain):
@@ -603,6 +609,42 @@ async def test_injector_strips_client_credentials_and_injects(chain):
     assert (f.request.scheme, f.request.host, f.request.port, f.request.path) == ("http", "127.0.0.1", 9100, "/mcp")
     assert h["host"] == "127.0.0.1:9100"
     assert rec.injected_header == "Authorization"
+
+
+async def test_injector_points_an_http2_request_and_its_authority_at_the_upstream(chain):
+    router, injector, _ = chain
+    f, rec = checked_post(router)
+    f.request.http_version = "HTTP/2.0"
+    f.request.authority = "gw.example:443"
+    rec.checked = checked_snapshot(f.request)
+    await injector.request(f)
+    assert f.response is None
+    assert (f.request.host, f.request.port, f.request.authority) == ("127.0.0.1", 9100, "127.0.0.1:9100")
+    assert f.request.headers.get_all("host") == ["127.0.0.1:9100"]
+
+
+@pytest.mark.parametrize("fields", [
+    [(b"Host", b"gw:8080"), (b"accept", b"*/*"), (b"cookie", b"a")],
+    [(b"accept", b"*/*"), (b"HOST", b"a"), (b"x-foo", b"1"), (b"host", b"b")],
+    [(b"accept", b"*/*")],
+    [(b"host", b"gw"), (b"Cookie", b"a"), (b"cookie", b"b"), (b"x-foo", b"2")],
+])
+@pytest.mark.parametrize("version,authority", [("HTTP/1.1", ""), ("HTTP/2.0", "gw.example:443"), ("HTTP/2.0", "")])
+@pytest.mark.parametrize("scheme,host,port", [("http", "127.0.0.1", 9100), ("https", "up.example", 443),
+                                              ("http", "up.example", 80), ("https", "up.example", 80)])
+def test_point_at_gives_what_the_mitmproxy_setters_give(fields, version, authority, scheme, host, port):
+    from addons.hooks.connections import point_at
+    drop = frozenset({b"cookie", b"x-foo"})
+    conn = Connection("c", scheme, host, port, "/mcp", None)
+    mine, theirs = (tutils.treq(headers=tuple(fields), http_version=version.encode()) for _ in range(2))
+    for r in (mine, theirs):
+        r.authority = authority
+    point_at(mine, conn, drop)
+    # the sequence point_at replaces
+    theirs.headers.fields = tuple(f for f in theirs.headers.fields if f[0].lower() not in drop)
+    theirs.scheme, theirs.host, theirs.port = scheme, host, port
+    theirs.headers["host"] = host if port in (80, 443) else f"{host}:{port}"
+    assert mine.get_state() == theirs.get_state()
 
 
 async def test_connection_header_cannot_strip_framing_or_mcp_headers(chain):

@@ -94,6 +94,26 @@ async def test_valid_token_sets_identity(ident, key_dir):
     assert tok not in str(f.get_state())
 
 
+@pytest.mark.parametrize("fields", [
+    [(b"Authorization", b"Bearer abc")],
+    [(b"host", b"x"), (b"AUTHORIZATION", b"Bearer a b  c"), (b"accept", b"*/*"), (b"authorization", b"tok")],
+    [(b"authorization", b"Basic \xff\xfe secret"), (b"authorization", b"")],
+    [(b"accept", b"*/*")],
+])
+def test_authorization_taken_and_redacted_in_place(fields):
+    """What the identity stage takes and leaves is what mitmproxy's Headers.get_all reads
+    and set_all would write: every Authorization field, in place, with its own name."""
+    from addons.hooks.identity import redact_authorization
+    req = tutils.treq(headers=tuple(fields))
+    expected = tutils.treq(headers=tuple(fields))
+    values = expected.headers.get_all("authorization")
+    if values:
+        expected.headers.set_all("authorization", [v.split(" ", 1)[0] + " [redacted]" for v in values])
+    assert redact_authorization(req) == tuple(values)
+    assert req.headers.fields == expected.headers.fields
+    assert all(b"abc" not in v and b"secret" not in v for _, v in req.headers.fields)
+
+
 @pytest.mark.parametrize("scheme", ["bearer", "BEARER", "BeArEr"])
 async def test_scheme_is_case_insensitive(ident, key_dir, scheme):
     a, _ = ident

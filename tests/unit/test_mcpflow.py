@@ -149,6 +149,11 @@ def test_oversized_body_413_also_after_decoding(parser):
     f, rec = mkflow()
     p.request(f)
     assert f.response is None
+    # the limit is kept from configure: lowering it applies to the next request
+    tctx.options.bastion_max_body = 10
+    f, rec = mkflow()
+    p.request(f)
+    assert f.response.status_code == 413 and b"exceeds 10 bytes" in f.response.content
 
 
 @pytest.mark.parametrize("method", ["GET", "DELETE"])

@@ -61,6 +61,20 @@ def test_counts_decisions_refusals_masks_latency():
     assert "123-45-6789" not in text and "get_customer" not in text     # never values or arguments
 
 
+def test_remembered_series_are_bounded_and_every_call_still_counts(monkeypatch):
+    from addons.hooks import metrics as metrics_mod
+    monkeypatch.setattr(metrics_mod, "MAX_CHILDREN", 3)
+    m = GatewayMetrics()
+    for i in range(12):
+        rec = get_record(_flow("t", "allow").metadata)
+        rec.connection = f"c{i % 4}"
+        m.observe(rec, 0.01)
+        assert len(m._children) <= 3
+    for c in range(4):
+        assert _value(m, f'bastion_requests_total{{connection="c{c}",decision="allow",method="tools/call"}}') == 3
+        assert _value(m, f'bastion_request_seconds_count{{connection="c{c}"}}') == 3
+
+
 def test_unknown_methods_collapse_to_a_bounded_label():
     m = GatewayMetrics()
     f = _flow("t", "deny")

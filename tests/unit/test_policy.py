@@ -113,6 +113,21 @@ def test_environment_from_connection_or_option(tmp_path, conn_env, option, rule)
     assert (f.response is None) is (rule == "dev-ok")
 
 
+def test_environment_option_change_applies_to_the_next_call(tmp_path):
+    """The policy stage keeps bastion_environment from configure: a later change must reach it."""
+    write(tmp_path, ENV)
+    addon = Policy()
+    with taddons.context(Router(addon.registry), addon) as tctx:
+        tctx.options.bastion_rules = str(tmp_path)
+        rules = []
+        for env in ("dev", "prod", ""):
+            tctx.options.bastion_environment = env
+            f, rec = flow(tool_call("launch"))
+            addon.request(f)
+            rules.append(rec.decisions[0].rule)
+    assert rules == ["dev-ok", "prod-no", None]
+
+
 def test_rate_limit_trips_and_recovers_on_the_clock(tmp_path, monkeypatch):
     write(tmp_path, "rules:\n  - {name: lim, when: {tool: t}, allow: true, rate_limit: {calls: 2, per: 10}}\n")
     now = [1000.0]

@@ -91,3 +91,19 @@ async def test_a_batch_is_refused_whole_each_call_with_its_reason(tmp_path):
     answers = {e["id"]: e for e in json.loads(f.response.content)}
     assert answers[2]["result"]["isError"] and "$.privileged" in answers[2]["result"]["content"][0]["text"]
     assert answers[1]["error"]["code"] == -32602 and "another call in it" in answers[1]["error"]["message"]
+
+
+async def test_switching_validation_back_on_applies_to_the_next_call(tmp_path):
+    """The stage keeps bastion_validate_args from configure: each change must reach it."""
+    _conns(tmp_path)
+    ti.write_pins(tmp_path, "demo", [TOOL])
+    addon = ArgSchema()
+    answers = []
+    with taddons.context(Router(addon.registry), addon) as tctx:
+        tctx.options.bastion_rules = str(tmp_path)
+        for on in (False, True):
+            tctx.options.bastion_validate_args = on
+            f, _ = flow(tool_call("launch_container", {"image": 5}))
+            await addon.request(f)
+            answers.append(f.response is not None)
+    assert answers == [False, True]

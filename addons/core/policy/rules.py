@@ -806,8 +806,9 @@ def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Me
         # a client answering a server request (sampling, elicitation): the request itself
         # was governed when it travelled server->client
         return Decision("allow", "baseline", "", message_id=msg.id)
+    method, target = msg.method, msg.target      # read once, not once per rule
     candidates = [r for r in policy.rules if r.direction == direction
-                  and r.matches_subject(identity, connection, environment) and r.matches_target(msg.method, msg.target)]
+                  and r.matches_subject(identity, connection, environment) and r.matches_target(method, target)]
     baseline = direction == "client_to_server" and identity is not None and matches_any(msg.method or "", policy.baseline)
     if not baseline and not any(r.action in ("allow", "approve") for r in candidates):
         plain_deny = next((r for r in candidates if r.action == "deny" and not r.has_conditions), None)
@@ -828,7 +829,8 @@ def evaluate(policy: Policy, identity: Identity | None, connection: str, msg: Me
         if hit is not None:
             return Decision("deny", f"blocklist:{hit.pattern}", f"blocked {hit.category} pattern in {hit.path}",
                             message_id=msg.id)
-    matched = [r for r in candidates if r.failed_condition(msg.arguments, policy.protected) is None]
+    arguments = msg.arguments
+    matched = [r for r in candidates if r.failed_condition(arguments, policy.protected) is None]
     for action in ("deny", "approve", "allow"):
         for r in matched:
             if r.action == action:
