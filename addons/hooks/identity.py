@@ -59,9 +59,19 @@ def redact_authorization(req: http.Request) -> tuple[str, ...]:
     fields = req.headers.fields
     found = [v for k, v in fields if k.lower() == b"authorization"]
     if found:
-        req.headers.fields = tuple((k, v.split(b" ", 1)[0] + b" [redacted]") if k.lower() == b"authorization"
+        req.headers.fields = tuple((k, _redacted_credentials(v)) if k.lower() == b"authorization"
                                    else (k, v) for k, v in fields)
     return tuple(v.decode("utf-8", "surrogateescape") for v in found)
+
+
+# an auth-scheme name (RFC 9110 token, short): "Bearer", "Basic", "DPoP"; a value without
+# one (a bare token) keeps nothing of itself
+_AUTH_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9!#$%&'*+^_`|~-]{0,15}")
+
+
+def _redacted_credentials(value: bytes) -> bytes:
+    scheme, sep, _ = value.strip().partition(b" ")
+    return scheme + b" [redacted]" if sep and _AUTH_SCHEME.fullmatch(scheme) else b"[redacted]"
 
 
 def take_authorization(flow: http.HTTPFlow) -> tuple[str, ...]:
