@@ -4,6 +4,8 @@ Mcp-Param maps and argument schemas. A cached answer equals the uncached one; a 
 reload, another list, or a caller other rules apply to never reuses it."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 import textwrap
 
@@ -129,12 +131,19 @@ def count_filtering(monkeypatch) -> list:
     return filtered
 
 
-def test_the_gateway_reuses_the_answer_for_the_same_list_and_caller(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def policy_stage(tmp_path):
+    """The policy stage loaded on the rules of setup(), behind a Router."""
     setup(tmp_path)
     addon = Policy()
-    filtered = count_filtering(monkeypatch)
     with taddons.context(Router(addon.registry), addon) as tctx:
         tctx.options.bastion_rules = str(tmp_path)
+        yield addon
+
+
+def test_the_gateway_reuses_the_answer_for_the_same_list_and_caller(tmp_path, monkeypatch):
+    filtered = count_filtering(monkeypatch)
+    with policy_stage(tmp_path) as addon:
         first = list_through(addon, body(TOOLS, 1), ANA, 1)
         again = list_through(addon, body(TOOLS, 2), ANA, 2)             # another request id
         same_rules = list_through(addon, body(TOOLS, 3), ANA_TOO, 3)
@@ -143,10 +152,7 @@ def test_the_gateway_reuses_the_answer_for_the_same_list_and_caller(tmp_path, mo
 
 
 def test_reload_other_list_and_other_roles_each_get_a_new_answer(tmp_path):
-    setup(tmp_path)
-    addon = Policy()
-    with taddons.context(Router(addon.registry), addon) as tctx:
-        tctx.options.bastion_rules = str(tmp_path)
+    with policy_stage(tmp_path) as addon:
         assert list_through(addon, body(TOOLS), ANA) == ["read_a", "read_b"]
         # different roles: other rules apply
         assert list_through(addon, body(TOOLS), OPS) == ["read_a", "read_b", "restart"]
@@ -163,11 +169,8 @@ def test_reload_other_list_and_other_roles_each_get_a_new_answer(tmp_path):
 
 
 def test_an_event_stream_answer_uses_the_same_cache(tmp_path, monkeypatch):
-    setup(tmp_path)
-    addon = Policy()
     filtered = count_filtering(monkeypatch)
-    with taddons.context(Router(addon.registry), addon) as tctx:
-        tctx.options.bastion_rules = str(tmp_path)
+    with policy_stage(tmp_path) as addon:
         assert list_through(addon, body(TOOLS, 1), ANA, 1) == ["read_a", "read_b"]
         f, rec = flow({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, ANA)
         addon.request(f)
