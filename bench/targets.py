@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from addons.cli import launcher
 from bench.loadgen import Endpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,16 +35,7 @@ def free_port() -> int:
 
 
 def wait_port(port: int, proc: subprocess.Popen | None, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
+    return launcher.wait_port(port, proc, timeout)
 
 
 @dataclass
@@ -94,22 +86,8 @@ class Stack:
         return p, log
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 10
-        for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
+        # SIGINT: mitmdump runs its `done` hooks (the bench's profile and hook-time files)
+        launcher.stop_group(self.procs, signal.SIGINT, grace=10)
         self.procs.clear()
 
     # -- upstream ----------------------------------------------------------------

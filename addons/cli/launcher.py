@@ -17,32 +17,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> bool:
+def wait_port(port: int, proc: subprocess.Popen | None, timeout: float = 30.0) -> bool:
+    """True once 127.0.0.1:port accepts a connection; False if `proc` exits or time runs out.
+    (The launcher, the bench and the e2e fixtures all wait this way.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             return False
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return True
         except OSError:
-            time.sleep(0.1)
+            time.sleep(0.05)
     return False
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def stop_group(procs: list[subprocess.Popen], sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+    """Signal each process group (started with start_new_session=True), give them `grace`
+    seconds together, then SIGKILL what is left."""
     for p in procs:
         if p.poll() is None:
             try:
-                os.killpg(p.pid, signal.SIGTERM)
+                os.killpg(p.pid, sig)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + grace
     for p in procs:
         try:
             p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             p.wait()
 
 
@@ -80,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
                 "--set", "web_open_browser=false"]
     gw = None
     try:
-        if not _wait_port(args.demo_port, demo):
+        if not wait_port(args.demo_port, demo):
             print(f"run.sh: demo MCP server did not start on port {args.demo_port}", file=sys.stderr)
             return 1
         gw = subprocess.Popen(cmd + extra, start_new_session=True)
         procs.append(gw)
-        if not _wait_port(args.port, gw) or gw.poll() is not None:
+        if not wait_port(args.port, gw) or gw.poll() is not None:
             print(f"run.sh: gateway did not start on port {args.port}", file=sys.stderr)
             return 1
         url = f"http://127.0.0.1:{args.port}/mcp/demo"
@@ -107,7 +114,7 @@ Call a tool:
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop(procs)
+        stop_group(procs)
 
 
 if __name__ == "__main__":

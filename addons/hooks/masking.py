@@ -157,7 +157,7 @@ class Masking:
         if flow.response is not None or rec.connection is None:
             return
         if self.config is None:
-            raise RuntimeError("masking rules not loaded")  # fail closed (FailClosed wrapper)
+            raise RuntimeError("masking rules not loaded")  # fail closed (the pipeline's guard)
         transform = self.plan(rec)
         if transform is None:
             return

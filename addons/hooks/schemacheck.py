@@ -60,7 +60,7 @@ class ArgSchema(Watching):
         try:
             return self.pins.get(connection)[0]
         except RulesError as e:
-            raise exceptions.OptionsError(f"argschema: {e}") from None   # refused by FailClosed
+            raise exceptions.OptionsError(f"argschema: {e}") from None   # the pipeline's fail-closed guard refuses the flow
 
     async def request(self, flow: http.HTTPFlow) -> None:
         rec = get_record(flow.metadata)

@@ -2,11 +2,12 @@
 masking/recording harnesses): free loopback ports, waiting for a port, stopping a group."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import time
+
+from addons.cli import launcher
 
 
 def free_port() -> int:
@@ -16,27 +17,15 @@ def free_port() -> int:
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    if not launcher.wait_port(port, proc, timeout):
         if proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} did not open")
+        raise RuntimeError(f"port {port} did not open")
 
 
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM the process group (started with start_new_session=True), then SIGKILL."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    launcher.stop_group([proc], signal.SIGTERM, grace=10)
 
 
 def start_run_sh(cwd, env: dict, log_path, timeout: float = 120) -> tuple[subprocess.Popen, str]:
