@@ -372,3 +372,25 @@ def test_rolled_over_journal_is_synced_before_it_becomes_a_segment(tmp_path, wri
     assert len(synced) >= 3                                  # each of the three journals
     assert not list((tmp_path / "gw1").glob("journal-*.jsonl"))
     assert count(tmp_path, "SELECT count(DISTINCT seq) FROM events") == 25
+
+
+def test_a_commit_in_a_journal_retired_by_a_failure_is_not_released_when_its_fsync_fails(tmp_path, writers,
+                                                                                         monkeypatch):
+    """ack="fsync": a commit written to a journal that a later write failure retires still
+    waits for that journal's fdatasync; when it fails, the commit fails (never released as
+    durable)."""
+    import concurrent.futures
+    w = writers(tmp_path, ack="fsync", probe_interval=60)
+    real, broken = store._datasync, w._fd
+
+    def datasync(fd):      # only the journal the failure retires cannot be synced
+        if fd == broken:
+            raise OSError(5, "I/O error")
+        return real(fd)
+    monkeypatch.setattr(store, "_datasync", datasync)
+    with w._lock:          # the syncer waits: the journal is retired before it looks
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        w._wait_for_sync(w._append([encode_event(ev(1))]), fut)
+        w._set_failed("journal write failed: simulated")
+    with pytest.raises(StoreUnavailable):
+        fut.result(timeout=5)

@@ -391,7 +391,6 @@ class _Retired:
     fd: int
     path: Path
     events: int
-    strict: bool          # rolled over while healthy: commits in it wait for its fdatasync
 
 
 @dataclass
@@ -554,7 +553,7 @@ class StoreWriter:
         if not self._wake.is_set():
             self._wake.set()
         if self._journal_events >= self.roll_events or self._journal_bytes >= self.roll_bytes:
-            self._retire(strict=True)
+            self._retire()
             self._open()                         # rare (every roll_events): a file and a dir fsync
         return self._written
 
@@ -600,9 +599,9 @@ class StoreWriter:
         self._retire()                           # what was written stays queryable / rolled
         self._wake.set()                         # the syncer probes from now on
 
-    def _retire(self, strict: bool = False) -> None:
+    def _retire(self) -> None:
         if self._fd is not None:
-            self._retired.append(_Retired(self._fd, self._journal, self._journal_events, strict))
+            self._retired.append(_Retired(self._fd, self._journal, self._journal_events))
             self._fd = None
             self._journal = None
 
@@ -653,17 +652,13 @@ class StoreWriter:
                 return
 
     def _finish(self, r: _Retired, sync: bool = True) -> None:
-        """fdatasync, close, hand to the roller. A failed sync raises for a journal rolled
-        over while healthy (its commits are not durable); for one retired on a failure or at
-        close it is only logged (the failure is already known, or nobody waits)."""
+        """fdatasync, close, hand to the roller (also when the sync fails: what was written
+        stays queryable). A failed sync raises: commits waiting for it are failed, however
+        the journal came to be retired (rolled over, a failed write, close)."""
         try:
             if sync:
                 _datasync(r.fd)
                 self.stats.fsyncs += 1
-        except (OSError, ValueError) as e:
-            if r.strict:
-                raise
-            log.warning("fdatasync of retired journal %s failed: %s", r.path, e)
         finally:
             os.close(r.fd)
             if r.events:
